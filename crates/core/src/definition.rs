@@ -1,0 +1,1705 @@
+//! Workflow definitions: the format of `DEFINITIONS.md`, parsed and validated at deploy time.
+//!
+//! The source is read into a `serde_json::Value` first and checked by hand rather than through
+//! `serde` derives, so that *every* problem is reported at once and each names its step and
+//! field: an operator fixing a definition should not have to deploy it once per typo.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+use crate::expr::{Expr, ExprError, Scope, on_parse_stack};
+use crate::ids::is_slug;
+
+/// The largest source accepted, checked before parsing so a huge upload costs nothing.
+pub const MAX_SOURCE_BYTES: usize = 1024 * 1024;
+/// The most steps one definition may have.
+pub const MAX_STEP_COUNT: usize = 1_000;
+/// The step budget of an instance when `max_steps` is not given.
+pub const DEFAULT_MAX_STEPS: u32 = 10_000;
+/// The per-attempt timeout of a step when `timeout` is not given.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest duration a definition may give (humantime's `1year`): far past any sensible
+/// timeout or back-off, and far from overflowing `Instant` or timestamp arithmetic downstream.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+
+const TOP_FIELDS: &[&str] = &["name", "description", "vars", "max_steps", "steps"];
+const STEP_FIELDS: &[&str] = &["id", "kind", "next", "allow_retry", "timeout", "retry"];
+const RETRY_FIELDS: &[&str] = &["max_attempts", "backoff", "max_backoff"];
+const TRANSITION_FIELDS: &[&str] = &["to", "when"];
+
+/// A validated workflow definition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Definition {
+    pub name: String,
+    pub description: Option<String>,
+    pub vars: Map<String, Value>,
+    /// The step budget of one instance; past it the instance goes to `in_error`.
+    pub max_steps: u32,
+    /// `steps[0]` is the entry point.
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub id: String,
+    /// False: never re-run this step automatically after an interruption.
+    pub allow_retry: bool,
+    /// Per attempt.
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    /// Ordered; the first whose `when` is true wins. Empty for `end`.
+    pub next: Vec<Transition>,
+    pub kind: StepKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub to: String,
+    /// `None`: always taken.
+    pub when: Option<Expr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; at least 1.
+    pub max_attempts: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HttpMethod {
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EndStatus {
+    Completed,
+    Failed,
+}
+
+/// What a step does; the map-shaped fields keep the order they were written in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepKind {
+    Assign {
+        set: Vec<(String, Expr)>,
+    },
+    Http {
+        method: HttpMethod,
+        url: String,
+        headers: Vec<(String, String)>,
+        /// `None`: no body at all, which differs from an empty JSON object.
+        body: Option<Vec<(String, Expr)>>,
+    },
+    Publish {
+        subject: String,
+        payload: Vec<(String, Expr)>,
+    },
+    Handler {
+        handler: String,
+        input: Vec<(String, Expr)>,
+    },
+    End {
+        status: EndStatus,
+        reason: Option<Expr>,
+    },
+}
+
+/// One problem in a definition. `step` is the step's id when it has one; a step without a
+/// usable id is named by position in `field` instead (`steps[3].kind`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DefinitionError {
+    pub step: Option<String>,
+    pub field: String,
+    pub message: String,
+}
+
+/// Every problem found in a definition, in source order; displayed one per line.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, thiserror::Error)]
+#[serde(transparent)]
+#[error("{}", lines(.0))]
+pub struct DefinitionErrors(pub Vec<DefinitionError>);
+
+impl Definition {
+    /// Parses YAML or JSON (YAML is a superset) and validates every rule, collecting all the
+    /// errors rather than stopping at the first.
+    pub fn parse(source: &str) -> Result<Definition, DefinitionErrors> {
+        if source.len() > MAX_SOURCE_BYTES {
+            return Err(DefinitionErrors::one(
+                "source",
+                format!("{} bytes, the limit is 1 MiB", source.len()),
+            ));
+        }
+        on_parse_stack(|| {
+            let mut yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(source)
+                .map_err(|e| DefinitionErrors::one("source", e.to_string()))?;
+            yaml.apply_merge()
+                .map_err(|e| DefinitionErrors::one("source", e.to_string()))?;
+            let value = yaml_to_json(yaml, "").map_err(|e| DefinitionErrors(vec![e]))?;
+            Self::check(&value)
+        })
+        .unwrap_or_else(|message| Err(DefinitionErrors::one("source", message)))
+    }
+
+    /// Validates an already-parsed document, as [`Definition::parse`] does after parsing.
+    pub fn from_json(value: &Value) -> Result<Definition, DefinitionErrors> {
+        on_parse_stack(|| Self::check(value))
+            .unwrap_or_else(|message| Err(DefinitionErrors::one("source", message)))
+    }
+
+    fn check(value: &Value) -> Result<Definition, DefinitionErrors> {
+        let mut checker = Checker::default();
+        match checker.definition(value) {
+            Some(definition) if checker.errors.is_empty() => Ok(definition),
+            _ if checker.errors.is_empty() => {
+                Err(DefinitionErrors::one("source", "invalid definition"))
+            }
+            _ => Err(DefinitionErrors(checker.errors)),
+        }
+    }
+
+    /// The canonical JSON of the definition, the form that is stored and compared between
+    /// versions: fixed key order, defaults written out, optional fields omitted when absent.
+    pub fn to_json(&self) -> Value {
+        let mut object = Map::new();
+        object.insert("name".into(), json!(self.name));
+        if let Some(description) = &self.description {
+            object.insert("description".into(), json!(description));
+        }
+        object.insert("vars".into(), Value::Object(self.vars.clone()));
+        object.insert("max_steps".into(), json!(self.max_steps));
+        let steps = self.steps.iter().map(Step::to_json).collect();
+        object.insert("steps".into(), Value::Array(steps));
+        Value::Object(object)
+    }
+
+    /// The entry point, `steps[0]`.
+    pub fn entry(&self) -> &Step {
+        self.steps
+            .first()
+            .expect("invariant: a validated definition has at least one step")
+    }
+
+    pub fn step(&self, id: &str) -> Option<&Step> {
+        self.steps.iter().find(|step| step.id == id)
+    }
+
+    /// `publish` subjects must stay out of the cluster's own subject space (`prefix` is a
+    /// runtime setting, so this is checked at deploy time rather than in [`Definition::parse`]).
+    pub fn check_reserved_prefix(&self, prefix: &str) -> Result<(), DefinitionErrors> {
+        let errors: Vec<DefinitionError> = self
+            .steps
+            .iter()
+            .filter_map(|step| match &step.kind {
+                StepKind::Publish { subject, .. }
+                    if subject == prefix
+                        || subject
+                            .strip_prefix(prefix)
+                            .is_some_and(|rest| rest.starts_with('.')) =>
+                {
+                    Some(DefinitionError {
+                        step: Some(step.id.clone()),
+                        field: "subject".into(),
+                        message: format!(
+                            "subject {subject:?} is in the cluster's reserved `{prefix}.` space"
+                        ),
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(DefinitionErrors(errors))
+        }
+    }
+}
+
+impl Step {
+    /// The first transition whose `when` is true (no `when` is always true). `Ok(None)` only if
+    /// none matched, which validation rules out for a non-`end` step.
+    pub fn choose_next(&self, scope: &Scope<'_>) -> Result<Option<&str>, ExprError> {
+        for transition in &self.next {
+            let taken = match &transition.when {
+                None => true,
+                Some(when) => when.eval_bool(scope)?,
+            };
+            if taken {
+                return Ok(Some(&transition.to));
+            }
+        }
+        Ok(None)
+    }
+
+    fn to_json(&self) -> Value {
+        let mut object = Map::new();
+        object.insert("id".into(), json!(self.id));
+        object.insert("kind".into(), json!(self.kind.name()));
+        match &self.kind {
+            StepKind::Assign { set } => {
+                object.insert("set".into(), exprs_to_json(set));
+            }
+            StepKind::Http {
+                method,
+                url,
+                headers,
+                body,
+            } => {
+                object.insert("method".into(), json!(method.as_str()));
+                object.insert("url".into(), json!(url));
+                let headers = headers.iter().map(|(k, v)| (k.clone(), json!(v)));
+                object.insert("headers".into(), Value::Object(headers.collect()));
+                if let Some(body) = body {
+                    object.insert("body".into(), exprs_to_json(body));
+                }
+            }
+            StepKind::Publish { subject, payload } => {
+                object.insert("subject".into(), json!(subject));
+                object.insert("payload".into(), exprs_to_json(payload));
+            }
+            StepKind::Handler { handler, input } => {
+                object.insert("handler".into(), json!(handler));
+                object.insert("input".into(), exprs_to_json(input));
+            }
+            StepKind::End { status, reason } => {
+                object.insert("status".into(), json!(status.as_str()));
+                if let Some(reason) = reason {
+                    object.insert("reason".into(), json!(reason.source()));
+                }
+            }
+        }
+        object.insert("timeout".into(), duration_to_json(self.timeout));
+        object.insert(
+            "retry".into(),
+            json!({
+                "max_attempts": self.retry.max_attempts,
+                "backoff": duration_to_json(self.retry.backoff),
+                "max_backoff": duration_to_json(self.retry.max_backoff),
+            }),
+        );
+        object.insert("allow_retry".into(), json!(self.allow_retry));
+        if !matches!(self.kind, StepKind::End { .. }) {
+            let next = self.next.iter().map(|t| match &t.when {
+                None => json!({ "to": t.to }),
+                Some(when) => json!({ "to": t.to, "when": when.source() }),
+            });
+            object.insert("next".into(), Value::Array(next.collect()));
+        }
+        Value::Object(object)
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `attempt + 1` after attempt `attempt` (1-based) failed:
+    /// `backoff * 2^(attempt - 1)`, capped at `max_backoff`; saturates instead of overflowing.
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1);
+        2u32.checked_pow(doublings)
+            .and_then(|factor| self.backoff.checked_mul(factor))
+            .map_or(self.max_backoff, |delay| delay.min(self.max_backoff))
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+impl HttpMethod {
+    pub const ALL: [HttpMethod; 5] = [
+        HttpMethod::Get,
+        HttpMethod::Post,
+        HttpMethod::Put,
+        HttpMethod::Patch,
+        HttpMethod::Delete,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Get => "GET",
+            HttpMethod::Post => "POST",
+            HttpMethod::Put => "PUT",
+            HttpMethod::Patch => "PATCH",
+            HttpMethod::Delete => "DELETE",
+        }
+    }
+}
+
+impl fmt::Display for HttpMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EndStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndStatus::Completed => "completed",
+            EndStatus::Failed => "failed",
+        }
+    }
+}
+
+impl StepKind {
+    /// The kinds this version understands, as written in `kind:`.
+    pub const NAMES: [&'static str; 5] = ["assign", "http", "publish", "handler", "end"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            StepKind::Assign { .. } => "assign",
+            StepKind::Http { .. } => "http",
+            StepKind::Publish { .. } => "publish",
+            StepKind::Handler { .. } => "handler",
+            StepKind::End { .. } => "end",
+        }
+    }
+
+    /// The fields a kind adds to the common ones; `None` for an unknown kind.
+    fn fields(kind: &str) -> Option<&'static [&'static str]> {
+        Some(match kind {
+            "assign" => &["set"],
+            "http" => &["method", "url", "headers", "body"],
+            "publish" => &["subject", "payload"],
+            "handler" => &["handler", "input"],
+            "end" => &["status", "reason"],
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for DefinitionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(step) = &self.step {
+            write!(f, "step {step:?}, ")?;
+        }
+        write!(f, "field {:?}: {}", self.field, self.message)
+    }
+}
+
+impl DefinitionErrors {
+    fn one(field: &str, message: impl Into<String>) -> Self {
+        DefinitionErrors(vec![DefinitionError {
+            step: None,
+            field: field.into(),
+            message: message.into(),
+        }])
+    }
+}
+
+fn lines(errors: &[DefinitionError]) -> String {
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    lines.join("\n")
+}
+
+fn exprs_to_json(entries: &[(String, Expr)]) -> Value {
+    let entries = entries.iter().map(|(k, e)| (k.clone(), json!(e.source())));
+    Value::Object(entries.collect())
+}
+
+/// Humantime's own rendering (`1m 30s`, `200ms`), which it parses back to the same value.
+fn duration_to_json(duration: Duration) -> Value {
+    json!(humantime::format_duration(duration).to_string())
+}
+
+/// Where an error points: a step by id, or by position when it has no usable id.
+struct Loc {
+    step: Option<String>,
+    prefix: String,
+}
+
+impl Loc {
+    const TOP: Loc = Loc {
+        step: None,
+        prefix: String::new(),
+    };
+}
+
+/// Walks a document, recording every problem. Its methods return what they could read;
+/// after any error the result is discarded, so they fall back freely.
+#[derive(Default)]
+struct Checker {
+    errors: Vec<DefinitionError>,
+}
+
+impl Checker {
+    fn error(&mut self, at: &Loc, field: &str, message: impl Into<String>) {
+        self.errors.push(DefinitionError {
+            step: at.step.clone(),
+            field: format!("{}{field}", at.prefix),
+            message: message.into(),
+        });
+    }
+
+    fn type_error(&mut self, at: &Loc, field: &str, expected: &str, found: &Value) {
+        let found = describe(found);
+        self.error(at, field, format!("expected {expected}, found {found}"));
+    }
+
+    fn unknown_fields(
+        &mut self,
+        at: &Loc,
+        path: &str,
+        object: &Map<String, Value>,
+        allowed: &[&str],
+    ) {
+        for key in object.keys().filter(|key| !allowed.contains(&key.as_str())) {
+            let expected = allowed.join(", ");
+            self.error(
+                at,
+                &format!("{path}{key}"),
+                format!("unknown field; expected one of: {expected}"),
+            );
+        }
+    }
+
+    fn required<'v>(
+        &mut self,
+        at: &Loc,
+        field: &str,
+        value: Option<&'v Value>,
+    ) -> Option<&'v Value> {
+        let value = present(value);
+        if value.is_none() {
+            self.error(at, field, "missing required field");
+        }
+        value
+    }
+
+    fn string<'v>(&mut self, at: &Loc, field: &str, value: &'v Value) -> Option<&'v str> {
+        let string = value.as_str();
+        if string.is_none() {
+            self.type_error(at, field, "a string", value);
+        }
+        string
+    }
+
+    fn required_str<'v>(
+        &mut self,
+        at: &Loc,
+        field: &str,
+        value: Option<&'v Value>,
+    ) -> Option<&'v str> {
+        self.required(at, field, value)
+            .and_then(|v| self.string(at, field, v))
+    }
+
+    fn optional_str<'v>(
+        &mut self,
+        at: &Loc,
+        field: &str,
+        value: Option<&'v Value>,
+    ) -> Option<&'v str> {
+        present(value).and_then(|v| self.string(at, field, v))
+    }
+
+    fn slug(&mut self, at: &Loc, field: &str, value: &str) {
+        if !is_slug(value) {
+            let message = format!("{value:?} is not a slug: [a-z0-9][a-z0-9_-]{{0,62}}");
+            self.error(at, field, message);
+        }
+    }
+
+    fn positive_u32(&mut self, at: &Loc, field: &str, value: &Value) -> Option<u32> {
+        let n = value
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n >= 1);
+        if n.is_none() {
+            self.type_error(at, field, "a positive integer (1 to 4294967295)", value);
+        }
+        n
+    }
+
+    fn duration(&mut self, at: &Loc, field: &str, value: Option<&Value>) -> Option<Duration> {
+        let text = present(value).and_then(|v| match v.as_str() {
+            Some(text) => Some(text),
+            None => {
+                self.type_error(at, field, "a duration such as \"10s\" or \"200ms\"", v);
+                None
+            }
+        })?;
+        match humantime::parse_duration(text) {
+            Ok(duration) if duration > MAX_DURATION => {
+                self.error(
+                    at,
+                    field,
+                    format!("{text:?} is longer than the limit of 1year"),
+                );
+                None
+            }
+            Ok(duration) => Some(duration),
+            Err(e) => {
+                let message = format!("invalid duration {text:?} ({e}); write e.g. 10s, 200ms, 1m");
+                self.error(at, field, message);
+                None
+            }
+        }
+    }
+
+    fn expr(&mut self, at: &Loc, field: &str, value: &Value) -> Option<Expr> {
+        let Some(source) = value.as_str() else {
+            let expected =
+                "a CEL expression as a string (a literal is an expression too: \"1\", \"'text'\")";
+            self.type_error(at, field, expected, value);
+            return None;
+        };
+        match Expr::compile(source) {
+            Ok(expr) => Some(expr),
+            Err(e) => {
+                self.error(at, field, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A map of key to CEL expression (`set`, `body`, `payload`, `input`); `None` if absent.
+    fn expr_map(
+        &mut self,
+        at: &Loc,
+        field: &str,
+        value: Option<&Value>,
+    ) -> Option<Vec<(String, Expr)>> {
+        let value = present(value)?;
+        let Some(object) = value.as_object() else {
+            self.type_error(at, field, "a map of key to CEL expression", value);
+            return Some(Vec::new());
+        };
+        let entries = object.iter().filter_map(|(key, value)| {
+            let expr = self.expr(at, &format!("{field}.{key}"), value)?;
+            Some((key.clone(), expr))
+        });
+        Some(entries.collect())
+    }
+
+    fn definition(&mut self, value: &Value) -> Option<Definition> {
+        let at = &Loc::TOP;
+        let Some(object) = value.as_object() else {
+            self.type_error(at, "source", "a map with `name` and `steps`", value);
+            return None;
+        };
+        self.unknown_fields(at, "", object, TOP_FIELDS);
+        let name = self.required_str(at, "name", object.get("name"));
+        if let Some(name) = name {
+            self.slug(at, "name", name);
+        }
+        let description = self.optional_str(at, "description", object.get("description"));
+        let vars = match present(object.get("vars")) {
+            None => Map::new(),
+            Some(Value::Object(vars)) => vars.clone(),
+            Some(other) => {
+                self.type_error(at, "vars", "a map of variable to initial value", other);
+                Map::new()
+            }
+        };
+        let max_steps = match present(object.get("max_steps")) {
+            None => DEFAULT_MAX_STEPS,
+            Some(v) => self
+                .positive_u32(at, "max_steps", v)
+                .unwrap_or(DEFAULT_MAX_STEPS),
+        };
+        let steps = self.steps(object.get("steps"));
+        Some(Definition {
+            name: name?.to_owned(),
+            description: description.map(str::to_owned),
+            vars,
+            max_steps,
+            steps: steps?,
+        })
+    }
+
+    fn steps(&mut self, value: Option<&Value>) -> Option<Vec<Step>> {
+        let at = &Loc::TOP;
+        let items = match self.required(at, "steps", value)? {
+            Value::Array(items) if items.is_empty() => {
+                self.error(at, "steps", "at least one step is required");
+                return None;
+            }
+            Value::Array(items) => items,
+            other => {
+                self.type_error(at, "steps", "a list of steps", other);
+                return None;
+            }
+        };
+        if items.len() > MAX_STEP_COUNT {
+            let message = format!("{} steps, the limit is {MAX_STEP_COUNT}", items.len());
+            self.error(at, "steps", message);
+        }
+
+        // Ids first, so a transition may name a step further down.
+        let ids: Vec<Option<&str>> = items.iter().map(|s| s.get("id")?.as_str()).collect();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(id) = id {
+                index.entry(id).or_insert(i);
+            }
+        }
+
+        let mut steps = Vec::with_capacity(items.len());
+        let mut duplicate = vec![false; items.len()];
+        let mut edges = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let at = match ids[i] {
+                Some(id) => Loc {
+                    step: Some(id.to_owned()),
+                    prefix: String::new(),
+                },
+                None => Loc {
+                    step: None,
+                    prefix: format!("steps[{i}]."),
+                },
+            };
+            if let Some(id) = ids[i]
+                && let Some(first) = index.get(id).filter(|first| **first != i)
+            {
+                duplicate[i] = true;
+                self.error(
+                    &at,
+                    "id",
+                    format!("duplicate step id (steps[{first}] has it too)"),
+                );
+            }
+            steps.push(self.step(&at, i, item, &index));
+            // Read from the source, so a step with other errors still counts for reachability.
+            let targets = item
+                .get("next")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten();
+            let targets = targets.filter_map(|t| index.get(t.get("to")?.as_str()?).copied());
+            edges.push(targets.collect::<Vec<usize>>());
+        }
+
+        let mut reached = vec![false; items.len()];
+        let mut queue = VecDeque::from([0]);
+        reached[0] = true;
+        while let Some(i) = queue.pop_front() {
+            for &target in &edges[i] {
+                if !reached[target] {
+                    reached[target] = true;
+                    queue.push_back(target);
+                }
+            }
+        }
+        for (i, id) in ids.iter().enumerate() {
+            if !reached[i] && !duplicate[i] {
+                let (step, field) = match id {
+                    Some(id) => (Some((*id).to_owned()), "id".to_owned()),
+                    None => (None, format!("steps[{i}]")),
+                };
+                let message =
+                    "unreachable: no chain of `next` leads here from the first step".into();
+                self.errors.push(DefinitionError {
+                    step,
+                    field,
+                    message,
+                });
+            }
+        }
+        steps.into_iter().collect()
+    }
+
+    fn step(
+        &mut self,
+        at: &Loc,
+        i: usize,
+        value: &Value,
+        index: &HashMap<&str, usize>,
+    ) -> Option<Step> {
+        let Some(object) = value.as_object() else {
+            let message = format!("expected a step (a map), found {}", describe(value));
+            self.errors.push(DefinitionError {
+                step: None,
+                field: format!("steps[{i}]"),
+                message,
+            });
+            return None;
+        };
+        let id = self.required_str(at, "id", object.get("id"));
+        if let Some(id) = id {
+            self.slug(at, "id", id);
+        }
+        let kind = self.required_str(at, "kind", object.get("kind"));
+        match kind.map(|kind| (kind, StepKind::fields(kind))) {
+            Some((_, Some(fields))) => {
+                let allowed: Vec<&str> = STEP_FIELDS.iter().chain(fields).copied().collect();
+                self.unknown_fields(at, "", object, &allowed);
+            }
+            Some((kind, None)) => {
+                let known = StepKind::NAMES.join(", ");
+                self.error(
+                    at,
+                    "kind",
+                    format!("unknown kind {kind:?}; known kinds: {known}"),
+                );
+            }
+            None => {}
+        }
+
+        let allow_retry = match present(object.get("allow_retry")) {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                self.type_error(at, "allow_retry", "true or false", other);
+                true
+            }
+        };
+        let timeout = self.duration(at, "timeout", object.get("timeout"));
+        if timeout.is_some_and(|t| t.is_zero()) {
+            self.error(at, "timeout", "must be longer than 0s");
+        }
+        let retry = self.retry(at, object.get("retry"));
+        let is_end = kind == Some("end");
+        let kind = kind.and_then(|kind| self.kind(at, kind, object));
+        let next = self.transitions(at, is_end, object.get("next"), index);
+        Some(Step {
+            id: id?.to_owned(),
+            allow_retry,
+            timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
+            retry,
+            next,
+            kind: kind?,
+        })
+    }
+
+    fn retry(&mut self, at: &Loc, value: Option<&Value>) -> RetryPolicy {
+        let mut policy = RetryPolicy::default();
+        let Some(value) = present(value) else {
+            return policy;
+        };
+        let Some(object) = value.as_object() else {
+            self.type_error(
+                at,
+                "retry",
+                "a map with max_attempts, backoff, max_backoff",
+                value,
+            );
+            return policy;
+        };
+        self.unknown_fields(at, "retry.", object, RETRY_FIELDS);
+        if let Some(v) = present(object.get("max_attempts")) {
+            policy.max_attempts = self.positive_u32(at, "retry.max_attempts", v).unwrap_or(1);
+        }
+        if let Some(backoff) = self.duration(at, "retry.backoff", object.get("backoff")) {
+            policy.backoff = backoff;
+        }
+        if let Some(max) = self.duration(at, "retry.max_backoff", object.get("max_backoff")) {
+            policy.max_backoff = max;
+        }
+        policy
+    }
+
+    fn transitions(
+        &mut self,
+        at: &Loc,
+        is_end: bool,
+        value: Option<&Value>,
+        index: &HashMap<&str, usize>,
+    ) -> Vec<Transition> {
+        let missing = "missing: every step but `end` needs a `next` whose last entry has no `when`";
+        let items = match (present(value), is_end) {
+            (None, true) => return Vec::new(),
+            (None, false) => {
+                self.error(at, "next", missing);
+                return Vec::new();
+            }
+            (Some(_), true) => {
+                self.error(at, "next", "an `end` step has no `next`");
+                return Vec::new();
+            }
+            (Some(Value::Array(items)), false) if items.is_empty() => {
+                self.error(at, "next", missing);
+                return Vec::new();
+            }
+            (Some(Value::Array(items)), false) => items,
+            (Some(other), false) => {
+                self.type_error(at, "next", "a list of {to, when}", other);
+                return Vec::new();
+            }
+        };
+        let mut transitions = Vec::with_capacity(items.len());
+        for (k, item) in items.iter().enumerate() {
+            let path = format!("next[{k}]");
+            let Some(object) = item.as_object() else {
+                self.type_error(at, &path, "a map with `to` and an optional `when`", item);
+                continue;
+            };
+            self.unknown_fields(at, &format!("{path}."), object, TRANSITION_FIELDS);
+            let to = self.required_str(at, &format!("{path}.to"), object.get("to"));
+            if let Some(to) = to
+                && !index.contains_key(to)
+            {
+                self.error(at, &format!("{path}.to"), format!("unknown target {to:?}"));
+            }
+            let when = present(object.get("when"));
+            if when.is_some() && k + 1 == items.len() {
+                let message =
+                    "the last entry must have no `when`, so the step always has a way forward";
+                self.error(at, &format!("{path}.when"), message);
+            }
+            let when = when.and_then(|w| self.expr(at, &format!("{path}.when"), w));
+            if let Some(to) = to {
+                transitions.push(Transition {
+                    to: to.to_owned(),
+                    when,
+                });
+            }
+        }
+        transitions
+    }
+
+    fn kind(&mut self, at: &Loc, kind: &str, object: &Map<String, Value>) -> Option<StepKind> {
+        Some(match kind {
+            "assign" => {
+                let set = self.expr_map(at, "set", object.get("set"));
+                if set.is_none() {
+                    self.error(at, "set", "missing required field");
+                }
+                StepKind::Assign { set: set? }
+            }
+            "http" => {
+                let method = self.required_str(at, "method", object.get("method"));
+                let method = method.and_then(|m| {
+                    let found = HttpMethod::ALL
+                        .into_iter()
+                        .find(|known| known.as_str() == m);
+                    if found.is_none() {
+                        let message = format!(
+                            "unknown method {m:?}; expected GET, POST, PUT, PATCH or DELETE"
+                        );
+                        self.error(at, "method", message);
+                    }
+                    found
+                });
+                let url = self.required_str(at, "url", object.get("url"));
+                if let Some(url) = url
+                    && let Err(problem) = check_url(url)
+                {
+                    self.error(at, "url", format!("{url:?} {problem}"));
+                }
+                let headers = self.headers(at, object.get("headers"));
+                let body = self.expr_map(at, "body", object.get("body"));
+                StepKind::Http {
+                    method: method?,
+                    url: url?.to_owned(),
+                    headers,
+                    body,
+                }
+            }
+            "publish" => {
+                let subject = self.required_str(at, "subject", object.get("subject"));
+                if let Some(subject) = subject
+                    && let Err(problem) = check_subject(subject)
+                {
+                    self.error(at, "subject", format!("{subject:?} {problem}"));
+                }
+                let payload = self.expr_map(at, "payload", object.get("payload"));
+                StepKind::Publish {
+                    subject: subject?.to_owned(),
+                    payload: payload.unwrap_or_default(),
+                }
+            }
+            "handler" => {
+                let handler = self.required_str(at, "handler", object.get("handler"));
+                if handler.is_some_and(|h| h.trim().is_empty()) {
+                    self.error(at, "handler", "must name a registered handler");
+                }
+                let input = self.expr_map(at, "input", object.get("input"));
+                StepKind::Handler {
+                    handler: handler?.to_owned(),
+                    input: input.unwrap_or_default(),
+                }
+            }
+            "end" => {
+                let status = self.required_str(at, "status", object.get("status"));
+                let status = status.and_then(|s| match s {
+                    "completed" => Some(EndStatus::Completed),
+                    "failed" => Some(EndStatus::Failed),
+                    _ => {
+                        self.error(
+                            at,
+                            "status",
+                            format!("unknown status {s:?}; expected completed or failed"),
+                        );
+                        None
+                    }
+                });
+                let reason = present(object.get("reason")).and_then(|r| self.expr(at, "reason", r));
+                StepKind::End {
+                    status: status?,
+                    reason,
+                }
+            }
+            _ => return None,
+        })
+    }
+
+    /// Literal headers; checked here so a bad one fails the deploy, not every request.
+    fn headers(&mut self, at: &Loc, value: Option<&Value>) -> Vec<(String, String)> {
+        let Some(value) = present(value) else {
+            return Vec::new();
+        };
+        let Some(object) = value.as_object() else {
+            self.type_error(at, "headers", "a map of header name to string", value);
+            return Vec::new();
+        };
+        let mut headers = Vec::with_capacity(object.len());
+        for (name, value) in object {
+            let field = format!("headers.{name}");
+            let is_token_char =
+                |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if name.is_empty() || !name.bytes().all(is_token_char) {
+                self.error(at, &field, format!("{name:?} is not a valid header name"));
+            }
+            let Some(value) = self.string(at, &field, value) else {
+                continue;
+            };
+            if value.chars().any(|c| c.is_control() && c != '\t') {
+                self.error(
+                    at,
+                    &field,
+                    "a header value must not contain control characters",
+                );
+            }
+            headers.push((name.clone(), value.to_owned()));
+        }
+        headers
+    }
+}
+
+/// YAML to JSON by hand rather than through serde, so that YAML's duplicate keys are errors
+/// (serde_json would keep the last) and scalar keys become strings; `path` names the field.
+fn yaml_to_json(value: serde_yaml_ng::Value, path: &str) -> Result<Value, DefinitionError> {
+    use serde_yaml_ng::Value as Yaml;
+    let error = |message: String| DefinitionError {
+        step: None,
+        field: if path.is_empty() {
+            "source".into()
+        } else {
+            path.into()
+        },
+        message,
+    };
+    Ok(match value {
+        Yaml::Null => Value::Null,
+        Yaml::Bool(b) => Value::Bool(b),
+        Yaml::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => Value::from(i),
+            (None, Some(u), _) => Value::from(u),
+            (None, None, f) => f
+                .and_then(serde_json::Number::from_f64)
+                .map(Value::Number)
+                .ok_or_else(|| error(format!("{n} is not a number JSON can hold")))?,
+        },
+        Yaml::String(s) => Value::String(s),
+        Yaml::Sequence(items) => {
+            let items = items.into_iter().enumerate();
+            let items = items.map(|(i, item)| yaml_to_json(item, &format!("{path}[{i}]")));
+            Value::Array(items.collect::<Result<_, _>>()?)
+        }
+        Yaml::Mapping(mapping) => {
+            let mut object = Map::new();
+            for (key, value) in mapping {
+                let key = match key {
+                    Yaml::String(s) => s,
+                    Yaml::Bool(b) => b.to_string(),
+                    Yaml::Number(n) => n.to_string(),
+                    _ => return Err(error("map keys must be strings".into())),
+                };
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                let value = yaml_to_json(value, &child)?;
+                if object.insert(key, value).is_some() {
+                    let message = "duplicate key (a number or bool key equals its string)".into();
+                    return Err(DefinitionError {
+                        step: None,
+                        field: child,
+                        message,
+                    });
+                }
+            }
+            Value::Object(object)
+        }
+        Yaml::Tagged(tagged) => {
+            return Err(error(format!(
+                "YAML tags ({}) are not supported",
+                tagged.tag
+            )));
+        }
+    })
+}
+
+/// `null` is how YAML writes an empty field (`description:`), so it counts as absent.
+fn present(value: Option<&Value>) -> Option<&Value> {
+    value.filter(|v| !v.is_null())
+}
+
+fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a bool",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a map",
+    }
+}
+
+fn check_url(url: &str) -> Result<(), &'static str> {
+    let strip = |scheme: &str| {
+        let head = url.get(..scheme.len())?;
+        head.eq_ignore_ascii_case(scheme)
+            .then(|| url.get(scheme.len()..))
+            .flatten()
+    };
+    match strip("http://").or_else(|| strip("https://")) {
+        None => Err("must start with http:// or https://"),
+        Some("") => Err("has no host"),
+        Some(_) if url.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+            Err("must not contain whitespace")
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// A literal NATS subject: `.`-separated non-empty tokens, no wildcards, no whitespace.
+fn check_subject(subject: &str) -> Result<(), &'static str> {
+    if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Err("must not contain whitespace")
+    } else if subject.contains(['*', '>']) {
+        Err("must not contain the wildcards `*` or `>`")
+    } else if subject.split('.').any(str::is_empty) {
+        Err("must be non-empty tokens separated by single dots")
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The example of DEFINITIONS.md, verbatim.
+    const EXAMPLE: &str = r#"
+name: welcome-series          # slug: [a-z0-9][a-z0-9_-]{0,62}; identifies the workflow
+description: Greets new customers and follows up   # optional, free text
+vars:                         # optional initial variables; `drover start --vars` overrides keys
+  n: 0
+  email: null
+steps:                        # the first step is the entry point
+  - id: count                 # slug, unique in the workflow
+    kind: assign
+    set:                      # variable -> CEL expression over `vars`, `steps`, `instance`
+      n: "vars.n + 1"
+    next:
+      - to: record
+
+  - id: record
+    kind: http
+    method: POST              # GET | POST | PUT | PATCH | DELETE
+    url: "http://127.0.0.1:9000/record"      # literal string
+    headers: { X-Campaign: spring }          # optional literal headers
+    body:                     # optional: JSON object, each value a CEL expression
+      n: "vars.n"
+      id: "instance.id"
+    timeout: 10s              # per attempt; default 30s
+    retry: { max_attempts: 5, backoff: 200ms, max_backoff: 10s }   # exponential; defaults 3, 1s, 60s
+    allow_retry: true         # false: never re-run this step automatically after an interruption
+    next:                     # ordered; the first whose `when` is true wins; no `when` = always
+      - to: count
+        when: "vars.n < 10"
+      - to: done
+
+  - id: done
+    kind: end
+    status: completed         # completed | failed
+"#;
+
+    fn errors_of(source: &str) -> Vec<DefinitionError> {
+        match Definition::parse(source) {
+            Ok(_) => Vec::new(),
+            Err(DefinitionErrors(errors)) => errors,
+        }
+    }
+
+    /// Asserts that parsing fails with an error on `step`/`field` whose message contains `needle`.
+    #[track_caller]
+    fn assert_error(source: &str, step: Option<&str>, field: &str, needle: &str) {
+        let errors = errors_of(source);
+        assert!(
+            errors.iter().any(|e| e.step.as_deref() == step
+                && e.field == field
+                && e.message.contains(needle)),
+            "no error on {step:?}/{field} containing {needle:?} in {errors:#?}"
+        );
+    }
+
+    /// A two-step workflow with `extra` spliced into its first step.
+    fn with_first_step(extra: &str) -> String {
+        format!(
+            "name: w\nsteps:\n  - id: a\n{extra}\n  - id: b\n    kind: end\n    status: completed\n"
+        )
+    }
+
+    #[test]
+    fn the_documented_example_parses_and_loops_back() {
+        let definition = Definition::parse(EXAMPLE).expect("the example is valid");
+        assert_eq!(definition.name, "welcome-series");
+        assert_eq!(definition.max_steps, DEFAULT_MAX_STEPS);
+        assert_eq!(definition.entry().id, "count");
+        let record = definition.step("record").expect("record exists");
+        assert_eq!(record.next[0].to, "count");
+        assert_eq!(record.timeout, Duration::from_secs(10));
+        assert_eq!(record.retry.max_attempts, 5);
+        let StepKind::Http {
+            method,
+            headers,
+            body,
+            ..
+        } = &record.kind
+        else {
+            panic!("record is an http step");
+        };
+        assert_eq!(*method, HttpMethod::Post);
+        assert_eq!(headers, &[("X-Campaign".to_owned(), "spring".to_owned())]);
+        let keys: Vec<&str> = body.iter().flatten().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["n", "id"]);
+
+        let vars = json!({"n": 3}).as_object().cloned().unwrap_or_default();
+        let (steps, instance) = (Map::new(), json!({"id": "i"}));
+        let scope = Scope {
+            vars: &vars,
+            steps: &steps,
+            instance: &instance,
+            output: None,
+        };
+        assert_eq!(record.choose_next(&scope).ok().flatten(), Some("count"));
+        let vars = json!({"n": 10}).as_object().cloned().unwrap_or_default();
+        let scope = Scope {
+            vars: &vars,
+            ..scope
+        };
+        assert_eq!(record.choose_next(&scope).ok().flatten(), Some("done"));
+    }
+
+    #[test]
+    fn canonical_json_round_trips_and_ignores_formatting() {
+        let definition = Definition::parse(EXAMPLE).expect("the example is valid");
+        let json = definition.to_json();
+        let again = Definition::parse(&json.to_string()).expect("canonical JSON is valid");
+        assert_eq!(again, definition);
+        assert_eq!(again.to_json(), json);
+        assert_eq!(json["steps"][2]["timeout"], "30s");
+        assert_eq!(
+            json["steps"][0]["retry"],
+            json!({"max_attempts": 3, "backoff": "1s", "max_backoff": "1m"})
+        );
+
+        let uncommented: Value = serde_yaml_ng::from_str(EXAMPLE).expect("the example is YAML");
+        let reordered =
+            EXAMPLE.replace("  - id: done\n    kind: end", "  - kind: end\n    id: done");
+        for source in [
+            serde_json::to_string_pretty(&json).unwrap_or_default(),
+            serde_yaml_ng::to_string(&uncommented).unwrap_or_default(),
+            reordered,
+        ] {
+            let reformatted = Definition::parse(&source).map(|d| d.to_json());
+            assert_eq!(reformatted.ok().as_ref(), Some(&json), "{source}");
+        }
+    }
+
+    #[test]
+    fn malformed_source_is_one_error_with_its_position() {
+        let errors = errors_of("name: w\nsteps: [\n");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "source");
+        assert!(errors[0].message.contains("line"), "{}", errors[0].message);
+        assert_error("- a\n- b\n", None, "source", "expected a map");
+    }
+
+    #[test]
+    fn duplicate_keys_tags_and_nan_are_rejected() {
+        let end = "steps: [{id: a, kind: end, status: completed}]";
+        assert_error(
+            &format!("name: w\nname: v\n{end}"),
+            None,
+            "source",
+            "duplicate",
+        );
+        assert_error(
+            &format!("name: w\nvars: {{a: 1, 'a': 2}}\n{end}"),
+            None,
+            "source",
+            "duplicate",
+        );
+        assert_error(
+            &format!("name: w\nvars: {{1: 1, '1': 2}}\n{end}"),
+            None,
+            "vars.1",
+            "duplicate",
+        );
+        assert_error(
+            &format!("name: w\nvars: {{x: !t 1}}\n{end}"),
+            None,
+            "vars.x",
+            "tags",
+        );
+        assert_error(
+            &format!("name: w\nvars: {{x: .nan}}\n{end}"),
+            None,
+            "vars.x",
+            "JSON",
+        );
+    }
+
+    #[test]
+    fn yaml_merge_keys_are_applied() {
+        let source = "name: w\nsteps:\n  - &base {id: a, kind: end, status: completed, timeout: 5s}\n  - {<<: *base, id: b}\n";
+        // `b` is unreachable, which shows the merge produced a real step.
+        assert_error(source, Some("b"), "id", "unreachable");
+        assert_eq!(errors_of(source).len(), 1, "{:?}", errors_of(source));
+    }
+
+    #[test]
+    fn oversized_source_is_rejected_before_parsing() {
+        let source = format!("#{}", " ".repeat(MAX_SOURCE_BYTES));
+        assert_error(&source, None, "source", "1 MiB");
+    }
+
+    #[test]
+    fn unknown_kind_lists_the_known_kinds() {
+        let source = with_first_step("    kind: sleep\n    for: 1s\n    next: [{to: b}]");
+        assert_error(
+            &source,
+            Some("a"),
+            "kind",
+            "assign, http, publish, handler, end",
+        );
+    }
+
+    #[test]
+    fn unknown_target_names_the_step_and_field() {
+        let source = with_first_step(
+            "    kind: assign\n    set: {}\n    next: [{to: b, when: 'true'}, {to: nope}]",
+        );
+        assert_error(&source, Some("a"), "next[1].to", "unknown target \"nope\"");
+        let errors = Definition::parse(&source)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            errors.contains(r#"step "a", field "next[1].to": unknown target "nope""#),
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn duplicate_step_id_names_the_second_step() {
+        let source = "name: w\nsteps:\n  - {id: a, kind: assign, set: {}, next: [{to: a, when: 'true'}, {to: b}]}\n  - {id: a, kind: end, status: failed}\n  - {id: b, kind: end, status: completed}\n";
+        let errors = errors_of(source);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_error(source, Some("a"), "id", "duplicate");
+    }
+
+    #[test]
+    fn unreachable_step_names_the_step() {
+        let source = "name: w\nsteps:\n  - {id: a, kind: end, status: completed}\n  - {id: b, kind: end, status: failed}\n";
+        assert_error(source, Some("b"), "id", "unreachable");
+    }
+
+    #[test]
+    fn a_step_without_an_unconditional_way_forward_is_rejected() {
+        assert_error(
+            &with_first_step("    kind: assign\n    set: {}"),
+            Some("a"),
+            "next",
+            "missing",
+        );
+        assert_error(
+            &with_first_step("    kind: assign\n    set: {}\n    next: []"),
+            Some("a"),
+            "next",
+            "missing",
+        );
+        let source = with_first_step(
+            "    kind: assign\n    set: {}\n    next: [{to: b, when: 'vars.n > 1'}]",
+        );
+        assert_error(&source, Some("a"), "next[0].when", "last entry");
+    }
+
+    #[test]
+    fn an_end_step_with_next_is_rejected() {
+        let source =
+            "name: w\nsteps:\n  - {id: a, kind: end, status: completed, next: [{to: a}]}\n";
+        assert_error(source, Some("a"), "next", "no `next`");
+    }
+
+    #[test]
+    fn invalid_cel_names_the_key() {
+        let source =
+            with_first_step("    kind: assign\n    set: {n: 'vars.n +'}\n    next: [{to: b}]");
+        assert_error(&source, Some("a"), "set.n", "does not compile");
+        let source = with_first_step(
+            "    kind: assign\n    set: {}\n    next: [{to: b, when: '(('}, {to: b}]",
+        );
+        assert_error(&source, Some("a"), "next[0].when", "does not compile");
+    }
+
+    #[test]
+    fn an_oversized_expression_is_rejected() {
+        let long = format!(
+            "    kind: assign\n    set: {{n: '{}'}}\n    next: [{{to: b}}]",
+            "1".repeat(65 * 1024)
+        );
+        assert_error(&with_first_step(&long), Some("a"), "set.n", "64 KiB");
+    }
+
+    #[test]
+    fn non_string_expressions_are_rejected_naming_the_key() {
+        let source = with_first_step(
+            "    kind: handler\n    handler: h\n    input: {n: 1}\n    next: [{to: b}]",
+        );
+        assert_error(&source, Some("a"), "input.n", "CEL expression as a string");
+    }
+
+    #[test]
+    fn invalid_slugs_are_rejected() {
+        assert_error(
+            "name: Bad Name\nsteps: [{id: a, kind: end, status: completed}]",
+            None,
+            "name",
+            "slug",
+        );
+        assert_error(
+            "name: w\nsteps: [{id: A.1, kind: end, status: completed}]",
+            Some("A.1"),
+            "id",
+            "slug",
+        );
+    }
+
+    #[test]
+    fn a_step_without_an_id_is_named_by_position() {
+        assert_error(
+            "name: w\nsteps: [{kind: end, status: completed}]",
+            None,
+            "steps[0].id",
+            "missing",
+        );
+        assert_error("name: w\nsteps: [7]", None, "steps[0]", "expected a step");
+    }
+
+    #[test]
+    fn unparsable_and_zero_durations_are_rejected() {
+        let source = with_first_step(
+            "    kind: assign\n    set: {}\n    timeout: soon\n    retry: {backoff: 5}\n    next: [{to: b}]",
+        );
+        assert_error(&source, Some("a"), "timeout", "invalid duration");
+        assert_error(&source, Some("a"), "retry.backoff", "expected a duration");
+        let source =
+            with_first_step("    kind: assign\n    set: {}\n    timeout: 0s\n    next: [{to: b}]");
+        assert_error(&source, Some("a"), "timeout", "longer than 0s");
+        let source = with_first_step(
+            "    kind: assign\n    set: {}\n    retry: {max_backoff: 2years}\n    next: [{to: b}]",
+        );
+        assert_error(&source, Some("a"), "retry.max_backoff", "limit of 1year");
+    }
+
+    #[test]
+    fn too_many_steps_are_rejected() {
+        let mut source = String::from("name: w\nsteps:\n");
+        for i in 0..=MAX_STEP_COUNT {
+            source.push_str(&format!(
+                "  - {{id: s{i}, kind: assign, set: {{}}, next: [{{to: s{}}}]}}\n",
+                i + 1
+            ));
+        }
+        source.push_str(&format!(
+            "  - {{id: s{}, kind: end, status: completed}}\n",
+            MAX_STEP_COUNT + 1
+        ));
+        assert_error(&source, None, "steps", "the limit is 1000");
+    }
+
+    #[test]
+    fn at_least_one_step_is_required() {
+        assert_error("name: w\nsteps: []", None, "steps", "at least one");
+        assert_error("name: w", None, "steps", "missing");
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_naming_the_field() {
+        assert_error(
+            "name: w\nstep: []\nsteps: [{id: a, kind: end, status: completed}]",
+            None,
+            "step",
+            "unknown field",
+        );
+        let source = with_first_step(
+            "    kind: http\n    metod: GET\n    method: GET\n    url: http://x\n    retry: {tries: 2}\n    next: [{to: b, wen: x}]",
+        );
+        assert_error(&source, Some("a"), "metod", "unknown field");
+        assert_error(&source, Some("a"), "retry.tries", "unknown field");
+        assert_error(&source, Some("a"), "next[0].wen", "unknown field");
+        let source = with_first_step(
+            "    kind: assign\n    set: {}\n    url: http://x\n    next: [{to: b}]",
+        );
+        assert_error(&source, Some("a"), "url", "unknown field");
+    }
+
+    #[test]
+    fn missing_required_fields_are_named() {
+        for (kind, field) in [
+            ("assign", "set"),
+            ("http", "method"),
+            ("http", "url"),
+            ("publish", "subject"),
+            ("handler", "handler"),
+        ] {
+            let source = with_first_step(&format!("    kind: {kind}\n    next: [{{to: b}}]"));
+            assert_error(&source, Some("a"), field, "missing required field");
+        }
+        assert_error(
+            "name: w\nsteps: [{id: a, kind: end}]",
+            Some("a"),
+            "status",
+            "missing required field",
+        );
+        assert_error(
+            "steps: [{id: a, kind: end, status: completed}]",
+            None,
+            "name",
+            "missing required field",
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let source = with_first_step(
+            "    kind: assign\n    set: [n]\n    allow_retry: sometimes\n    next: [{to: b}]",
+        );
+        assert_error(&source, Some("a"), "set", "expected a map");
+        assert_error(&source, Some("a"), "allow_retry", "true or false");
+        for bad in ["0", "-1", "1.5", "'10'", "99999999999"] {
+            let source = format!(
+                "name: w\nmax_steps: {bad}\nsteps: [{{id: a, kind: end, status: completed}}]"
+            );
+            assert_error(&source, None, "max_steps", "positive integer");
+        }
+        assert_error(
+            "name: w\nvars: [1]\nsteps: [{id: a, kind: end, status: completed}]",
+            None,
+            "vars",
+            "expected a map",
+        );
+        let source = with_first_step(
+            "    kind: http\n    method: GET\n    url: http://x\n    headers: {X-N: 5}\n    next: [{to: b}]",
+        );
+        assert_error(&source, Some("a"), "headers.X-N", "expected a string");
+    }
+
+    #[test]
+    fn http_urls_and_methods_are_checked() {
+        let source = with_first_step(
+            "    kind: http\n    method: get\n    url: ftp://x\n    next: [{to: b}]",
+        );
+        assert_error(
+            &source,
+            Some("a"),
+            "method",
+            "expected GET, POST, PUT, PATCH or DELETE",
+        );
+        assert_error(&source, Some("a"), "url", "http:// or https://");
+    }
+
+    #[test]
+    fn retry_needs_at_least_one_attempt() {
+        let source = with_first_step(
+            "    kind: assign\n    set: {}\n    retry: {max_attempts: 0}\n    next: [{to: b}]",
+        );
+        assert_error(&source, Some("a"), "retry.max_attempts", "positive integer");
+    }
+
+    #[test]
+    fn publish_subjects_are_literal_nats_subjects() {
+        for bad in ["'a.*'", "'a.>'", "'a..b'", "'a b'", "'.a'"] {
+            let source = with_first_step(&format!(
+                "    kind: publish\n    subject: {bad}\n    next: [{{to: b}}]"
+            ));
+            assert_error(&source, Some("a"), "subject", "");
+        }
+    }
+
+    #[test]
+    fn publish_subjects_must_avoid_the_reserved_prefix() {
+        let source =
+            with_first_step("    kind: publish\n    subject: drover.events\n    next: [{to: b}]");
+        let definition = Definition::parse(&source).expect("valid");
+        let errors = definition
+            .check_reserved_prefix("drover")
+            .err()
+            .map(|e| e.0);
+        assert_eq!(
+            errors
+                .as_deref()
+                .map(|e| (e[0].step.as_deref(), e[0].field.as_str())),
+            Some((Some("a"), "subject"))
+        );
+        assert!(definition.check_reserved_prefix("drov").is_ok());
+        assert!(definition.check_reserved_prefix("other").is_ok());
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let source = "name: W\nsteps:\n  - {id: a, kind: assign, set: {n: '+'}, next: [{to: zz}]}\n  - {id: b, kind: nope}\n";
+        let fields: Vec<String> = errors_of(source).into_iter().map(|e| e.field).collect();
+        for field in ["name", "set.n", "next[0].to", "kind", "id"] {
+            assert!(
+                fields.iter().any(|f| f == field),
+                "{field} missing from {fields:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_cap_without_overflow() {
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(1),
+        };
+        let delays: Vec<u128> = (1..=5).map(|a| policy.delay_after(a).as_millis()).collect();
+        assert_eq!(delays, [200, 400, 800, 1000, 1000]);
+        assert_eq!(policy.delay_after(0), Duration::from_millis(200));
+        let huge = RetryPolicy {
+            backoff: Duration::MAX,
+            max_backoff: Duration::MAX,
+            ..policy
+        };
+        assert_eq!(huge.delay_after(u32::MAX), Duration::MAX);
+        assert_eq!(huge.delay_after(2), Duration::MAX);
+    }
+
+    /// A valid linear workflow, possibly with conditional jumps back, as a JSON document.
+    fn linear_workflow() -> impl Strategy<Value = Value> {
+        let expr = prop::sample::select(vec![
+            "vars.n + 1",
+            "'text'",
+            "instance.id",
+            "[1, 2]",
+            "{'a': vars.n}",
+            "steps.s0",
+        ]);
+        let exprs =
+            prop::collection::vec(("[a-z][a-z0-9_]{0,5}", expr), 0..4).prop_map(|entries| {
+                Value::Object(entries.into_iter().map(|(k, e)| (k, json!(e))).collect())
+            });
+        let duration = prop::sample::select(vec!["10s", "200ms", "1m", "1h 2m", "90s", "1day"]);
+        let kind = prop_oneof![
+            exprs.clone().prop_map(|set| json!({"kind": "assign", "set": set})),
+            (prop::sample::select(HttpMethod::ALL.to_vec()), "[a-z]{1,8}", prop::option::of(exprs.clone()))
+                .prop_map(|(method, path, body)| {
+                    let mut step = json!({"kind": "http", "method": method.as_str(), "url": format!("https://example.com/{path}"), "headers": {"X-A": path}});
+                    if let Some(body) = body { step["body"] = body; }
+                    step
+                }),
+            ("[a-z]{1,5}(\\.[a-z0-9]{1,5}){0,3}", exprs.clone()).prop_map(|(subject, payload)| json!({"kind": "publish", "subject": subject, "payload": payload})),
+            ("[a-z_]{1,10}", exprs).prop_map(|(handler, input)| json!({"kind": "handler", "handler": handler, "input": input})),
+        ];
+        let step = (
+            kind,
+            prop::option::of(duration.clone()),
+            prop::option::of((1u32..10, duration.clone(), duration)),
+            prop::option::of(any::<bool>()),
+            prop::option::of(any::<prop::sample::Index>()),
+        );
+        (prop::collection::vec(step, 0..6), any::<bool>(), prop::option::of(1u32..100_000)).prop_map(|(steps, failed, max_steps)| {
+            let count = steps.len();
+            let mut list: Vec<Value> = steps.into_iter().enumerate().map(|(i, (mut step, timeout, retry, allow_retry, back))| {
+                step["id"] = json!(format!("s{i}"));
+                if let Some(timeout) = timeout { step["timeout"] = json!(timeout); }
+                if let Some((n, b, m)) = retry { step["retry"] = json!({"max_attempts": n, "backoff": b, "max_backoff": m}); }
+                if let Some(allow) = allow_retry { step["allow_retry"] = json!(allow); }
+                let forward = json!({"to": format!("s{}", i + 1)});
+                step["next"] = match back {
+                    Some(back) => json!([{"to": format!("s{}", back.index(i + 1)), "when": "vars.n < 3"}, forward]),
+                    None => json!([forward]),
+                };
+                step
+            }).collect();
+            list.push(json!({"id": format!("s{count}"), "kind": "end", "status": if failed { "failed" } else { "completed" }, "reason": "'done'"}));
+            let mut definition = json!({"name": "generated", "vars": {"n": 0, "s": "x"}, "steps": list});
+            if let Some(max) = max_steps { definition["max_steps"] = json!(max); }
+            definition
+        })
+    }
+
+    fn mutated_example() -> impl Strategy<Value = String> {
+        let edit = (
+            any::<prop::sample::Index>(),
+            0u8..3,
+            prop::sample::select(vec![
+                ':', '-', ' ', '\n', '{', '[', '\'', '"', '#', '*', '&', '!', '|', '>', 'x', '1',
+                '\t', 'é',
+            ]),
+        );
+        prop::collection::vec(edit, 1..8).prop_map(|edits| {
+            let mut chars: Vec<char> = EXAMPLE.chars().collect();
+            for (at, op, c) in edits {
+                let i = at.index(chars.len() + 1);
+                match op {
+                    0 if i < chars.len() => {
+                        chars.remove(i);
+                    }
+                    1 if i < chars.len() => chars[i] = c,
+                    _ => chars.insert(i, c),
+                }
+            }
+            chars.into_iter().collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(source in any::<String>(), bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Definition::parse(&source);
+            let _ = Definition::parse(&String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn mutated_examples_never_panic(source in mutated_example()) {
+            if let Err(errors) = Definition::parse(&source) {
+                prop_assert!(!errors.0.is_empty());
+            }
+        }
+
+        #[test]
+        fn generated_workflows_round_trip_through_canonical_json(document in linear_workflow()) {
+            let from_json = Definition::parse(&document.to_string());
+            prop_assert!(from_json.is_ok(), "{:?}", from_json);
+            let Ok(definition) = from_json else { return Ok(()) };
+            let canonical = definition.to_json();
+            let again = Definition::parse(&canonical.to_string()).map(|d| d.to_json()).ok();
+            prop_assert_eq!(again.as_ref(), Some(&canonical));
+            let yaml = serde_yaml_ng::to_string(&document).unwrap_or_default();
+            let from_yaml = Definition::parse(&yaml).map(|d| d.to_json()).ok();
+            prop_assert_eq!(from_yaml.as_ref(), Some(&canonical));
+        }
+    }
+}
