@@ -1,0 +1,42 @@
+use drover_core::InstanceId;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unknown campaign {0:?}")]
+    UnknownCampaign(String),
+    #[error("unknown workflow {0:?}")]
+    UnknownWorkflow(String),
+    #[error("unknown instance {0}")]
+    UnknownInstance(InstanceId),
+    #[error("stored row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl Error {
+    /// Would the same call likely succeed if tried again later?
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(err) => match err {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => matches!(
+                    db.code().as_deref(),
+                    // serialization_failure, deadlock_detected, admin/crash shutdown,
+                    // cannot_connect_now, too_many_connections
+                    Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
+                ),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}

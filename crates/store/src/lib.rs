@@ -1,0 +1,82 @@
+//! All of Drover's SQL: the schema (embedded migrations), definitions, campaigns, instances,
+//! the journal, the event outbox and nodes.
+//!
+//! # Fencing
+//! Every worker write is a compare-and-set on the instance row: a claim needs the `(step_seq,
+//! fence)` of the job and state `ready`, and bumps `fence`; a commit needs the claimed `fence`,
+//! the same `step_seq`, state `running` and the committing node as owner. A paused, partitioned
+//! or duplicate worker that wakes up finds 0 rows and its write does nothing. The journal's
+//! primary key `(instance_id, step_seq)` makes a double commit impossible even if the CAS were
+//! wrong. Events go to `event_outbox` in the same statement as the transition they describe.
+
+mod error;
+mod instances;
+mod model;
+mod nodes;
+mod outbox;
+
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+pub use error::{Error, Result};
+pub use model::*;
+pub use nodes::Heartbeat;
+
+/// The embedded schema migrations.
+pub static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// How to reach Postgres.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub url: String,
+    /// Pool size. Group commit needs few connections: a handful per role is plenty.
+    pub max_connections: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/drover".to_owned(),
+            max_connections: 10,
+        }
+    }
+}
+
+/// A handle on Drover's database. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects a pool (no migrations: run [`Store::migrate`] or `drover migrate`).
+    pub async fn connect(config: &StoreConfig) -> Result<Self> {
+        let options: PgConnectOptions = config.url.parse()?;
+        let options = options
+            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
+            .application_name("drover");
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations; safe to run from several processes at once.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+}

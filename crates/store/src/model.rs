@@ -1,0 +1,204 @@
+//! Rows and requests the store reads and writes.
+
+use chrono::{DateTime, Utc};
+use drover_core::{CampaignId, Fence, InstanceId, InstanceState, NodeId, OutboxEvent, StepSeq};
+use serde::Serialize;
+use serde_json::Value;
+
+/// A stored workflow definition version.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct StoredDefinition {
+    pub name: String,
+    pub version: i32,
+    /// The canonical JSON of the definition.
+    pub body: Value,
+    /// What the operator deployed, as written.
+    pub source: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The latest version of a workflow, for listings.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct DefinitionSummary {
+    pub name: String,
+    pub version: i32,
+    pub description: Option<String>,
+    pub steps: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a deploy did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Deployed {
+    pub name: String,
+    pub version: i32,
+    /// False when the content equals the latest version (the deploy was a no-op).
+    pub created: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Campaign {
+    pub id: CampaignId,
+    pub name: String,
+    pub max_running: Option<i32>,
+    pub running: i32,
+    pub queued: i32,
+    pub on_error_permit: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One instance to create.
+#[derive(Clone, Debug)]
+pub struct NewInstance {
+    pub id: InstanceId,
+    pub campaign: CampaignId,
+    pub workflow: String,
+    pub version: i32,
+    pub entry_step: String,
+    pub vars: Value,
+}
+
+/// An instance as operators see it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Instance {
+    pub id: InstanceId,
+    pub workflow: String,
+    pub version: i32,
+    pub campaign: String,
+    pub state: InstanceState,
+    pub current_step: String,
+    pub step_seq: StepSeq,
+    pub step_attempt: i32,
+    pub fence: Fence,
+    pub owner_node: Option<NodeId>,
+    pub vars: Value,
+    pub outputs: Value,
+    pub error: Option<String>,
+    pub parent_instance_id: Option<InstanceId>,
+    pub call_depth: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Which instances to list, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct InstanceFilter {
+    pub state: Option<InstanceState>,
+    pub campaign: Option<String>,
+    pub workflow: Option<String>,
+    /// Only instances created before this one (keyset pagination).
+    pub before: Option<InstanceId>,
+    pub limit: i64,
+}
+
+/// One journaled transition.
+#[derive(Clone, Debug, Serialize)]
+pub struct JournalEntry {
+    pub step_seq: StepSeq,
+    pub step_id: String,
+    pub outcome: String,
+    pub transition: Option<String>,
+    pub fence: Fence,
+    pub attempt: i32,
+    pub node_id: Option<NodeId>,
+    pub actor: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+/// A job as delivered: the instance and the checkpoint it was published for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimRequest {
+    pub instance: InstanceId,
+    pub step_seq: StepSeq,
+    pub fence: Fence,
+}
+
+/// A claimed instance: everything a worker needs to run its current step.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub id: InstanceId,
+    pub workflow: String,
+    pub version: i32,
+    pub campaign: String,
+    pub current_step: String,
+    pub step_seq: StepSeq,
+    /// The step_seq at which the current step was entered (stable across retries).
+    pub step_entered_seq: StepSeq,
+    pub step_attempt: i32,
+    /// The fence after the claim: the commit must present it.
+    pub fence: Fence,
+    /// How many times the current step has been claimed without a commit (1 = first).
+    pub step_claims: i32,
+    pub steps_run: i32,
+    pub vars: Value,
+    pub outputs: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Where a completed step leaves its instance.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Transition {
+    /// Go on with `step` (a new step: attempt 1).
+    Next { step: String },
+    /// Run the same step again after `delay_ms` (attempt + 1, same idempotency key).
+    Retry { delay_ms: u64 },
+    /// Stop in a state that needs no worker: `completed`, `failed` or `in_error`.
+    Stop { state: InstanceState },
+}
+
+/// The result of running one claimed step, to be group-committed.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub instance: InstanceId,
+    pub fence: Fence,
+    /// The step_seq the step ran at (the journal entry gets `step_seq + 1`).
+    pub step_seq: StepSeq,
+    pub step_id: String,
+    pub attempt: i32,
+    pub started_at: DateTime<Utc>,
+    /// `completed`, `retry`, `failed`, `error`, …: what happened to the step.
+    pub outcome: String,
+    pub transition: Transition,
+    /// The instance's variables after the step, if it changed them.
+    pub vars: Option<Value>,
+    /// The step's output, recorded as `steps.<step_id>`.
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    /// Events describing this transition, written in the same transaction.
+    pub events: Vec<OutboxEvent>,
+}
+
+/// What became of one completion in a group commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Commit {
+    Committed,
+    /// The checkpoint exists already (a duplicate run).
+    AlreadyCommitted,
+    /// The instance has moved on: fence, state or owner no longer match.
+    Fenced,
+}
+
+/// An outbox event claimed for relay.
+#[derive(Clone, Debug)]
+pub struct PendingEvent {
+    pub event: OutboxEvent,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A node row.
+#[derive(Clone, Debug, Serialize)]
+pub struct Node {
+    pub id: NodeId,
+    pub roles: Vec<String>,
+    pub host: String,
+    pub version: String,
+    pub status: String,
+    pub heartbeat_at: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+    pub died_at: Option<DateTime<Utc>>,
+    pub in_flight: i32,
+}
