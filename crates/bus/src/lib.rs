@@ -1,0 +1,240 @@
+//! All of Drover's NATS: subjects, stream and consumer provisioning, the `StepJob` wire
+//! format, CloudEvents, and publishing with deterministic `Nats-Msg-Id`s.
+
+mod error;
+mod event;
+mod job;
+mod subjects;
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use drover_core::OutboxEvent;
+
+pub use error::{Error, Result};
+pub use event::{EventKind, InstanceRef};
+pub use job::{DecodeError, StepJob};
+pub use subjects::{Subjects, is_valid_prefix};
+
+/// How to reach NATS and how to name things there.
+#[derive(Clone, Debug)]
+pub struct BusConfig {
+    pub url: String,
+    /// Subject prefix of this cluster (`drover` unless several clusters share a server; tests
+    /// use a random one). Also names the streams: `<PREFIX>_JOBS`, `<PREFIX>_EVENTS`.
+    pub prefix: String,
+    /// How long the EVENTS stream keeps events. If unsure: a day.
+    pub events_max_age: Duration,
+    /// Job messages larger than this are garbage: terminated, never decoded. Real jobs are
+    /// under 100 bytes.
+    pub max_job_bytes: usize,
+    /// How long a delivered job may go unacknowledged before redelivery; long steps send
+    /// progress acks.
+    pub ack_wait: Duration,
+    /// Deliveries of one job message before NATS gives up on it (Postgres re-dispatches).
+    pub max_deliver: i64,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            prefix: "drover".to_owned(),
+            events_max_age: Duration::from_secs(24 * 3600),
+            max_job_bytes: 4096,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+        }
+    }
+}
+
+/// A connected bus with its streams provisioned. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    config: BusConfig,
+}
+
+/// The durable pull consumer all workers share.
+pub const WORKER_CONSUMER: &str = "workers";
+
+impl Bus {
+    /// Connects and provisions the streams idempotently (several nodes may do so at once).
+    pub async fn connect(config: BusConfig) -> Result<Self> {
+        if !is_valid_prefix(&config.prefix) {
+            return Err(Error::Config(format!(
+                "invalid subject prefix {:?}: use [a-z0-9][a-z0-9_-]*",
+                config.prefix
+            )));
+        }
+        let client = async_nats::ConnectOptions::new()
+            .name("drover")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(&config.url)
+            .await
+            .map_err(|e| Error::Connect(e.to_string()))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build(client.clone());
+        let bus = Self {
+            client,
+            js,
+            subjects: Subjects::new(&config.prefix),
+            config,
+        };
+        bus.provision().await?;
+        Ok(bus)
+    }
+
+    async fn provision(&self) -> Result<()> {
+        let s = &self.subjects;
+        self.js
+            .create_or_update_stream(stream::Config {
+                name: s.jobs_stream(),
+                subjects: vec![s.job_filter()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                discard: stream::DiscardPolicy::Old,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Provision(format!("stream {}: {e}", s.jobs_stream())))?;
+        self.js
+            .create_or_update_stream(stream::Config {
+                name: s.events_stream(),
+                subjects: vec![s.event_filter()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: self.config.events_max_age,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Provision(format!("stream {}: {e}", s.events_stream())))?;
+        let jobs = self
+            .js
+            .get_stream(s.jobs_stream())
+            .await
+            .map_err(|e| Error::Provision(format!("stream {}: {e}", s.jobs_stream())))?;
+        jobs.create_consumer(self.worker_consumer_config())
+            .await
+            .map_err(|e| Error::Provision(format!("consumer {WORKER_CONSUMER}: {e}")))?;
+        Ok(())
+    }
+
+    fn worker_consumer_config(&self) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(WORKER_CONSUMER.to_owned()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.config.ack_wait,
+            max_deliver: self.config.max_deliver,
+            max_ack_pending: 50_000,
+            filter_subject: self.subjects.job_filter(),
+            ..Default::default()
+        }
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    pub fn config(&self) -> &BusConfig {
+        &self.config
+    }
+
+    /// The shared worker consumer.
+    pub async fn worker_consumer(&self) -> Result<consumer::PullConsumer> {
+        let stream = self
+            .js
+            .get_stream(self.subjects.jobs_stream())
+            .await
+            .map_err(|e| Error::Provision(e.to_string()))?;
+        stream
+            .get_consumer(WORKER_CONSUMER)
+            .await
+            .map_err(|e| Error::Provision(e.to_string()))
+    }
+
+    /// Publishes jobs pipelined (all sent, then all acks awaited). Each carries
+    /// `Nats-Msg-Id = j:{instance}:{step_seq}:{fence}`, so a re-dispatch of the same job
+    /// inside the duplicate window is dropped by the server.
+    pub async fn publish_jobs(&self, jobs: &[StepJob]) -> Result<()> {
+        let mut acks = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(job.encode())
+                .message_id(job.msg_id());
+            let ack = self
+                .js
+                .send_publish(self.subjects.job(), publish)
+                .await
+                .map_err(|e| Error::Publish(e.to_string()))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| Error::Publish(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Builds the CloudEvent for a transition of `instance` (written to the outbox, relayed
+    /// later by [`Bus::relay`]).
+    pub fn event(
+        &self,
+        instance: &InstanceRef<'_>,
+        kind: EventKind,
+        data: serde_json::Value,
+    ) -> OutboxEvent {
+        event::build(&self.subjects, instance, kind, data)
+    }
+
+    /// Publishes outbox events pipelined, each with `Nats-Msg-Id` = event id. Returns the ids
+    /// that the server acknowledged (the rest are relayed again later).
+    pub async fn relay(&self, events: &[OutboxEvent]) -> Vec<uuid::Uuid> {
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            let mut headers = HeaderMap::new();
+            headers.insert("Content-Type", "application/cloudevents+json");
+            let payload = match serde_json::to_vec(&event.payload) {
+                Ok(payload) => Bytes::from(payload),
+                Err(err) => {
+                    tracing::error!(event.id = %event.id, %err, "unencodable event dropped");
+                    continue;
+                }
+            };
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload)
+                .headers(headers)
+                .message_id(event.id.to_string());
+            match self.js.send_publish(event.subject.clone(), publish).await {
+                Ok(ack) => pending.push((event.id, ack)),
+                Err(err) => {
+                    tracing::warn!(subject = %event.subject, %err, "event publish failed");
+                    break;
+                }
+            }
+        }
+        let mut relayed = Vec::with_capacity(pending.len());
+        for (id, ack) in pending {
+            match ack.await {
+                Ok(_) => relayed.push(id),
+                Err(err) => tracing::warn!(event.id = %id, %err, "event not acknowledged"),
+            }
+        }
+        relayed
+    }
+}

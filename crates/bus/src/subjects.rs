@@ -1,0 +1,85 @@
+//! Subject and stream names. Only slugs go into subjects, so no user string can widen a
+//! wildcard.
+
+/// Is `prefix` usable as a subject prefix and stream-name stem?
+pub fn is_valid_prefix(prefix: &str) -> bool {
+    drover_core::ids::is_slug(prefix)
+}
+
+/// The names of one cluster's subjects and streams.
+#[derive(Clone, Debug)]
+pub struct Subjects {
+    prefix: String,
+    stream_stem: String,
+}
+
+impl Subjects {
+    /// `prefix` must satisfy [`is_valid_prefix`].
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            stream_stem: prefix.replace('-', "_").to_ascii_uppercase(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn jobs_stream(&self) -> String {
+        format!("{}_JOBS", self.stream_stem)
+    }
+
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.stream_stem)
+    }
+
+    /// Where step jobs are published.
+    pub fn job(&self) -> String {
+        format!("{}.job.step", self.prefix)
+    }
+
+    pub fn job_filter(&self) -> String {
+        format!("{}.job.>", self.prefix)
+    }
+
+    pub fn event_filter(&self) -> String {
+        format!("{}.evt.>", self.prefix)
+    }
+
+    /// `<prefix>.evt.<campaign>.<workflow>.<instance>.<kind>`.
+    pub fn event(&self, campaign: &str, workflow: &str, instance: &str, kind: &str) -> String {
+        format!(
+            "{}.evt.{campaign}.{workflow}.{instance}.{kind}",
+            self.prefix
+        )
+    }
+
+    /// Does a user-chosen subject fall inside this cluster's own namespace?
+    pub fn is_reserved(&self, subject: &str) -> bool {
+        subject == self.prefix
+            || subject
+                .strip_prefix(self.prefix.as_str())
+                .is_some_and(|rest| rest.starts_with('.'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_from_the_prefix() {
+        let s = Subjects::new("t-1a");
+        assert_eq!(s.jobs_stream(), "T_1A_JOBS");
+        assert_eq!(s.job(), "t-1a.job.step");
+        assert_eq!(
+            s.event("default", "wf", "id", "completed"),
+            "t-1a.evt.default.wf.id.completed"
+        );
+        assert!(s.is_reserved("t-1a.x"));
+        assert!(!s.is_reserved("t-1ab.x"));
+        assert!(!is_valid_prefix("a.b"));
+        assert!(!is_valid_prefix("a>"));
+    }
+}
