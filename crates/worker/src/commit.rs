@@ -1,0 +1,190 @@
+//! Group commit: completions from many steps go to Postgres in one statement, then the next
+//! jobs are published (pipelined), then the consumed messages are acked.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::Message;
+use backon::{ExponentialBuilder, Retryable};
+use drover_bus::{Bus, StepJob};
+use drover_core::{InstanceState, NodeId};
+use drover_store::{Commit, Completion, Store, Transition};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::{WorkerStats, ack};
+
+/// A finished step on its way to the database.
+pub(crate) struct Done {
+    pub(crate) completion: Completion,
+    pub(crate) msg: Message,
+    /// Held until the checkpoint is committed: bounds work in flight.
+    pub(crate) permit: OwnedSemaphorePermit,
+}
+
+/// Retries a store call on transient errors (connection loss, deadlock, failover) for up to
+/// about half a minute.
+pub(crate) async fn with_retries<T, F, Fut>(f: F) -> drover_store::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = drover_store::Result<T>>,
+{
+    f.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(20))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(20)
+            .with_jitter(),
+    )
+    .when(drover_store::Error::is_transient)
+    .notify(|err, after| tracing::warn!(%err, ?after, "transient store error; retrying"))
+    .await
+}
+
+pub(crate) struct Committer {
+    pub(crate) node: NodeId,
+    pub(crate) store: Store,
+    pub(crate) bus: Bus,
+    pub(crate) batch_size: usize,
+    pub(crate) stats: Arc<WorkerStats>,
+    pub(crate) relay_wakeup: Arc<tokio::sync::Notify>,
+    /// Tracks delayed retry publishes (cancelled at shutdown; the sweeper re-dispatches).
+    pub(crate) delayed: TaskTracker,
+}
+
+impl Committer {
+    /// Commits until every sender is gone (the worker has drained).
+    pub(crate) async fn run(
+        self,
+        mut rx: mpsc::Receiver<Done>,
+        shutdown: CancellationToken,
+    ) -> crate::Result<()> {
+        let mut batch: Vec<Done> = Vec::with_capacity(self.batch_size);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < self.batch_size {
+                match rx.try_recv() {
+                    Ok(done) => batch.push(done),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(std::mem::take(&mut batch), &shutdown)
+                .await;
+        }
+        self.delayed.close();
+        self.delayed.wait().await;
+        Ok(())
+    }
+
+    async fn commit_batch(&self, batch: Vec<Done>, shutdown: &CancellationToken) {
+        let completions: Vec<Completion> = batch.iter().map(|d| d.completion.clone()).collect();
+        let results = match with_retries(|| self.store.commit(self.node, &completions)).await {
+            Ok(results) => results,
+            Err(err) if !err.is_transient() => {
+                // One bad completion (say, a value Postgres refuses) must not sink the batch:
+                // commit one by one, and turn what still fails into an in_error checkpoint.
+                tracing::warn!(%err, "group commit refused; committing one by one");
+                let mut results = Vec::with_capacity(completions.len());
+                for completion in &completions {
+                    results.push(self.commit_alone(completion).await);
+                }
+                results
+            }
+            Err(err) => {
+                tracing::error!(%err, "group commit failed; steps will be recovered");
+                for done in &batch {
+                    self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    crate::nak(&done.msg).await;
+                }
+                return;
+            }
+        };
+
+        let mut next_jobs = Vec::new();
+        for (done, result) in batch.iter().zip(&results) {
+            match result {
+                Commit::Committed => {
+                    self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                    let c = &done.completion;
+                    let job = StepJob::new(c.instance, c.step_seq.next(), c.fence);
+                    match &c.transition {
+                        Transition::Next { .. } => next_jobs.push(job),
+                        Transition::Retry { delay_ms } if *delay_ms == 0 => next_jobs.push(job),
+                        Transition::Retry { delay_ms } => {
+                            self.publish_later(job, *delay_ms, shutdown)
+                        }
+                        Transition::Stop { .. } => {}
+                    }
+                }
+                Commit::AlreadyCommitted | Commit::Fenced => {
+                    self.stats.fenced.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        instance.id = %done.completion.instance,
+                        step.id = %done.completion.step_id,
+                        ?result,
+                        "checkpoint not committed: the instance moved on"
+                    );
+                }
+            }
+        }
+        self.relay_wakeup.notify_one();
+        if !next_jobs.is_empty()
+            && let Err(err) = self.bus.publish_jobs(&next_jobs).await
+        {
+            // Committed READY rows are re-dispatched by the stale-READY sweeper.
+            tracing::warn!(%err, "publishing next jobs failed; the sweeper will re-dispatch");
+        }
+        for done in batch {
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            ack(&done.msg).await;
+            drop(done.permit);
+        }
+    }
+
+    async fn commit_alone(&self, completion: &Completion) -> Commit {
+        let single = std::slice::from_ref(completion);
+        match with_retries(|| self.store.commit(self.node, single)).await {
+            Ok(results) => results.first().copied().unwrap_or(Commit::Fenced),
+            Err(err) => {
+                let mut fallback = completion.clone();
+                fallback.transition = Transition::Stop {
+                    state: InstanceState::InError,
+                };
+                fallback.outcome = "error".to_owned();
+                fallback.vars = None;
+                fallback.output = None;
+                fallback.error = Some(format!("checkpoint refused by the database: {err}"));
+                match with_retries(|| {
+                    self.store
+                        .commit(self.node, std::slice::from_ref(&fallback))
+                })
+                .await
+                {
+                    Ok(results) => results.first().copied().unwrap_or(Commit::Fenced),
+                    Err(err) => {
+                        tracing::error!(instance.id = %completion.instance, %err, "cannot checkpoint; left for recovery");
+                        Commit::Fenced
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish_later(&self, job: StepJob, delay_ms: u64, shutdown: &CancellationToken) {
+        let bus = self.bus.clone();
+        let shutdown = shutdown.clone();
+        self.delayed.spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_millis(delay_ms)) => {
+                    if let Err(err) = bus.publish_jobs(&[job]).await {
+                        tracing::warn!(instance.id = %job.instance, %err, "delayed retry publish failed; the sweeper will re-dispatch");
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,385 @@
+//! The worker role: pulls step jobs, claims their instances in batches, runs the steps,
+//! group-commits the checkpoints, publishes the next jobs, then acks.
+//!
+//! Checkpoint, then publish, then ack: a crash anywhere in between leaves the instance either
+//! at its old checkpoint (the job is redelivered or recovered) or at its new one (the next job
+//! is published again by the stale-READY sweeper). A stale or duplicate delivery fails its
+//! claim's compare-and-set and is acked and dropped.
+
+mod commit;
+mod error;
+mod handler;
+mod relay;
+mod step;
+mod sweeper;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::Message;
+use chrono::Utc;
+use drover_bus::{Bus, StepJob};
+use drover_core::{Definition, NodeId};
+use drover_store::{ClaimRequest, Claimed, Store};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::{Error, Result};
+pub use handler::{HandlerInput, Handlers, StepError};
+pub use relay::{OutboxRelay, RelayConfig};
+pub use sweeper::ReadySweeper;
+
+use commit::{Committer, Done};
+use step::StepContext;
+
+/// Worker tuning. If unsure, keep the defaults.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Steps running at once on this node. Many steps wait on I/O; no-op steps take
+    /// microseconds, so this mostly bounds memory.
+    pub concurrency: usize,
+    /// Most jobs claimed, and most completions committed, in one statement.
+    pub batch_size: usize,
+    /// How long a drain waits for in-flight steps on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 512,
+            batch_size: 256,
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Counters a node reports.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub claimed: AtomicU64,
+    pub committed: AtomicU64,
+    /// Deliveries whose claim found the instance moved on (acked and dropped).
+    pub stale: AtomicU64,
+    /// Job messages that could not be decoded (terminated).
+    pub garbage: AtomicU64,
+    /// Completions rejected at commit by the fence.
+    pub fenced: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+/// Builds a [`Worker`]: `Worker::builder().handler("name", f).build(node, store, bus)`.
+#[derive(Default)]
+pub struct WorkerBuilder {
+    handlers: Handlers,
+    config: WorkerConfig,
+}
+
+impl WorkerBuilder {
+    /// Registers a Rust handler for `handler` steps named `name`.
+    pub fn handler<F, Fut>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(HandlerInput) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<serde_json::Value, StepError>> + Send + 'static,
+    {
+        self.handlers.insert(name, f);
+        self
+    }
+
+    pub fn handlers(mut self, handlers: Handlers) -> Self {
+        self.handlers = handlers;
+        self
+    }
+
+    pub fn config(mut self, config: WorkerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    pub fn build(self, node: NodeId, store: Store, bus: Bus) -> Worker {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("drover/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        Worker {
+            node,
+            store,
+            config: self.config,
+            stats: Arc::new(WorkerStats::default()),
+            definitions: Arc::new(RwLock::new(HashMap::new())),
+            ctx: Arc::new(StepContext {
+                bus,
+                http,
+                handlers: self.handlers,
+                streams_by_subject: Default::default(),
+            }),
+            relay_wakeup: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+}
+
+type DefinitionCache = Arc<RwLock<HashMap<(String, i32), Arc<Definition>>>>;
+
+/// The worker role of one node.
+pub struct Worker {
+    node: NodeId,
+    store: Store,
+    config: WorkerConfig,
+    stats: Arc<WorkerStats>,
+    definitions: DefinitionCache,
+    ctx: Arc<StepContext>,
+    relay_wakeup: Arc<tokio::sync::Notify>,
+}
+
+impl Worker {
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder::default()
+    }
+
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Woken after each group commit, so the outbox relay sends events at once.
+    pub fn relay_wakeup(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.relay_wakeup)
+    }
+
+    /// Pulls and runs jobs until `shutdown`, then drains in-flight steps.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let consumer = self.ctx.bus.worker_consumer().await?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(self.config.batch_size)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| Error::Consumer(e.to_string()))?;
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let tasks = TaskTracker::new();
+        let (done_tx, done_rx) = mpsc::channel::<Done>(self.config.concurrency.max(1));
+        let committer = Committer {
+            node: self.node,
+            store: self.store.clone(),
+            bus: self.ctx.bus.clone(),
+            batch_size: self.config.batch_size,
+            stats: Arc::clone(&self.stats),
+            relay_wakeup: Arc::clone(&self.relay_wakeup),
+            delayed: tasks.clone(),
+        };
+        let committer = tokio::spawn(committer.run(done_rx, shutdown.clone()));
+        tracing::info!(node.id = %self.node, "worker pulling jobs");
+
+        loop {
+            let first = tokio::select! {
+                () = shutdown.cancelled() => break,
+                next = messages.next() => next,
+            };
+            let first = match first {
+                Some(Ok(msg)) => msg,
+                Some(Err(err)) => {
+                    tracing::warn!(%err, "job stream error; continuing");
+                    continue;
+                }
+                None => return Err(Error::Consumer("job stream ended".to_owned())),
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.config.batch_size {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(msg))) => batch.push(msg),
+                    Some(Some(Err(err))) => tracing::warn!(%err, "job stream error"),
+                    _ => break,
+                }
+            }
+            let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+            let permit = tokio::select! {
+                () = shutdown.cancelled() => {
+                    for msg in &batch {
+                        nak(msg).await;
+                    }
+                    break;
+                }
+                permit = Arc::clone(&permits).acquire_many_owned(n) => {
+                    permit.expect("invariant: the semaphore is never closed")
+                }
+            };
+            self.dispatch(batch, permit, &tasks, &done_tx).await;
+        }
+
+        // Drain: no new jobs; let in-flight steps finish and commit within the grace period.
+        tasks.close();
+        drop(done_tx);
+        if tokio::time::timeout(self.config.drain_timeout, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timed out; unfinished steps will be recovered elsewhere");
+        }
+        match tokio::time::timeout(self.config.drain_timeout, committer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(err)) => Err(Error::Consumer(format!("committer task failed: {err}"))),
+            Err(_) => {
+                tracing::warn!("final commits timed out; those steps will be recovered elsewhere");
+                Ok(())
+            }
+        }
+    }
+
+    /// Decodes, claims and starts a batch of deliveries.
+    async fn dispatch(
+        &self,
+        batch: Vec<Message>,
+        mut permit: OwnedSemaphorePermit,
+        tasks: &TaskTracker,
+        done_tx: &mpsc::Sender<Done>,
+    ) {
+        let limit = self.ctx.bus.config().max_job_bytes;
+        let mut jobs: Vec<(StepJob, Message)> = Vec::with_capacity(batch.len());
+        for msg in batch {
+            match StepJob::decode(&msg.payload, limit) {
+                Ok(job) => jobs.push((job, msg)),
+                Err(err) => {
+                    self.stats.garbage.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(subject = %msg.subject, %err, "terminating undecodable job message");
+                    if let Err(err) = msg.ack_with(AckKind::Term).await {
+                        tracing::warn!(%err, "term failed");
+                    }
+                }
+            }
+        }
+        let requests: Vec<ClaimRequest> = jobs
+            .iter()
+            .map(|(job, _)| ClaimRequest {
+                instance: job.instance,
+                step_seq: job.step_seq,
+                fence: job.fence,
+            })
+            .collect();
+        let claimed = match commit::with_retries(|| self.store.claim(self.node, &requests)).await {
+            Ok(claimed) => claimed,
+            Err(err) => {
+                tracing::error!(%err, "claim failed; jobs will be redelivered");
+                for (_, msg) in &jobs {
+                    nak(msg).await;
+                }
+                return;
+            }
+        };
+        self.stats
+            .claimed
+            .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+        let mut by_id: HashMap<_, Claimed> = claimed.into_iter().map(|c| (c.id, c)).collect();
+        for (job, msg) in jobs {
+            let Some(claimed) = by_id.remove(&job.instance) else {
+                // Stale or duplicate: the instance has moved past this job.
+                self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                ack(&msg).await;
+                continue;
+            };
+            let Some(step_permit) = permit.split(1) else {
+                // invariant: one permit was taken per delivered message
+                nak(&msg).await;
+                continue;
+            };
+            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            tasks.spawn(run_one(
+                Arc::clone(&self.ctx),
+                self.store.clone(),
+                Arc::clone(&self.definitions),
+                claimed,
+                msg,
+                step_permit,
+                done_tx.clone(),
+            ));
+        }
+    }
+}
+
+async fn ack(msg: &Message) {
+    if let Err(err) = msg.ack().await {
+        tracing::warn!(%err, "ack failed");
+    }
+}
+
+async fn nak(msg: &Message) {
+    if let Err(err) = msg
+        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+        .await
+    {
+        tracing::warn!(%err, "nak failed");
+    }
+}
+
+async fn load_definition(
+    store: &Store,
+    cache: &DefinitionCache,
+    workflow: &str,
+    version: i32,
+) -> Result<Arc<Definition>, String> {
+    let key = (workflow.to_owned(), version);
+    if let Some(def) = cache.read().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(def);
+    }
+    let stored = commit::with_retries(|| store.get_definition(workflow, Some(version)))
+        .await
+        .map_err(|e| format!("loading {workflow} v{version}: {e}"))?
+        .ok_or_else(|| format!("workflow {workflow} v{version} is not deployed"))?;
+    let def = Definition::parse(&stored.body.to_string())
+        .map_err(|e| format!("stored definition {workflow} v{version} is invalid: {e}"))?;
+    let def = Arc::new(def);
+    if let Ok(mut cache) = cache.write() {
+        cache.insert(key, Arc::clone(&def));
+    }
+    Ok(def)
+}
+
+/// Runs one claimed step, sending progress acks while it takes long, and hands the result to
+/// the committer.
+async fn run_one(
+    ctx: Arc<StepContext>,
+    store: Store,
+    definitions: DefinitionCache,
+    claimed: Claimed,
+    msg: Message,
+    permit: OwnedSemaphorePermit,
+    done_tx: mpsc::Sender<Done>,
+) {
+    let started_at = Utc::now();
+    let completion =
+        match load_definition(&store, &definitions, &claimed.workflow, claimed.version).await {
+            Ok(def) => {
+                let progress_every = ctx.bus.config().ack_wait / 3;
+                let step = step::run(Arc::clone(&ctx), def, &claimed, started_at);
+                tokio::pin!(step);
+                let mut ticker = tokio::time::interval_at(
+                    tokio::time::Instant::now() + progress_every,
+                    progress_every,
+                );
+                loop {
+                    tokio::select! {
+                        completion = &mut step => break completion,
+                        _ = ticker.tick() => {
+                            if let Err(err) = msg.ack_with(AckKind::Progress).await {
+                                tracing::warn!(%err, "progress ack failed");
+                            }
+                        }
+                    }
+                }
+            }
+            Err(error) => step::stop_in_error(&ctx.bus, &claimed, started_at, "error", error),
+        };
+    // The committer never goes away before the steps it serves.
+    let _ = done_tx
+        .send(Done {
+            completion,
+            msg,
+            permit,
+        })
+        .await;
+}

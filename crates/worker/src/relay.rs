@@ -1,0 +1,117 @@
+//! The outbox relay: sends committed events to NATS, oldest first, without ever holding a
+//! transaction across a publish.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_bus::Bus;
+use drover_store::Store;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Relay tuning.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Events claimed per round.
+    pub batch: i64,
+    /// How long a claim lasts before another relay may resend the events.
+    pub claim: Duration,
+    /// Poll interval when nobody wakes the relay.
+    pub idle_poll: Duration,
+    /// How long relayed events are kept for replay.
+    pub retention: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch: 1000,
+            claim: Duration::from_secs(30),
+            idle_poll: Duration::from_millis(200),
+            retention: Duration::from_secs(3600),
+        }
+    }
+}
+
+pub struct OutboxRelay {
+    store: Store,
+    bus: Bus,
+    config: RelayConfig,
+    wakeup: Arc<Notify>,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl OutboxRelay {
+    pub fn new(store: Store, bus: Bus, config: RelayConfig, wakeup: Arc<Notify>) -> Self {
+        Self {
+            store,
+            bus,
+            config,
+            wakeup,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> crate::Result<()> {
+        let mut last_purge = tokio::time::Instant::now();
+        loop {
+            let sent = match self.round().await {
+                Ok(sent) => sent,
+                Err(err) => {
+                    tracing::warn!(%err, "outbox relay round failed");
+                    0
+                }
+            };
+            if last_purge.elapsed() > Duration::from_secs(60) {
+                last_purge = tokio::time::Instant::now();
+                if let Err(err) = self
+                    .store
+                    .purge_relayed(millis(self.config.retention))
+                    .await
+                {
+                    tracing::warn!(%err, "outbox purge failed");
+                }
+            }
+            if sent as i64 >= self.config.batch {
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                continue;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    // One last round so events of the final commits go out.
+                    let _ = self.round().await;
+                    return Ok(());
+                }
+                () = self.wakeup.notified() => {}
+                () = tokio::time::sleep(self.config.idle_poll) => {}
+            }
+        }
+    }
+
+    /// Relays one batch; returns how many were sent.
+    async fn round(&self) -> Result<usize, drover_store::Error> {
+        let pending = self
+            .store
+            .claim_events(self.config.batch, millis(self.config.claim))
+            .await?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let events: Vec<_> = pending.into_iter().map(|p| p.event).collect();
+        let relayed = self.bus.relay(&events).await;
+        self.store.mark_relayed(&relayed).await?;
+        if relayed.len() < events.len() {
+            let failed: Vec<_> = events
+                .iter()
+                .map(|e| e.id)
+                .filter(|id| !relayed.contains(id))
+                .collect();
+            self.store.release_events(&failed).await?;
+        }
+        Ok(relayed.len())
+    }
+}

@@ -1,0 +1,534 @@
+//! Running one claimed step: built-in kinds and registered handlers, then deciding the
+//! transition. Nothing here touches the database; the result is a [`Completion`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use drover_bus::{Bus, EventKind, InstanceRef};
+use drover_core::definition::{EndStatus, StepKind};
+use drover_core::expr::{Scope, eval_map};
+use drover_core::{Definition, InstanceState, Step};
+use drover_store::{Claimed, Completion, Transition};
+use serde_json::{Map, Value, json};
+
+use crate::handler::{HandlerInput, Handlers, StepError};
+
+/// Largest HTTP response body a step records.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// What a step's body produced.
+struct Ran {
+    output: Value,
+    vars: Option<Map<String, Value>>,
+}
+
+/// The shared things a step may use.
+pub(crate) struct StepContext {
+    pub(crate) bus: Bus,
+    pub(crate) http: reqwest::Client,
+    pub(crate) handlers: Handlers,
+    /// Whether a stream stores a subject, and when that was asked.
+    pub(crate) streams_by_subject:
+        std::sync::Mutex<std::collections::HashMap<String, (bool, std::time::Instant)>>,
+}
+
+fn as_map(value: &Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map.clone(),
+        _ => Map::new(),
+    }
+}
+
+fn instance_json(claimed: &Claimed) -> Value {
+    json!({
+        "id": claimed.id.to_string(),
+        "workflow": claimed.workflow,
+        "version": claimed.version,
+        "campaign": claimed.campaign,
+        "started_at": claimed.created_at.to_rfc3339(),
+    })
+}
+
+/// The idempotency key of the claimed step: the same for every attempt and re-run of it.
+pub(crate) fn idempotency_key(claimed: &Claimed) -> String {
+    format!("{}:{}", claimed.id, claimed.step_entered_seq)
+}
+
+/// Runs the claimed instance's current step and decides where it goes next.
+pub(crate) async fn run(
+    ctx: Arc<StepContext>,
+    definition: Arc<Definition>,
+    claimed: &Claimed,
+    started_at: DateTime<Utc>,
+) -> Completion {
+    let Some(step) = definition.step(&claimed.current_step) else {
+        let error = format!(
+            "step {:?} does not exist in {} v{}",
+            claimed.current_step, claimed.workflow, claimed.version
+        );
+        return stop_in_error(&ctx.bus, claimed, started_at, "error", error);
+    };
+    if !step.allow_retry && claimed.step_claims > 1 {
+        return stop_in_error(
+            &ctx.bus,
+            claimed,
+            started_at,
+            "interrupted",
+            format!(
+                "step {:?} was interrupted; outcome unknown (allow_retry: false)",
+                step.id
+            ),
+        );
+    }
+    if claimed.steps_run >= i32::try_from(definition.max_steps).unwrap_or(i32::MAX) {
+        return stop_in_error(
+            &ctx.bus,
+            claimed,
+            started_at,
+            "budget_exceeded",
+            format!("step budget of {} steps exhausted", definition.max_steps),
+        );
+    }
+
+    let vars = as_map(&claimed.vars);
+    let steps = as_map(&claimed.outputs);
+    let instance = instance_json(claimed);
+    let scope = Scope {
+        vars: &vars,
+        steps: &steps,
+        instance: &instance,
+        output: None,
+    };
+
+    let ran = match tokio::time::timeout(step.timeout, execute(&ctx, step, claimed, &scope)).await {
+        Ok(ran) => ran,
+        Err(_) => Err(StepError::Retryable(format!(
+            "step timed out after {}",
+            humanize(step.timeout)
+        ))),
+    };
+    match ran {
+        Ok(ran) => advance(&ctx.bus, step, claimed, started_at, &scope, ran),
+        Err(StepError::Retryable(error)) => {
+            let attempt = u32::try_from(claimed.step_attempt).unwrap_or(1);
+            if attempt < step.retry.max_attempts {
+                let delay = step.retry.delay_after(attempt);
+                let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                completion(
+                    &ctx.bus,
+                    claimed,
+                    started_at,
+                    "retry",
+                    Transition::Retry { delay_ms },
+                    (None, None, Some(error)),
+                    EventKind::StepRetry,
+                )
+            } else {
+                let error = format!("{error} (after {attempt} attempts)");
+                stop_in_error(&ctx.bus, claimed, started_at, "failed", error)
+            }
+        }
+        Err(StepError::Permanent(error)) => {
+            stop_in_error(&ctx.bus, claimed, started_at, "failed", error)
+        }
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// After a successful step body: evaluate the transitions (or the `end`).
+fn advance(
+    bus: &Bus,
+    step: &Step,
+    claimed: &Claimed,
+    started_at: DateTime<Utc>,
+    scope: &Scope<'_>,
+    ran: Ran,
+) -> Completion {
+    let vars_after = ran.vars.clone().unwrap_or_else(|| scope.vars.clone());
+    let output = ran.output;
+    let new_vars = ran.vars.map(Value::Object);
+    if let StepKind::End { status, reason } = &step.kind {
+        let reason = match reason {
+            Some(expr) => match expr.eval(scope) {
+                Ok(Value::String(s)) => Some(s),
+                Ok(other) => Some(other.to_string()),
+                Err(err) => Some(format!("reason: {err}")),
+            },
+            None => None,
+        };
+        let (state, kind) = match status {
+            EndStatus::Completed => (InstanceState::Completed, EventKind::Completed),
+            EndStatus::Failed => (InstanceState::Failed, EventKind::Failed),
+        };
+        let error = if state == InstanceState::Failed {
+            reason.clone()
+        } else {
+            None
+        };
+        let output = reason.map(|r| json!({ "reason": r }));
+        return completion(
+            bus,
+            claimed,
+            started_at,
+            "completed",
+            Transition::Stop { state },
+            (new_vars, output, error),
+            kind,
+        );
+    }
+    let next_scope = Scope {
+        vars: &vars_after,
+        steps: scope.steps,
+        instance: scope.instance,
+        output: Some(&output),
+    };
+    match step.choose_next(&next_scope) {
+        Ok(Some(to)) => completion(
+            bus,
+            claimed,
+            started_at,
+            "completed",
+            Transition::Next {
+                step: to.to_owned(),
+            },
+            (new_vars, Some(output), None),
+            EventKind::StepCompleted,
+        ),
+        Ok(None) => stop_in_error(
+            bus,
+            claimed,
+            started_at,
+            "failed",
+            format!("step {:?}: no transition matched", step.id),
+        ),
+        Err(err) => stop_in_error(
+            bus,
+            claimed,
+            started_at,
+            "failed",
+            format!("step {:?}, field \"next\": {err}", step.id),
+        ),
+    }
+}
+
+pub(crate) fn stop_in_error(
+    bus: &Bus,
+    claimed: &Claimed,
+    started_at: DateTime<Utc>,
+    outcome: &str,
+    error: String,
+) -> Completion {
+    completion(
+        bus,
+        claimed,
+        started_at,
+        outcome,
+        Transition::Stop {
+            state: InstanceState::InError,
+        },
+        (None, None, Some(error)),
+        EventKind::InError,
+    )
+}
+
+fn completion(
+    bus: &Bus,
+    claimed: &Claimed,
+    started_at: DateTime<Utc>,
+    outcome: &str,
+    transition: Transition,
+    (vars, output, error): (Option<Value>, Option<Value>, Option<String>),
+    kind: EventKind,
+) -> Completion {
+    let instance = InstanceRef {
+        id: claimed.id,
+        campaign: &claimed.campaign,
+        workflow: &claimed.workflow,
+        version: claimed.version,
+    };
+    let (next, state) = match &transition {
+        Transition::Next { step } => (Some(step.as_str()), InstanceState::Ready),
+        Transition::Retry { .. } => (Some(claimed.current_step.as_str()), InstanceState::Ready),
+        Transition::Stop { state } => (None, *state),
+    };
+    let data = json!({
+        "step_id": claimed.current_step,
+        "step_seq": claimed.step_seq.next(),
+        "attempt": claimed.step_attempt,
+        "outcome": outcome,
+        "next_step": next,
+        "state": state,
+        "error": error,
+    });
+    let mut events = vec![];
+    if kind != EventKind::StepCompleted && matches!(transition, Transition::Stop { .. }) {
+        events.push(bus.event(&instance, EventKind::StepCompleted, data.clone()));
+    }
+    events.push(bus.event(&instance, kind, data));
+    Completion {
+        instance: claimed.id,
+        fence: claimed.fence,
+        step_seq: claimed.step_seq,
+        step_id: claimed.current_step.clone(),
+        attempt: claimed.step_attempt,
+        started_at,
+        outcome: outcome.to_owned(),
+        transition,
+        vars,
+        output,
+        error,
+        events,
+    }
+}
+
+fn eval_entries(
+    step: &Step,
+    field: &str,
+    entries: &[(String, drover_core::expr::Expr)],
+    scope: &Scope<'_>,
+) -> Result<Map<String, Value>, StepError> {
+    eval_map(entries, scope).map_err(|(key, err)| {
+        StepError::Permanent(format!(
+            "step {:?}, field \"{field}.{key}\": {err}",
+            step.id
+        ))
+    })
+}
+
+async fn execute(
+    ctx: &StepContext,
+    step: &Step,
+    claimed: &Claimed,
+    scope: &Scope<'_>,
+) -> Result<Ran, StepError> {
+    match &step.kind {
+        StepKind::Assign { set } => {
+            let assigned = eval_entries(step, "set", set, scope)?;
+            let mut vars = scope.vars.clone();
+            for (k, v) in &assigned {
+                vars.insert(k.clone(), v.clone());
+            }
+            Ok(Ran {
+                output: Value::Object(assigned),
+                vars: Some(vars),
+            })
+        }
+        StepKind::Http {
+            method,
+            url,
+            headers,
+            body,
+        } => {
+            let body = match body {
+                Some(entries) => Some(eval_entries(step, "body", entries, scope)?),
+                None => None,
+            };
+            let output = http_call(ctx, step, claimed, method.as_str(), url, headers, body).await?;
+            Ok(Ran { output, vars: None })
+        }
+        StepKind::Publish { subject, payload } => {
+            if ctx.bus.subjects().is_reserved(subject) {
+                return Err(StepError::Permanent(format!(
+                    "step {:?}, field \"subject\": {subject:?} is inside the cluster's own prefix",
+                    step.id
+                )));
+            }
+            let payload = eval_entries(step, "payload", payload, scope)?;
+            let output = publish(ctx, claimed, subject, payload).await?;
+            Ok(Ran { output, vars: None })
+        }
+        StepKind::Handler { handler, input } => {
+            let input = eval_entries(step, "input", input, scope)?;
+            let Some(f) = ctx.handlers.get(handler) else {
+                return Err(StepError::Permanent(format!(
+                    "no handler named {handler:?} is registered in this worker"
+                )));
+            };
+            let output = f(HandlerInput {
+                instance: claimed.id,
+                workflow: claimed.workflow.clone(),
+                step_id: step.id.clone(),
+                attempt: u32::try_from(claimed.step_attempt).unwrap_or(1),
+                idempotency_key: idempotency_key(claimed),
+                input: Value::Object(input),
+                vars: Value::Object(scope.vars.clone()),
+            })
+            .await?;
+            Ok(Ran { output, vars: None })
+        }
+        StepKind::End { .. } => Ok(Ran {
+            output: Value::Null,
+            vars: None,
+        }),
+    }
+}
+
+async fn http_call(
+    ctx: &StepContext,
+    step: &Step,
+    claimed: &Claimed,
+    method: &str,
+    url: &str,
+    headers: &[(String, String)],
+    body: Option<Map<String, Value>>,
+) -> Result<Value, StepError> {
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .map_err(|e| StepError::Permanent(format!("method: {e}")))?;
+    let mut request = ctx
+        .http
+        .request(method, url)
+        .timeout(step.timeout)
+        .header("Idempotency-Key", idempotency_key(claimed))
+        .header("traceparent", traceparent(claimed));
+    for (name, value) in headers {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.map_err(|e| {
+        let e = e.without_url();
+        StepError::Retryable(format!("http {url}: {e}"))
+    })?;
+    let status = response.status();
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
+    {
+        return Err(StepError::Permanent(format!(
+            "http {url}: response body over {MAX_RESPONSE_BYTES} bytes"
+        )));
+    }
+    let is_json = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"));
+    let bytes = response.bytes().await.map_err(|e| {
+        StepError::Retryable(format!("http {url}: reading body: {}", e.without_url()))
+    })?;
+    if bytes.len() > MAX_RESPONSE_BYTES {
+        return Err(StepError::Permanent(format!(
+            "http {url}: response body over {MAX_RESPONSE_BYTES} bytes"
+        )));
+    }
+    let body = if is_json {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    } else {
+        Value::String(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let code = status.as_u16();
+    if status.is_success() {
+        Ok(json!({ "status": code, "body": body }))
+    } else if status.is_server_error() || code == 408 || code == 429 {
+        Err(StepError::Retryable(format!(
+            "http {url}: status {code}: {}",
+            short(&body)
+        )))
+    } else {
+        Err(StepError::Permanent(format!(
+            "http {url}: status {code}: {}",
+            short(&body)
+        )))
+    }
+}
+
+fn short(body: &Value) -> String {
+    let mut s = match body {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if s.len() > 200 {
+        let mut end = 200;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// W3C trace context: the trace id is the instance id, so one instance is one trace.
+fn traceparent(claimed: &Claimed) -> String {
+    let span: u64 = rand_span(claimed);
+    format!("00-{}-{span:016x}-01", claimed.id.0.simple())
+}
+
+fn rand_span(claimed: &Claimed) -> u64 {
+    // Unique per step attempt and non-zero, as the spec requires.
+    let seq = u64::try_from(claimed.step_seq.0).unwrap_or(0);
+    let fence = u64::try_from(claimed.fence.0).unwrap_or(0);
+    (seq << 32 | (fence & 0xffff_ffff)).max(1)
+}
+
+async fn publish(
+    ctx: &StepContext,
+    claimed: &Claimed,
+    subject: &str,
+    payload: Map<String, Value>,
+) -> Result<Value, StepError> {
+    let bytes =
+        serde_json::to_vec(&payload).map_err(|e| StepError::Permanent(format!("payload: {e}")))?;
+    let msg_id = format!("p:{}", idempotency_key(claimed));
+    if !ctx.stored_subject(subject).await {
+        // No stream stores this subject: a plain publish reaches its live subscribers.
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id.as_str());
+        ctx.bus
+            .client()
+            .publish_with_headers(subject.to_owned(), headers, bytes.into())
+            .await
+            .map_err(|e| StepError::Retryable(format!("publish {subject}: {e}")))?;
+        return Ok(json!({ "subject": subject, "seq": null }));
+    }
+    let publish = async_nats::jetstream::message::PublishMessage::build()
+        .payload(bytes.into())
+        .message_id(msg_id);
+    let ack = match ctx
+        .bus
+        .jetstream()
+        .send_publish(subject.to_owned(), publish)
+        .await
+    {
+        Ok(ack) => ack.await,
+        Err(err) => Err(err),
+    };
+    match ack {
+        Ok(ack) => Ok(json!({ "subject": subject, "seq": ack.sequence })),
+        Err(err) => Err(StepError::Retryable(format!("publish {subject}: {err}"))),
+    }
+}
+
+impl StepContext {
+    /// Does a JetStream stream store `subject`? Asked of the server at most every 30 s per
+    /// subject: a JetStream publish to a subject no stream stores would wait for an ack that
+    /// never comes.
+    async fn stored_subject(&self, subject: &str) -> bool {
+        const FRESH: Duration = Duration::from_secs(30);
+        if let Ok(cache) = self.streams_by_subject.lock()
+            && let Some((stored, at)) = cache.get(subject)
+            && at.elapsed() < FRESH
+        {
+            return *stored;
+        }
+        let stored = self
+            .bus
+            .jetstream()
+            .stream_by_subject(subject)
+            .await
+            .is_ok();
+        if let Ok(mut cache) = self.streams_by_subject.lock() {
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            cache.insert(subject.to_owned(), (stored, std::time::Instant::now()));
+        }
+        stored
+    }
+}
