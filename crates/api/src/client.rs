@@ -1,0 +1,263 @@
+//! A typed client of the API. Methods return the API's JSON as-is, so the CLI can print
+//! exactly what the server said.
+
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, Url};
+use serde_json::Value;
+
+use crate::dto::{ListQuery, VersionQuery};
+use crate::error::ErrorBody;
+use crate::start::StartRequest;
+
+/// How long to wait for a TCP connection to the API.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request may take in all; starting 10,000 instances takes a few seconds.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The API answered with an error.
+    #[error("{message} ({code}, HTTP {status})")]
+    Api {
+        status: u16,
+        /// The API's error code (`not_found`, `invalid_definition`, …), or `http_error` when
+        /// the answer was not the API's JSON (a proxy's error page).
+        code: String,
+        message: String,
+        /// `[{step, field, message}, …]` for `invalid_definition`.
+        details: Option<Value>,
+    },
+    /// No connection could be made.
+    #[error(
+        "could not reach the Drover API at {url}: {reason} (check --api-url or DROVER_API_URL)"
+    )]
+    Unreachable { url: String, reason: String },
+    /// The connection was made but the exchange failed (timeout, reset).
+    #[error("request to {url} failed: {reason}")]
+    Transport { url: String, reason: String },
+    /// A success status whose body is not JSON: probably not a Drover API at that URL.
+    #[error(
+        "the answer of {url} (HTTP {status}) is not JSON: {reason} (check --api-url or DROVER_API_URL)"
+    )]
+    NotJson {
+        url: String,
+        status: u16,
+        reason: String,
+    },
+    #[error("invalid API URL {url:?}: {reason} (check --api-url or DROVER_API_URL)")]
+    InvalidUrl { url: String, reason: String },
+}
+
+impl ClientError {
+    /// The HTTP status, when the API answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } | Self::NotJson { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The API's error code, when the API answered with an error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one API base URL (e.g. `http://127.0.0.1:8080`). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: Url,
+}
+
+impl ApiClient {
+    /// Checks `base_url` (http or https); no I/O.
+    pub fn new(base_url: &str) -> Result<Self, ClientError> {
+        let invalid = |reason: String| ClientError::InvalidUrl {
+            url: base_url.to_owned(),
+            reason,
+        };
+        let base = Url::parse(base_url).map_err(|err| invalid(err.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(invalid("expected an http:// or https:// URL".to_owned()));
+        }
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("drover/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|err| invalid(describe(&err)))?;
+        Ok(Self { http, base })
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    /// `POST /v1/workflows`: deploys a definition source (YAML or JSON).
+    pub async fn deploy(&self, source: String) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "workflows"])?;
+        let request = self
+            .http
+            .request(Method::POST, url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/yaml")
+            .body(source);
+        self.send(request, &url).await
+    }
+
+    /// `GET /v1/workflows`.
+    pub async fn workflows(&self) -> Result<Value, ClientError> {
+        self.get(&["v1", "workflows"], None::<&()>).await
+    }
+
+    /// `GET /v1/workflows/{name}`: the given version, or the latest.
+    pub async fn workflow(&self, name: &str, version: Option<i32>) -> Result<Value, ClientError> {
+        self.get(&["v1", "workflows", name], Some(&VersionQuery { version }))
+            .await
+    }
+
+    /// `POST /v1/instances`.
+    pub async fn start(&self, request: &StartRequest) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "instances"])?;
+        let builder = self.http.request(Method::POST, url.clone()).json(request);
+        self.send(builder, &url).await
+    }
+
+    /// `GET /v1/instances`.
+    pub async fn instances(&self, query: &ListQuery) -> Result<Value, ClientError> {
+        self.get(&["v1", "instances"], Some(query)).await
+    }
+
+    /// `GET /v1/instances/{id}`.
+    pub async fn instance(&self, id: &str) -> Result<Value, ClientError> {
+        self.get(&["v1", "instances", id], None::<&()>).await
+    }
+
+    /// `GET /v1/instances/{id}/journal`.
+    pub async fn journal(&self, id: &str) -> Result<Value, ClientError> {
+        self.get(&["v1", "instances", id, "journal"], None::<&()>)
+            .await
+    }
+
+    /// `GET /v1/campaigns`.
+    pub async fn campaigns(&self) -> Result<Value, ClientError> {
+        self.get(&["v1", "campaigns"], None::<&()>).await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Value, ClientError> {
+        self.get(&["v1", "nodes"], None::<&()>).await
+    }
+
+    /// `GET /v1/stats`.
+    pub async fn stats(&self) -> Result<Value, ClientError> {
+        self.get(&["v1", "stats"], None::<&()>).await
+    }
+
+    /// The base URL with `segments` appended, each percent-encoded.
+    fn url(&self, segments: &[&str]) -> Result<Url, ClientError> {
+        let mut url = self.base.clone();
+        url.set_query(None);
+        url.set_fragment(None);
+        url.path_segments_mut()
+            .map_err(|()| ClientError::InvalidUrl {
+                url: self.base.to_string(),
+                reason: "cannot carry a path".to_owned(),
+            })?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
+    }
+
+    async fn get<Q: serde::Serialize + ?Sized>(
+        &self,
+        segments: &[&str],
+        query: Option<&Q>,
+    ) -> Result<Value, ClientError> {
+        let url = self.url(segments)?;
+        let mut request = self.http.request(Method::GET, url.clone());
+        if let Some(query) = query {
+            request = request.query(query);
+        }
+        self.send(request, &url).await
+    }
+
+    async fn send(&self, request: RequestBuilder, url: &Url) -> Result<Value, ClientError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|err| transport_error(url, &err))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|err| transport_error(url, &err))?;
+        if status.is_success() {
+            return serde_json::from_slice(&body).map_err(|err| ClientError::NotJson {
+                url: url.to_string(),
+                status: status.as_u16(),
+                reason: err.to_string(),
+            });
+        }
+        Err(match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(ErrorBody { error }) => ClientError::Api {
+                status: status.as_u16(),
+                code: error.code,
+                message: error.message,
+                details: error.details,
+            },
+            Err(_) => {
+                let text = String::from_utf8_lossy(&body);
+                let text = text.trim();
+                let message = if text.is_empty() {
+                    status.canonical_reason().unwrap_or("error").to_owned()
+                } else {
+                    text.chars().take(200).collect()
+                };
+                ClientError::Api {
+                    status: status.as_u16(),
+                    code: "http_error".to_owned(),
+                    message,
+                    details: None,
+                }
+            }
+        })
+    }
+}
+
+fn transport_error(url: &Url, err: &reqwest::Error) -> ClientError {
+    let url = url.to_string();
+    let reason = describe(err);
+    if err.is_connect() {
+        ClientError::Unreachable { url, reason }
+    } else {
+        ClientError::Transport { url, reason }
+    }
+}
+
+/// reqwest's own message only says which URL failed; the causes say why.
+fn describe(err: &reqwest::Error) -> String {
+    let mut causes = Vec::new();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // hyper's "client error (Connect)" wrapper says nothing its own cause does not.
+        if !cause_text.starts_with("client error (") {
+            causes.push(cause_text);
+        }
+        source = cause.source();
+    }
+    if err.is_timeout() {
+        causes.push("timed out".to_owned());
+    }
+    if causes.is_empty() {
+        err.to_string()
+    } else {
+        causes.join(": ")
+    }
+}

@@ -1,0 +1,332 @@
+//! The JSON the API speaks, with its OpenAPI schemas. Request types are shared with the typed
+//! client ([`crate::ApiClient`]); responses are built from the store's rows.
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, Utc};
+use drover_core::{InstanceId, InstanceState, NodeId, StepSeq};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::Value;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
+
+/// What a deploy did.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Deployment {
+    pub name: String,
+    pub version: i32,
+    /// False when the definition equals the latest version: nothing was stored.
+    pub created: bool,
+}
+
+impl From<drover_store::Deployed> for Deployment {
+    fn from(d: drover_store::Deployed) -> Self {
+        Self {
+            name: d.name,
+            version: d.version,
+            created: d.created,
+        }
+    }
+}
+
+/// The latest version of a workflow.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct WorkflowSummary {
+    pub name: String,
+    pub version: i32,
+    pub description: Option<String>,
+    /// How many steps the definition has.
+    pub steps: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<drover_store::DefinitionSummary> for WorkflowSummary {
+    fn from(d: drover_store::DefinitionSummary) -> Self {
+        Self {
+            name: d.name,
+            version: d.version,
+            description: d.description,
+            steps: d.steps,
+            created_at: d.created_at,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct WorkflowList {
+    pub workflows: Vec<WorkflowSummary>,
+}
+
+/// One stored version of a workflow.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Workflow {
+    pub name: String,
+    pub version: i32,
+    pub created_at: DateTime<Utc>,
+    /// The canonical JSON of the definition (defaults written out).
+    #[schema(value_type = Object)]
+    pub definition: Value,
+    /// The source as deployed.
+    pub source: String,
+}
+
+impl From<drover_store::StoredDefinition> for Workflow {
+    fn from(d: drover_store::StoredDefinition) -> Self {
+        Self {
+            name: d.name,
+            version: d.version,
+            created_at: d.created_at,
+            definition: d.body,
+            source: d.source,
+        }
+    }
+}
+
+/// `?version=N` on `GET /v1/workflows/{name}`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VersionQuery {
+    /// A version number; the latest when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i32>,
+}
+
+/// The schema of an instance state: its lowercase name.
+pub struct InstanceStateSchema;
+
+impl PartialSchema for InstanceStateSchema {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("Where an instance is in its life."))
+            .enum_values(Some(InstanceState::ALL.iter().map(|state| state.as_str())))
+            .into()
+    }
+}
+
+impl ToSchema for InstanceStateSchema {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("InstanceState")
+    }
+}
+
+/// A workflow instance.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Instance {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: InstanceId,
+    pub workflow: String,
+    /// The definition version the instance is pinned to.
+    pub version: i32,
+    pub campaign: String,
+    #[schema(value_type = InstanceStateSchema)]
+    pub state: InstanceState,
+    pub current_step: String,
+    /// The checkpoint: +1 at every journaled transition; 0 at start.
+    #[schema(value_type = i64)]
+    pub step_seq: StepSeq,
+    /// Attempt of the current step, from 1.
+    pub step_attempt: i32,
+    #[schema(value_type = Object)]
+    pub vars: Value,
+    pub error: Option<String>,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub parent_instance_id: Option<InstanceId>,
+    pub call_depth: i32,
+    /// The node running the current step, while `running`.
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub owner_node: Option<NodeId>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<drover_store::Instance> for Instance {
+    fn from(i: drover_store::Instance) -> Self {
+        Self {
+            id: i.id,
+            workflow: i.workflow,
+            version: i.version,
+            campaign: i.campaign,
+            state: i.state,
+            current_step: i.current_step,
+            step_seq: i.step_seq,
+            step_attempt: i.step_attempt,
+            vars: i.vars,
+            error: i.error,
+            parent_instance_id: i.parent_instance_id,
+            call_depth: i.call_depth,
+            owner_node: i.owner_node,
+            created_at: i.created_at,
+            updated_at: i.updated_at,
+            finished_at: i.finished_at,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct InstanceList {
+    /// Newest first.
+    pub instances: Vec<Instance>,
+}
+
+/// Which instances `GET /v1/instances` lists, newest first.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only instances in this state (`queued`, `ready`, `running`, `waiting`, `paused`,
+    /// `in_error`, `completed`, `failed`, `stopped`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Only instances of this campaign (by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
+    /// Only instances of this workflow (by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// At most this many (default 100, at most 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<i64>,
+    /// Only instances created before this one (the last id of the previous page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(format = Uuid)]
+    pub before: Option<String>,
+}
+
+/// One journaled transition of an instance.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct JournalEntry {
+    #[schema(value_type = i64)]
+    pub step_seq: StepSeq,
+    pub step_id: String,
+    /// What happened to the step: `started`, `completed`, `retry`, `failed`, `error`, …
+    pub outcome: String,
+    /// Where it left the instance: the next step, or a state.
+    pub transition: Option<String>,
+    pub attempt: i32,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub node_id: Option<NodeId>,
+    /// Who made the transition when it was not a worker (`api`, an operator, …).
+    pub actor: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+impl From<drover_store::JournalEntry> for JournalEntry {
+    fn from(e: drover_store::JournalEntry) -> Self {
+        Self {
+            step_seq: e.step_seq,
+            step_id: e.step_id,
+            outcome: e.outcome,
+            transition: e.transition,
+            attempt: e.attempt,
+            node_id: e.node_id,
+            actor: e.actor,
+            started_at: e.started_at,
+            finished_at: e.finished_at,
+            output: e.output,
+            error: e.error,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Journal {
+    #[schema(value_type = String, format = Uuid)]
+    pub instance: InstanceId,
+    /// In checkpoint order, entry 0 (`started`) first.
+    pub entries: Vec<JournalEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Campaign {
+    pub name: String,
+    /// How many instances may run at once; unlimited when absent.
+    pub max_running: Option<i32>,
+    pub running: i32,
+    pub queued: i32,
+    /// Whether an `in_error` instance keeps its permit.
+    pub on_error_permit: String,
+}
+
+impl From<drover_store::Campaign> for Campaign {
+    fn from(c: drover_store::Campaign) -> Self {
+        Self {
+            name: c.name,
+            max_running: c.max_running,
+            running: c.running,
+            queued: c.queued,
+            on_error_permit: c.on_error_permit,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct CampaignList {
+    pub campaigns: Vec<Campaign>,
+}
+
+/// A node process of the cluster.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Node {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: NodeId,
+    pub roles: Vec<String>,
+    pub host: String,
+    pub version: String,
+    /// `alive`, `draining` or `dead`.
+    pub status: String,
+    pub heartbeat_at: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+    pub died_at: Option<DateTime<Utc>>,
+    /// Steps it was running at its last heartbeat.
+    pub in_flight: i32,
+}
+
+impl From<drover_store::Node> for Node {
+    fn from(n: drover_store::Node) -> Self {
+        Self {
+            id: n.id,
+            roles: n.roles,
+            host: n.host,
+            version: n.version,
+            status: n.status,
+            heartbeat_at: n.heartbeat_at,
+            started_at: n.started_at,
+            died_at: n.died_at,
+            in_flight: n.in_flight,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct NodeList {
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Stats {
+    /// Instances per state, every state present (zeros included), in life-cycle order.
+    #[schema(value_type = std::collections::BTreeMap<String, i64>)]
+    pub instances: StateCounts,
+}
+
+/// Counts per state; serialized as a JSON object in the order given.
+#[derive(Clone, Debug, Default)]
+pub struct StateCounts(pub Vec<(InstanceState, i64)>);
+
+impl Serialize for StateCounts {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (state, count) in &self.0 {
+            map.serialize_entry(state.as_str(), count)?;
+        }
+        map.end()
+    }
+}

@@ -1,0 +1,210 @@
+//! The API's one error type and the JSON every error response carries:
+//! `{"error": {"code", "message", "details"?}}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use drover_core::DefinitionErrors;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+/// Everything a request can fail with. Mapped to a response (and logged) in one place, its
+/// [`IntoResponse`] impl; callers that are not HTTP handlers (a NATS start handler, the
+/// scheduler) match on the variant or ask [`ApiError::status`] / [`ApiError::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed (bad JSON, a malformed id, a bad query parameter).
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// 404: the resource in the path, or one the request names, does not exist.
+    #[error("{message}")]
+    NotFound { code: &'static str, message: String },
+    /// 405: the path exists, the method does not.
+    #[error("{message}")]
+    MethodNotAllowed { message: String },
+    /// 409: the request conflicts with the current state of the resource.
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    /// 413: the body exceeds `limit` bytes.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// 422: well-formed but invalid (a definition that does not validate, a count out of
+    /// range). `details` is machine-readable, e.g. one `{step, field, message}` per problem.
+    #[error("{message}")]
+    Invalid {
+        code: &'static str,
+        message: String,
+        details: Option<Value>,
+    },
+    /// 503 when transient, else 500.
+    #[error("store: {0}")]
+    Store(#[from] drover_store::Error),
+    /// 503 when transient, else 500.
+    #[error("bus: {0}")]
+    Bus(#[from] drover_bus::Error),
+    /// 500: a bug or corrupt stored data. The message is shown to the client, so it must not
+    /// carry secrets.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::NotFound {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    /// 422 `invalid_definition`: every problem, one per line, and as `details`.
+    pub fn invalid_definition(errors: &DefinitionErrors) -> Self {
+        Self::Invalid {
+            code: "invalid_definition",
+            message: errors.to_string(),
+            details: serde_json::to_value(&errors.0).ok(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Store(err) => Self::infra_status(err.is_transient()),
+            Self::Bus(err) => Self::infra_status(err.is_transient()),
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn infra_status(transient: bool) -> StatusCode {
+        if transient {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+
+    /// The stable, machine-readable code clients match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { code, .. }
+            | Self::NotFound { code, .. }
+            | Self::Conflict { code, .. }
+            | Self::Invalid { code, .. } => code,
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::Store(drover_store::Error::UnknownCampaign(_)) => "unknown_campaign",
+            Self::Store(drover_store::Error::UnknownWorkflow(_)) => "unknown_workflow",
+            Self::Store(drover_store::Error::UnknownInstance(_)) => "not_found",
+            Self::Store(_) | Self::Bus(_) if self.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                "unavailable"
+            }
+            Self::Store(_) | Self::Bus(_) | Self::Internal(_) => "internal",
+        }
+    }
+
+    /// What the client is told. Infrastructure failures are described in the log only.
+    fn public_message(&self) -> String {
+        match self {
+            Self::Store(
+                err @ (drover_store::Error::UnknownCampaign(_)
+                | drover_store::Error::UnknownWorkflow(_)
+                | drover_store::Error::UnknownInstance(_)),
+            ) => err.to_string(),
+            Self::Store(_) if self.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                "the database is unavailable; try again".to_owned()
+            }
+            Self::Bus(_) if self.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                "the message bus is unavailable; try again".to_owned()
+            }
+            Self::Store(_) | Self::Bus(_) => {
+                "internal error; the server log has the details".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    fn details(&self) -> Option<&Value> {
+        match self {
+            Self::Invalid { details, .. } => details.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The response body of this error.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code().to_owned(),
+                message: self.public_message(),
+                details: self.details().cloned(),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let code = self.code();
+        if status.is_server_error() {
+            tracing::error!(status = status.as_u16(), code, error = %self, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), code, error = %self, "request rejected");
+        }
+        (status, Json(self.body())).into_response()
+    }
+}
+
+/// The body of every error response.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable: 400 `invalid_json`, `invalid_id`, `invalid_query`,
+    /// `invalid_path`, `invalid_body`; 404 `not_found`, `unknown_workflow`,
+    /// `unknown_campaign`; 405 `method_not_allowed`; 413 `payload_too_large`; 422
+    /// `invalid_request`, `invalid_definition`; 500 `internal`; 503 `unavailable`.
+    pub code: String,
+    /// For people; an invalid definition has one problem per line.
+    pub message: String,
+    /// For `invalid_definition`: `[{step, field, message}, …]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<DefinitionProblem>>)]
+    pub details: Option<Value>,
+}
+
+/// One problem in a definition (schema of `drover_core::DefinitionError`).
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only: the wire form is DefinitionError's
+pub(crate) struct DefinitionProblem {
+    /// The step's id, when the step has one.
+    step: Option<String>,
+    /// The field, or `steps[N].field` for a step without a usable id.
+    field: String,
+    message: String,
+}

@@ -1,0 +1,115 @@
+//! Drover's HTTP API: an axum router over the store and the bus, its DTOs and OpenAPI
+//! document, and [`ApiClient`], the typed client the operator CLI uses.
+//!
+//! Every route answers JSON; every error is one [`ApiError`] rendered as
+//! `{"error": {"code", "message", "details"?}}` and logged once, where it is mapped (4xx at
+//! debug, 5xx at error).
+//!
+//! | route | |
+//! | --- | --- |
+//! | `POST /v1/workflows` | deploy a definition (raw YAML/JSON body) |
+//! | `GET /v1/workflows`, `GET /v1/workflows/{name}?version=N` | list, show |
+//! | `POST /v1/instances` | start instances ([`start_instances`]) |
+//! | `GET /v1/instances?state=&campaign=&workflow=&limit=&before=` | list, newest first |
+//! | `GET /v1/instances/{id}`, `GET /v1/instances/{id}/journal` | show, journal |
+//! | `GET /v1/campaigns`, `GET /v1/nodes`, `GET /v1/stats` | cluster |
+//! | `GET /v1/openapi.json`, `GET /healthz` | this API's description, liveness |
+
+mod client;
+pub mod dto;
+mod error;
+mod extract;
+mod routes;
+mod start;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use drover_bus::Bus;
+use drover_store::Store;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+pub use client::{ApiClient, ClientError};
+pub use dto::ListQuery;
+pub use error::{ApiError, ErrorBody, ErrorDetail, Result};
+pub use start::{
+    DEFAULT_CAMPAIGN, DefinitionCache, MAX_START_COUNT, START_CHUNK, StartRequest, Started,
+    start_instances,
+};
+
+/// The largest request body accepted (a definition source may be 1 MiB).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// What the handlers share. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    pub store: Store,
+    pub bus: Bus,
+    /// Parsed definitions, so starting instances does not re-validate a definition each time.
+    pub definitions: DefinitionCache,
+}
+
+impl ApiState {
+    /// No I/O: `store` and `bus` are already connected.
+    pub fn new(store: Store, bus: Bus) -> Self {
+        Self {
+            store,
+            bus,
+            definitions: DefinitionCache::new(),
+        }
+    }
+}
+
+/// The whole API: `/v1/…` and `/healthz`. Unknown routes answer a 404 JSON error.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route(
+            "/v1/workflows",
+            get(routes::list_workflows).post(routes::deploy),
+        )
+        .route("/v1/workflows/{name}", get(routes::show_workflow))
+        .route(
+            "/v1/instances",
+            get(routes::list_instances).post(routes::start),
+        )
+        .route("/v1/instances/{id}", get(routes::show_instance))
+        .route("/v1/instances/{id}/journal", get(routes::journal))
+        .route("/v1/campaigns", get(routes::campaigns))
+        .route("/v1/nodes", get(routes::nodes))
+        .route("/v1/stats", get(routes::stats))
+        .route("/v1/openapi.json", get(routes::openapi))
+        .route("/healthz", get(routes::healthz))
+        .fallback(routes::no_route)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Failures are logged by `ApiError` where they are mapped, not a second time here.
+        .layer(TraceLayer::new_for_http().on_failure(()))
+        .with_state(state)
+}
+
+/// The OpenAPI 3 document served at `/v1/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes::ApiDoc::openapi()
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then stops accepting and lets
+/// in-flight requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    // The caller announces the address; this is for debugging the API alone.
+    tracing::debug!(%addr, "api serving");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    tracing::debug!(%addr, "api stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,338 @@
+//! The handlers of `/v1` and their OpenAPI description.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
+use drover_core::{Definition, InstanceId, InstanceState};
+use drover_store::InstanceFilter;
+use utoipa::OpenApi;
+
+use crate::ApiState;
+use crate::dto::*;
+use crate::error::{ApiError, ErrorBody, Result};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Source};
+use crate::start::{StartRequest, Started, start_instances};
+
+/// Instances listed when the query gives no `limit`.
+const DEFAULT_LIST_LIMIT: i64 = 100;
+/// The most instances one listing returns; a larger `limit` is capped.
+const MAX_LIST_LIMIT: i64 = 1_000;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Drover API",
+        description = "Deploy workflow definitions, start instances and inspect them. Every \
+                       error is `{\"error\": {\"code\", \"message\", \"details\"?}}`."
+    ),
+    paths(
+        deploy,
+        list_workflows,
+        show_workflow,
+        start,
+        list_instances,
+        show_instance,
+        journal,
+        campaigns,
+        nodes,
+        stats,
+        openapi,
+        healthz
+    ),
+    components(schemas(
+        ErrorBody,
+        Deployment,
+        WorkflowList,
+        Workflow,
+        StartRequest,
+        Started,
+        InstanceList,
+        Instance,
+        InstanceStateSchema,
+        Journal,
+        CampaignList,
+        NodeList,
+        Stats
+    )),
+    tags(
+        (name = "workflows", description = "Workflow definitions and their versions"),
+        (name = "instances", description = "Starting and inspecting workflow instances"),
+        (name = "cluster", description = "Campaigns, nodes and counts")
+    )
+)]
+pub(crate) struct ApiDoc;
+
+/// Deploy a definition.
+///
+/// The body is the definition source, YAML or JSON, with any content type. A definition
+/// identical to the latest version stores nothing and answers 200 with `created: false`.
+#[utoipa::path(
+    post,
+    path = "/v1/workflows",
+    tag = "workflows",
+    request_body(
+        description = "The definition source (YAML or JSON), at most 1 MiB",
+        content((String = "application/yaml"), (String = "application/json"), (String = "text/plain"))
+    ),
+    responses(
+        (status = 201, description = "A new version was stored", body = Deployment),
+        (status = 200, description = "Identical to the latest version: nothing stored", body = Deployment),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "Invalid definition; `details` names each step and field", body = ErrorBody),
+    )
+)]
+pub(crate) async fn deploy(
+    State(state): State<ApiState>,
+    Source(source): Source,
+) -> Result<(StatusCode, Json<Deployment>)> {
+    let definition =
+        Definition::parse(&source).map_err(|errors| ApiError::invalid_definition(&errors))?;
+    definition
+        .check_reserved_prefix(state.bus.subjects().prefix())
+        .map_err(|errors| ApiError::invalid_definition(&errors))?;
+    let deployed = state
+        .store
+        .deploy_definition(&definition.name, &definition.to_json(), &source)
+        .await?;
+    let status = if deployed.created {
+        tracing::info!(workflow = %deployed.name, version = deployed.version, "workflow deployed");
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(deployed.into())))
+}
+
+/// List workflows (the latest version of each).
+#[utoipa::path(
+    get,
+    path = "/v1/workflows",
+    tag = "workflows",
+    responses((status = 200, body = WorkflowList))
+)]
+pub(crate) async fn list_workflows(State(state): State<ApiState>) -> Result<Json<WorkflowList>> {
+    let workflows = state.store.list_definitions().await?;
+    Ok(Json(WorkflowList {
+        workflows: workflows.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Show a workflow version: its canonical definition and its source.
+#[utoipa::path(
+    get,
+    path = "/v1/workflows/{name}",
+    tag = "workflows",
+    params(("name" = String, Path, description = "The workflow's name"), VersionQuery),
+    responses(
+        (status = 200, body = Workflow),
+        (status = 404, description = "Unknown workflow or version", body = ErrorBody),
+    )
+)]
+pub(crate) async fn show_workflow(
+    State(state): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<VersionQuery>,
+) -> Result<Json<Workflow>> {
+    match state.store.get_definition(&name, query.version).await? {
+        Some(stored) => Ok(Json(stored.into())),
+        None => Err(match query.version {
+            Some(version) => ApiError::not_found(
+                "not_found",
+                format!("workflow {name:?} has no version {version}"),
+            ),
+            None => ApiError::not_found("not_found", format!("unknown workflow {name:?}")),
+        }),
+    }
+}
+
+/// Start instances of a workflow.
+///
+/// Each starts READY at the definition's entry step, with the definition's `vars` overridden
+/// key by key by the request's.
+#[utoipa::path(
+    post,
+    path = "/v1/instances",
+    tag = "instances",
+    request_body = StartRequest,
+    responses(
+        (status = 201, description = "The instances were created and their jobs dispatched", body = Started),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 404, description = "Unknown workflow, version or campaign", body = ErrorBody),
+        (status = 422, description = "Count out of range, or vars not an object", body = ErrorBody),
+    )
+)]
+pub(crate) async fn start(
+    State(state): State<ApiState>,
+    ApiJson(request): ApiJson<StartRequest>,
+) -> Result<(StatusCode, Json<Started>)> {
+    let started =
+        start_instances(&state.store, &state.bus, &state.definitions, "api", request).await?;
+    Ok((StatusCode::CREATED, Json(started)))
+}
+
+/// List instances, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/instances",
+    tag = "instances",
+    params(ListQuery),
+    responses(
+        (status = 200, body = InstanceList),
+        (status = 400, description = "An unknown state, a malformed `before` or a bad `limit`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list_instances(
+    State(state): State<ApiState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<InstanceList>> {
+    let filter = instance_filter(query)?;
+    let instances = state.store.list_instances(&filter).await?;
+    Ok(Json(InstanceList {
+        instances: instances.into_iter().map(Into::into).collect(),
+    }))
+}
+
+fn instance_filter(query: ListQuery) -> Result<InstanceFilter> {
+    let state = query
+        .state
+        .as_deref()
+        .map(str::parse::<InstanceState>)
+        .transpose()
+        .map_err(|err| ApiError::bad_request("invalid_query", err.to_string()))?;
+    let limit = match query.limit {
+        None => DEFAULT_LIST_LIMIT,
+        Some(limit) if limit < 1 => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("limit must be at least 1, not {limit}"),
+            ));
+        }
+        Some(limit) => limit.min(MAX_LIST_LIMIT),
+    };
+    let before = query.before.as_deref().map(parse_id).transpose()?;
+    Ok(InstanceFilter {
+        state,
+        campaign: query.campaign,
+        workflow: query.workflow,
+        before,
+        limit,
+    })
+}
+
+fn parse_id(id: &str) -> Result<InstanceId> {
+    id.parse().map_err(|err| {
+        ApiError::bad_request("invalid_id", format!("malformed instance id {id:?}: {err}"))
+    })
+}
+
+fn unknown_instance(id: InstanceId) -> ApiError {
+    ApiError::not_found("not_found", format!("unknown instance {id}"))
+}
+
+/// Show an instance.
+#[utoipa::path(
+    get,
+    path = "/v1/instances/{id}",
+    tag = "instances",
+    params(("id" = String, Path, format = Uuid, description = "The instance id")),
+    responses(
+        (status = 200, body = Instance),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 404, description = "Unknown instance", body = ErrorBody),
+    )
+)]
+pub(crate) async fn show_instance(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Instance>> {
+    let id = parse_id(&id)?;
+    match state.store.get_instance(id).await? {
+        Some(instance) => Ok(Json(instance.into())),
+        None => Err(unknown_instance(id)),
+    }
+}
+
+/// An instance's journal: every transition in checkpoint order.
+#[utoipa::path(
+    get,
+    path = "/v1/instances/{id}/journal",
+    tag = "instances",
+    params(("id" = String, Path, format = Uuid, description = "The instance id")),
+    responses(
+        (status = 200, body = Journal),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 404, description = "Unknown instance", body = ErrorBody),
+    )
+)]
+pub(crate) async fn journal(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Journal>> {
+    let id = parse_id(&id)?;
+    match state.store.journal(id).await? {
+        Some(entries) => Ok(Json(Journal {
+            instance: id,
+            entries: entries.into_iter().map(Into::into).collect(),
+        })),
+        None => Err(unknown_instance(id)),
+    }
+}
+
+/// List campaigns with their limits and current counts.
+#[utoipa::path(get, path = "/v1/campaigns", tag = "cluster", responses((status = 200, body = CampaignList)))]
+pub(crate) async fn campaigns(State(state): State<ApiState>) -> Result<Json<CampaignList>> {
+    let campaigns = state.store.list_campaigns().await?;
+    Ok(Json(CampaignList {
+        campaigns: campaigns.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// List the cluster's nodes, newest first.
+#[utoipa::path(get, path = "/v1/nodes", tag = "cluster", responses((status = 200, body = NodeList)))]
+pub(crate) async fn nodes(State(state): State<ApiState>) -> Result<Json<NodeList>> {
+    let nodes = state.store.list_nodes().await?;
+    Ok(Json(NodeList {
+        nodes: nodes.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Count instances by state.
+#[utoipa::path(get, path = "/v1/stats", tag = "cluster", responses((status = 200, body = Stats)))]
+pub(crate) async fn stats(State(state): State<ApiState>) -> Result<Json<Stats>> {
+    let counts = state.store.count_by_state().await?;
+    Ok(Json(Stats {
+        instances: StateCounts(counts),
+    }))
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "cluster",
+    responses((status = 200, description = "The OpenAPI 3 document of this API", content_type = "application/json"))
+)]
+pub(crate) async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// Liveness: 200 `ok` while the process serves HTTP.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "cluster",
+    responses((status = 200, description = "The process serves HTTP", body = String, content_type = "text/plain"))
+)]
+pub(crate) async fn healthz() -> &'static str {
+    "ok"
+}
+
+pub(crate) async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found("not_found", format!("no route for {method} {}", uri.path()))
+}
+
+pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        message: format!("{} does not support {method}", uri.path()),
+    }
+}

@@ -1,0 +1,250 @@
+//! Starting instances: shared by `POST /v1/instances` and, later, the NATS start handler and
+//! the scheduler.
+//!
+//! Instances are created READY at their entry step, with journal entry 0 and a `started`
+//! event, in transactions of [`START_CHUNK`]; only after each commit are their step jobs
+//! published. A publish that fails after the commit is logged and otherwise ignored: the rows
+//! are the truth, and the sweeper re-dispatches READY instances whose job went missing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use drover_bus::{Bus, EventKind, InstanceRef, StepJob};
+use drover_core::{Definition, Fence, InstanceId, StepSeq};
+use drover_store::{NewInstance, Store};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, Result};
+
+/// The campaign instances join when the request names none.
+pub const DEFAULT_CAMPAIGN: &str = "default";
+/// The most instances one request may start.
+pub const MAX_START_COUNT: u32 = 10_000;
+/// Instances created per transaction (and published per batch).
+pub const START_CHUNK: usize = 1_000;
+
+/// Start `count` instances of a workflow.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// The workflow's name.
+    pub workflow: String,
+    /// A version number; the latest when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i32>,
+    /// A campaign name; `default` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
+    /// Overrides the definition's `vars`, key by key. Must be a JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub vars: Option<Value>,
+    /// How many instances to start (1 to 10000); 1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 10000)]
+    pub count: Option<u32>,
+}
+
+/// What [`start_instances`] started.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Started {
+    /// One per instance, in creation order.
+    #[schema(value_type = Vec<String>)]
+    pub ids: Vec<InstanceId>,
+    pub workflow: String,
+    /// The version the instances are pinned to.
+    pub version: i32,
+    pub campaign: String,
+}
+
+/// Parsed definitions by `(name, version)`. A stored version never changes, so entries never
+/// go stale; the cache is emptied when it reaches [`DefinitionCache::CAPACITY`] entries.
+/// Cheap to clone (shared).
+#[derive(Clone, Debug, Default)]
+pub struct DefinitionCache {
+    parsed: Arc<RwLock<ParsedDefinitions>>,
+}
+
+/// `(name, version)` → the parsed definition.
+type ParsedDefinitions = HashMap<(String, i32), Arc<Definition>>;
+
+impl DefinitionCache {
+    /// If unsure: more than the workflow versions a cluster starts instances of in a day.
+    pub const CAPACITY: usize = 1_024;
+
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn get(&self, name: &str, version: i32) -> Option<Arc<Definition>> {
+        // A poisoned lock only means a panic elsewhere while holding it: the map is still a
+        // valid cache.
+        let parsed = self.parsed.read().unwrap_or_else(PoisonError::into_inner);
+        parsed.get(&(name.to_owned(), version)).cloned()
+    }
+
+    fn insert(&self, name: &str, version: i32, definition: Arc<Definition>) {
+        let mut parsed = self.parsed.write().unwrap_or_else(PoisonError::into_inner);
+        if parsed.len() >= Self::CAPACITY {
+            parsed.clear();
+        }
+        parsed.insert((name.to_owned(), version), definition);
+    }
+}
+
+/// Starts the instances `request` asks for, as `actor` (`api`, `scheduler`, …).
+///
+/// Errors: 422 `invalid_request` for a count out of range or non-object `vars`; 404
+/// `unknown_workflow` / `unknown_campaign`; store errors (503 when transient). If a later
+/// chunk fails, the instances of earlier chunks exist and will run (logged at warn).
+pub async fn start_instances(
+    store: &Store,
+    bus: &Bus,
+    definitions: &DefinitionCache,
+    actor: &str,
+    request: StartRequest,
+) -> Result<Started> {
+    let count = request.count.unwrap_or(1);
+    if !(1..=MAX_START_COUNT).contains(&count) {
+        return Err(ApiError::invalid(
+            "invalid_request",
+            format!("count must be between 1 and {MAX_START_COUNT}, not {count}"),
+        ));
+    }
+    let overrides = match request.vars {
+        None => serde_json::Map::new(),
+        Some(Value::Object(vars)) => vars,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "invalid_request",
+                format!("vars must be a JSON object, not {}", json_kind(&other)),
+            ));
+        }
+    };
+
+    let stored = store
+        .get_definition(&request.workflow, request.version)
+        .await?
+        .ok_or_else(|| match request.version {
+            Some(version) => ApiError::not_found(
+                "unknown_workflow",
+                format!("workflow {:?} has no version {version}", request.workflow),
+            ),
+            None => ApiError::not_found(
+                "unknown_workflow",
+                format!("unknown workflow {:?}", request.workflow),
+            ),
+        })?;
+    let definition = match definitions.get(&stored.name, stored.version) {
+        Some(definition) => definition,
+        None => {
+            let definition = Definition::from_json(&stored.body).map_err(|errors| {
+                ApiError::Internal(format!(
+                    "stored definition {} v{} no longer validates: {errors}",
+                    stored.name, stored.version
+                ))
+            })?;
+            let definition = Arc::new(definition);
+            definitions.insert(&stored.name, stored.version, Arc::clone(&definition));
+            definition
+        }
+    };
+
+    let campaign_name = request.campaign.as_deref().unwrap_or(DEFAULT_CAMPAIGN);
+    let campaign = store
+        .campaign_by_name(campaign_name)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "unknown_campaign",
+                format!("unknown campaign {campaign_name:?}"),
+            )
+        })?;
+
+    let mut vars = definition.vars.clone();
+    vars.extend(overrides);
+    let vars = Value::Object(vars);
+    let entry = definition.entry().id.as_str();
+
+    let count = count as usize;
+    let mut ids = Vec::with_capacity(count);
+    while ids.len() < count {
+        let n = (count - ids.len()).min(START_CHUNK);
+        let mut instances = Vec::with_capacity(n);
+        let mut events = Vec::with_capacity(n);
+        let mut jobs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = InstanceId::new();
+            instances.push(NewInstance {
+                id,
+                campaign: campaign.id,
+                workflow: stored.name.clone(),
+                version: stored.version,
+                entry_step: entry.to_owned(),
+                vars: vars.clone(),
+            });
+            let instance = InstanceRef {
+                id,
+                campaign: &campaign.name,
+                workflow: &stored.name,
+                version: stored.version,
+            };
+            events.push(bus.event(
+                &instance,
+                EventKind::Started,
+                json!({ "state": "ready", "step": entry }),
+            ));
+            jobs.push(StepJob::new(id, StepSeq(0), Fence(0)));
+        }
+        if let Err(err) = store.create_instances(&instances, actor, &events).await {
+            if !ids.is_empty() {
+                tracing::warn!(
+                    workflow = %stored.name,
+                    campaign = %campaign.name,
+                    created = ids.len(),
+                    requested = count,
+                    %err,
+                    "start failed part-way; the instances already created will run"
+                );
+            }
+            return Err(err.into());
+        }
+        if let Err(err) = bus.publish_jobs(&jobs).await {
+            tracing::warn!(
+                workflow = %stored.name,
+                campaign = %campaign.name,
+                jobs = jobs.len(),
+                %err,
+                "publishing start jobs failed; the sweeper will re-dispatch them"
+            );
+        }
+        ids.extend(instances.iter().map(|instance| instance.id));
+    }
+    tracing::info!(
+        workflow = %stored.name,
+        version = stored.version,
+        campaign = %campaign.name,
+        count,
+        actor,
+        "instances started"
+    );
+    Ok(Started {
+        ids,
+        workflow: stored.name,
+        version: stored.version,
+        campaign: campaign.name,
+    })
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,99 @@
+//! Drover as a library: build your own worker binary with your handlers registered, and run
+//! the same `drover` command line with it.
+//!
+//! ```no_run
+//! use drover::{Handlers, StepError};
+//!
+//! fn main() -> std::process::ExitCode {
+//!     let mut handlers = Handlers::default();
+//!     handlers.insert("greet", |input: drover::HandlerInput| async move {
+//!         Ok::<_, StepError>(serde_json::json!({ "hello": input.input["name"] }))
+//!     });
+//!     drover::main(handlers)
+//! }
+//! ```
+
+pub mod cli;
+mod node;
+mod telemetry;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use drover_worker::{HandlerInput, Handlers, StepError, WorkerConfig};
+pub use node::{NodeArgs, Role};
+
+/// Drover: durable workflows on Postgres and NATS JetStream.
+#[derive(Parser, Debug)]
+#[command(name = "drover", version, about)]
+pub struct Cli {
+    /// The API the operator commands talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub api_url: String,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node with the given roles (worker, api).
+    Node(NodeArgs),
+    /// Apply the database migrations and exit.
+    Migrate {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+    },
+    #[command(flatten)]
+    Operator(cli::OperatorCommand),
+}
+
+/// Parses the command line and runs it with `handlers` registered in the worker role.
+pub fn main(handlers: Handlers) -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Node(args) => {
+                telemetry::init();
+                node::run(args, handlers).await
+            }
+            Command::Migrate { database_url } => {
+                telemetry::init();
+                let store = drover_store::Store::connect(&drover_store::StoreConfig {
+                    url: database_url,
+                    max_connections: 2,
+                })
+                .await?;
+                store.migrate().await?;
+                println!("migrations applied");
+                Ok(())
+            }
+            Command::Operator(command) => cli::run(command, &cli.api_url, cli.json).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

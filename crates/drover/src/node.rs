@@ -1,0 +1,274 @@
+//! `drover node`: one process running the roles it is given, sharing one root shutdown token.
+//! The first role to stop stops the node.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use drover_bus::{Bus, BusConfig};
+use drover_core::NodeId;
+use drover_store::{Heartbeat, Store, StoreConfig};
+use drover_worker::{Handlers, OutboxRelay, ReadySweeper, RelayConfig, Worker, WorkerConfig};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// A role a node can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Worker,
+    Api,
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "worker" => Ok(Role::Worker),
+            "api" => Ok(Role::Api),
+            other => Err(format!("unknown role {other:?} (known roles: worker, api)")),
+        }
+    }
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Api => "api",
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Roles to run, comma-separated.
+    #[arg(
+        long,
+        env = "DROVER_ROLES",
+        value_delimiter = ',',
+        default_value = "worker,api"
+    )]
+    pub roles: Vec<Role>,
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Subject prefix (and stream-name stem) of this cluster.
+    #[arg(long, env = "DROVER_PREFIX", default_value = "drover")]
+    pub prefix: String,
+    /// Where the api role listens (port 0 picks a free one; the address is printed).
+    #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Steps run at once by the worker role.
+    #[arg(long, env = "DROVER_CONCURRENCY", default_value_t = 512)]
+    pub concurrency: usize,
+    /// Most jobs claimed and completions committed per statement.
+    #[arg(long, env = "DROVER_BATCH_SIZE", default_value_t = 256)]
+    pub batch_size: usize,
+    /// Database pool size.
+    #[arg(long, env = "DROVER_DB_POOL", default_value_t = 10)]
+    pub db_pool: u32,
+    /// Apply migrations before starting.
+    #[arg(long, env = "DROVER_MIGRATE")]
+    pub migrate: bool,
+}
+
+/// How long a node may fail to heartbeat before it stops itself (it may have been declared dead).
+const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(10);
+
+pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()> {
+    let store = Store::connect(&StoreConfig {
+        url: args.database_url.clone(),
+        max_connections: args.db_pool,
+    })
+    .await
+    .context("connecting to Postgres")?;
+    if args.migrate {
+        store.migrate().await.context("applying migrations")?;
+    }
+    let bus = Bus::connect(BusConfig {
+        url: args.nats_url.clone(),
+        prefix: args.prefix.clone(),
+        ..Default::default()
+    })
+    .await
+    .context("connecting to NATS")?;
+
+    let node = NodeId::new();
+    let roles: Vec<String> = args.roles.iter().map(|r| r.as_str().to_owned()).collect();
+    let host = hostname();
+    store
+        .register_node(node, &roles, &host, env!("CARGO_PKG_VERSION"))
+        .await
+        .context("registering the node")?;
+    tracing::info!(node.id = %node, roles = ?roles, %host, "node started");
+
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+
+    let relay_wakeup = Arc::new(tokio::sync::Notify::new());
+    let mut in_flight = None;
+    if args.roles.contains(&Role::Worker) {
+        let worker = Worker::builder()
+            .handlers(handlers)
+            .config(WorkerConfig {
+                concurrency: args.concurrency,
+                batch_size: args.batch_size,
+                ..Default::default()
+            })
+            .build(node, store.clone(), bus.clone());
+        in_flight = Some(worker.stats());
+        let wakeup = worker.relay_wakeup();
+        let relay = OutboxRelay::new(store.clone(), bus.clone(), RelayConfig::default(), wakeup);
+        let token = shutdown.clone();
+        tasks.spawn(async move { ("relay", relay.run(token).await.map_err(Into::into)) });
+        let token = shutdown.clone();
+        tasks.spawn(async move { ("worker", worker.run(token).await.map_err(Into::into)) });
+        let sweeper = ReadySweeper::new(store.clone(), bus.clone());
+        let token = shutdown.clone();
+        tasks.spawn(async move { ("sweeper", sweeper.run(token).await.map_err(Into::into)) });
+    } else {
+        let relay = OutboxRelay::new(
+            store.clone(),
+            bus.clone(),
+            RelayConfig::default(),
+            relay_wakeup,
+        );
+        let token = shutdown.clone();
+        tasks.spawn(async move { ("relay", relay.run(token).await.map_err(Into::into)) });
+    }
+    if args.roles.contains(&Role::Api) {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("binding the api to {}", args.listen))?;
+        let addr = listener.local_addr().context("reading the api address")?;
+        // Scripts and tests read this line to find the api.
+        println!("drover api listening on http://{addr}");
+        tracing::info!(%addr, "api listening");
+        let state = drover_api::ApiState::new(store.clone(), bus.clone());
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            (
+                "api",
+                drover_api::serve(listener, state, token)
+                    .await
+                    .map_err(Into::into),
+            )
+        });
+    }
+    {
+        let store = store.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move { ("heartbeat", heartbeat(store, node, in_flight, token).await) });
+    }
+
+    // The first role to stop stops the node; the rest drain.
+    let mut result = Ok(());
+    if let Some(joined) = tasks.join_next().await {
+        result = finished(joined);
+        shutdown.cancel();
+    }
+    let drain = async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(err) = finished(joined)
+                && result.is_ok()
+            {
+                result = Err(err);
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(25), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("roles did not drain in time");
+    }
+    if let Err(err) = store.set_node_status(node, "dead").await {
+        tracing::warn!(%err, "could not mark the node gone");
+    }
+    tracing::info!(node.id = %node, "node stopped");
+    result
+}
+
+fn finished(
+    joined: Result<(&'static str, anyhow::Result<()>), tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    match joined {
+        Ok((role, Ok(()))) => {
+            tracing::info!(role, "role stopped");
+            Ok(())
+        }
+        Ok((role, Err(err))) => {
+            tracing::error!(role, err = format!("{err:#}"), "role failed");
+            Err(err.context(format!("role {role} failed")))
+        }
+        Err(err) => Err(anyhow::anyhow!("role task panicked: {err}")),
+    }
+}
+
+/// Renews the node row every second. A node that finds itself declared dead, or that cannot
+/// heartbeat for longer than its deadline, stops: its instances are someone else's now.
+async fn heartbeat(
+    store: Store,
+    node: NodeId,
+    stats: Option<Arc<drover_worker::WorkerStats>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut last_ok = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            _ = ticker.tick() => {}
+        }
+        let in_flight = stats
+            .as_ref()
+            .map(|s| i32::try_from(s.in_flight.load(Ordering::Relaxed)).unwrap_or(i32::MAX))
+            .unwrap_or(0);
+        match store.heartbeat(node, in_flight).await {
+            Ok(Heartbeat::Alive) => last_ok = tokio::time::Instant::now(),
+            Ok(Heartbeat::Dead) => anyhow::bail!("node {node} was declared dead; stopping"),
+            Err(err) => {
+                tracing::warn!(%err, "heartbeat failed");
+                if last_ok.elapsed() > HEARTBEAT_DEADLINE {
+                    anyhow::bail!("no heartbeat for {HEARTBEAT_DEADLINE:?}; stopping");
+                }
+            }
+        }
+    }
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            () = term => {}
+        }
+        tracing::info!("signal received; draining");
+        shutdown.cancel();
+    });
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
