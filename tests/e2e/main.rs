@@ -1,0 +1,7 @@
+//! End-to-end scenarios against real Postgres, real nats-server and nodes as real processes.
+//! One test binary; every test makes its own `TestEnv` (database + subject prefix).
+
+mod bad_input;
+mod execution;
+mod fencing;
+mod support;

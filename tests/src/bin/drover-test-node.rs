@@ -1,0 +1,19 @@
+//! The `drover` binary with the handlers the end-to-end tests use registered: what a user's
+//! own worker binary looks like.
+
+use drover::{HandlerInput, Handlers, StepError};
+use serde_json::json;
+
+fn main() -> std::process::ExitCode {
+    let mut handlers = Handlers::default();
+    handlers.insert("echo", |input: HandlerInput| async move {
+        Ok::<_, StepError>(json!({ "echo": input.input, "attempt": input.attempt }))
+    });
+    handlers.insert("double", |input: HandlerInput| async move {
+        let n = input.input["n"].as_i64().ok_or_else(|| {
+            StepError::Permanent(format!("n is not an integer: {}", input.input["n"]))
+        })?;
+        Ok(json!({ "n": n * 2 }))
+    });
+    drover::main(handlers)
+}

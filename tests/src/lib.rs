@@ -1,0 +1,333 @@
+//! The end-to-end harness: a [`TestEnv`] with its own database and subject prefix, nodes as
+//! real OS processes (so they can be killed), a recording HTTP server, and `wait_until`.
+
+mod recorder;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use drover_bus::{Bus, BusConfig};
+use drover_store::{Store, StoreConfig};
+use rand::Rng;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub use recorder::{Recorded, Recorder};
+
+const UNSET: &str = "the end-to-end tests need real services: set DATABASE_URL (e.g. \
+postgres://postgres@127.0.0.1:5432/postgres, a role that may CREATE DATABASE) and NATS_URL \
+(nats-server >= 2.11 with JetStream, e.g. nats://127.0.0.1:14222), or run with \
+`--features testcontainers` and Docker";
+
+/// One test's private world: its own database and its own NATS subject prefix and streams.
+pub struct TestEnv {
+    pub database_url: String,
+    pub database: String,
+    admin_url: String,
+    pub nats_url: String,
+    pub prefix: String,
+    pub store: Store,
+    pub bus: Bus,
+    #[cfg(feature = "testcontainers")]
+    _containers: Option<containers::Containers>,
+}
+
+fn random_hex(n: usize) -> String {
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| format!("{:x}", rng.random_range(0..16u8)))
+        .collect()
+}
+
+/// `url` with its database name replaced by `database`.
+fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
+    let scheme_end = url.find("://").context("DATABASE_URL has no scheme")? + 3;
+    let (base, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
+    Ok(format!("{}/{database}{query}", &base[..host_end]))
+}
+
+impl TestEnv {
+    pub async fn new() -> anyhow::Result<Self> {
+        #[cfg(feature = "testcontainers")]
+        let mut containers = None;
+        let (admin_url, nats_url) = match (std::env::var("DATABASE_URL"), std::env::var("NATS_URL"))
+        {
+            (Ok(db), Ok(nats)) => (db, nats),
+            #[cfg(feature = "testcontainers")]
+            _ => {
+                let c = containers::Containers::start().await?;
+                let urls = (c.database_url.clone(), c.nats_url.clone());
+                containers = Some(c);
+                urls
+            }
+            #[cfg(not(feature = "testcontainers"))]
+            _ => bail!(UNSET),
+        };
+        let database = format!("drover_t_{}", random_hex(12));
+        let admin = sqlx::PgPool::connect(&admin_url)
+            .await
+            .with_context(|| format!("connecting to DATABASE_URL ({UNSET})"))?;
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&admin)
+            .await
+            .context("creating the test database")?;
+        admin.close().await;
+        let database_url = with_database(&admin_url, &database)?;
+        let store = Store::connect(&StoreConfig {
+            url: database_url.clone(),
+            max_connections: 5,
+        })
+        .await?;
+        store.migrate().await?;
+        let prefix = format!("t{}", random_hex(10));
+        let bus = Bus::connect(BusConfig {
+            url: nats_url.clone(),
+            prefix: prefix.clone(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("connecting to NATS_URL ({UNSET})"))?;
+        Ok(Self {
+            database_url,
+            database,
+            admin_url,
+            nats_url,
+            prefix,
+            store,
+            bus,
+            #[cfg(feature = "testcontainers")]
+            _containers: containers,
+        })
+    }
+
+    /// Starts a node process with `roles` (e.g. "worker,api").
+    pub async fn spawn_node(&self, roles: &str) -> anyhow::Result<NodeProcess> {
+        let log = log_dir().join(format!("{}-{}.log", self.prefix, random_hex(6)));
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut child = Command::new(node_bin())
+            .args(["node", "--roles", roles, "--listen", "127.0.0.1:0"])
+            .env("DATABASE_URL", &self.database_url)
+            .env("NATS_URL", &self.nats_url)
+            .env("DROVER_PREFIX", &self.prefix)
+            .env("DROVER_DB_POOL", "4")
+            .env(
+                "RUST_LOG",
+                std::env::var("DROVER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning drover-test-node")?;
+        let mut api_url = None;
+        if roles.split(',').any(|r| r == "api") {
+            let stdout = child.stdout.take().context("node stdout")?;
+            let mut lines = BufReader::new(stdout).lines();
+            let found = tokio::time::timeout(Duration::from_secs(30), async {
+                while let Some(line) = lines.next_line().await? {
+                    if let Some(url) = line.strip_prefix("drover api listening on ") {
+                        return Ok::<_, std::io::Error>(Some(url.trim().to_owned()));
+                    }
+                }
+                Ok(None)
+            })
+            .await;
+            match found {
+                Ok(Ok(Some(url))) => api_url = Some(url),
+                _ => bail!(
+                    "node did not report its api address; log: {}",
+                    log.display()
+                ),
+            }
+        }
+        Ok(NodeProcess {
+            child,
+            api_url,
+            log,
+        })
+    }
+
+    /// Runs the CLI (`drover …`) against `api_url`; returns stdout, failing on a non-zero exit.
+    pub async fn cli(&self, api_url: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli_raw(api_url, args).await?;
+        if !out.status.success() {
+            bail!(
+                "drover {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub async fn cli_raw(
+        &self,
+        api_url: &str,
+        args: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(node_bin())
+            .args(args)
+            .env("DROVER_API_URL", api_url)
+            .output()
+            .await?)
+    }
+
+    /// Drops the database and the streams (best effort).
+    pub async fn cleanup(self) {
+        let js = self.bus.jetstream();
+        let _ = js.delete_stream(self.bus.subjects().jobs_stream()).await;
+        let _ = js.delete_stream(self.bus.subjects().events_stream()).await;
+        self.store.pool().close().await;
+        if let Ok(admin) = sqlx::PgPool::connect(&self.admin_url).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.database
+            ))
+            .execute(&admin)
+            .await;
+        }
+    }
+}
+
+/// The `drover-test-node` binary: cargo builds it beside the test binary's `deps/` folder.
+fn node_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("DROVER_TEST_NODE_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    profile_dir.join(format!("drover-test-node{}", std::env::consts::EXE_SUFFIX))
+}
+
+fn log_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join("drover-test-logs");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// A node running as a child process; killed when dropped.
+pub struct NodeProcess {
+    pub child: Child,
+    pub api_url: Option<String>,
+    pub log: PathBuf,
+}
+
+impl NodeProcess {
+    pub fn api(&self) -> &str {
+        self.api_url.as_deref().unwrap_or("http://127.0.0.1:0")
+    }
+
+    /// SIGKILL: no drain, no goodbye.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+    }
+}
+
+/// Polls `check` every 50 ms until it yields `Some`, or fails after `timeout` naming `what`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(feature = "testcontainers")]
+mod containers {
+    use anyhow::Context;
+    use testcontainers_modules::nats::{Nats, NatsServerCmd};
+    use testcontainers_modules::postgres::Postgres;
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+    use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt};
+
+    pub(crate) struct Containers {
+        _pg: ContainerAsync<Postgres>,
+        _nats: ContainerAsync<Nats>,
+        pub(crate) database_url: String,
+        pub(crate) nats_url: String,
+    }
+
+    impl Containers {
+        pub(crate) async fn start() -> anyhow::Result<Self> {
+            let pg = Postgres::default()
+                .start()
+                .await
+                .context("starting Postgres in Docker")?;
+            let pg_port = pg.get_host_port_ipv4(5432).await?;
+            let cmd = NatsServerCmd::default().with_jetstream();
+            let nats = Nats::default()
+                .with_cmd(&cmd)
+                .with_tag("2.11")
+                .start()
+                .await
+                .context("starting nats-server in Docker")?;
+            let nats_port = nats.get_host_port_ipv4(4222).await?;
+            Ok(Self {
+                _pg: pg,
+                _nats: nats,
+                database_url: format!("postgres://postgres:postgres@127.0.0.1:{pg_port}/postgres"),
+                nats_url: format!("nats://127.0.0.1:{nats_port}"),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_names_are_replaced_in_urls() {
+        assert_eq!(
+            with_database("postgres://u@h:5432/postgres", "x")
+                .ok()
+                .as_deref(),
+            Some("postgres://u@h:5432/x")
+        );
+        assert_eq!(
+            with_database("postgres://u@h/postgres?sslmode=disable", "x")
+                .ok()
+                .as_deref(),
+            Some("postgres://u@h/x?sslmode=disable")
+        );
+        assert_eq!(
+            with_database("postgres://h", "x").ok().as_deref(),
+            Some("postgres://h/x")
+        );
+    }
+}
