@@ -10,11 +10,16 @@ pub enum Error {
     Provision(String),
     #[error("publishing: {0}")]
     Publish(String),
+    #[error("subscribing: {0}")]
+    Subscribe(String),
 }
 
 impl Error {
     /// Would the same call likely succeed if tried again later?
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Connect(_) | Error::Publish(_))
+        matches!(
+            self,
+            Error::Connect(_) | Error::Publish(_) | Error::Subscribe(_)
+        )
     }
 }

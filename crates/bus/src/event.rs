@@ -25,6 +25,14 @@ pub enum EventKind {
     Completed,
     Failed,
     InError,
+    /// Taken back from a dead node (or a stuck one) and made READY again.
+    Requeued,
+    /// An operator resumed an `in_error` instance (retrying or skipping its step): READY again.
+    Resumed,
+    /// Parked WAITING at a `sleep`, `wait_event` or `subworkflow` step (no worker held).
+    Waiting,
+    /// WAITING no more: its timer came, its event arrived or its child finished; READY again.
+    Woken,
 }
 
 impl EventKind {
@@ -36,6 +44,10 @@ impl EventKind {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::InError => "in_error",
+            Self::Requeued => "requeued",
+            Self::Resumed => "resumed",
+            Self::Waiting => "waiting",
+            Self::Woken => "woken",
         }
     }
 }

@@ -83,3 +83,44 @@ mod tests {
         assert!(job.msg_id().starts_with("j:"));
     }
 }
+
+/// "Take back the instances of dead node `node`": one per dead node, consumed by every
+/// coordinator (a work queue), so requeue work spreads and survives a coordinator's death.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryTask {
+    pub v: u8,
+    pub node: drover_core::NodeId,
+    /// The leader term that published it (for the logs; the requeue itself is safe anyway).
+    pub term: i64,
+}
+
+impl RecoveryTask {
+    pub fn new(node: drover_core::NodeId, term: i64) -> Self {
+        Self {
+            v: StepJob::VERSION,
+            node,
+            term,
+        }
+    }
+
+    pub fn encode(&self) -> bytes::Bytes {
+        let bytes =
+            rmp_serde::to_vec_named(self).expect("invariant: a RecoveryTask always encodes");
+        bytes::Bytes::from(bytes)
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        if payload.len() > 4096 {
+            return Err(DecodeError::Oversized {
+                size: payload.len(),
+                limit: 4096,
+            });
+        }
+        let task: RecoveryTask =
+            rmp_serde::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        if task.v != StepJob::VERSION {
+            return Err(DecodeError::Version(task.v));
+        }
+        Ok(task)
+    }
+}

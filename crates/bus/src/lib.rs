@@ -11,11 +11,11 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
-use drover_core::OutboxEvent;
+use drover_core::{OutboxEvent, StepSeq};
 
 pub use error::{Error, Result};
 pub use event::{EventKind, InstanceRef};
-pub use job::{DecodeError, StepJob};
+pub use job::{DecodeError, RecoveryTask, StepJob};
 pub use subjects::{Subjects, is_valid_prefix};
 
 /// How to reach NATS and how to name things there.
@@ -61,6 +61,10 @@ pub struct Bus {
 
 /// The durable pull consumer all workers share.
 pub const WORKER_CONSUMER: &str = "workers";
+/// The durable pull consumer all coordinators share.
+pub const RECOVERY_CONSUMER: &str = "coordinators";
+/// The queue group of the api role's signal listeners: each signal is handled by one node.
+pub const SIGNAL_QUEUE: &str = "signals";
 
 impl Bus {
     /// Connects and provisions the streams idempotently (several nodes may do so at once).
@@ -117,6 +121,33 @@ impl Bus {
             })
             .await
             .map_err(|e| Error::Provision(format!("stream {}: {e}", s.events_stream())))?;
+        self.js
+            .create_or_update_stream(stream::Config {
+                name: s.recovery_stream(),
+                subjects: vec![s.recovery_filter()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Provision(format!("stream {}: {e}", s.recovery_stream())))?;
+        let recovery = self
+            .js
+            .get_stream(s.recovery_stream())
+            .await
+            .map_err(|e| Error::Provision(format!("stream {}: {e}", s.recovery_stream())))?;
+        recovery
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(RECOVERY_CONSUMER.to_owned()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_deliver: -1,
+                filter_subject: s.recovery_filter(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Provision(format!("consumer {RECOVERY_CONSUMER}: {e}")))?;
         let jobs = self
             .js
             .get_stream(s.jobs_stream())
@@ -169,6 +200,53 @@ impl Bus {
             .map_err(|e| Error::Provision(e.to_string()))
     }
 
+    /// Deletes this prefix's streams (tests and benchmarks clean up with it). Best effort.
+    pub async fn delete_streams(&self) {
+        let s = &self.subjects;
+        for name in [s.jobs_stream(), s.events_stream(), s.recovery_stream()] {
+            let _ = self.js.delete_stream(name).await;
+        }
+    }
+
+    /// The shared recovery-task consumer.
+    pub async fn recovery_consumer(&self) -> Result<consumer::PullConsumer> {
+        let stream = self
+            .js
+            .get_stream(self.subjects.recovery_stream())
+            .await
+            .map_err(|e| Error::Provision(e.to_string()))?;
+        stream
+            .get_consumer(RECOVERY_CONSUMER)
+            .await
+            .map_err(|e| Error::Provision(e.to_string()))
+    }
+
+    /// Publishes a recovery task; `dedup` keys the `Nats-Msg-Id` (the same key within the
+    /// duplicate window is published once).
+    pub async fn publish_recovery(&self, task: &RecoveryTask, dedup: &str) -> Result<()> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(task.encode())
+            .message_id(format!("r:{}:{dedup}", task.node));
+        self.js
+            .send_publish(self.subjects.recovery(), publish)
+            .await
+            .map_err(|e| Error::Publish(e.to_string()))?
+            .await
+            .map_err(|e| Error::Publish(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Subscribes to signals (`<prefix>.signal.*.*`) in the queue group [`SIGNAL_QUEUE`], so
+    /// each one reaches one listener however many api nodes run. Plain NATS: a signal
+    /// published while no listener runs is lost, so senders should use a request and wait
+    /// for the answer.
+    pub async fn subscribe_signals(&self) -> Result<async_nats::Subscriber> {
+        self.client
+            .queue_subscribe(self.subjects.signal_filter(), SIGNAL_QUEUE.to_owned())
+            .await
+            .map_err(|e| Error::Subscribe(e.to_string()))
+    }
+
     /// Publishes jobs pipelined (all sent, then all acks awaited). Each carries
     /// `Nats-Msg-Id = j:{instance}:{step_seq}:{fence}`, so a re-dispatch of the same job
     /// inside the duplicate window is dropped by the server.
@@ -200,6 +278,29 @@ impl Bus {
         data: serde_json::Value,
     ) -> OutboxEvent {
         event::build(&self.subjects, instance, kind, data)
+    }
+
+    /// The `woken` event of a WAITING instance made READY again at `step` (`step_seq` is the
+    /// checkpoint after the wake). `by` names what woke it (`timer`, `signal`, `child`);
+    /// `detail` (an object) adds fields.
+    pub fn woken_event(
+        &self,
+        instance: &InstanceRef<'_>,
+        step: &str,
+        step_seq: StepSeq,
+        by: &str,
+        detail: serde_json::Value,
+    ) -> OutboxEvent {
+        let mut data = serde_json::json!({
+            "step_id": step,
+            "step_seq": step_seq,
+            "state": "ready",
+            "by": by,
+        });
+        if let (Some(data), serde_json::Value::Object(detail)) = (data.as_object_mut(), detail) {
+            data.extend(detail);
+        }
+        self.event(instance, EventKind::Woken, data)
     }
 
     /// Publishes outbox events pipelined, each with `Nats-Msg-Id` = event id. Returns the ids

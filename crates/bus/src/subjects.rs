@@ -1,6 +1,9 @@
 //! Subject and stream names. Only slugs go into subjects, so no user string can widen a
 //! wildcard.
 
+use drover_core::InstanceId;
+use drover_core::ids::is_slug;
+
 /// Is `prefix` usable as a subject prefix and stream-name stem?
 pub fn is_valid_prefix(prefix: &str) -> bool {
     drover_core::ids::is_slug(prefix)
@@ -30,6 +33,19 @@ impl Subjects {
         format!("{}_JOBS", self.stream_stem)
     }
 
+    pub fn recovery_stream(&self) -> String {
+        format!("{}_RECOVERY", self.stream_stem)
+    }
+
+    /// Where recovery tasks (one per dead node) are published.
+    pub fn recovery(&self) -> String {
+        format!("{}.recovery.task", self.prefix)
+    }
+
+    pub fn recovery_filter(&self) -> String {
+        format!("{}.recovery.>", self.prefix)
+    }
+
     pub fn events_stream(&self) -> String {
         format!("{}_EVENTS", self.stream_stem)
     }
@@ -53,6 +69,28 @@ impl Subjects {
             "{}.evt.{campaign}.{workflow}.{instance}.{kind}",
             self.prefix
         )
+    }
+
+    /// `<prefix>.signal.<instance>.<event>`: publish (or, better, request) there to deliver
+    /// the event `<event>` to an instance; the payload is the event's JSON (empty: `null`).
+    pub fn signal(&self, instance: &str, event: &str) -> String {
+        format!("{}.signal.{instance}.{event}", self.prefix)
+    }
+
+    /// What the api role subscribes to for signals.
+    pub fn signal_filter(&self) -> String {
+        format!("{}.signal.*.*", self.prefix)
+    }
+
+    /// The instance and event name of a signal subject; `None` unless it is exactly
+    /// `<prefix>.signal.<uuid>.<slug>`.
+    pub fn parse_signal(&self, subject: &str) -> Option<(InstanceId, String)> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".signal.")?;
+        let (instance, event) = rest.split_once('.')?;
+        let instance = instance.parse().ok()?;
+        is_slug(event).then(|| (instance, event.to_owned()))
     }
 
     /// Does a user-chosen subject fall inside this cluster's own namespace?
@@ -80,6 +118,22 @@ mod tests {
         assert!(s.is_reserved("t-1a.x"));
         assert!(!s.is_reserved("t-1ab.x"));
         assert!(!is_valid_prefix("a.b"));
+
+        let id = InstanceId::new();
+        let subject = s.signal(&id.to_string(), "approved");
+        assert_eq!(subject, format!("t-1a.signal.{id}.approved"));
+        assert_eq!(s.parse_signal(&subject), Some((id, "approved".to_owned())));
+        assert_eq!(s.signal_filter(), "t-1a.signal.*.*");
+        for garbage in [
+            format!("t-1a.signal.{id}"),
+            format!("t-1a.signal.{id}.Approved"),
+            format!("t-1a.signal.{id}.a.b"),
+            "t-1a.signal.not-a-uuid.approved".to_owned(),
+            format!("t-1b.signal.{id}.approved"),
+            format!("t-1a.evt.{id}.approved"),
+        ] {
+            assert_eq!(s.parse_signal(&garbage), None, "{garbage}");
+        }
         assert!(!is_valid_prefix("a>"));
     }
 }

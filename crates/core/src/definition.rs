@@ -24,6 +24,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest duration a definition may give (humantime's `1year`): far past any sensible
 /// timeout or back-off, and far from overflowing `Instant` or timestamp arithmetic downstream.
 pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+/// The deepest chain of `subworkflow` calls: an instance at this `call_depth` cannot start a
+/// child (a top-level instance is at depth 0). Ends runaway recursion with a clear error.
+pub const MAX_CALL_DEPTH: i32 = 32;
 
 const TOP_FIELDS: &[&str] = &["name", "description", "vars", "max_steps", "steps"];
 const STEP_FIELDS: &[&str] = &["id", "kind", "next", "allow_retry", "timeout", "retry"];
@@ -106,10 +109,41 @@ pub enum StepKind {
         handler: String,
         input: Vec<(String, Expr)>,
     },
+    /// Durable: the instance waits in the database, no worker is held.
+    Sleep {
+        until: SleepUntil,
+    },
+    /// Waits for an event delivered to this instance (API, CLI or NATS); events that arrive
+    /// before the instance reaches the step are kept for it.
+    WaitEvent {
+        /// A slug.
+        name: String,
+        /// How long to wait before the step fails; `None`: for ever.
+        timeout: Option<Duration>,
+    },
+    /// Starts a child instance and waits for it to finish.
+    Subworkflow {
+        /// The child's workflow (a slug).
+        workflow: String,
+        /// A version; the latest at the time the child starts when `None`.
+        version: Option<i32>,
+        /// Overrides the child's `vars`, key by key.
+        input: Vec<(String, Expr)>,
+    },
     End {
         status: EndStatus,
         reason: Option<Expr>,
     },
+}
+
+/// How long a `sleep` step sleeps.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SleepUntil {
+    /// `for: 30s`: a duration from the time the step first runs.
+    For(Duration),
+    /// `until: expr`: an expression giving an RFC 3339 timestamp, evaluated when the step
+    /// first runs.
+    Until(Expr),
 }
 
 /// One problem in a definition. `step` is the step's id when it has one; a step without a
@@ -269,6 +303,32 @@ impl Step {
                 object.insert("handler".into(), json!(handler));
                 object.insert("input".into(), exprs_to_json(input));
             }
+            StepKind::Sleep { until } => match until {
+                SleepUntil::For(duration) => {
+                    object.insert("for".into(), duration_to_json(*duration));
+                }
+                SleepUntil::Until(expr) => {
+                    object.insert("until".into(), json!(expr.source()));
+                }
+            },
+            StepKind::WaitEvent { name, timeout } => {
+                object.insert("name".into(), json!(name));
+                // `timeout` is the event's: written here, and the per-attempt one not at all.
+                if let Some(timeout) = timeout {
+                    object.insert("timeout".into(), duration_to_json(*timeout));
+                }
+            }
+            StepKind::Subworkflow {
+                workflow,
+                version,
+                input,
+            } => {
+                object.insert("workflow".into(), json!(workflow));
+                if let Some(version) = version {
+                    object.insert("version".into(), json!(version));
+                }
+                object.insert("input".into(), exprs_to_json(input));
+            }
             StepKind::End { status, reason } => {
                 object.insert("status".into(), json!(status.as_str()));
                 if let Some(reason) = reason {
@@ -276,7 +336,9 @@ impl Step {
                 }
             }
         }
-        object.insert("timeout".into(), duration_to_json(self.timeout));
+        if !matches!(self.kind, StepKind::WaitEvent { .. }) {
+            object.insert("timeout".into(), duration_to_json(self.timeout));
+        }
         object.insert(
             "retry".into(),
             json!({
@@ -355,7 +417,16 @@ impl EndStatus {
 
 impl StepKind {
     /// The kinds this version understands, as written in `kind:`.
-    pub const NAMES: [&'static str; 5] = ["assign", "http", "publish", "handler", "end"];
+    pub const NAMES: [&'static str; 8] = [
+        "assign",
+        "http",
+        "publish",
+        "handler",
+        "sleep",
+        "wait_event",
+        "subworkflow",
+        "end",
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -363,8 +434,19 @@ impl StepKind {
             StepKind::Http { .. } => "http",
             StepKind::Publish { .. } => "publish",
             StepKind::Handler { .. } => "handler",
+            StepKind::Sleep { .. } => "sleep",
+            StepKind::WaitEvent { .. } => "wait_event",
+            StepKind::Subworkflow { .. } => "subworkflow",
             StepKind::End { .. } => "end",
         }
+    }
+
+    /// Does this kind park its instance in `waiting` (no worker held) before it completes?
+    pub fn waits(&self) -> bool {
+        matches!(
+            self,
+            StepKind::Sleep { .. } | StepKind::WaitEvent { .. } | StepKind::Subworkflow { .. }
+        )
     }
 
     /// The fields a kind adds to the common ones; `None` for an unknown kind.
@@ -374,6 +456,10 @@ impl StepKind {
             "http" => &["method", "url", "headers", "body"],
             "publish" => &["subject", "payload"],
             "handler" => &["handler", "input"],
+            "sleep" => &["for", "until"],
+            // `timeout` is a common field; for `wait_event` it means the event's timeout.
+            "wait_event" => &["name"],
+            "subworkflow" => &["workflow", "version", "input"],
             "end" => &["status", "reason"],
             _ => return None,
         })
@@ -756,7 +842,11 @@ impl Checker {
                 true
             }
         };
-        let timeout = self.duration(at, "timeout", object.get("timeout"));
+        // A `wait_event`'s `timeout` is how long it waits for its event (read with its kind).
+        let timeout = match kind {
+            Some("wait_event") => None,
+            _ => self.duration(at, "timeout", object.get("timeout")),
+        };
         if timeout.is_some_and(|t| t.is_zero()) {
             self.error(at, "timeout", "must be longer than 0s");
         }
@@ -919,6 +1009,74 @@ impl Checker {
                 let input = self.expr_map(at, "input", object.get("input"));
                 StepKind::Handler {
                     handler: handler?.to_owned(),
+                    input: input.unwrap_or_default(),
+                }
+            }
+            "sleep" => {
+                let duration = self.duration(at, "for", object.get("for"));
+                let until = present(object.get("until"));
+                match (present(object.get("for")), until) {
+                    (Some(_), Some(_)) => {
+                        self.error(at, "until", "give either `for` or `until`, not both");
+                        return None;
+                    }
+                    (None, None) => {
+                        self.error(
+                            at,
+                            "for",
+                            "missing: a sleep needs `for: <duration>` or `until: <expression>`",
+                        );
+                        return None;
+                    }
+                    (Some(_), None) => StepKind::Sleep {
+                        until: SleepUntil::For(duration?),
+                    },
+                    (None, Some(until)) => StepKind::Sleep {
+                        until: SleepUntil::Until(self.expr(at, "until", until)?),
+                    },
+                }
+            }
+            "wait_event" => {
+                let name = self.required_str(at, "name", object.get("name"));
+                if let Some(name) = name {
+                    self.slug(at, "name", name);
+                }
+                let timeout = self.duration(at, "timeout", object.get("timeout"));
+                if timeout.is_some_and(|t| t.is_zero()) {
+                    self.error(at, "timeout", "must be longer than 0s");
+                }
+                StepKind::WaitEvent {
+                    name: name?.to_owned(),
+                    timeout,
+                }
+            }
+            "subworkflow" => {
+                let workflow = self.required_str(at, "workflow", object.get("workflow"));
+                if let Some(workflow) = workflow {
+                    self.slug(at, "workflow", workflow);
+                }
+                let version = match present(object.get("version")) {
+                    None => None,
+                    Some(v) => {
+                        let version = v.as_u64().and_then(|n| i32::try_from(n).ok());
+                        match version.filter(|n| *n >= 1) {
+                            Some(version) => Some(version),
+                            None => {
+                                self.type_error(
+                                    at,
+                                    "version",
+                                    "a version number (1 to 2147483647)",
+                                    v,
+                                );
+                                return None;
+                            }
+                        }
+                    }
+                };
+                let input = self.expr_map(at, "input", object.get("input"));
+                StepKind::Subworkflow {
+                    workflow: workflow?.to_owned(),
+                    version,
                     input: input.unwrap_or_default(),
                 }
             }
@@ -1284,13 +1442,132 @@ steps:                        # the first step is the entry point
 
     #[test]
     fn unknown_kind_lists_the_known_kinds() {
-        let source = with_first_step("    kind: sleep\n    for: 1s\n    next: [{to: b}]");
+        let source = with_first_step("    kind: nap\n    for: 1s\n    next: [{to: b}]");
         assert_error(
             &source,
             Some("a"),
             "kind",
-            "assign, http, publish, handler, end",
+            "assign, http, publish, handler, sleep, wait_event, subworkflow, end",
         );
+    }
+
+    fn kind_of(source: &str) -> StepKind {
+        match Definition::parse(source) {
+            Ok(definition) => definition.steps[0].kind.clone(),
+            Err(errors) => panic!("{source} does not parse: {errors}"),
+        }
+    }
+
+    #[test]
+    fn sleep_takes_a_duration_or_a_timestamp_expression() {
+        let source = with_first_step("    kind: sleep\n    for: 90s\n    next: [{to: b}]");
+        assert_eq!(
+            kind_of(&source),
+            StepKind::Sleep {
+                until: SleepUntil::For(Duration::from_secs(90))
+            }
+        );
+        let source = with_first_step(
+            "    kind: sleep\n    until: \"timestamp('2030-01-01T00:00:00Z')\"\n    next: [{to: b}]",
+        );
+        assert!(matches!(
+            kind_of(&source),
+            StepKind::Sleep {
+                until: SleepUntil::Until(_)
+            }
+        ));
+        assert!(kind_of(&source).waits());
+    }
+
+    #[test]
+    fn sleep_needs_exactly_one_of_for_and_until() {
+        let both = with_first_step(
+            "    kind: sleep\n    for: 1s\n    until: \"vars.t\"\n    next: [{to: b}]",
+        );
+        assert_error(&both, Some("a"), "until", "either `for` or `until`");
+        let neither = with_first_step("    kind: sleep\n    next: [{to: b}]");
+        assert_error(&neither, Some("a"), "for", "missing");
+        let bad = with_first_step("    kind: sleep\n    for: later\n    next: [{to: b}]");
+        assert_error(&bad, Some("a"), "for", "invalid duration");
+        let bad = with_first_step("    kind: sleep\n    until: 'vars.'\n    next: [{to: b}]");
+        assert_error(&bad, Some("a"), "until", "does not compile");
+        let bad = with_first_step("    kind: sleep\n    for: 1s\n    name: x\n    next: [{to: b}]");
+        assert_error(&bad, Some("a"), "name", "unknown field");
+    }
+
+    #[test]
+    fn wait_event_has_a_slug_name_and_its_own_timeout() {
+        let source = with_first_step(
+            "    kind: wait_event\n    name: approved\n    timeout: 1h\n    next: [{to: b}]",
+        );
+        let definition = Definition::parse(&source).expect("valid");
+        assert_eq!(
+            definition.steps[0].kind,
+            StepKind::WaitEvent {
+                name: "approved".into(),
+                timeout: Some(Duration::from_secs(3600))
+            }
+        );
+        // The per-attempt timeout keeps its default; the canonical JSON has only the event's.
+        assert_eq!(definition.steps[0].timeout, DEFAULT_TIMEOUT);
+        assert_eq!(definition.to_json()["steps"][0]["timeout"], "1h");
+        let source =
+            with_first_step("    kind: wait_event\n    name: approved\n    next: [{to: b}]");
+        let definition = Definition::parse(&source).expect("valid");
+        assert_eq!(definition.to_json()["steps"][0].get("timeout"), None);
+
+        let bad =
+            with_first_step("    kind: wait_event\n    name: Approved.x\n    next: [{to: b}]");
+        assert_error(&bad, Some("a"), "name", "slug");
+        let bad = with_first_step("    kind: wait_event\n    next: [{to: b}]");
+        assert_error(&bad, Some("a"), "name", "missing required field");
+        let bad = with_first_step(
+            "    kind: wait_event\n    name: x\n    timeout: never\n    next: [{to: b}]",
+        );
+        assert_error(&bad, Some("a"), "timeout", "invalid duration");
+        let bad = with_first_step(
+            "    kind: wait_event\n    name: x\n    timeout: 0s\n    next: [{to: b}]",
+        );
+        assert_error(&bad, Some("a"), "timeout", "longer than 0s");
+    }
+
+    #[test]
+    fn subworkflow_names_a_workflow_an_optional_version_and_input() {
+        let source = with_first_step(
+            "    kind: subworkflow\n    workflow: child\n    version: 2\n    input: {n: 'vars.n + 1'}\n    next: [{to: b}]",
+        );
+        let StepKind::Subworkflow {
+            workflow,
+            version,
+            input,
+        } = kind_of(&source)
+        else {
+            panic!("a subworkflow step");
+        };
+        assert_eq!((workflow.as_str(), version), ("child", Some(2)));
+        assert_eq!(input.len(), 1);
+        let source =
+            with_first_step("    kind: subworkflow\n    workflow: child\n    next: [{to: b}]");
+        assert!(matches!(
+            kind_of(&source),
+            StepKind::Subworkflow { version: None, ref input, .. } if input.is_empty()
+        ));
+
+        for bad in ["0", "-1", "1.5", "'2'", "3000000000"] {
+            let source = with_first_step(&format!(
+                "    kind: subworkflow\n    workflow: child\n    version: {bad}\n    next: [{{to: b}}]"
+            ));
+            assert_error(&source, Some("a"), "version", "version number");
+        }
+        let bad =
+            with_first_step("    kind: subworkflow\n    workflow: Child\n    next: [{to: b}]");
+        assert_error(&bad, Some("a"), "workflow", "slug");
+        let bad = with_first_step("    kind: subworkflow\n    next: [{to: b}]");
+        assert_error(&bad, Some("a"), "workflow", "missing required field");
+        let bad = with_first_step(
+            "    kind: subworkflow\n    workflow: c\n    input: {n: 'vars.'}\n    next: [{to: b}]",
+        );
+        assert_error(&bad, Some("a"), "input.n", "does not compile");
     }
 
     #[test]
@@ -1620,7 +1897,19 @@ steps:                        # the first step is the entry point
                     step
                 }),
             ("[a-z]{1,5}(\\.[a-z0-9]{1,5}){0,3}", exprs.clone()).prop_map(|(subject, payload)| json!({"kind": "publish", "subject": subject, "payload": payload})),
-            ("[a-z_]{1,10}", exprs).prop_map(|(handler, input)| json!({"kind": "handler", "handler": handler, "input": input})),
+            ("[a-z_]{1,10}", exprs.clone()).prop_map(|(handler, input)| json!({"kind": "handler", "handler": handler, "input": input})),
+            prop::sample::select(vec!["1s", "90s", "1day", "0s"]).prop_map(|d| json!({"kind": "sleep", "for": d})),
+            Just(json!({"kind": "sleep", "until": "vars.wake_at"})),
+            ("[a-z][a-z0-9_-]{0,8}", prop::option::of(prop::sample::select(vec!["1s", "5m", "2h"]))).prop_map(|(name, timeout)| {
+                let mut step = json!({"kind": "wait_event", "name": name});
+                if let Some(timeout) = timeout { step["timeout"] = json!(timeout); }
+                step
+            }),
+            ("[a-z][a-z0-9-]{0,8}", prop::option::of(1i32..5), exprs).prop_map(|(workflow, version, input)| {
+                let mut step = json!({"kind": "subworkflow", "workflow": workflow, "input": input});
+                if let Some(version) = version { step["version"] = json!(version); }
+                step
+            }),
         ];
         let step = (
             kind,

@@ -77,6 +77,10 @@ int_id!(
     /// A campaign row.
     CampaignId
 );
+int_id!(
+    /// One event delivered to an instance (a row of `instance_signal`), in arrival order.
+    SignalId
+);
 
 impl Fence {
     pub fn next(self) -> Self {

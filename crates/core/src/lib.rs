@@ -9,5 +9,5 @@ pub mod state;
 
 pub use definition::{Definition, DefinitionError, DefinitionErrors, Step, StepKind};
 pub use event::OutboxEvent;
-pub use ids::{CampaignId, Fence, InstanceId, NodeId, StepSeq};
+pub use ids::{CampaignId, Fence, InstanceId, NodeId, SignalId, StepSeq};
 pub use state::InstanceState;

@@ -1,4 +1,4 @@
-use drover_core::InstanceId;
+use drover_core::{InstanceId, InstanceState};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -14,6 +14,15 @@ pub enum Error {
     UnknownWorkflow(String),
     #[error("unknown instance {0}")]
     UnknownInstance(InstanceId),
+    /// The instance has finished (`completed`, `failed` or `stopped`): it takes nothing more.
+    #[error("instance {id} has finished ({state})")]
+    InstanceFinished {
+        id: InstanceId,
+        state: InstanceState,
+    },
+    /// An event name that is not a slug (`[a-z0-9][a-z0-9_-]{0,62}`), so no step waits for it.
+    #[error("event name {0:?} is not a slug ([a-z0-9][a-z0-9_-]{{0,62}})")]
+    InvalidEventName(String),
     #[error("stored row is corrupt: {0}")]
     Corrupt(String),
 }

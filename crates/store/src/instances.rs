@@ -43,6 +43,9 @@ struct InstanceRow {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
+    wake_at: Option<DateTime<Utc>>,
+    wait_event: Option<String>,
+    wait_child: Option<Uuid>,
 }
 
 impl TryFrom<InstanceRow> for Instance {
@@ -67,13 +70,17 @@ impl TryFrom<InstanceRow> for Instance {
             created_at: r.created_at,
             updated_at: r.updated_at,
             finished_at: r.finished_at,
+            wake_at: r.wake_at,
+            wait_event: r.wait_event,
+            wait_child: r.wait_child.map(InstanceId),
         })
     }
 }
 
 const INSTANCE_COLUMNS: &str = "i.id, i.workflow, i.version, c.name AS campaign, i.state, \
     i.current_step, i.step_seq, i.step_attempt, i.fence, i.owner_node, i.vars, i.outputs, \
-    i.error, i.parent_instance_id, i.call_depth, i.created_at, i.updated_at, i.finished_at";
+    i.error, i.parent_instance_id, i.call_depth, i.created_at, i.updated_at, i.finished_at, \
+    i.wake_at, i.wait_event, i.wait_child";
 
 #[derive(sqlx::FromRow)]
 struct CampaignRow {
@@ -235,6 +242,8 @@ impl Store {
                         "workflow": i.workflow,
                         "version": i.version,
                         "entry_step": i.entry_step,
+                        "allow_retry": i.allow_retry,
+                        "timeout_ms": i.timeout_ms,
                         "vars": i.vars,
                     })
                 })
@@ -244,12 +253,13 @@ impl Store {
             "WITH n AS (
                 SELECT * FROM jsonb_to_recordset($1::jsonb) AS n(
                     id uuid, campaign_id bigint, workflow text, version int,
-                    entry_step text, vars jsonb)
+                    entry_step text, allow_retry bool, timeout_ms bigint, vars jsonb)
              ), ins AS (
                 INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
-                                      ready_at, vars, initial_vars)
-                SELECT id, campaign_id, workflow, version, 'ready', entry_step,
-                       clock_timestamp(), vars, vars
+                                      step_retryable, step_timeout_ms, ready_at, vars,
+                                      initial_vars)
+                SELECT id, campaign_id, workflow, version, 'ready', entry_step, allow_retry,
+                       timeout_ms, clock_timestamp(), vars, vars
                 FROM n
                 RETURNING id, current_step, created_at
              ), j AS (
@@ -382,11 +392,19 @@ impl Store {
             vars: Value,
             outputs: Value,
             created_at: DateTime<Utc>,
+            claimed_at: DateTime<Utc>,
+            wait_deadline: Option<DateTime<Utc>>,
+            wait_child: Option<Uuid>,
+            parent_instance_id: Option<Uuid>,
+            call_depth: i32,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "UPDATE instance i
                 SET state = 'running', owner_node = $1, claimed_at = clock_timestamp(),
                     fence = i.fence + 1, step_claims = i.step_claims + 1,
+                    signal_pending = false,
+                    run_deadline = clock_timestamp()
+                                   + (i.step_timeout_ms + 30000) * interval '1 millisecond',
                     updated_at = clock_timestamp()
              FROM unnest($2::uuid[], $3::bigint[], $4::bigint[]) AS j(id, step_seq, fence),
                   campaign c
@@ -395,7 +413,8 @@ impl Store {
                AND EXISTS (SELECT 1 FROM node WHERE id = $1 AND status = 'alive')
              RETURNING i.id, i.workflow, i.version, c.name AS campaign, i.current_step,
                        i.step_seq, i.step_entered_seq, i.step_attempt, i.fence, i.step_claims,
-                       i.steps_run, i.vars, i.outputs, i.created_at",
+                       i.steps_run, i.vars, i.outputs, i.created_at, i.claimed_at,
+                       i.wait_deadline, i.wait_child, i.parent_instance_id, i.call_depth",
         )
         .bind(node.0)
         .bind(&ids)
@@ -420,6 +439,11 @@ impl Store {
                 vars: r.vars,
                 outputs: r.outputs,
                 created_at: r.created_at,
+                claimed_at: r.claimed_at,
+                wait_deadline: r.wait_deadline,
+                wait_child: r.wait_child.map(InstanceId),
+                parent: r.parent_instance_id.map(InstanceId),
+                call_depth: r.call_depth,
             })
             .collect())
     }
@@ -429,9 +453,36 @@ impl Store {
     /// Each completion is a CAS on its instance row (fence, step_seq, RUNNING, owned by
     /// `node`); for those that pass, the journal entry `step_seq + 1` and the events are
     /// written in the same transaction. Returns one [`Commit`] per completion, in order.
+    ///
+    /// Instances this commit makes READY besides the completions' own (children started,
+    /// parents woken) are re-dispatched by the stale-READY sweeper only: workers call
+    /// [`Store::commit_waking`], which returns their jobs.
     pub async fn commit(&self, node: NodeId, completions: &[Completion]) -> Result<Vec<Commit>> {
+        Ok(self.commit_waking(node, completions).await?.results)
+    }
+
+    /// [`Store::commit`], also returning the jobs of the other instances the commit made READY.
+    ///
+    /// Besides each completion's own transition, in the same statement:
+    /// - `Transition::Wait` parks the instance WAITING (`wake_at`, `wait_event`,
+    ///   `wait_child`); a `child` is created READY (journal row 0 `started`, actor
+    ///   `parent:<id>`, `call_depth + 1`, the parent's campaign). A wait for an event that was
+    ///   delivered while the step ran, or for a child that finished meanwhile, goes READY
+    ///   instead (the step runs again and finds it).
+    /// - A completion that `consumes` a signal marks it consumed.
+    /// - A child reaching `completed`, `failed` or `stopped` wakes its WAITING parent (READY
+    ///   at the same step, `step_seq + 1`, journal `woken` by `child:<id>`,
+    ///   `parent_events`). Any other transition leaves the current step's wait behind.
+    pub async fn commit_waking(
+        &self,
+        node: NodeId,
+        completions: &[Completion],
+    ) -> Result<GroupCommit> {
         if completions.is_empty() {
-            return Ok(Vec::new());
+            return Ok(GroupCommit {
+                results: Vec::new(),
+                ready: Vec::new(),
+            });
         }
         let rows = Value::Array(
             completions
@@ -439,12 +490,29 @@ impl Store {
                 .enumerate()
                 .map(|(idx, c)| {
                     let (next_state, next_step, retry, delay_ms) = match &c.transition {
-                        Transition::Next { step } => ("ready", Some(step.as_str()), false, 0),
+                        Transition::Next { step, .. } => ("ready", Some(step.as_str()), false, 0),
                         Transition::Retry { delay_ms } => ("ready", None, true, *delay_ms),
                         Transition::Stop { state } => (state.as_str(), None, false, 0),
+                        Transition::Wait { .. } => ("waiting", None, false, 0),
+                    };
+                    let (allow_retry, timeout_ms) = match &c.transition {
+                        Transition::Next {
+                            allow_retry,
+                            timeout_ms,
+                            ..
+                        } => (Some(*allow_retry), Some(*timeout_ms)),
+                        _ => (None, None),
+                    };
+                    let (wait, wake_at_ms, wait_event, child) = match &c.transition {
+                        Transition::Wait {
+                            wake_at_ms,
+                            event,
+                            child,
+                        } => (true, *wake_at_ms, event.as_deref(), child.as_deref()),
+                        _ => (false, None, None, None),
                     };
                     let transition = next_step.unwrap_or(next_state);
-                    json!({
+                    let mut row = json!({
                         "idx": idx,
                         "instance_id": c.instance,
                         "fence": c.fence,
@@ -456,75 +524,61 @@ impl Store {
                         "transition": transition,
                         "next_state": next_state,
                         "next_step": next_step,
+                        "allow_retry": allow_retry,
+                        "timeout_ms": timeout_ms,
                         "retry": retry,
                         "delay_ms": delay_ms,
                         "vars": c.vars,
                         "output": c.output,
                         "error": c.error,
                         "events": events_json(&c.events),
-                    })
+                        "wait": wait,
+                    });
+                    // The rest only when present (absent keys read as NULL): most completions
+                    // are plain steps, and the statement parses every byte.
+                    if let Some(row) = row.as_object_mut() {
+                        let mut put = |key: &str, value: Value| {
+                            if !value.is_null() {
+                                row.insert(key.to_owned(), value);
+                            }
+                        };
+                        put("wake_at_ms", json!(wake_at_ms));
+                        put("wait_event", json!(wait_event));
+                        put("signal_id", json!(c.consumes));
+                        if !c.parent_events.is_empty() {
+                            put("parent_events", events_json(&c.parent_events));
+                        }
+                        if let Some(k) = child {
+                            put("child_id", json!(k.id));
+                            put("child_workflow", json!(k.workflow));
+                            put("child_version", json!(k.version));
+                            put("child_entry", json!(k.entry_step));
+                            put("child_allow_retry", json!(k.allow_retry));
+                            put("child_timeout_ms", json!(k.timeout_ms));
+                            put("child_vars", k.vars.clone());
+                        }
+                    }
+                    row
                 })
                 .collect(),
         );
-        let results: Vec<(i32, bool, bool)> = sqlx::query_as(
-            "WITH c AS (
-                SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(
-                    idx int, instance_id uuid, fence bigint, step_seq bigint, step_id text,
-                    attempt int, started_at timestamptz, outcome text, transition text,
-                    next_state text, next_step text, retry bool, delay_ms bigint, vars jsonb,
-                    output jsonb, error text, events jsonb)
-             ), upd AS (
-                UPDATE instance i SET
-                    state = c.next_state,
-                    owner_node = NULL,
-                    claimed_at = NULL,
-                    step_seq = i.step_seq + 1,
-                    current_step = coalesce(c.next_step, i.current_step),
-                    step_entered_seq = CASE WHEN c.next_step IS NOT NULL THEN i.step_seq + 1
-                                            ELSE i.step_entered_seq END,
-                    step_attempt = CASE WHEN c.retry THEN i.step_attempt + 1
-                                        WHEN c.next_step IS NOT NULL THEN 1
-                                        ELSE i.step_attempt END,
-                    step_claims = 0,
-                    steps_run = i.steps_run + CASE WHEN c.retry THEN 0 ELSE 1 END,
-                    vars = coalesce(c.vars, i.vars),
-                    outputs = CASE WHEN c.output IS NULL THEN i.outputs
-                                   ELSE i.outputs || jsonb_build_object(c.step_id, c.output) END,
-                    error = c.error,
-                    ready_at = CASE WHEN c.next_state = 'ready'
-                                    THEN clock_timestamp() + c.delay_ms * interval '1 millisecond'
-                               END,
-                    finished_at = CASE WHEN c.next_state IN ('completed', 'failed')
-                                       THEN clock_timestamp() END,
-                    holds_permit = i.holds_permit
-                                   AND c.next_state NOT IN ('completed', 'failed', 'stopped'),
-                    updated_at = clock_timestamp()
-                FROM c
-                WHERE i.id = c.instance_id AND i.fence = c.fence AND i.step_seq = c.step_seq
-                  AND i.state = 'running' AND i.owner_node = $2
-                RETURNING c.idx
-             ), j AS (
-                INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
-                                     attempt, node_id, started_at, finished_at, output, error)
-                SELECT c.instance_id, c.step_seq + 1, c.step_id, c.outcome, c.transition,
-                       c.fence, c.attempt, $2, c.started_at, clock_timestamp(), c.output, c.error
-                FROM c JOIN upd ON upd.idx = c.idx
-             ), ev AS (
-                INSERT INTO event_outbox (id, subject, payload)
-                SELECT e.id, e.subject, e.payload
-                FROM c JOIN upd ON upd.idx = c.idx,
-                     jsonb_to_recordset(c.events) AS e(id uuid, subject text, payload jsonb)
-             )
-             SELECT c.idx, upd.idx IS NOT NULL,
-                    EXISTS (SELECT 1 FROM journal jr
-                            WHERE jr.instance_id = c.instance_id AND jr.step_seq = c.step_seq + 1)
-             FROM c LEFT JOIN upd ON upd.idx = c.idx
-             ORDER BY c.idx",
-        )
-        .bind(rows)
-        .bind(node.0)
-        .fetch_all(&self.pool)
-        .await?;
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            committed: bool,
+            existed: bool,
+            state: Option<String>,
+            step_seq: Option<i64>,
+            fence: Option<i64>,
+            child_id: Option<Uuid>,
+            parent_id: Option<Uuid>,
+            parent_seq: Option<i64>,
+            parent_fence: Option<i64>,
+        }
+        let results: Vec<Row> = sqlx::query_as(COMMIT)
+            .bind(rows)
+            .bind(node.0)
+            .fetch_all(&self.pool)
+            .await?;
         if results.len() != completions.len() {
             return Err(Error::Corrupt(format!(
                 "group commit answered {} results for {} completions",
@@ -532,14 +586,49 @@ impl Store {
                 completions.len()
             )));
         }
-        Ok(results
-            .into_iter()
-            .map(|(_, committed, existed)| match (committed, existed) {
+        let mut ready = Vec::new();
+        let mut commits = Vec::with_capacity(results.len());
+        for (row, completion) in results.into_iter().zip(completions) {
+            commits.push(match (row.committed, row.existed) {
                 (true, _) => Commit::Committed,
                 (false, true) => Commit::AlreadyCommitted,
                 (false, false) => Commit::Fenced,
-            })
-            .collect())
+            });
+            if !row.committed {
+                continue;
+            }
+            if let Some(child) = row.child_id {
+                ready.push(ClaimRequest {
+                    instance: InstanceId(child),
+                    step_seq: StepSeq(0),
+                    fence: Fence(0),
+                });
+            }
+            if let (Some(id), Some(seq), Some(fence)) =
+                (row.parent_id, row.parent_seq, row.parent_fence)
+            {
+                ready.push(ClaimRequest {
+                    instance: InstanceId(id),
+                    step_seq: StepSeq(seq),
+                    fence: Fence(fence),
+                });
+            }
+            // A wait that went READY at once: its job is not one the caller expects.
+            if matches!(completion.transition, Transition::Wait { .. })
+                && row.state.as_deref() == Some("ready")
+                && let (Some(seq), Some(fence)) = (row.step_seq, row.fence)
+            {
+                ready.push(ClaimRequest {
+                    instance: completion.instance,
+                    step_seq: StepSeq(seq),
+                    fence: Fence(fence),
+                });
+            }
+        }
+        Ok(GroupCommit {
+            results: commits,
+            ready,
+        })
     }
 
     /// READY instances whose `ready_at` is older than `older_than_ms`: their job may have
@@ -565,3 +654,179 @@ impl Store {
             .collect())
     }
 }
+
+/// Does a completion's wait end at once? It waits for an event that was delivered while the
+/// step ran (`signal_pending`), or keeps waiting for a child that has finished meanwhile.
+macro_rules! wait_ends_at_once {
+    () => {
+        "(c.wait AND ((c.wait_event IS NOT NULL AND i.signal_pending)
+                      OR (c.child_id IS NULL AND i.wait_child IS NOT NULL
+                          AND i.pending_children = 0)))"
+    };
+}
+
+/// The group commit (see [`Store::commit_waking`]): `$1` the completions as JSON, `$2` the node.
+///
+/// A child's terminal commit locks its parent row (`pl`) whatever the parent's state, and
+/// always decrements `pending_children`: so a parent that commits a wait for that child at the
+/// same moment either is seen WAITING here (and woken), or sees `pending_children = 0` itself
+/// (and goes READY). Neither can miss the other.
+const COMMIT: &str = concat!(
+    "WITH c AS (
+        SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(
+            idx int, instance_id uuid, fence bigint, step_seq bigint, step_id text,
+            attempt int, started_at timestamptz, outcome text, transition text,
+            next_state text, next_step text, allow_retry bool, timeout_ms bigint,
+            retry bool, delay_ms bigint, vars jsonb, output jsonb, error text,
+            events jsonb, wait bool, wake_at_ms bigint, wait_event text, signal_id bigint,
+            parent_events jsonb, child_id uuid, child_workflow text, child_version int,
+            child_entry text, child_allow_retry bool, child_timeout_ms bigint,
+            child_vars jsonb)
+     ), t AS (
+        SELECT clock_timestamp() AS now
+     ), upd AS (
+        UPDATE instance i SET
+            state = CASE WHEN ",
+    wait_ends_at_once!(),
+    " THEN 'ready' ELSE c.next_state END,
+            owner_node = NULL,
+            claimed_at = NULL,
+            step_seq = i.step_seq + 1,
+            current_step = coalesce(c.next_step, i.current_step),
+            step_entered_seq = CASE WHEN c.next_step IS NOT NULL THEN i.step_seq + 1
+                                    ELSE i.step_entered_seq END,
+            step_attempt = CASE WHEN c.retry THEN i.step_attempt + 1
+                                WHEN c.next_step IS NOT NULL THEN 1
+                                ELSE i.step_attempt END,
+            step_claims = 0,
+            step_retryable = coalesce(c.allow_retry, i.step_retryable),
+            step_timeout_ms = coalesce(c.timeout_ms, i.step_timeout_ms),
+            run_deadline = NULL,
+            steps_run = i.steps_run + CASE WHEN c.retry OR c.wait THEN 0 ELSE 1 END,
+            vars = coalesce(c.vars, i.vars),
+            outputs = CASE WHEN c.output IS NULL THEN i.outputs
+                           ELSE i.outputs || jsonb_build_object(c.step_id, c.output) END,
+            error = c.error,
+            ready_at = CASE WHEN ",
+    wait_ends_at_once!(),
+    " THEN t.now
+                            WHEN c.next_state = 'ready'
+                            THEN t.now + c.delay_ms * interval '1 millisecond'
+                       END,
+            finished_at = CASE WHEN c.next_state IN ('completed', 'failed')
+                               THEN t.now END,
+            holds_permit = i.holds_permit
+                           AND c.next_state NOT IN ('completed', 'failed', 'stopped'),
+            wake_at = CASE WHEN c.wait AND c.wake_at_ms IS NOT NULL
+                                AND NOT ",
+    wait_ends_at_once!(),
+    "
+                           THEN coalesce(i.wait_deadline,
+                                         t.now + c.wake_at_ms * interval '1 millisecond')
+                      END,
+            -- Kept across waits and retries of the step (a retry must not restart a timeout).
+            wait_deadline = CASE WHEN c.wait
+                                 THEN coalesce(i.wait_deadline,
+                                               t.now + c.wake_at_ms * interval '1 millisecond')
+                                 WHEN c.retry THEN i.wait_deadline
+                            END,
+            wait_event = CASE WHEN c.wait THEN c.wait_event END,
+            wait_child = CASE WHEN c.child_id IS NOT NULL THEN c.child_id
+                              WHEN c.wait THEN i.wait_child END,
+            pending_children = CASE WHEN c.child_id IS NOT NULL THEN 1
+                                    WHEN c.wait THEN i.pending_children
+                                    ELSE 0 END,
+            updated_at = t.now
+        FROM c, t
+        WHERE i.id = c.instance_id AND i.fence = c.fence AND i.step_seq = c.step_seq
+          AND i.state = 'running' AND i.owner_node = $2
+          -- A node declared dead abandons its steps: none of its writes land.
+          AND EXISTS (SELECT 1 FROM node WHERE id = $2 AND status <> 'dead')
+        RETURNING c.idx, i.id, i.state, i.step_seq, i.fence, i.campaign_id, i.call_depth,
+                  i.parent_instance_id, i.wake_at, i.wait_child
+     ), j AS (
+        INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                             attempt, node_id, started_at, finished_at, output, error)
+        SELECT c.instance_id, c.step_seq + 1, c.step_id, c.outcome,
+               CASE WHEN c.wait THEN upd.state ELSE c.transition END,
+               c.fence, c.attempt, $2, c.started_at, clock_timestamp(),
+               CASE WHEN c.wait
+                    THEN jsonb_strip_nulls(jsonb_build_object(
+                        'wake_at', upd.wake_at, 'event', c.wait_event,
+                        'child', upd.wait_child))
+                    ELSE c.output END,
+               c.error
+        FROM c JOIN upd ON upd.idx = c.idx
+     ), ev AS (
+        INSERT INTO event_outbox (id, subject, payload)
+        SELECT e.id, e.subject, e.payload
+        FROM c JOIN upd ON upd.idx = c.idx,
+             jsonb_to_recordset(c.events) AS e(id uuid, subject text, payload jsonb)
+     ), sig AS (
+        UPDATE instance_signal s SET consumed_at = clock_timestamp(),
+                                     consumed_seq = c.step_seq + 1
+        FROM c JOIN upd ON upd.idx = c.idx
+        WHERE c.signal_id IS NOT NULL
+          AND s.id = c.signal_id AND s.instance_id = c.instance_id AND s.consumed_at IS NULL
+     ), child AS (
+        INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
+                              step_retryable, step_timeout_ms, ready_at, vars, initial_vars,
+                              parent_instance_id, call_depth)
+        SELECT c.child_id, upd.campaign_id, c.child_workflow, c.child_version, 'ready',
+               c.child_entry, c.child_allow_retry, c.child_timeout_ms, clock_timestamp(),
+               c.child_vars, c.child_vars, upd.id, upd.call_depth + 1
+        FROM c JOIN upd ON upd.idx = c.idx
+        WHERE c.child_id IS NOT NULL
+        RETURNING id, current_step, created_at, parent_instance_id
+     ), child_j AS (
+        INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                             attempt, actor, started_at, finished_at)
+        SELECT id, 0, current_step, 'started', 'ready', 0, 1, 'parent:' || parent_instance_id,
+               created_at, created_at
+        FROM child
+     ), pl AS (
+        SELECT p.id, p.state, p.wait_child, upd.id AS child_id, upd.state AS child_state,
+               upd.idx
+        FROM instance p JOIN upd ON p.id = upd.parent_instance_id
+        WHERE upd.state IN ('completed', 'failed', 'stopped')
+        FOR UPDATE OF p
+     ), pw AS (
+        UPDATE instance p SET
+            state = 'ready', step_seq = p.step_seq + 1,
+            pending_children = greatest(p.pending_children - 1, 0),
+            wake_at = NULL, wait_event = NULL, ready_at = clock_timestamp(),
+            updated_at = clock_timestamp()
+        FROM pl
+        WHERE p.id = pl.id AND pl.state = 'waiting' AND pl.wait_child = pl.child_id
+        RETURNING p.id, p.step_seq, p.fence, p.current_step, p.step_attempt, pl.child_id,
+                  pl.child_state, pl.idx
+     ), pdec AS (
+        UPDATE instance p SET pending_children = greatest(p.pending_children - 1, 0),
+                              updated_at = clock_timestamp()
+        FROM pl
+        WHERE p.id = pl.id AND pl.state <> 'waiting' AND pl.wait_child = pl.child_id
+     ), pj AS (
+        INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                             attempt, actor, started_at, finished_at, output)
+        SELECT id, step_seq, current_step, 'woken', 'ready', fence, step_attempt,
+               'child:' || child_id, clock_timestamp(), clock_timestamp(),
+               jsonb_build_object('child', child_id, 'status', child_state)
+        FROM pw
+     ), pev AS (
+        INSERT INTO event_outbox (id, subject, payload)
+        SELECT e.id, e.subject, e.payload
+        FROM pw JOIN c ON c.idx = pw.idx,
+             jsonb_to_recordset(c.parent_events) AS e(id uuid, subject text, payload jsonb)
+     )
+     SELECT upd.idx IS NOT NULL AS committed,
+            EXISTS (SELECT 1 FROM journal jr
+                    WHERE jr.instance_id = c.instance_id AND jr.step_seq = c.step_seq + 1)
+                AS existed,
+            upd.state, upd.step_seq, upd.fence,
+            child.id AS child_id,
+            pw.id AS parent_id, pw.step_seq AS parent_seq, pw.fence AS parent_fence
+     FROM c LEFT JOIN upd ON upd.idx = c.idx
+            LEFT JOIN child ON child.parent_instance_id = c.instance_id
+            LEFT JOIN pw ON pw.idx = c.idx
+     ORDER BY c.idx"
+);

@@ -11,9 +11,13 @@
 
 mod error;
 mod instances;
+mod lease;
 mod model;
 mod nodes;
+mod operator;
 mod outbox;
+mod recovery;
+mod waiting;
 
 use std::time::Duration;
 
@@ -22,8 +26,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub use error::{Error, Result};
+pub use lease::LeaderTerm;
 pub use model::*;
 pub use nodes::Heartbeat;
+pub use operator::{Resume, Resumed};
+pub use recovery::COORDINATOR_LEASE;
 
 /// The embedded schema migrations.
 pub static MIGRATOR: Migrator = sqlx::migrate!();

@@ -1,7 +1,9 @@
 //! Rows and requests the store reads and writes.
 
 use chrono::{DateTime, Utc};
-use drover_core::{CampaignId, Fence, InstanceId, InstanceState, NodeId, OutboxEvent, StepSeq};
+use drover_core::{
+    CampaignId, Fence, InstanceId, InstanceState, NodeId, OutboxEvent, SignalId, StepSeq,
+};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -55,6 +57,10 @@ pub struct NewInstance {
     pub workflow: String,
     pub version: i32,
     pub entry_step: String,
+    /// The entry step's `allow_retry`.
+    pub allow_retry: bool,
+    /// The entry step's timeout.
+    pub timeout_ms: i64,
     pub vars: Value,
 }
 
@@ -79,6 +85,12 @@ pub struct Instance {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the timer wakes it (a WAITING instance's sleep or event timeout).
+    pub wake_at: Option<DateTime<Utc>>,
+    /// The event a WAITING instance waits for.
+    pub wait_event: Option<String>,
+    /// The child its current `subworkflow` step started.
+    pub wait_child: Option<InstanceId>,
 }
 
 /// Which instances to list, newest first.
@@ -137,17 +149,60 @@ pub struct Claimed {
     pub vars: Value,
     pub outputs: Value,
     pub created_at: DateTime<Utc>,
+    /// When the claim happened, by the database clock: what waiting steps compare their
+    /// deadline with.
+    pub claimed_at: DateTime<Utc>,
+    /// When the current step's wait ends (a sleep's wake time, a wait_event's timeout): set
+    /// when the step first waits, `None` before that.
+    pub wait_deadline: Option<DateTime<Utc>>,
+    /// The child instance the current `subworkflow` step started, if it started one.
+    pub wait_child: Option<InstanceId>,
+    /// The instance whose `subworkflow` step started this one.
+    pub parent: Option<InstanceId>,
+    /// How many `subworkflow` calls deep this instance is (0 for a top-level one).
+    pub call_depth: i32,
+}
+
+/// A child instance a `subworkflow` step starts, in the commit that parks its parent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewChild {
+    pub id: InstanceId,
+    pub workflow: String,
+    pub version: i32,
+    pub entry_step: String,
+    /// The entry step's `allow_retry`.
+    pub allow_retry: bool,
+    /// The entry step's timeout.
+    pub timeout_ms: i64,
+    pub vars: Value,
 }
 
 /// Where a completed step leaves its instance.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Transition {
-    /// Go on with `step` (a new step: attempt 1).
-    Next { step: String },
+    /// Go on with `step` (a new step: attempt 1), whose `allow_retry` and timeout recovery
+    /// needs to know.
+    Next {
+        step: String,
+        allow_retry: bool,
+        timeout_ms: i64,
+    },
     /// Run the same step again after `delay_ms` (attempt + 1, same idempotency key).
     Retry { delay_ms: u64 },
     /// Stop in a state that needs no worker: `completed`, `failed` or `in_error`.
     Stop { state: InstanceState },
+    /// Park the instance WAITING at the same step (no worker held, the step not finished)
+    /// until the first of: the timer, the event, the child. A re-run of the step decides
+    /// whether the wait is over.
+    Wait {
+        /// Wake after this many milliseconds from the commit, by the database clock. Only the
+        /// step's first wait sets its deadline; a later wait of the same step keeps it.
+        wake_at_ms: Option<i64>,
+        /// Wake when an event of this name is delivered.
+        event: Option<String>,
+        /// Start this child in the same transaction; wake when it finishes.
+        child: Option<Box<NewChild>>,
+    },
 }
 
 /// The result of running one claimed step, to be group-committed.
@@ -170,6 +225,22 @@ pub struct Completion {
     pub error: Option<String>,
     /// Events describing this transition, written in the same transaction.
     pub events: Vec<OutboxEvent>,
+    /// The signal a `wait_event` step consumed: marked consumed only if this commit lands.
+    pub consumes: Option<SignalId>,
+    /// Events for the parent of a child instance, written only if this (terminal) commit wakes
+    /// the parent.
+    pub parent_events: Vec<OutboxEvent>,
+}
+
+/// What a group commit did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupCommit {
+    /// One per completion, in order.
+    pub results: Vec<Commit>,
+    /// Other instances the commit made READY, whose jobs the caller publishes: children
+    /// started, parents woken by a finished child, and waits that found their event had
+    /// arrived already.
+    pub ready: Vec<ClaimRequest>,
 }
 
 /// What became of one completion in a group commit.
@@ -201,4 +272,76 @@ pub struct Node {
     pub started_at: DateTime<Utc>,
     pub died_at: Option<DateTime<Utc>>,
     pub in_flight: i32,
+    /// Resident memory of the node process at its last heartbeat.
+    pub rss_bytes: i64,
+}
+
+/// The lease a coordinator holds while it leads.
+#[derive(Clone, Debug, Serialize)]
+pub struct Lease {
+    pub name: String,
+    pub holder: Option<NodeId>,
+    pub term: i64,
+    pub expires_at: DateTime<Utc>,
+    pub acquired_at: Option<DateTime<Utc>>,
+    /// Whether `expires_at` is still in the future (by the database clock).
+    pub live: bool,
+}
+
+/// An instance taken back from a dead node, as recovery decided.
+#[derive(Clone, Debug)]
+pub struct Orphan {
+    pub id: InstanceId,
+    pub workflow: String,
+    pub version: i32,
+    pub campaign: String,
+    pub current_step: String,
+    /// The checkpoint after the requeue (a journaled transition).
+    pub step_seq: StepSeq,
+    /// The fence after the requeue.
+    pub fence: Fence,
+    /// `ready` (re-dispatch) or `in_error` (a non-retryable step was interrupted).
+    pub state: InstanceState,
+}
+
+/// A WAITING instance made READY again (by the timer or a signal), as the store decided.
+#[derive(Clone, Debug)]
+pub struct Woken {
+    pub id: InstanceId,
+    pub workflow: String,
+    pub version: i32,
+    pub campaign: String,
+    pub current_step: String,
+    /// The checkpoint after the wake (a journaled transition).
+    pub step_seq: StepSeq,
+    /// Unchanged by a wake: no worker holds a WAITING instance.
+    pub fence: Fence,
+}
+
+impl Woken {
+    /// The job to publish for it.
+    pub fn job(&self) -> ClaimRequest {
+        ClaimRequest {
+            instance: self.id,
+            step_seq: self.step_seq,
+            fence: self.fence,
+        }
+    }
+}
+
+/// What a signal delivery did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The instance was waiting for it and is READY now: publish the job.
+    Woke(ClaimRequest),
+    /// Stored until the instance waits for it (a step consumes it then).
+    Kept,
+}
+
+/// An unconsumed signal, oldest first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingSignal {
+    pub id: SignalId,
+    pub payload: Value,
+    pub received_at: DateTime<Utc>,
 }

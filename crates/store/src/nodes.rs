@@ -34,13 +34,14 @@ impl Store {
     }
 
     /// Renews the node's heartbeat (database clock) unless it has been declared dead.
-    pub async fn heartbeat(&self, id: NodeId, in_flight: i32) -> Result<Heartbeat> {
+    pub async fn heartbeat(&self, id: NodeId, in_flight: i32, rss_bytes: i64) -> Result<Heartbeat> {
         let done = sqlx::query(
-            "UPDATE node SET heartbeat_at = clock_timestamp(), in_flight = $2
+            "UPDATE node SET heartbeat_at = clock_timestamp(), in_flight = $2, rss_bytes = $3
              WHERE id = $1 AND status <> 'dead'",
         )
         .bind(id.0)
         .bind(in_flight)
+        .bind(rss_bytes)
         .execute(&self.pool)
         .await?;
         Ok(if done.rows_affected() == 1 {
@@ -76,8 +77,10 @@ impl Store {
             DateTime<Utc>,
             Option<DateTime<Utc>>,
             i32,
+            i64,
         )> = sqlx::query_as(
-            "SELECT id, roles, host, version, status, heartbeat_at, started_at, died_at, in_flight
+            "SELECT id, roles, host, version, status, heartbeat_at, started_at, died_at, in_flight,
+                    rss_bytes
              FROM node ORDER BY started_at DESC",
         )
         .fetch_all(&self.pool)
@@ -95,6 +98,7 @@ impl Store {
                     started_at,
                     died_at,
                     in_flight,
+                    rss_bytes,
                 )| Node {
                     id: NodeId(id),
                     roles,
@@ -105,6 +109,7 @@ impl Store {
                     started_at,
                     died_at,
                     in_flight,
+                    rss_bytes,
                 },
             )
             .collect())

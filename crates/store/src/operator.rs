@@ -1,0 +1,202 @@
+//! Operator actions on instances. Each is one transaction that re-checks, under a row lock,
+//! what the caller decided from an earlier read (state, fence and checkpoint), so a concurrent
+//! change makes the action refuse instead of acting on stale facts. Each writes its journal
+//! row, an `audit` row and its events in that same transaction.
+
+use drover_core::{Fence, InstanceId, InstanceState, OutboxEvent, StepSeq};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use crate::model::ClaimRequest;
+use crate::{Error, Result, Store};
+
+/// How deep a call chain is followed looking for failed descendants: far deeper than any real
+/// chain, and a bound should `parent_instance_id` ever form a cycle.
+const MAX_CALL_CHAIN: i32 = 1_000;
+
+/// An operator's resume of an `in_error` instance, as the caller decided it from the instance
+/// it read (`fence`, `step_seq`) and its definition (`step` and that step's settings).
+#[derive(Clone, Debug)]
+pub struct Resume {
+    pub instance: InstanceId,
+    /// The fence read: the resume applies only if it is still the instance's.
+    pub fence: Fence,
+    /// The checkpoint read: the resume applies only if it is still the instance's.
+    pub step_seq: StepSeq,
+    /// The step the instance is READY at afterwards: its current step (retry) or the target of
+    /// the current step's transition (skip).
+    pub step: String,
+    /// `step`'s `allow_retry`.
+    pub allow_retry: bool,
+    /// `step`'s timeout.
+    pub timeout_ms: i64,
+    /// Variables replaced (top-level keys) before the instance runs on.
+    pub set: Map<String, Value>,
+    /// Who resumes: the journal's and the audit row's `actor`.
+    pub actor: String,
+    /// Recorded in the audit row (`current_step` or `next_step`).
+    pub mode: String,
+    /// The events describing the resume, written to the outbox in the same transaction.
+    pub events: Vec<OutboxEvent>,
+}
+
+/// What became of a [`Resume`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resumed {
+    /// READY at the new checkpoint: publish `job` (after the commit, which has happened).
+    Resumed { job: ClaimRequest },
+    /// No such instance.
+    Unknown,
+    /// The instance is not `in_error` (and its fence has not moved since it was read).
+    NotInError(InstanceState),
+    /// A descendant deeper in the instance's call chain is `in_error`: resume that one first.
+    NotDeepest(InstanceId),
+    /// The instance moved on since it was read (fence or checkpoint changed): nothing done.
+    Conflict,
+}
+
+impl Store {
+    /// The deepest `in_error` descendant of `id` (children via `parent_instance_id`,
+    /// recursively), if any: while there is one, `id` may not be resumed.
+    pub async fn deepest_failed_descendant(&self, id: InstanceId) -> Result<Option<InstanceId>> {
+        deepest_failed_descendant(&mut *self.pool.acquire().await?, id).await
+    }
+
+    /// Resumes an `in_error` instance in one transaction: under a lock on its row, checks it
+    /// is still `in_error` at the fence and checkpoint the caller read and that no descendant
+    /// is `in_error`; then makes it READY at `resume.step` (`fence + 1`, `step_seq + 1`,
+    /// attempt 1, variables merged with `resume.set`, error and the step's wait cleared: the
+    /// step is entered anew) and writes the journal row (outcome `resumed`), the audit row and
+    /// the events. Campaign permits are left as they are.
+    pub async fn resume(&self, resume: &Resume) -> Result<Resumed> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(String, i64, i64, String, i32)> = sqlx::query_as(
+            "SELECT state, fence, step_seq, current_step, step_attempt
+             FROM instance WHERE id = $1 FOR UPDATE",
+        )
+        .bind(resume.instance.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((state, fence, step_seq, from_step, from_attempt)) = row else {
+            return Ok(Resumed::Unknown);
+        };
+        if fence != resume.fence.0 || step_seq != resume.step_seq.0 {
+            return Ok(Resumed::Conflict);
+        }
+        let state: InstanceState = state
+            .parse()
+            .map_err(|_| Error::Corrupt(format!("unknown instance state {state:?}")))?;
+        if state != InstanceState::InError {
+            return Ok(Resumed::NotInError(state));
+        }
+        if let Some(child) = deepest_failed_descendant(&mut tx, resume.instance).await? {
+            return Ok(Resumed::NotDeepest(child));
+        }
+
+        let details = json!({
+            "mode": resume.mode,
+            "from_step": from_step,
+            "to_step": resume.step,
+            "set": resume.set,
+            "fence": resume.fence.next(),
+            "step_seq": resume.step_seq.next(),
+        });
+        let events = Value::Array(
+            resume
+                .events
+                .iter()
+                .map(|e| json!({ "id": e.id, "subject": e.subject, "payload": e.payload }))
+                .collect(),
+        );
+        let resumed: Option<(i64, i64)> = sqlx::query_as(
+            "WITH upd AS (
+                UPDATE instance i SET
+                    state = 'ready',
+                    current_step = $4,
+                    fence = i.fence + 1,
+                    step_seq = i.step_seq + 1,
+                    step_entered_seq = i.step_seq + 1,
+                    step_attempt = 1,
+                    step_claims = 0,
+                    -- A resume grants a fresh step budget: an operator decided to go on.
+                    steps_run = 0,
+                    step_retryable = $5,
+                    step_timeout_ms = $6,
+                    run_deadline = NULL,
+                    wake_at = NULL,
+                    wait_deadline = NULL,
+                    wait_event = NULL,
+                    wait_child = NULL,
+                    error = NULL,
+                    vars = i.vars || $7::jsonb,
+                    ready_at = clock_timestamp(),
+                    updated_at = clock_timestamp()
+                WHERE i.id = $1 AND i.state = 'in_error' AND i.fence = $2 AND i.step_seq = $3
+                RETURNING i.id, i.step_seq, i.fence
+             ), j AS (
+                INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                                     attempt, actor, started_at, finished_at)
+                SELECT id, step_seq, $11, 'resumed', $4, fence, $12, $8,
+                       clock_timestamp(), clock_timestamp()
+                FROM upd
+             ), a AS (
+                INSERT INTO audit (actor, action, target, details)
+                SELECT $8, 'resume', id::text, $9 FROM upd
+             ), ev AS (
+                INSERT INTO event_outbox (id, subject, payload)
+                SELECT e.id, e.subject, e.payload
+                FROM upd, jsonb_to_recordset($10::jsonb) AS e(id uuid, subject text, payload jsonb)
+             )
+             SELECT step_seq, fence FROM upd",
+        )
+        .bind(resume.instance.0)
+        .bind(resume.fence.0)
+        .bind(resume.step_seq.0)
+        .bind(&resume.step)
+        .bind(resume.allow_retry)
+        .bind(resume.timeout_ms)
+        .bind(Value::Object(resume.set.clone()))
+        .bind(&resume.actor)
+        .bind(details)
+        .bind(events)
+        .bind(&from_step)
+        .bind(from_attempt)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((step_seq, fence)) = resumed else {
+            return Err(Error::Corrupt(format!(
+                "instance {} was locked in_error at fence {} but its resume updated nothing",
+                resume.instance, resume.fence
+            )));
+        };
+        tx.commit().await?;
+        Ok(Resumed::Resumed {
+            job: ClaimRequest {
+                instance: resume.instance,
+                step_seq: StepSeq(step_seq),
+                fence: Fence(fence),
+            },
+        })
+    }
+}
+
+async fn deepest_failed_descendant(
+    conn: &mut sqlx::PgConnection,
+    id: InstanceId,
+) -> Result<Option<InstanceId>> {
+    let row: Option<(Uuid,)> = sqlx::query_as(
+        "WITH RECURSIVE d (id, state, depth) AS (
+            SELECT id, state, 1 FROM instance WHERE parent_instance_id = $1
+            UNION ALL
+            SELECT i.id, i.state, d.depth + 1
+            FROM instance i JOIN d ON i.parent_instance_id = d.id
+            WHERE d.depth < $2
+         )
+         SELECT id FROM d WHERE state = 'in_error' ORDER BY depth DESC, id LIMIT 1",
+    )
+    .bind(id.0)
+    .bind(MAX_CALL_CHAIN)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|(id,)| InstanceId(id)))
+}

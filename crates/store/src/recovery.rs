@@ -1,0 +1,246 @@
+//! Taking instances back from dead nodes, and spotting nodes that died.
+//!
+//! `dead` is one-way, and a dead node can neither claim (the claim checks the node is alive)
+//! nor commit (recovery bumps every fence it takes back). So requeueing a dead node's instances
+//! is safe from any coordinator, leader or not, and doing it twice finds nothing the second
+//! time.
+
+use drover_core::{Fence, InstanceId, InstanceState, NodeId, OutboxEvent, StepSeq};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::lease::LeaderTerm;
+use crate::model::Orphan;
+use crate::{Error, Result, Store};
+
+/// The lease the coordinators elect their leader with.
+pub const COORDINATOR_LEASE: &str = "coordinator";
+
+impl Store {
+    /// As leader under `term`: marks nodes silent for over `silence_ms` dead and returns them.
+    /// Does nothing unless the lease is still held under `term` (checked in the same statement).
+    pub async fn declare_dead_nodes(
+        &self,
+        holder: NodeId,
+        term: LeaderTerm,
+        silence_ms: i64,
+    ) -> Result<Vec<NodeId>> {
+        let rows: Vec<(Uuid,)> = sqlx::query_as(
+            "UPDATE node SET status = 'dead', died_at = clock_timestamp()
+             WHERE status <> 'dead'
+               AND heartbeat_at < clock_timestamp() - $3 * interval '1 millisecond'
+               AND EXISTS (SELECT 1 FROM leader_lease
+                           WHERE name = $4 AND holder = $1 AND term = $2
+                             AND expires_at > clock_timestamp())
+             RETURNING id",
+        )
+        .bind(holder.0)
+        .bind(term.0)
+        .bind(silence_ms)
+        .bind(COORDINATOR_LEASE)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id,)| NodeId(id)).collect())
+    }
+
+    /// Dead nodes that still own RUNNING instances (a recovery task may have been lost).
+    pub async fn dead_nodes_with_orphans(&self) -> Result<Vec<NodeId>> {
+        let rows: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT DISTINCT i.owner_node FROM instance i JOIN node n ON n.id = i.owner_node
+             WHERE i.state = 'running' AND n.status = 'dead'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id,)| NodeId(id)).collect())
+    }
+
+    /// Takes back up to `limit` RUNNING instances of the dead node `node` in one transaction:
+    /// each goes to READY with `fence + 1` (to be re-dispatched), or to IN_ERROR if its step
+    /// is not safe to run again (`allow_retry: false`). Each is journaled (actor `recovery`)
+    /// with the events `events` builds for it. Returns nothing once the node has no more.
+    ///
+    /// `by` is the coordinator doing it (journaled as actor `recovery:<by>`).
+    pub async fn requeue_orphans<F>(
+        &self,
+        node: NodeId,
+        by: NodeId,
+        limit: i64,
+        events: F,
+    ) -> Result<Vec<Orphan>>
+    where
+        F: Fn(&Orphan) -> Vec<OutboxEvent>,
+    {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<Running> = sqlx::query_as(&format!(
+            "SELECT {RUNNING_COLUMNS}
+             FROM instance i JOIN campaign c ON c.id = i.campaign_id
+             WHERE i.owner_node = $1 AND i.state = 'running'
+               AND EXISTS (SELECT 1 FROM node WHERE id = $1 AND status = 'dead')
+             ORDER BY i.id LIMIT $2
+             FOR UPDATE OF i SKIP LOCKED"
+        ))
+        .bind(node.0)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let why = format!("node {node} died");
+        let orphans = requeue(&mut tx, rows, by, "requeued", &why, &events).await?;
+        tx.commit().await?;
+        Ok(orphans)
+    }
+
+    /// As leader under `term`: RUNNING instances past their run deadline on a node that still
+    /// heartbeats (a stuck worker) are taken back like a dead node's, with `fence + 1`, so the
+    /// stuck worker's eventual commit is rejected.
+    pub async fn requeue_overdue<F>(
+        &self,
+        holder: NodeId,
+        term: LeaderTerm,
+        limit: i64,
+        events: F,
+    ) -> Result<Vec<Orphan>>
+    where
+        F: Fn(&Orphan) -> Vec<OutboxEvent>,
+    {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<Running> = sqlx::query_as(&format!(
+            "SELECT {RUNNING_COLUMNS}
+             FROM instance i JOIN campaign c ON c.id = i.campaign_id
+             WHERE i.state = 'running' AND i.run_deadline < clock_timestamp()
+               AND EXISTS (SELECT 1 FROM leader_lease
+                           WHERE name = $3 AND holder = $1 AND term = $2
+                             AND expires_at > clock_timestamp())
+             ORDER BY i.run_deadline LIMIT $4
+             FOR UPDATE OF i SKIP LOCKED"
+        ))
+        .bind(holder.0)
+        .bind(term.0)
+        .bind(COORDINATOR_LEASE)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let orphans = requeue(
+            &mut tx,
+            rows,
+            holder,
+            "overdue",
+            "it overran its step timeout",
+            &events,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(orphans)
+    }
+}
+
+const RUNNING_COLUMNS: &str = "i.id, i.workflow, i.version, c.name AS campaign, i.current_step, \
+    i.step_seq, i.fence, i.step_retryable, i.owner_node";
+
+#[derive(sqlx::FromRow)]
+struct Running {
+    id: Uuid,
+    workflow: String,
+    version: i32,
+    campaign: String,
+    current_step: String,
+    step_seq: i64,
+    fence: i64,
+    step_retryable: bool,
+    owner_node: Option<Uuid>,
+}
+
+/// Moves locked RUNNING rows on: READY (fence+1) or, for a non-retryable step, IN_ERROR;
+/// journals each (`outcome`, actor `recovery:<by>`) and writes their events, in `tx`.
+async fn requeue<F>(
+    tx: &mut sqlx::PgConnection,
+    rows: Vec<Running>,
+    by: NodeId,
+    outcome: &str,
+    why: &str,
+    events: &F,
+) -> Result<Vec<Orphan>>
+where
+    F: Fn(&Orphan) -> Vec<OutboxEvent>,
+{
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut batch = Vec::with_capacity(rows.len());
+    let mut orphans = Vec::with_capacity(rows.len());
+    for r in rows {
+        let state = if r.step_retryable {
+            InstanceState::Ready
+        } else {
+            InstanceState::InError
+        };
+        let error = (state == InstanceState::InError).then(|| {
+            format!(
+                "step {:?} was interrupted ({why}); its outcome is unknown (allow_retry: false): \
+                 resume it at the current or the next step",
+                r.current_step
+            )
+        });
+        batch.push(json!({
+            "id": r.id,
+            "owner": r.owner_node,
+            "state": state,
+            "outcome": if error.is_some() { "interrupted" } else { outcome },
+            "error": error,
+        }));
+        orphans.push(Orphan {
+            id: InstanceId(r.id),
+            workflow: r.workflow,
+            version: r.version,
+            campaign: r.campaign,
+            current_step: r.current_step,
+            step_seq: StepSeq(r.step_seq + 1),
+            fence: Fence(r.fence + 1),
+            state,
+        });
+    }
+    let events_json = Value::Array(
+        orphans
+            .iter()
+            .flat_map(events)
+            .map(|e| json!({ "id": e.id, "subject": e.subject, "payload": e.payload }))
+            .collect(),
+    );
+    let (updated,): (i64,) = sqlx::query_as(
+        "WITH b AS (
+            SELECT * FROM jsonb_to_recordset($1::jsonb)
+                AS b(id uuid, owner uuid, state text, outcome text, error text)
+         ), upd AS (
+            UPDATE instance i SET
+                state = b.state, owner_node = NULL, claimed_at = NULL, run_deadline = NULL,
+                fence = i.fence + 1, step_seq = i.step_seq + 1,
+                ready_at = CASE WHEN b.state = 'ready' THEN clock_timestamp() END,
+                error = coalesce(b.error, i.error), updated_at = clock_timestamp()
+            FROM b WHERE i.id = b.id AND i.state = 'running'
+            RETURNING i.id, i.step_seq, i.current_step, i.fence, i.step_attempt, b.owner,
+                      b.outcome, b.state, b.error
+         ), j AS (
+            INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                                 attempt, node_id, actor, started_at, finished_at, error)
+            SELECT id, step_seq, current_step, outcome, state, fence, step_attempt, owner,
+                   $3, clock_timestamp(), clock_timestamp(), error
+            FROM upd
+         ), ev AS (
+            INSERT INTO event_outbox (id, subject, payload)
+            SELECT e.id, e.subject, e.payload
+            FROM jsonb_to_recordset($2::jsonb) AS e(id uuid, subject text, payload jsonb)
+         )
+         SELECT count(*) FROM upd",
+    )
+    .bind(Value::Array(batch))
+    .bind(events_json)
+    .bind(format!("recovery:{by}"))
+    .fetch_one(&mut *tx)
+    .await?;
+    if updated != orphans.len() as i64 {
+        return Err(Error::Corrupt(format!(
+            "requeue updated {updated} of {} locked rows",
+            orphans.len()
+        )));
+    }
+    Ok(orphans)
+}
