@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::dto::{ListQuery, VersionQuery};
 use crate::error::ErrorBody;
+use crate::operator::ResumeRequest;
 use crate::start::StartRequest;
 
 /// How long to wait for a TCP connection to the API.
@@ -144,6 +145,29 @@ impl ApiClient {
             .await
     }
 
+    /// `POST /v1/instances/{id}/resume`: resumes an `in_error` instance; answers the instance.
+    pub async fn resume(&self, id: &str, request: &ResumeRequest) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "instances", id, "resume"])?;
+        let builder = self.http.request(Method::POST, url.clone()).json(request);
+        self.send(builder, &url).await
+    }
+
+    /// `POST /v1/instances/{id}/events/{name}`: delivers an event (`payload` `None` sends no
+    /// body: a `null` payload); answers `{"delivered": "woke"|"kept"}`.
+    pub async fn send_event(
+        &self,
+        id: &str,
+        name: &str,
+        payload: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "instances", id, "events", name])?;
+        let mut builder = self.http.request(Method::POST, url.clone());
+        if let Some(payload) = payload {
+            builder = builder.json(payload);
+        }
+        self.send(builder, &url).await
+    }
+
     /// `GET /v1/campaigns`.
     pub async fn campaigns(&self) -> Result<Value, ClientError> {
         self.get(&["v1", "campaigns"], None::<&()>).await
@@ -152,6 +176,11 @@ impl ApiClient {
     /// `GET /v1/nodes`.
     pub async fn nodes(&self) -> Result<Value, ClientError> {
         self.get(&["v1", "nodes"], None::<&()>).await
+    }
+
+    /// `GET /v1/leader`: the coordinator's leader lease.
+    pub async fn leader(&self) -> Result<Value, ClientError> {
+        self.get(&["v1", "leader"], None::<&()>).await
     }
 
     /// `GET /v1/stats`.

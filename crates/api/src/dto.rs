@@ -141,10 +141,30 @@ pub struct Instance {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// What a `waiting` instance waits for (the first to come wakes it); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<WaitingFor>,
+}
+
+/// What wakes a `waiting` instance.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct WaitingFor {
+    /// Its timer: a `sleep`'s end, or a `wait_event`'s timeout.
+    pub wake_at: Option<DateTime<Utc>>,
+    /// The event (`POST /v1/instances/{id}/events/{name}`) of its `wait_event` step.
+    pub event: Option<String>,
+    /// The child instance of its `subworkflow` step.
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub child: Option<InstanceId>,
 }
 
 impl From<drover_store::Instance> for Instance {
     fn from(i: drover_store::Instance) -> Self {
+        let waiting_for = (i.state == InstanceState::Waiting).then(|| WaitingFor {
+            wake_at: i.wake_at,
+            event: i.wait_event.clone(),
+            child: i.wait_child,
+        });
         Self {
             id: i.id,
             workflow: i.workflow,
@@ -162,6 +182,7 @@ impl From<drover_store::Instance> for Instance {
             created_at: i.created_at,
             updated_at: i.updated_at,
             finished_at: i.finished_at,
+            waiting_for,
         }
     }
 }
@@ -287,6 +308,8 @@ pub struct Node {
     pub died_at: Option<DateTime<Utc>>,
     /// Steps it was running at its last heartbeat.
     pub in_flight: i32,
+    /// Resident memory of the node process at its last heartbeat, in bytes.
+    pub rss_bytes: i64,
 }
 
 impl From<drover_store::Node> for Node {
@@ -301,6 +324,7 @@ impl From<drover_store::Node> for Node {
             started_at: n.started_at,
             died_at: n.died_at,
             in_flight: n.in_flight,
+            rss_bytes: n.rss_bytes,
         }
     }
 }

@@ -186,9 +186,11 @@ pub struct ErrorBody {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable and machine-readable: 400 `invalid_json`, `invalid_id`, `invalid_query`,
-    /// `invalid_path`, `invalid_body`; 404 `not_found`, `unknown_workflow`,
-    /// `unknown_campaign`; 405 `method_not_allowed`; 413 `payload_too_large`; 422
-    /// `invalid_request`, `invalid_definition`; 500 `internal`; 503 `unavailable`.
+    /// `invalid_path`, `invalid_body`, `invalid_event_name`; 404 `not_found`,
+    /// `unknown_workflow`, `unknown_campaign`; 405 `method_not_allowed`; 409 `not_in_error`,
+    /// `not_deepest`, `end_step`, `no_transition`, `transition_error`, `conflict`,
+    /// `instance_finished`; 413 `payload_too_large`; 422 `invalid_request`,
+    /// `invalid_definition`; 500 `internal`; 503 `unavailable`.
     pub code: String,
     /// For people; an invalid definition has one problem per line.
     pub message: String,

@@ -12,19 +12,23 @@
 //! | `POST /v1/instances` | start instances ([`start_instances`]) |
 //! | `GET /v1/instances?state=&campaign=&workflow=&limit=&before=` | list, newest first |
 //! | `GET /v1/instances/{id}`, `GET /v1/instances/{id}/journal` | show, journal |
-//! | `GET /v1/campaigns`, `GET /v1/nodes`, `GET /v1/stats` | cluster |
+//! | `POST /v1/instances/{id}/resume` | resume an `in_error` instance ([`ResumeRequest`]) |
+//! | `POST /v1/instances/{id}/events/{name}` | deliver an event ([`deliver_event`]; NATS: [`SignalListener`]) |
+//! | `GET /v1/campaigns`, `GET /v1/nodes`, `GET /v1/leader`, `GET /v1/stats` | cluster |
 //! | `GET /v1/openapi.json`, `GET /healthz` | this API's description, liveness |
 
 mod client;
 pub mod dto;
 mod error;
 mod extract;
+mod operator;
 mod routes;
+mod signal;
 mod start;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
+use axum::routing::{get, post};
 use drover_bus::Bus;
 use drover_store::Store;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +38,8 @@ use utoipa::OpenApi;
 pub use client::{ApiClient, ClientError};
 pub use dto::ListQuery;
 pub use error::{ApiError, ErrorBody, ErrorDetail, Result};
+pub use operator::{Leader, ResumeMode, ResumeRequest};
+pub use signal::{Delivered, EventDelivered, SignalListener, deliver_event};
 pub use start::{
     DEFAULT_CAMPAIGN, DefinitionCache, MAX_START_COUNT, START_CHUNK, StartRequest, Started,
     start_instances,
@@ -76,8 +82,11 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/instances/{id}", get(routes::show_instance))
         .route("/v1/instances/{id}/journal", get(routes::journal))
+        .route("/v1/instances/{id}/resume", post(operator::resume))
+        .route("/v1/instances/{id}/events/{name}", post(signal::send_event))
         .route("/v1/campaigns", get(routes::campaigns))
         .route("/v1/nodes", get(routes::nodes))
+        .route("/v1/leader", get(operator::leader))
         .route("/v1/stats", get(routes::stats))
         .route("/v1/openapi.json", get(routes::openapi))
         .route("/healthz", get(routes::healthz))

@@ -33,8 +33,11 @@ const MAX_LIST_LIMIT: i64 = 1_000;
         list_instances,
         show_instance,
         journal,
+        crate::operator::resume,
+        crate::signal::send_event,
         campaigns,
         nodes,
+        crate::operator::leader,
         stats,
         openapi,
         healthz
@@ -52,7 +55,12 @@ const MAX_LIST_LIMIT: i64 = 1_000;
         Journal,
         CampaignList,
         NodeList,
-        Stats
+        Stats,
+        crate::operator::ResumeRequest,
+        crate::operator::ResumeMode,
+        crate::operator::Leader,
+        crate::signal::EventDelivered,
+        crate::signal::Delivered
     )),
     tags(
         (name = "workflows", description = "Workflow definitions and their versions"),

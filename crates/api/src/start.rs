@@ -183,6 +183,9 @@ pub async fn start_instances(
                 workflow: stored.name.clone(),
                 version: stored.version,
                 entry_step: entry.to_owned(),
+                allow_retry: definition.entry().allow_retry,
+                timeout_ms: i64::try_from(definition.entry().timeout.as_millis())
+                    .unwrap_or(i64::MAX),
                 vars: vars.clone(),
             });
             let instance = InstanceRef {

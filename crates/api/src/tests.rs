@@ -19,6 +19,9 @@ use uuid::Uuid;
 
 use crate::{ApiClient, ApiState, ClientError, ListQuery, MAX_BODY_BYTES, StartRequest, router};
 
+mod operator;
+mod signal;
+
 /// A fresh database and subject prefix, with the router over them.
 struct TestEnv {
     state: ApiState,

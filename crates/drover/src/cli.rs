@@ -1,4 +1,4 @@
-//! The operator commands (`drover workflow|start|instance|journal|campaign|nodes`). They speak
+//! The operator commands (`drover workflow|start|instance|journal|resume|campaign|nodes|leader`). They speak
 //! only HTTP to the API, through [`ApiClient`]. With `--json` each prints exactly the API's
 //! JSON (pretty); otherwise a table.
 
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
 use comfy_table::{ContentArrangement, Table, presets};
-use drover_api::{ApiClient, ListQuery, MAX_START_COUNT, StartRequest};
+use drover_api::{ApiClient, ListQuery, MAX_START_COUNT, ResumeMode, ResumeRequest, StartRequest};
 use drover_core::InstanceState;
 use serde_json::Value;
 
@@ -42,11 +42,50 @@ pub enum OperatorCommand {
         /// The instance id.
         id: String,
     },
+    /// Resume an in_error instance: retry its current step, or skip to its next one.
+    ///
+    /// Only the deepest in_error instance of a call chain can be resumed.
+    #[command(group(
+        clap::ArgGroup::new("mode")
+            .required(true)
+            .args(["current_step", "next_step"])
+    ))]
+    Resume {
+        /// The instance id.
+        id: String,
+        /// Retry the current step (attempt 1, a new checkpoint and idempotency key).
+        #[arg(long)]
+        current_step: bool,
+        /// Skip the current step: go on where its `next` transitions lead, evaluated now
+        /// (after --set) with `output` its latest recorded output, or null.
+        #[arg(long)]
+        next_step: bool,
+        /// Correct a variable first, KEY=JSON; repeatable, e.g. --set n=3 --set 'email="a@b.c"'.
+        #[arg(long = "set", value_name = "KEY=JSON", value_parser = parse_set)]
+        set: Vec<(String, Value)>,
+        /// Who resumes, for the journal and the audit trail.
+        #[arg(long, env = "USER", default_value = "operator")]
+        actor: String,
+    },
+    /// Deliver an event to an instance (for its `wait_event` step named NAME). An instance
+    /// waiting for it runs on; otherwise the event is kept until it waits for it.
+    SendEvent {
+        /// The instance id.
+        id: String,
+        /// The event's name (a slug).
+        name: String,
+        /// The event's payload as JSON, e.g. '{"approved":true}' (the step's output); null when
+        /// absent.
+        #[arg(long)]
+        payload: Option<String>,
+    },
     /// Campaigns.
     #[command(subcommand)]
     Campaign(CampaignCommand),
     /// The cluster's nodes.
     Nodes,
+    /// Which coordinator leads (holds the leader lease), under which term.
+    Leader,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -101,6 +140,21 @@ pub enum CampaignCommand {
     List,
 }
 
+/// `KEY=JSON` of `--set`: a non-empty key and a JSON value.
+fn parse_set(arg: &str) -> Result<(String, Value), String> {
+    let example = r#"e.g. --set n=3 or --set 'email="a@example.com"' (strings in double quotes)"#;
+    let Some((key, value)) = arg.split_once('=') else {
+        return Err(format!("expected KEY=JSON, not {arg:?} ({example})"));
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("the key of {arg:?} is empty ({example})"));
+    }
+    let value: Value = serde_json::from_str(value)
+        .map_err(|err| format!("the value of {key:?} is not valid JSON: {err} ({example})"))?;
+    Ok((key.to_owned(), value))
+}
+
 fn parse_state(state: &str) -> Result<String, String> {
     state
         .parse::<InstanceState>()
@@ -120,6 +174,9 @@ enum View {
     Journal,
     Campaigns,
     Nodes,
+    Resumed,
+    Leader,
+    EventSent,
 }
 
 /// Runs an operator command against the API at `api_url`; `json` prints the API's JSON.
@@ -173,10 +230,43 @@ pub async fn run(command: OperatorCommand, api_url: &str, json: bool) -> Result<
             (client.instance(&id).await?, View::Instance)
         }
         OperatorCommand::Journal { id } => (client.journal(&id).await?, View::Journal),
+        OperatorCommand::Resume {
+            id,
+            current_step,
+            next_step,
+            set,
+            actor,
+        } => {
+            let mode = match (current_step, next_step) {
+                (true, false) => ResumeMode::CurrentStep,
+                (false, true) => ResumeMode::NextStep,
+                _ => bail!("give exactly one of --current-step and --next-step"),
+            };
+            let actor = match actor.trim() {
+                "" => "operator".to_owned(),
+                actor => actor.to_owned(),
+            };
+            let request = ResumeRequest {
+                mode,
+                set: (!set.is_empty()).then(|| Value::Object(set.into_iter().collect())),
+                actor: Some(actor),
+            };
+            (client.resume(&id, &request).await?, View::Resumed)
+        }
+        OperatorCommand::SendEvent { id, name, payload } => {
+            let payload = payload
+                .as_deref()
+                .map(serde_json::from_str::<Value>)
+                .transpose()
+                .context(r#"--payload is not valid JSON (e.g. --payload '{"approved":true}')"#)?;
+            let answer = client.send_event(&id, &name, payload.as_ref()).await?;
+            (answer, View::EventSent)
+        }
         OperatorCommand::Campaign(CampaignCommand::List) => {
             (client.campaigns().await?, View::Campaigns)
         }
         OperatorCommand::Nodes => (client.nodes().await?, View::Nodes),
+        OperatorCommand::Leader => (client.leader().await?, View::Leader),
     };
     let text = if json {
         let mut text = serde_json::to_string_pretty(&answer).context("encoding the answer")?;
@@ -226,6 +316,11 @@ fn parse_vars(vars: &str) -> Result<Value> {
 }
 
 fn render(view: View, answer: &Value) -> String {
+    render_at(view, answer, Utc::now())
+}
+
+/// As [`render`], with heartbeat ages measured to `now`.
+fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
     match view {
         View::Deployed => format!(
             "{} v{} ({})\n",
@@ -366,8 +461,9 @@ fn render(view: View, answer: &Value) -> String {
                 "HOST",
                 "VERSION",
                 "STATUS",
-                "HEARTBEAT",
+                "LAST HEARTBEAT",
                 "IN FLIGHT",
+                "MEMORY",
             ],
             |n| {
                 let roles = n["roles"]
@@ -380,11 +476,39 @@ fn render(view: View, answer: &Value) -> String {
                     text(&n["host"]),
                     text(&n["version"]),
                     text(&n["status"]),
-                    time(&n["heartbeat_at"]),
+                    age(&n["heartbeat_at"], now),
                     text(&n["in_flight"]),
+                    bytes(&n["rss_bytes"]),
                 ]
             },
         ),
+        View::Resumed => format!(
+            "resumed {}: {} at step {} (checkpoint {})\n",
+            text(&answer["id"]),
+            text(&answer["state"]),
+            text(&answer["current_step"]),
+            text(&answer["step_seq"]),
+        ),
+        View::Leader => {
+            if answer["live"] == Value::Bool(true) && !answer["holder"].is_null() {
+                format!(
+                    "leader: {} (term {}, lease expires {})\n",
+                    text(&answer["holder"]),
+                    text(&answer["term"]),
+                    time(&answer["expires_at"]),
+                )
+            } else {
+                format!(
+                    "no coordinator holds the lease (last term {})\n",
+                    text(&answer["term"])
+                )
+            }
+        }
+        View::EventSent => match answer["delivered"].as_str() {
+            Some("woke") => "delivered: the instance was waiting for it and runs on\n".to_owned(),
+            Some("kept") => "delivered: kept until the instance waits for it\n".to_owned(),
+            _ => format!("delivered: {}\n", text(&answer["delivered"])),
+        },
     }
 }
 
@@ -447,6 +571,33 @@ fn time(value: &Value) -> String {
         .and_then(|s| s.parse::<DateTime<Utc>>().ok())
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_else(|| text(value))
+}
+
+/// How long before `now` an RFC 3339 timestamp was, in whole seconds (`3s ago`).
+fn age(value: &Value, now: DateTime<Utc>) -> String {
+    match value.as_str().and_then(|s| s.parse::<DateTime<Utc>>().ok()) {
+        Some(at) => format!("{}s ago", (now - at).num_seconds().max(0)),
+        None => text(value),
+    }
+}
+
+/// A byte count for people (`512 B`, `12.3 MiB`); `-` when unknown (0 or not a number).
+fn bytes(value: &Value) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let Some(n) = value.as_u64().filter(|n| *n > 0) else {
+        return "-".to_owned();
+    };
+    let mut size = n as f64;
+    let mut unit = 0;
+    while size >= 1024.0 && unit + 1 < UNITS.len() {
+        size /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{size:.1} {}", UNITS[unit])
+    }
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -624,5 +775,147 @@ mod tests {
                 &json!({"workflows": [1], "entries": [null], "campaigns": "x", "nodes": [{}]}),
             );
         }
+    }
+
+    #[test]
+    fn resume_takes_exactly_one_mode_and_set_values_as_json() {
+        let cli = parse(&[
+            "resume",
+            "0190",
+            "--next-step",
+            "--set",
+            "n=3",
+            "--set",
+            r#"email="a@b.c""#,
+            "--set",
+            "flags={\"x\":[1,2]}",
+            "--actor",
+            "ada",
+        ])
+        .expect("parses");
+        match cli.command {
+            OperatorCommand::Resume {
+                id,
+                current_step,
+                next_step,
+                set,
+                actor,
+            } => {
+                assert_eq!(id, "0190");
+                assert!(next_step && !current_step);
+                assert_eq!(
+                    set,
+                    vec![
+                        ("n".to_owned(), json!(3)),
+                        ("email".to_owned(), json!("a@b.c")),
+                        ("flags".to_owned(), json!({"x": [1, 2]})),
+                    ]
+                );
+                assert_eq!(actor, "ada");
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(matches!(
+            parse(&["resume", "x", "--current-step"])
+                .expect("parses")
+                .command,
+            OperatorCommand::Resume {
+                current_step: true,
+                next_step: false,
+                ..
+            }
+        ));
+        assert!(parse(&["resume", "x"]).is_err(), "a mode is required");
+        assert!(
+            parse(&["resume", "x", "--current-step", "--next-step"]).is_err(),
+            "the modes exclude each other"
+        );
+        let err = parse(&["resume", "x", "--current-step", "--set", "email=a@b.c"])
+            .expect_err("a bare string is not JSON");
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+        assert!(parse(&["resume", "x", "--next-step", "--set", "n"]).is_err());
+        assert!(parse(&["resume", "x", "--next-step", "--set", "=1"]).is_err());
+        parse(&["leader"]).expect("parses");
+    }
+
+    #[test]
+    fn nodes_leader_and_resume_render_for_people() {
+        let now: DateTime<Utc> = "2025-01-02T03:04:10Z".parse().expect("a timestamp");
+        let nodes = json!({"nodes": [{
+            "id": "n1", "roles": ["worker", "api"], "host": "box", "version": "0.1.0",
+            "status": "alive", "heartbeat_at": "2025-01-02T03:04:07.500Z", "in_flight": 4,
+            "rss_bytes": 12_900_000
+        }]});
+        let shown = render_at(View::Nodes, &nodes, now);
+        let header = shown.lines().next().unwrap_or_default();
+        assert!(
+            header.contains("LAST HEARTBEAT") && header.contains("MEMORY"),
+            "{shown}"
+        );
+        let row = shown.lines().nth(1).unwrap_or_default();
+        for cell in [
+            "n1",
+            "worker,api",
+            "box",
+            "0.1.0",
+            "alive",
+            "2s ago",
+            "4",
+            "12.3 MiB",
+        ] {
+            assert!(row.contains(cell), "{cell} in {row}");
+        }
+        assert_eq!(bytes(&json!(512)), "512 B");
+        assert_eq!(bytes(&json!(0)), "-");
+        assert_eq!(bytes(&json!(3 * 1024 * 1024 * 1024_u64)), "3.0 GiB");
+
+        let leader = json!({"name": "coordinator", "holder": "n1", "term": 7,
+                            "expires_at": "2025-01-02T03:04:12Z", "live": true});
+        let shown = render(View::Leader, &leader);
+        assert!(shown.contains("n1") && shown.contains("term 7"), "{shown}");
+        let lapsed = json!({"name": "coordinator", "holder": "n1", "term": 7, "live": false});
+        assert!(
+            render(View::Leader, &lapsed).starts_with("no coordinator holds the lease"),
+            "a lapsed lease has no leader"
+        );
+        let resumed = render(
+            View::Resumed,
+            &json!({"id": "i1", "state": "ready", "current_step": "call", "step_seq": 4}),
+        );
+        assert_eq!(resumed, "resumed i1: ready at step call (checkpoint 4)\n");
+        for view in [View::Leader, View::Resumed, View::Nodes] {
+            let _ = render(view, &json!(null));
+            let _ = render(
+                view,
+                &json!({"nodes": [{"heartbeat_at": 3, "rss_bytes": -1}]}),
+            );
+        }
+    }
+
+    #[test]
+    fn send_event_parses_and_renders_what_became_of_the_event() {
+        let cli = parse(&[
+            "send-event",
+            "0190",
+            "approved",
+            "--payload",
+            r#"{"ok":true}"#,
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.command,
+            OperatorCommand::SendEvent { ref id, ref name, payload: Some(ref p) }
+                if id == "0190" && name == "approved" && p == r#"{"ok":true}"#
+        ));
+        assert!(matches!(
+            parse(&["send-event", "0190", "approved"])
+                .expect("parses")
+                .command,
+            OperatorCommand::SendEvent { payload: None, .. }
+        ));
+        assert!(parse(&["send-event", "0190"]).is_err());
+        assert!(render(View::EventSent, &json!({"delivered": "woke"})).contains("runs on"));
+        assert!(render(View::EventSent, &json!({"delivered": "kept"})).contains("kept"));
+        let _ = render(View::EventSent, &json!(null));
     }
 }

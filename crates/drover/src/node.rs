@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use drover_bus::{Bus, BusConfig};
+use drover_coordinator::{Coordinator, CoordinatorConfig};
 use drover_core::NodeId;
 use drover_store::{Heartbeat, Store, StoreConfig};
-use drover_worker::{Handlers, OutboxRelay, ReadySweeper, RelayConfig, Worker, WorkerConfig};
+use drover_worker::{Handlers, OutboxRelay, RelayConfig, Worker, WorkerConfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 pub enum Role {
     Worker,
     Api,
+    Coordinator,
 }
 
 impl FromStr for Role {
@@ -27,7 +29,10 @@ impl FromStr for Role {
         match s {
             "worker" => Ok(Role::Worker),
             "api" => Ok(Role::Api),
-            other => Err(format!("unknown role {other:?} (known roles: worker, api)")),
+            "coordinator" => Ok(Role::Coordinator),
+            other => Err(format!(
+                "unknown role {other:?} (known roles: worker, api, coordinator)"
+            )),
         }
     }
 }
@@ -37,6 +42,7 @@ impl Role {
         match self {
             Role::Worker => "worker",
             Role::Api => "api",
+            Role::Coordinator => "coordinator",
         }
     }
 }
@@ -70,6 +76,9 @@ pub struct NodeArgs {
     /// Database pool size.
     #[arg(long, env = "DROVER_DB_POOL", default_value_t = 10)]
     pub db_pool: u32,
+    /// READY this long (ms) counts as a lost job, re-dispatched by the leader coordinator.
+    #[arg(long, env = "DROVER_STALE_READY_AFTER_MS", default_value_t = 15_000)]
+    pub stale_ready_after_ms: u64,
     /// Apply migrations before starting.
     #[arg(long, env = "DROVER_MIGRATE")]
     pub migrate: bool,
@@ -104,6 +113,8 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
         .await
         .context("registering the node")?;
     tracing::info!(node.id = %node, roles = ?roles, %host, "node started");
+    // Scripts and tests read this line to learn the node's id.
+    println!("drover node {node} started");
 
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
@@ -127,9 +138,6 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
         tasks.spawn(async move { ("relay", relay.run(token).await.map_err(Into::into)) });
         let token = shutdown.clone();
         tasks.spawn(async move { ("worker", worker.run(token).await.map_err(Into::into)) });
-        let sweeper = ReadySweeper::new(store.clone(), bus.clone());
-        let token = shutdown.clone();
-        tasks.spawn(async move { ("sweeper", sweeper.run(token).await.map_err(Into::into)) });
     } else {
         let relay = OutboxRelay::new(
             store.clone(),
@@ -139,6 +147,24 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
         );
         let token = shutdown.clone();
         tasks.spawn(async move { ("relay", relay.run(token).await.map_err(Into::into)) });
+    }
+    if args.roles.contains(&Role::Coordinator) {
+        let coordinator = Coordinator {
+            node,
+            store: store.clone(),
+            bus: bus.clone(),
+            config: CoordinatorConfig {
+                stale_ready_after: Duration::from_millis(args.stale_ready_after_ms),
+                ..Default::default()
+            },
+        };
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            (
+                "coordinator",
+                coordinator.run(token).await.map_err(Into::into),
+            )
+        });
     }
     if args.roles.contains(&Role::Api) {
         let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -158,6 +184,9 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
                     .map_err(Into::into),
             )
         });
+        let signals = drover_api::SignalListener::new(store.clone(), bus.clone());
+        let token = shutdown.clone();
+        tasks.spawn(async move { ("signals", signals.run(token).await.map_err(Into::into)) });
     }
     {
         let store = store.clone();
@@ -228,7 +257,7 @@ async fn heartbeat(
             .as_ref()
             .map(|s| i32::try_from(s.in_flight.load(Ordering::Relaxed)).unwrap_or(i32::MAX))
             .unwrap_or(0);
-        match store.heartbeat(node, in_flight).await {
+        match store.heartbeat(node, in_flight, rss_bytes()).await {
             Ok(Heartbeat::Alive) => last_ok = tokio::time::Instant::now(),
             Ok(Heartbeat::Dead) => anyhow::bail!("node {node} was declared dead; stopping"),
             Err(err) => {
@@ -262,6 +291,18 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         tracing::info!("signal received; draining");
         shutdown.cancel();
     });
+}
+
+/// Resident memory of this process (Linux; 0 elsewhere).
+fn rss_bytes() -> i64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<i64>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
 }
 
 fn hostname() -> String {

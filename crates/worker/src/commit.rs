@@ -10,7 +10,7 @@ use async_nats::jetstream::Message;
 use backon::{ExponentialBuilder, Retryable};
 use drover_bus::{Bus, StepJob};
 use drover_core::{InstanceState, NodeId};
-use drover_store::{Commit, Completion, Store, Transition};
+use drover_store::{ClaimRequest, Commit, Completion, Store, Transition};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -81,29 +81,38 @@ impl Committer {
 
     async fn commit_batch(&self, batch: Vec<Done>, shutdown: &CancellationToken) {
         let completions: Vec<Completion> = batch.iter().map(|d| d.completion.clone()).collect();
-        let results = match with_retries(|| self.store.commit(self.node, &completions)).await {
-            Ok(results) => results,
-            Err(err) if !err.is_transient() => {
-                // One bad completion (say, a value Postgres refuses) must not sink the batch:
-                // commit one by one, and turn what still fails into an in_error checkpoint.
-                tracing::warn!(%err, "group commit refused; committing one by one");
-                let mut results = Vec::with_capacity(completions.len());
-                for completion in &completions {
-                    results.push(self.commit_alone(completion).await);
+        let (results, also_ready) =
+            match with_retries(|| self.store.commit_waking(self.node, &completions)).await {
+                Ok(done) => (done.results, done.ready),
+                Err(err) if !err.is_transient() => {
+                    // One bad completion (say, a value Postgres refuses) must not sink the
+                    // batch: commit one by one, and turn what still fails into an in_error
+                    // checkpoint.
+                    tracing::warn!(%err, "group commit refused; committing one by one");
+                    let mut results = Vec::with_capacity(completions.len());
+                    let mut ready = Vec::new();
+                    for completion in &completions {
+                        let (result, also) = self.commit_alone(completion).await;
+                        results.push(result);
+                        ready.extend(also);
+                    }
+                    (results, ready)
                 }
-                results
-            }
-            Err(err) => {
-                tracing::error!(%err, "group commit failed; steps will be recovered");
-                for done in &batch {
-                    self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    crate::nak(&done.msg).await;
+                Err(err) => {
+                    tracing::error!(%err, "group commit failed; steps will be recovered");
+                    for done in &batch {
+                        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        crate::nak(&done.msg).await;
+                    }
+                    return;
                 }
-                return;
-            }
-        };
+            };
 
-        let mut next_jobs = Vec::new();
+        // Children started, parents woken, waits that ended at once.
+        let mut next_jobs: Vec<StepJob> = also_ready
+            .iter()
+            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+            .collect();
         for (done, result) in batch.iter().zip(&results) {
             match result {
                 Commit::Committed => {
@@ -116,7 +125,8 @@ impl Committer {
                         Transition::Retry { delay_ms } => {
                             self.publish_later(job, *delay_ms, shutdown)
                         }
-                        Transition::Stop { .. } => {}
+                        // Whatever ends the wait publishes the job then.
+                        Transition::Stop { .. } | Transition::Wait { .. } => {}
                     }
                 }
                 Commit::AlreadyCommitted | Commit::Fenced => {
@@ -144,10 +154,13 @@ impl Committer {
         }
     }
 
-    async fn commit_alone(&self, completion: &Completion) -> Commit {
+    async fn commit_alone(&self, completion: &Completion) -> (Commit, Vec<ClaimRequest>) {
         let single = std::slice::from_ref(completion);
-        match with_retries(|| self.store.commit(self.node, single)).await {
-            Ok(results) => results.first().copied().unwrap_or(Commit::Fenced),
+        match with_retries(|| self.store.commit_waking(self.node, single)).await {
+            Ok(done) => (
+                done.results.first().copied().unwrap_or(Commit::Fenced),
+                done.ready,
+            ),
             Err(err) => {
                 let mut fallback = completion.clone();
                 fallback.transition = Transition::Stop {
@@ -157,16 +170,21 @@ impl Committer {
                 fallback.vars = None;
                 fallback.output = None;
                 fallback.error = Some(format!("checkpoint refused by the database: {err}"));
+                fallback.consumes = None;
+                fallback.parent_events = Vec::new();
                 match with_retries(|| {
                     self.store
                         .commit(self.node, std::slice::from_ref(&fallback))
                 })
                 .await
                 {
-                    Ok(results) => results.first().copied().unwrap_or(Commit::Fenced),
+                    Ok(results) => (
+                        results.first().copied().unwrap_or(Commit::Fenced),
+                        Vec::new(),
+                    ),
                     Err(err) => {
                         tracing::error!(instance.id = %completion.instance, %err, "cannot checkpoint; left for recovery");
-                        Commit::Fenced
+                        (Commit::Fenced, Vec::new())
                     }
                 }
             }

@@ -11,7 +11,7 @@ mod error;
 mod handler;
 mod relay;
 mod step;
-mod sweeper;
+mod waiting;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +32,6 @@ use tokio_util::task::TaskTracker;
 pub use error::{Error, Result};
 pub use handler::{HandlerInput, Handlers, StepError};
 pub use relay::{OutboxRelay, RelayConfig};
-pub use sweeper::ReadySweeper;
 
 use commit::{Committer, Done};
 use step::StepContext;
@@ -108,12 +107,13 @@ impl WorkerBuilder {
             .unwrap_or_default();
         Worker {
             node,
-            store,
+            store: store.clone(),
             config: self.config,
             stats: Arc::new(WorkerStats::default()),
             definitions: Arc::new(RwLock::new(HashMap::new())),
             ctx: Arc::new(StepContext {
                 bus,
+                store,
                 http,
                 handlers: self.handlers,
                 streams_by_subject: Default::default(),
@@ -330,7 +330,7 @@ async fn load_definition(
         .await
         .map_err(|e| format!("loading {workflow} v{version}: {e}"))?
         .ok_or_else(|| format!("workflow {workflow} v{version} is not deployed"))?;
-    let def = Definition::parse(&stored.body.to_string())
+    let def = Definition::from_json(&stored.body)
         .map_err(|e| format!("stored definition {workflow} v{version} is invalid: {e}"))?;
     let def = Arc::new(def);
     if let Ok(mut cache) = cache.write() {

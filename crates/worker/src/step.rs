@@ -1,5 +1,6 @@
 //! Running one claimed step: built-in kinds and registered handlers, then deciding the
-//! transition. Nothing here touches the database; the result is a [`Completion`].
+//! transition. The result is a [`Completion`]; only waiting steps read the database (see
+//! [`crate::waiting`]), nothing here writes it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,8 +9,8 @@ use chrono::{DateTime, Utc};
 use drover_bus::{Bus, EventKind, InstanceRef};
 use drover_core::definition::{EndStatus, StepKind};
 use drover_core::expr::{Scope, eval_map};
-use drover_core::{Definition, InstanceState, Step};
-use drover_store::{Claimed, Completion, Transition};
+use drover_core::{Definition, InstanceState, OutboxEvent, SignalId, Step};
+use drover_store::{Claimed, Completion, NewChild, Store, Transition};
 use serde_json::{Map, Value, json};
 
 use crate::handler::{HandlerInput, Handlers, StepError};
@@ -18,14 +19,45 @@ use crate::handler::{HandlerInput, Handlers, StepError};
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 /// What a step's body produced.
-struct Ran {
-    output: Value,
-    vars: Option<Map<String, Value>>,
+pub(crate) enum Body {
+    /// It finished: go on along its transitions.
+    Ran(Ran),
+    /// It waits (durably, holding no worker) and runs again when woken.
+    Wait(Wait),
+}
+
+/// A finished step body.
+pub(crate) struct Ran {
+    pub(crate) output: Value,
+    pub(crate) vars: Option<Map<String, Value>>,
+    /// The signal a `wait_event` step consumed, marked consumed by the commit.
+    pub(crate) consumes: Option<SignalId>,
+}
+
+impl Ran {
+    pub(crate) fn output(output: Value) -> Body {
+        Body::Ran(Ran {
+            output,
+            vars: None,
+            consumes: None,
+        })
+    }
+}
+
+/// What a waiting step waits for (see [`Transition::Wait`]).
+pub(crate) struct Wait {
+    pub(crate) wake_at_ms: Option<i64>,
+    pub(crate) event: Option<String>,
+    pub(crate) child: Option<Box<NewChild>>,
+    /// Events besides the instance's own `waiting` (a child's `started`).
+    pub(crate) events: Vec<OutboxEvent>,
 }
 
 /// The shared things a step may use.
 pub(crate) struct StepContext {
     pub(crate) bus: Bus,
+    /// For waiting steps: signals, child definitions and instances.
+    pub(crate) store: Store,
     pub(crate) http: reqwest::Client,
     pub(crate) handlers: Handlers,
     /// Whether a stream stores a subject, and when that was asked.
@@ -58,6 +90,22 @@ pub(crate) fn idempotency_key(claimed: &Claimed) -> String {
 /// Runs the claimed instance's current step and decides where it goes next.
 pub(crate) async fn run(
     ctx: Arc<StepContext>,
+    definition: Arc<Definition>,
+    claimed: &Claimed,
+    started_at: DateTime<Utc>,
+) -> Completion {
+    let mut completion = run_step(&ctx, definition, claimed, started_at).await;
+    if let (Some(parent), Transition::Stop { state }) = (claimed.parent, &completion.transition)
+        && state.is_terminal()
+    {
+        completion.parent_events =
+            crate::waiting::parent_woken(&ctx, parent, claimed, *state).await;
+    }
+    completion
+}
+
+async fn run_step(
+    ctx: &StepContext,
     definition: Arc<Definition>,
     claimed: &Claimed,
     started_at: DateTime<Utc>,
@@ -101,7 +149,7 @@ pub(crate) async fn run(
         output: None,
     };
 
-    let ran = match tokio::time::timeout(step.timeout, execute(&ctx, step, claimed, &scope)).await {
+    let ran = match tokio::time::timeout(step.timeout, execute(ctx, step, claimed, &scope)).await {
         Ok(ran) => ran,
         Err(_) => Err(StepError::Retryable(format!(
             "step timed out after {}",
@@ -109,7 +157,16 @@ pub(crate) async fn run(
         ))),
     };
     match ran {
-        Ok(ran) => advance(&ctx.bus, step, claimed, started_at, &scope, ran),
+        Ok(Body::Ran(ran)) => advance(
+            &ctx.bus,
+            &definition,
+            step,
+            claimed,
+            started_at,
+            &scope,
+            ran,
+        ),
+        Ok(Body::Wait(wait)) => park(&ctx.bus, claimed, started_at, wait),
         Err(StepError::Retryable(error)) => {
             let attempt = u32::try_from(claimed.step_attempt).unwrap_or(1);
             if attempt < step.retry.max_attempts {
@@ -135,6 +192,30 @@ pub(crate) async fn run(
     }
 }
 
+/// Parks the instance WAITING at its current step.
+fn park(bus: &Bus, claimed: &Claimed, started_at: DateTime<Utc>, wait: Wait) -> Completion {
+    let mut parked = completion(
+        bus,
+        claimed,
+        started_at,
+        "waiting",
+        Transition::Wait {
+            wake_at_ms: wait.wake_at_ms,
+            event: wait.event,
+            child: wait.child,
+        },
+        (None, None, None),
+        EventKind::Waiting,
+    );
+    parked.events.extend(wait.events);
+    parked
+}
+
+/// A duration in whole milliseconds, saturating.
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 fn humanize(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
@@ -142,6 +223,7 @@ fn humanize(d: Duration) -> String {
 /// After a successful step body: evaluate the transitions (or the `end`).
 fn advance(
     bus: &Bus,
+    definition: &Definition,
     step: &Step,
     claimed: &Claimed,
     started_at: DateTime<Utc>,
@@ -151,6 +233,7 @@ fn advance(
     let vars_after = ran.vars.clone().unwrap_or_else(|| scope.vars.clone());
     let output = ran.output;
     let new_vars = ran.vars.map(Value::Object);
+    let consumes = ran.consumes;
     if let StepKind::End { status, reason } = &step.kind {
         let reason = match reason {
             Some(expr) => match expr.eval(scope) {
@@ -187,17 +270,22 @@ fn advance(
         output: Some(&output),
     };
     match step.choose_next(&next_scope) {
-        Ok(Some(to)) => completion(
-            bus,
-            claimed,
-            started_at,
-            "completed",
-            Transition::Next {
-                step: to.to_owned(),
-            },
-            (new_vars, Some(output), None),
-            EventKind::StepCompleted,
-        ),
+        Ok(Some(to)) => Completion {
+            consumes,
+            ..completion(
+                bus,
+                claimed,
+                started_at,
+                "completed",
+                Transition::Next {
+                    step: to.to_owned(),
+                    allow_retry: definition.step(to).is_none_or(|s| s.allow_retry),
+                    timeout_ms: definition.step(to).map_or(30_000, |s| millis(s.timeout)),
+                },
+                (new_vars, Some(output), None),
+                EventKind::StepCompleted,
+            )
+        },
         Ok(None) => stop_in_error(
             bus,
             claimed,
@@ -251,9 +339,10 @@ fn completion(
         version: claimed.version,
     };
     let (next, state) = match &transition {
-        Transition::Next { step } => (Some(step.as_str()), InstanceState::Ready),
+        Transition::Next { step, .. } => (Some(step.as_str()), InstanceState::Ready),
         Transition::Retry { .. } => (Some(claimed.current_step.as_str()), InstanceState::Ready),
         Transition::Stop { state } => (None, *state),
+        Transition::Wait { .. } => (Some(claimed.current_step.as_str()), InstanceState::Waiting),
     };
     let data = json!({
         "step_id": claimed.current_step,
@@ -282,10 +371,12 @@ fn completion(
         output,
         error,
         events,
+        consumes: None,
+        parent_events: Vec::new(),
     }
 }
 
-fn eval_entries(
+pub(crate) fn eval_entries(
     step: &Step,
     field: &str,
     entries: &[(String, drover_core::expr::Expr)],
@@ -304,7 +395,7 @@ async fn execute(
     step: &Step,
     claimed: &Claimed,
     scope: &Scope<'_>,
-) -> Result<Ran, StepError> {
+) -> Result<Body, StepError> {
     match &step.kind {
         StepKind::Assign { set } => {
             let assigned = eval_entries(step, "set", set, scope)?;
@@ -312,10 +403,11 @@ async fn execute(
             for (k, v) in &assigned {
                 vars.insert(k.clone(), v.clone());
             }
-            Ok(Ran {
+            Ok(Body::Ran(Ran {
                 output: Value::Object(assigned),
                 vars: Some(vars),
-            })
+                consumes: None,
+            }))
         }
         StepKind::Http {
             method,
@@ -328,7 +420,7 @@ async fn execute(
                 None => None,
             };
             let output = http_call(ctx, step, claimed, method.as_str(), url, headers, body).await?;
-            Ok(Ran { output, vars: None })
+            Ok(Ran::output(output))
         }
         StepKind::Publish { subject, payload } => {
             if ctx.bus.subjects().is_reserved(subject) {
@@ -339,7 +431,7 @@ async fn execute(
             }
             let payload = eval_entries(step, "payload", payload, scope)?;
             let output = publish(ctx, claimed, subject, payload).await?;
-            Ok(Ran { output, vars: None })
+            Ok(Ran::output(output))
         }
         StepKind::Handler { handler, input } => {
             let input = eval_entries(step, "input", input, scope)?;
@@ -358,12 +450,12 @@ async fn execute(
                 vars: Value::Object(scope.vars.clone()),
             })
             .await?;
-            Ok(Ran { output, vars: None })
+            Ok(Ran::output(output))
         }
-        StepKind::End { .. } => Ok(Ran {
-            output: Value::Null,
-            vars: None,
-        }),
+        StepKind::Sleep { .. } | StepKind::WaitEvent { .. } | StepKind::Subworkflow { .. } => {
+            crate::waiting::execute(ctx, step, claimed, scope).await
+        }
+        StepKind::End { .. } => Ok(Ran::output(Value::Null)),
     }
 }
 

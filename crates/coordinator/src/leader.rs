@@ -1,0 +1,218 @@
+//! The leader lease loop and the sweepers only the leader runs.
+
+use std::time::{Duration, Instant};
+
+use drover_bus::{Bus, InstanceRef, RecoveryTask, StepJob};
+use drover_core::NodeId;
+use drover_store::{COORDINATOR_LEASE, LeaderTerm, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::{CoordinatorConfig, Result, millis, orphan_events};
+
+/// Holds (or waits for) the leader lease and, while leading, does the leader's work.
+pub struct LeaderLoop {
+    node: NodeId,
+    store: Store,
+    bus: Bus,
+    config: CoordinatorConfig,
+    term: Option<LeaderTerm>,
+    last_orphan_scan: Option<Instant>,
+    last_stale_scan: Option<Instant>,
+}
+
+impl LeaderLoop {
+    pub fn new(node: NodeId, store: Store, bus: Bus, config: CoordinatorConfig) -> Self {
+        Self {
+            node,
+            store,
+            bus,
+            config,
+            term: None,
+            last_orphan_scan: None,
+            last_stale_scan: None,
+        }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        let mut ticker = tokio::time::interval(self.config.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            if let Err(err) = self.tick().await {
+                tracing::warn!(%err, leader.term = ?self.term, "leader tick failed");
+            }
+        }
+        if let Some(term) = self.term.take() {
+            // Hand over at once instead of making the others wait out the TTL.
+            let _ = self
+                .store
+                .release_lease(COORDINATOR_LEASE, self.node, term)
+                .await;
+            tracing::info!(leader.term = %term, "leader lease released");
+        }
+        Ok(())
+    }
+
+    async fn tick(&mut self) -> Result<()> {
+        let ttl = millis(self.config.lease_ttl);
+        match self.term {
+            Some(term) => {
+                if !self
+                    .store
+                    .renew_lease(COORDINATOR_LEASE, self.node, term, ttl)
+                    .await?
+                {
+                    tracing::warn!(leader.term = %term, "leader lease lost");
+                    self.term = None;
+                    return Ok(());
+                }
+            }
+            None => {
+                let Some(term) = self
+                    .store
+                    .acquire_lease(COORDINATOR_LEASE, self.node, ttl)
+                    .await?
+                else {
+                    return Ok(());
+                };
+                tracing::info!(leader.term = %term, node.id = %self.node, "became leader");
+                self.term = Some(term);
+                self.last_orphan_scan = None;
+            }
+        }
+        let Some(term) = self.term else { return Ok(()) };
+        self.declare_dead(term).await?;
+        self.rescan_orphans(term).await?;
+        self.requeue_overdue(term).await?;
+        self.wake_due(term).await?;
+        self.redispatch_stale_ready().await?;
+        Ok(())
+    }
+
+    /// Nodes silent past the deadline become DEAD; each gets a recovery task.
+    async fn declare_dead(&self, term: LeaderTerm) -> Result<()> {
+        let dead = self
+            .store
+            .declare_dead_nodes(self.node, term, millis(self.config.dead_after))
+            .await?;
+        for node in dead {
+            tracing::warn!(node.id = %node, leader.term = %term, "node declared dead");
+            self.bus
+                .publish_recovery(&RecoveryTask::new(node, term.0), &format!("t{term}"))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Dead nodes still owning RUNNING instances get their task again (one may have been
+    /// lost, or its consumer died mid-way): every few seconds, and on becoming leader.
+    async fn rescan_orphans(&mut self, term: LeaderTerm) -> Result<()> {
+        if self
+            .last_orphan_scan
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(5))
+        {
+            return Ok(());
+        }
+        self.last_orphan_scan = Some(Instant::now());
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() / 10)
+            .unwrap_or(0);
+        for node in self.store.dead_nodes_with_orphans().await? {
+            self.bus
+                .publish_recovery(&RecoveryTask::new(node, term.0), &format!("e{epoch}"))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// RUNNING past the step deadline on a live node: a stuck worker. Take them back.
+    async fn requeue_overdue(&self, term: LeaderTerm) -> Result<()> {
+        let bus = &self.bus;
+        let orphans = self
+            .store
+            .requeue_overdue(self.node, term, self.config.requeue_batch, |o| {
+                orphan_events(bus, o)
+            })
+            .await?;
+        let jobs: Vec<StepJob> = orphans
+            .iter()
+            .filter(|o| o.state == drover_core::InstanceState::Ready)
+            .map(|o| StepJob::new(o.id, o.step_seq, o.fence))
+            .collect();
+        if !orphans.is_empty() {
+            tracing::warn!(
+                count = orphans.len(),
+                "requeued instances that overran their step timeout"
+            );
+        }
+        if !jobs.is_empty() {
+            self.bus.publish_jobs(&jobs).await?;
+        }
+        Ok(())
+    }
+
+    /// Timers that have come (sleeps, wait_event timeouts): WAITING → READY, then dispatch.
+    async fn wake_due(&self, term: LeaderTerm) -> Result<()> {
+        let bus = &self.bus;
+        loop {
+            let woken = self
+                .store
+                .wake_due(self.node, term, self.config.requeue_batch, |w| {
+                    let instance = InstanceRef {
+                        id: w.id,
+                        campaign: &w.campaign,
+                        workflow: &w.workflow,
+                        version: w.version,
+                    };
+                    vec![bus.woken_event(
+                        &instance,
+                        &w.current_step,
+                        w.step_seq,
+                        "timer",
+                        serde_json::json!({}),
+                    )]
+                })
+                .await?;
+            let jobs: Vec<StepJob> = woken
+                .iter()
+                .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+                .collect();
+            if !jobs.is_empty() {
+                self.bus.publish_jobs(&jobs).await?;
+            }
+            if (woken.len() as i64) < self.config.requeue_batch {
+                return Ok(());
+            }
+        }
+    }
+
+    /// READY for long means the job was lost (failed publish, purged stream, a delayed retry
+    /// whose node stopped): publish it again. The msg id deduplicates a job still queued.
+    async fn redispatch_stale_ready(&mut self) -> Result<()> {
+        if self
+            .last_stale_scan
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(2))
+        {
+            return Ok(());
+        }
+        self.last_stale_scan = Some(Instant::now());
+        let stale = self
+            .store
+            .stale_ready(millis(self.config.stale_ready_after), 5000)
+            .await?;
+        if stale.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(count = stale.len(), "re-dispatching stale READY instances");
+        let jobs: Vec<StepJob> = stale
+            .iter()
+            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+            .collect();
+        self.bus.publish_jobs(&jobs).await?;
+        Ok(())
+    }
+}

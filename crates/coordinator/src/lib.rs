@@ -1,0 +1,119 @@
+//! The coordinator role. Any number of replicas run; one holds the leader lease.
+//!
+//! - The **leader** ([`LeaderLoop`]) renews its lease every `tick`, declares nodes dead after
+//!   `dead_after` of silence and publishes one recovery task per dead node, and runs the
+//!   sweepers: stale READY rows re-dispatched, RUNNING rows past their deadline taken back.
+//!   Every leader write checks the lease term in its own statement, so a leader that was
+//!   paused past its lease writes nothing.
+//! - **Every replica** ([`RecoveryConsumer`]) consumes recovery tasks from a work queue, so
+//!   requeue work spreads across replicas and a dying replica's task is redelivered. A requeue
+//!   moves a dead node's RUNNING instances to READY with `fence + 1` in batches and publishes
+//!   their jobs; normal execution never waits for it.
+
+mod leader;
+mod recovery;
+
+use std::time::Duration;
+
+use drover_bus::{Bus, EventKind, InstanceRef};
+use drover_core::{InstanceState, NodeId, OutboxEvent};
+use drover_store::{Orphan, Store};
+use tokio_util::sync::CancellationToken;
+
+pub use leader::LeaderLoop;
+pub use recovery::RecoveryConsumer;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] drover_store::Error),
+    #[error(transparent)]
+    Bus(#[from] drover_bus::Error),
+    #[error("recovery consumer: {0}")]
+    Consumer(String),
+}
+
+/// Coordinator timing. If unsure, keep the defaults: they give orphan-to-redispatch well
+/// under 5 s after a `kill -9`.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// How often the leader renews and sweeps (and a follower tries to acquire).
+    pub tick: Duration,
+    /// The lease's time to live: a dead leader is replaced within about this long.
+    pub lease_ttl: Duration,
+    /// Silence after which a node is declared dead (nodes heartbeat every second).
+    pub dead_after: Duration,
+    /// READY for longer than this means the job was probably lost: re-dispatch it.
+    pub stale_ready_after: Duration,
+    /// Instances requeued per transaction.
+    pub requeue_batch: i64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_millis(500),
+            lease_ttl: Duration::from_secs(5),
+            dead_after: Duration::from_secs(3),
+            stale_ready_after: Duration::from_secs(15),
+            requeue_batch: 500,
+        }
+    }
+}
+
+/// The coordinator role of one node: the leader loop and the recovery consumer.
+pub struct Coordinator {
+    pub node: NodeId,
+    pub store: Store,
+    pub bus: Bus,
+    pub config: CoordinatorConfig,
+}
+
+impl Coordinator {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let leader = LeaderLoop::new(
+            self.node,
+            self.store.clone(),
+            self.bus.clone(),
+            self.config.clone(),
+        );
+        let recovery = RecoveryConsumer::new(self.node, self.store, self.bus, self.config);
+        let (a, b) = tokio::join!(leader.run(shutdown.clone()), async {
+            let result = recovery.run(shutdown.clone()).await;
+            // Either half failing stops the role (and so the node).
+            shutdown.cancel();
+            result
+        });
+        a.and(b)
+    }
+}
+
+/// The events of a requeue: `requeued`, or `in_error` for an interrupted non-retryable step.
+pub(crate) fn orphan_events(bus: &Bus, orphan: &Orphan) -> Vec<OutboxEvent> {
+    let instance = InstanceRef {
+        id: orphan.id,
+        campaign: &orphan.campaign,
+        workflow: &orphan.workflow,
+        version: orphan.version,
+    };
+    let kind = if orphan.state == InstanceState::InError {
+        EventKind::InError
+    } else {
+        EventKind::Requeued
+    };
+    vec![bus.event(
+        &instance,
+        kind,
+        serde_json::json!({
+            "step_id": orphan.current_step,
+            "step_seq": orphan.step_seq,
+            "state": orphan.state,
+        }),
+    )]
+}
+
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
