@@ -80,6 +80,8 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
                 workflow: "two".into(),
                 version: 1,
                 entry_step: "a".into(),
+                allow_retry: true,
+                timeout_ms: 30_000,
                 vars: json!({ "x": 0 }),
             }],
             "test",
@@ -112,11 +114,17 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
         attempt: 1,
         started_at: Utc::now(),
         outcome: "completed".into(),
-        transition: Transition::Next { step: "b".into() },
+        transition: Transition::Next {
+            step: "b".into(),
+            allow_retry: true,
+            timeout_ms: 30_000,
+        },
         vars: Some(json!({ "x": 1 })),
         output: Some(json!({ "x": 1 })),
         error: None,
         events: vec![],
+        consumes: None,
+        parent_events: vec![],
     };
     let other = NodeId::new();
     store

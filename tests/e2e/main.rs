@@ -4,4 +4,7 @@
 mod bad_input;
 mod execution;
 mod fencing;
+mod operator;
+mod recovery;
 mod support;
+mod waiting;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use drover_bus::{Bus, BusConfig};
+use drover_core::NodeId;
 use drover_store::{Store, StoreConfig};
 use rand::Rng;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -121,6 +122,7 @@ impl TestEnv {
             .env("NATS_URL", &self.nats_url)
             .env("DROVER_PREFIX", &self.prefix)
             .env("DROVER_DB_POOL", "4")
+            .env("DROVER_STALE_READY_AFTER_MS", "3000")
             .env(
                 "RUST_LOG",
                 std::env::var("DROVER_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -130,29 +132,39 @@ impl TestEnv {
             .kill_on_drop(true)
             .spawn()
             .context("spawning drover-test-node")?;
-        let mut api_url = None;
-        if roles.split(',').any(|r| r == "api") {
-            let stdout = child.stdout.take().context("node stdout")?;
-            let mut lines = BufReader::new(stdout).lines();
-            let found = tokio::time::timeout(Duration::from_secs(30), async {
-                while let Some(line) = lines.next_line().await? {
-                    if let Some(url) = line.strip_prefix("drover api listening on ") {
-                        return Ok::<_, std::io::Error>(Some(url.trim().to_owned()));
-                    }
+        let stdout = child.stdout.take().context("node stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let wants_api = roles.split(',').any(|r| r == "api");
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            let (mut id, mut api) = (None, None);
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix("drover node ") {
+                    id = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|s| s.parse::<NodeId>().ok());
                 }
-                Ok(None)
-            })
-            .await;
-            match found {
-                Ok(Ok(Some(url))) => api_url = Some(url),
-                _ => bail!(
-                    "node did not report its api address; log: {}",
-                    log.display()
-                ),
+                if let Some(url) = line.strip_prefix("drover api listening on ") {
+                    api = Some(url.trim().to_owned());
+                }
+                if id.is_some() && (api.is_some() || !wants_api) {
+                    return Ok::<_, std::io::Error>(id.map(|id| (id, api)));
+                }
             }
-        }
+            Ok(None)
+        })
+        .await;
+        let Ok(Ok(Some((id, api_url)))) = found else {
+            bail!(
+                "node did not report its id and address; log: {}",
+                log.display()
+            );
+        };
+        // Keep reading so the node never writes to a closed pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(NodeProcess {
             child,
+            id,
             api_url,
             log,
         })
@@ -185,9 +197,7 @@ impl TestEnv {
 
     /// Drops the database and the streams (best effort).
     pub async fn cleanup(self) {
-        let js = self.bus.jetstream();
-        let _ = js.delete_stream(self.bus.subjects().jobs_stream()).await;
-        let _ = js.delete_stream(self.bus.subjects().events_stream()).await;
+        self.bus.delete_streams().await;
         self.store.pool().close().await;
         if let Ok(admin) = sqlx::PgPool::connect(&self.admin_url).await {
             let _ = sqlx::query(&format!(
@@ -223,6 +233,8 @@ fn log_dir() -> PathBuf {
 /// A node running as a child process; killed when dropped.
 pub struct NodeProcess {
     pub child: Child,
+    /// The node's id (fresh per process start).
+    pub id: NodeId,
     pub api_url: Option<String>,
     pub log: PathBuf,
 }
@@ -235,6 +247,25 @@ impl NodeProcess {
     /// SIGKILL: no drain, no goodbye.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.child.kill().await?;
+        Ok(())
+    }
+
+    /// SIGSTOP: the process freezes mid-whatever (a GC pause, a suspended VM).
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONT: it wakes up as if nothing happened.
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the process has exited")?;
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
         Ok(())
     }
 

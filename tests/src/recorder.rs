@@ -19,7 +19,9 @@ pub struct Recorded {
     pub at: std::time::Instant,
 }
 
-/// Records requests; `/ok/*` answers 200 with JSON, `/fail/*` answers 500.
+/// Records requests; `/ok/*` answers 200 with JSON, `/slow/*` too after 1.5 s, `/fail/*`
+/// answers 500, `/missing/*` 404, `/status/*` the status its JSON body names in `status`
+/// (200 when it names none).
 #[derive(Clone, Default)]
 pub struct Recorder {
     requests: Arc<Mutex<Vec<Recorded>>>,
@@ -66,11 +68,26 @@ async fn handle(
             at: std::time::Instant::now(),
         });
     }
+    if kind == "slow" {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    }
     match kind.as_str() {
         "fail" => (
             StatusCode::INTERNAL_SERVER_ERROR,
             axum::Json(json!({ "error": "boom" })),
         ),
+        "missing" => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({ "error": "no such thing" })),
+        ),
+        "status" => {
+            let status = body["status"]
+                .as_u64()
+                .and_then(|code| u16::try_from(code).ok())
+                .and_then(|code| StatusCode::from_u16(code).ok())
+                .unwrap_or(StatusCode::OK);
+            (status, axum::Json(json!({ "status": status.as_u16() })))
+        }
         _ => (
             StatusCode::OK,
             axum::Json(json!({ "ok": true, "got": body })),

@@ -15,5 +15,10 @@ fn main() -> std::process::ExitCode {
         })?;
         Ok(json!({ "n": n * 2 }))
     });
+    handlers.insert("slow", |input: HandlerInput| async move {
+        let ms = input.input["ms"].as_u64().unwrap_or(200);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        Ok::<_, StepError>(json!({ "slept_ms": ms }))
+    });
     drover::main(handlers)
 }
