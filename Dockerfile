@@ -1,5 +1,5 @@
 # The `drover` binary: every role, plus the operator CLI.
-FROM rust:1.89-bookworm AS build
+FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release -p drover --bin drover

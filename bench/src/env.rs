@@ -67,8 +67,13 @@ impl BenchEnv {
 
     /// Starts a worker node process (this binary, re-executed).
     pub(crate) fn spawn_worker(&self) -> anyhow::Result<Child> {
+        self.spawn_node("worker")
+    }
+
+    /// Starts a node process with `roles` (this binary, re-executed).
+    pub(crate) fn spawn_node(&self, roles: &str) -> anyhow::Result<Child> {
         Command::new(std::env::current_exe()?)
-            .args(["node", "--roles", "worker"])
+            .args(["node", "--roles", roles, "--listen", "127.0.0.1:0"])
             .env("DATABASE_URL", &self.database_url)
             .env("NATS_URL", &self.nats_url)
             .env("DROVER_PREFIX", &self.prefix)
@@ -80,9 +85,7 @@ impl BenchEnv {
     }
 
     pub(crate) async fn cleanup(self) {
-        let js = self.bus.jetstream();
-        let _ = js.delete_stream(self.bus.subjects().jobs_stream()).await;
-        let _ = js.delete_stream(self.bus.subjects().events_stream()).await;
+        self.bus.delete_streams().await;
         self.store.pool().close().await;
         if let Ok(admin) = sqlx::PgPool::connect(&self.admin_url).await {
             let _ = sqlx::query(&format!(

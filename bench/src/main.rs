@@ -7,6 +7,7 @@
 
 mod baseline;
 mod env;
+mod recovery;
 mod throughput;
 
 use std::time::Duration;
@@ -28,6 +29,9 @@ enum Scenario {
     Baseline(baseline::Options),
     /// N instances of a 3-step no-op workflow across W worker processes, beside the baseline.
     Throughput(throughput::Options),
+    /// `kill -9` workers holding running instances, R times: kill-to-redispatch and
+    /// kill-to-complete; then kill the leader coordinator: failover time.
+    Recovery(recovery::Options),
     /// Every scenario with its defaults.
     All,
 }
@@ -35,7 +39,14 @@ enum Scenario {
 fn main() -> anyhow::Result<()> {
     // Worker nodes are this binary re-executed: `drover-bench node --roles worker …`.
     if std::env::args().nth(1).as_deref() == Some("node") {
-        let code = drover::main(drover::Handlers::default());
+        let mut handlers = drover::Handlers::default();
+        // Holds a step for `ms` milliseconds: work in flight for the recovery scenario.
+        handlers.insert("sleep", |input: drover::HandlerInput| async move {
+            let ms = input.input["ms"].as_u64().unwrap_or(100);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, drover::StepError>(serde_json::Value::Null)
+        });
+        let code = drover::main(handlers);
         std::process::exit(if code == std::process::ExitCode::SUCCESS {
             0
         } else {
@@ -50,9 +61,11 @@ fn main() -> anyhow::Result<()> {
         let report = match args.scenario {
             Scenario::Baseline(o) => baseline::run(&o).await?,
             Scenario::Throughput(o) => throughput::run(&o).await?,
+            Scenario::Recovery(o) => recovery::run(&o).await?,
             Scenario::All => {
                 let t = throughput::run(&throughput::Options::default()).await?;
-                json!({ "throughput": t })
+                let r = recovery::run(&recovery::Options::default()).await?;
+                json!({ "throughput": t, "recovery": r })
             }
         };
         let dir = std::path::Path::new("bench/out");
@@ -62,6 +75,17 @@ fn main() -> anyhow::Result<()> {
         println!("\nwrote {}", path.display());
         Ok(())
     })
+}
+
+/// The `q` quantile (0..=1) of `values`, nearest rank; 0 for none.
+pub(crate) fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
 }
 
 /// Steps (or operations) per second.

@@ -80,48 +80,10 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Value> {
         .store
         .deploy_definition(&def.name, &def.to_json(), NOOP3)
         .await?;
-    let campaign = env
-        .store
-        .campaign_by_name("default")
-        .await?
-        .context("default campaign")?;
-
     let n = options.instances;
     eprintln!("running {n} instances…");
     let started = Instant::now();
-    let ids: Vec<InstanceId> = (0..n).map(|_| InstanceId::new()).collect();
-    for chunk in ids.chunks(1000) {
-        let rows: Vec<NewInstance> = chunk
-            .iter()
-            .map(|id| NewInstance {
-                id: *id,
-                campaign: campaign.id,
-                workflow: def.name.clone(),
-                version: deployed.version,
-                entry_step: def.entry().id.clone(),
-                vars: json!({}),
-            })
-            .collect();
-        let events: Vec<_> = chunk
-            .iter()
-            .map(|id| {
-                let r = InstanceRef {
-                    id: *id,
-                    campaign: &campaign.name,
-                    workflow: &def.name,
-                    version: deployed.version,
-                };
-                env.bus
-                    .event(&r, EventKind::Started, json!({ "state": "ready" }))
-            })
-            .collect();
-        env.store.create_instances(&rows, "bench", &events).await?;
-        let jobs: Vec<StepJob> = chunk
-            .iter()
-            .map(|id| StepJob::new(*id, StepSeq(0), Fence(0)))
-            .collect();
-        env.bus.publish_jobs(&jobs).await?;
-    }
+    start_instances(env, &def, deployed.version, n).await?;
     let created = started.elapsed();
     let mut series = Vec::new();
     let limit = Duration::from_secs(600);
@@ -176,4 +138,54 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Value> {
         "ratio_to_best_raw_loop": steps_per_s / best,
         "completed_over_time": series,
     }))
+}
+
+/// Creates `n` instances of `def` and dispatches their first jobs, 1000 per transaction.
+pub(crate) async fn start_instances(
+    env: &BenchEnv,
+    def: &Definition,
+    version: i32,
+    n: u32,
+) -> anyhow::Result<()> {
+    let campaign = env
+        .store
+        .campaign_by_name("default")
+        .await?
+        .context("default campaign")?;
+    let ids: Vec<InstanceId> = (0..n).map(|_| InstanceId::new()).collect();
+    for chunk in ids.chunks(1000) {
+        let rows: Vec<NewInstance> = chunk
+            .iter()
+            .map(|id| NewInstance {
+                id: *id,
+                campaign: campaign.id,
+                workflow: def.name.clone(),
+                version,
+                entry_step: def.entry().id.clone(),
+                allow_retry: def.entry().allow_retry,
+                timeout_ms: i64::try_from(def.entry().timeout.as_millis()).unwrap_or(i64::MAX),
+                vars: serde_json::Value::Object(def.vars.clone()),
+            })
+            .collect();
+        let events: Vec<_> = chunk
+            .iter()
+            .map(|id| {
+                let r = InstanceRef {
+                    id: *id,
+                    campaign: &campaign.name,
+                    workflow: &def.name,
+                    version,
+                };
+                env.bus
+                    .event(&r, EventKind::Started, json!({ "state": "ready" }))
+            })
+            .collect();
+        env.store.create_instances(&rows, "bench", &events).await?;
+        let jobs: Vec<StepJob> = chunk
+            .iter()
+            .map(|id| StepJob::new(*id, StepSeq(0), Fence(0)))
+            .collect();
+        env.bus.publish_jobs(&jobs).await?;
+    }
+    Ok(())
 }

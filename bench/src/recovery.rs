@@ -1,0 +1,242 @@
+//! Recovery: `kill -9` a worker holding running instances, again and again, and measure how
+//! long until its instances are re-dispatched and until their interrupted step completes
+//! elsewhere; then kill the leader coordinator and measure the failover. The baselines are
+//! the configured floors of the same run: the dead-node deadline (3 s of heartbeat silence)
+//! and the lease TTL (5 s).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use drover_core::{Definition, InstanceId, NodeId};
+use drover_store::{COORDINATOR_LEASE, InstanceFilter};
+use serde_json::{Value, json};
+use tokio::process::Child;
+use uuid::Uuid;
+
+use crate::env::BenchEnv;
+use crate::quantile;
+
+const DEAD_AFTER: Duration = Duration::from_secs(3);
+const LEASE_TTL: Duration = Duration::from_secs(5);
+
+const LOAD: &str = r#"
+name: busy
+vars: { i: 0 }
+steps:
+  - { id: work, kind: handler, handler: sleep, input: { ms: "400" }, next: [{ to: count }] }
+  - { id: count, kind: assign, set: { i: "vars.i + 1" }, next: [{ to: work, when: "vars.i < 100000" }, { to: done }] }
+  - { id: done, kind: end, status: completed }
+"#;
+
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct Options {
+    /// Worker kills to measure.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) kills: usize,
+    /// Leader kills to measure.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) failovers: usize,
+    /// Instances kept busy (each loops over a 400 ms step).
+    #[arg(long, default_value_t = 200)]
+    pub(crate) instances: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            kills: 20,
+            failovers: 3,
+            instances: 200,
+        }
+    }
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<Value> {
+    let env = BenchEnv::new().await?;
+    let result = measure(&env, options).await;
+    env.cleanup().await;
+    result
+}
+
+/// Waits (polling) until `check` holds, or fails after `limit`.
+async fn poll<F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await? {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Spawns a node and returns it with its id, once registered.
+async fn node(env: &BenchEnv, roles: &str) -> anyhow::Result<(Child, NodeId)> {
+    let known: Vec<NodeId> = env.store.list_nodes().await?.iter().map(|n| n.id).collect();
+    let child = env.spawn_node(roles)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes = env.store.list_nodes().await?;
+        if let Some(id) = nodes
+            .iter()
+            .find(|n| !known.contains(&n.id) && n.status == "alive")
+            .map(|n| n.id)
+        {
+            return Ok((child, id));
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the node did not register within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn running(env: &BenchEnv, node: NodeId) -> anyhow::Result<Vec<(InstanceId, i64)>> {
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT id, step_seq FROM instance WHERE state = 'running' AND owner_node = $1",
+    )
+    .bind(node.0)
+    .fetch_all(env.store.pool())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, seq)| (InstanceId(id), seq))
+        .collect())
+}
+
+async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Value> {
+    let mut coordinators = vec![
+        node(env, "coordinator").await?,
+        node(env, "coordinator").await?,
+    ];
+    let mut workers = vec![node(env, "worker").await?, node(env, "worker").await?];
+    let def = Definition::parse(LOAD).map_err(|e| anyhow::anyhow!("{e}"))?;
+    env.store
+        .deploy_definition(&def.name, &def.to_json(), LOAD)
+        .await?;
+    crate::throughput::start_instances(env, &def, 1, options.instances).await?;
+
+    eprintln!("killing a busy worker {} times…", options.kills);
+    let mut redispatch = Vec::new();
+    let mut complete = Vec::new();
+    for round in 0..options.kills {
+        let victim = round % workers.len();
+        let victim_id = workers[victim].1;
+        poll(
+            "the victim to hold running instances",
+            Duration::from_secs(30),
+            || async { Ok(running(env, victim_id).await?.len() >= 5) },
+        )
+        .await?;
+        let orphans: HashMap<InstanceId, i64> =
+            running(env, victim_id).await?.into_iter().collect();
+        workers[victim].0.kill().await?;
+        let killed = Instant::now();
+        poll("re-dispatch", Duration::from_secs(30), || async {
+            Ok(running(env, victim_id).await?.is_empty())
+        })
+        .await?;
+        redispatch.push(killed.elapsed().as_secs_f64() * 1000.0);
+        // Complete: the interrupted step checkpointed elsewhere (requeue +1, the step +1).
+        poll(
+            "the interrupted steps to complete",
+            Duration::from_secs(60),
+            || async {
+                let ids: Vec<Uuid> = orphans.keys().map(|id| id.0).collect();
+                let rows: Vec<(Uuid, i64)> =
+                    sqlx::query_as("SELECT id, step_seq FROM instance WHERE id = ANY($1)")
+                        .bind(&ids)
+                        .fetch_all(env.store.pool())
+                        .await?;
+                Ok(rows.iter().all(|(id, seq)| {
+                    orphans
+                        .get(&InstanceId(*id))
+                        .is_some_and(|old| *seq >= old + 2)
+                }))
+            },
+        )
+        .await?;
+        complete.push(killed.elapsed().as_secs_f64() * 1000.0);
+        eprintln!(
+            "  kill {}: {} orphans, re-dispatched in {:.0} ms, completed in {:.0} ms",
+            round + 1,
+            orphans.len(),
+            redispatch[round],
+            complete[round]
+        );
+        workers[victim] = node(env, "worker").await?;
+    }
+
+    eprintln!("killing the leader {} times…", options.failovers);
+    let mut failover = Vec::new();
+    for _ in 0..options.failovers {
+        let lease = env.store.lease(COORDINATOR_LEASE).await?.context("lease")?;
+        let Some(index) = coordinators
+            .iter()
+            .position(|(_, id)| Some(*id) == lease.holder)
+        else {
+            anyhow::bail!("no coordinator of ours holds the lease");
+        };
+        let term = lease.term;
+        coordinators[index].0.kill().await?;
+        let killed = Instant::now();
+        poll("another leader", Duration::from_secs(30), || async {
+            let lease = env.store.lease(COORDINATOR_LEASE).await?.context("lease")?;
+            Ok(lease.live && lease.term > term)
+        })
+        .await?;
+        failover.push(killed.elapsed().as_secs_f64() * 1000.0);
+        coordinators[index] = node(env, "coordinator").await?;
+    }
+    let stuck = env
+        .store
+        .list_instances(&InstanceFilter {
+            state: Some(drover_core::InstanceState::InError),
+            limit: 10,
+            ..Default::default()
+        })
+        .await?;
+    anyhow::ensure!(
+        stuck.is_empty(),
+        "instances ended in_error: {:?}",
+        stuck.first().map(|i| &i.error)
+    );
+    drop(workers);
+    drop(coordinators);
+
+    let floor = DEAD_AFTER.as_secs_f64() * 1000.0;
+    let ttl = LEASE_TTL.as_secs_f64() * 1000.0;
+    let row = |name: &str, values: &[f64], base: f64, base_name: &str| {
+        let (p50, p99) = (quantile(values, 0.5), quantile(values, 0.99));
+        println!(
+            "{name:<44} p50 {p50:>6.0} ms  p99 {p99:>6.0} ms   {:.2}x / {:.2}x {base_name} ({base:.0} ms)",
+            p50 / base,
+            p99 / base
+        );
+        json!({ "p50_ms": p50, "p99_ms": p99, "baseline_ms": base, "baseline": base_name, "samples": values })
+    };
+    println!();
+    let r = row(
+        &format!("kill -9 → re-dispatched ({} kills)", options.kills),
+        &redispatch,
+        floor,
+        "dead-node deadline",
+    );
+    let c = row(
+        "kill -9 → interrupted step completed",
+        &complete,
+        floor,
+        "dead-node deadline",
+    );
+    let f = row(
+        &format!("leader kill -9 → new leader ({} kills)", options.failovers),
+        &failover,
+        ttl,
+        "lease TTL",
+    );
+    Ok(json!({ "kill_to_redispatch": r, "kill_to_complete": c, "leader_failover": f }))
+}
