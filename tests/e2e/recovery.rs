@@ -343,7 +343,7 @@ steps:
     )
     .await?;
     victim.kill().await?;
-    let _other = env.spawn_node("worker").await?;
+    let mut other = env.spawn_node("worker").await?;
     let instance = wait_until(
         "the instance to wait in_error",
         Duration::from_secs(20),
@@ -366,6 +366,157 @@ steps:
     let journal = env.store.journal(id.parse()?).await?.context("journal")?;
     let outcomes: Vec<&str> = journal.iter().map(|e| e.outcome.as_str()).collect();
     assert_eq!(outcomes, vec!["started", "interrupted"]);
+
+    // The operator knows the charge went through: skip it. The step is not run again.
+    env.cli(api, &["resume", &id, "--next-step", "--actor", "alice"])
+        .await?;
+    let done = wait_until(
+        "the skipped instance to complete",
+        Duration::from_secs(20),
+        || async {
+            let i = env
+                .store
+                .get_instance(id.parse()?)
+                .await?
+                .context("instance")?;
+            Ok(i.state.is_terminal().then_some(i))
+        },
+    )
+    .await?;
+    assert_eq!(done.state, drover_core::InstanceState::Completed);
+    assert_eq!(
+        recorder.requests().len(),
+        1,
+        "skipping does not charge again"
+    );
+    let journal = env.store.journal(id.parse()?).await?.context("journal")?;
+    assert_eq!(journal[2].outcome, "resumed");
+    assert_eq!(journal[2].actor.as_deref(), Some("alice"));
+
+    // Another one, interrupted the same way, that the operator retries: it runs once more.
+    let second = start(api, "charge", json!({}), 1).await?.remove(0);
+    wait_until(
+        "the second charge to arrive",
+        Duration::from_secs(20),
+        || async { Ok((recorder.requests().len() == 2).then_some(())) },
+    )
+    .await?;
+    let running = env
+        .store
+        .get_instance(second.parse()?)
+        .await?
+        .and_then(|i| i.owner_node);
+    assert_eq!(running, Some(other.id));
+    other.kill().await?;
+    let _third = env.spawn_node("worker").await?;
+    wait_until(
+        "the second instance to wait in_error",
+        Duration::from_secs(20),
+        || async {
+            let i = env
+                .store
+                .get_instance(second.parse()?)
+                .await?
+                .context("instance")?;
+            Ok((i.state == drover_core::InstanceState::InError).then_some(()))
+        },
+    )
+    .await?;
+    let out = env
+        .cli_raw(api, &["resume", &second, "--current-step", "--next-step"])
+        .await?;
+    assert!(!out.status.success(), "exactly one mode");
+    env.cli(api, &["resume", &second, "--current-step"]).await?;
+    wait_until(
+        "the retried instance to complete",
+        Duration::from_secs(20),
+        || async {
+            let i = env
+                .store
+                .get_instance(second.parse()?)
+                .await?
+                .context("instance")?;
+            Ok((i.state == drover_core::InstanceState::Completed).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        recorder.requests().len(),
+        3,
+        "the retry charged again, once"
+    );
+    let out = env
+        .cli_raw(api, &["resume", &second, "--current-step"])
+        .await?;
+    assert!(
+        !out.status.success(),
+        "a completed instance cannot be resumed"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in_error"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_event_survives_every_node_restarting_and_takes_the_event_afterwards()
+-> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let mut first = env.spawn_node("worker,api,coordinator").await?;
+    deploy(
+        first.api(),
+        r#"
+name: approval
+steps:
+  - { id: ask, kind: wait_event, name: approved, timeout: 10m, next: [{ to: done }] }
+  - { id: done, kind: end, status: completed }
+"#,
+    )
+    .await?;
+    let id = start(first.api(), "approval", json!({}), 1)
+        .await?
+        .remove(0);
+    wait_until("the instance to wait", Duration::from_secs(20), || async {
+        let i = env
+            .store
+            .get_instance(id.parse()?)
+            .await?
+            .context("instance")?;
+        Ok((i.state == drover_core::InstanceState::Waiting).then_some(()))
+    })
+    .await?;
+    first.kill().await?;
+    let second = env.spawn_node("worker,api,coordinator").await?;
+    let api = second.api();
+    env.cli(
+        api,
+        &[
+            "send-event",
+            &id,
+            "approved",
+            "--payload",
+            r#"{"by":"bob"}"#,
+        ],
+    )
+    .await?;
+    let done = wait_until(
+        "the approval to complete",
+        Duration::from_secs(30),
+        || async {
+            let i = env
+                .store
+                .get_instance(id.parse()?)
+                .await?
+                .context("instance")?;
+            Ok(i.state.is_terminal().then_some(i))
+        },
+    )
+    .await?;
+    assert_eq!(done.state, drover_core::InstanceState::Completed);
+    assert_eq!(done.outputs["ask"]["by"], "bob");
     env.cleanup().await;
     Ok(())
 }
