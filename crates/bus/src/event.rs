@@ -33,6 +33,30 @@ pub enum EventKind {
     Waiting,
     /// WAITING no more: its timer came, its event arrived or its child finished; READY again.
     Woken,
+    /// An operator paused it (PAUSED, keeping its permit), or a requested pause took effect.
+    Paused,
+    /// An operator asked a RUNNING instance to pause once its step finishes.
+    PauseRequested,
+    /// An operator unpaused it (READY, QUEUED or WAITING again), or withdrew a pause request.
+    Unpaused,
+    /// An operator asked a RUNNING instance to stop once its step finishes.
+    StopRequested,
+    /// STOPPED: by an operator (`stop`, or `kill`: data `mode`), or a requested stop took
+    /// effect. Its permit, if it held one, is released.
+    Stopped,
+    /// An operator restarted a finished instance: a new instance was started from it (this
+    /// event is the old instance's; the new one has its own `started`).
+    Restarted,
+    /// Started (or resumed) while its campaign was at its limit: QUEUED (data `queue_seq`).
+    Queued,
+    /// Given a campaign permit: READY (out of the queue, or on resume).
+    Admitted,
+    /// Gave its campaign permit back (finished, stopped, or `in_error` under
+    /// `on_error_permit: release`).
+    PermitReleased,
+    /// The campaign reconciler found a semaphore invariant broken (a campaign event: see
+    /// [`Subjects::campaign_event`](crate::Subjects::campaign_event)).
+    PermitDrift,
 }
 
 impl EventKind {
@@ -48,6 +72,16 @@ impl EventKind {
             Self::Resumed => "resumed",
             Self::Waiting => "waiting",
             Self::Woken => "woken",
+            Self::Paused => "paused",
+            Self::PauseRequested => "pause_requested",
+            Self::Unpaused => "unpaused",
+            Self::StopRequested => "stop_requested",
+            Self::Stopped => "stopped",
+            Self::Restarted => "restarted",
+            Self::Queued => "queued",
+            Self::Admitted => "admitted",
+            Self::PermitReleased => "permit_released",
+            Self::PermitDrift => "permit_drift",
         }
     }
 }
@@ -97,6 +131,40 @@ pub(crate) fn build(
     OutboxEvent {
         id,
         subject,
+        payload,
+    }
+}
+
+/// The CloudEvent of something that happened to a campaign (not to one instance).
+pub(crate) fn build_campaign(
+    subjects: &Subjects,
+    campaign: &str,
+    kind: EventKind,
+    data: Value,
+) -> OutboxEvent {
+    let id = Uuid::now_v7();
+    let mut data = match data {
+        Value::Object(map) => map,
+        other => {
+            let mut map = serde_json::Map::new();
+            map.insert("value".to_owned(), other);
+            map
+        }
+    };
+    data.insert("campaign".to_owned(), Value::String(campaign.to_owned()));
+    let payload = json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": format!("drover/{}", subjects.prefix()),
+        "type": format!("drover.campaign.{}", kind.as_str()),
+        "subject": campaign,
+        "time": Utc::now().to_rfc3339(),
+        "datacontenttype": "application/json",
+        "data": data,
+    });
+    OutboxEvent {
+        id,
+        subject: subjects.campaign_event(campaign, kind.as_str()),
         payload,
     }
 }

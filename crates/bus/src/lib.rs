@@ -251,11 +251,27 @@ impl Bus {
     /// `Nats-Msg-Id = j:{instance}:{step_seq}:{fence}`, so a re-dispatch of the same job
     /// inside the duplicate window is dropped by the server.
     pub async fn publish_jobs(&self, jobs: &[StepJob]) -> Result<()> {
+        self.send_jobs(jobs, None).await
+    }
+
+    /// Publishes jobs again under `j:…:{tag}` message ids: a re-dispatch that must get through
+    /// even if the first publish of the same job is still in the duplicate window (it may sit,
+    /// unacknowledged, with a worker that died). A resulting double delivery only fails its
+    /// claim.
+    pub async fn redispatch_jobs(&self, jobs: &[StepJob], tag: &str) -> Result<()> {
+        self.send_jobs(jobs, Some(tag)).await
+    }
+
+    async fn send_jobs(&self, jobs: &[StepJob], tag: Option<&str>) -> Result<()> {
         let mut acks = Vec::with_capacity(jobs.len());
         for job in jobs {
+            let msg_id = match tag {
+                Some(tag) => format!("{}:{tag}", job.msg_id()),
+                None => job.msg_id(),
+            };
             let publish = jetstream::message::PublishMessage::build()
                 .payload(job.encode())
-                .message_id(job.msg_id());
+                .message_id(msg_id);
             let ack = self
                 .js
                 .send_publish(self.subjects.job(), publish)
@@ -278,6 +294,17 @@ impl Bus {
         data: serde_json::Value,
     ) -> OutboxEvent {
         event::build(&self.subjects, instance, kind, data)
+    }
+
+    /// Builds the CloudEvent of something that happened to `campaign` itself (type
+    /// `drover.campaign.<kind>`, subject [`Subjects::campaign_event`]).
+    pub fn campaign_event(
+        &self,
+        campaign: &str,
+        kind: EventKind,
+        data: serde_json::Value,
+    ) -> OutboxEvent {
+        event::build_campaign(&self.subjects, campaign, kind, data)
     }
 
     /// The `woken` event of a WAITING instance made READY again at `step` (`step_seq` is the

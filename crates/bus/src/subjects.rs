@@ -71,6 +71,14 @@ impl Subjects {
         )
     }
 
+    /// `<prefix>.evt.<campaign>._campaign._.<kind>`: an event about a campaign itself (e.g.
+    /// `permit_drift`). It has as many tokens as an instance event, and `_campaign` cannot be
+    /// a workflow name (slugs start with `[a-z0-9]`), so `<prefix>.evt.<campaign>.>` takes
+    /// both and no instance filter matches it.
+    pub fn campaign_event(&self, campaign: &str, kind: &str) -> String {
+        format!("{}.evt.{campaign}._campaign._.{kind}", self.prefix)
+    }
+
     /// `<prefix>.signal.<instance>.<event>`: publish (or, better, request) there to deliver
     /// the event `<event>` to an instance; the payload is the event's JSON (empty: `null`).
     pub fn signal(&self, instance: &str, event: &str) -> String {
@@ -114,6 +122,10 @@ mod tests {
         assert_eq!(
             s.event("default", "wf", "id", "completed"),
             "t-1a.evt.default.wf.id.completed"
+        );
+        assert_eq!(
+            s.campaign_event("spring", "permit_drift"),
+            "t-1a.evt.spring._campaign._.permit_drift"
         );
         assert!(s.is_reserved("t-1a.x"));
         assert!(!s.is_reserved("t-1ab.x"));

@@ -23,6 +23,20 @@ pub enum Error {
     /// An event name that is not a slug (`[a-z0-9][a-z0-9_-]{0,62}`), so no step waits for it.
     #[error("event name {0:?} is not a slug ([a-z0-9][a-z0-9_-]{{0,62}})")]
     InvalidEventName(String),
+    /// A campaign name that is not a slug (it appears in event subjects).
+    #[error("campaign name {0:?} is not a slug ([a-z0-9][a-z0-9_-]{{0,62}})")]
+    InvalidCampaignName(String),
+    /// A campaign limit outside 1..=100000.
+    #[error("campaign limit {0} is out of range (1 to 100000)")]
+    InvalidLimit(i64),
+    #[error("campaign {0:?} exists already")]
+    CampaignExists(String),
+    /// The campaign was created without a limit: its instances hold no permits, so one cannot
+    /// be imposed later.
+    #[error(
+        "campaign {0:?} has no limit (it was created without one); create a limited campaign instead"
+    )]
+    UnlimitedCampaign(String),
     #[error("stored row is corrupt: {0}")]
     Corrupt(String),
 }

@@ -6,6 +6,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::model::*;
+use crate::semaphore::{
+    Admission, Admitted, LockedCampaign, PermitEvent, PermitEventKind, PermitEvents, admit_new,
+    insert_events, lock_limited_campaigns, release_permits,
+};
 use crate::{Error, Result, Store};
 
 fn parse_state(state: &str) -> Result<InstanceState> {
@@ -46,6 +50,8 @@ struct InstanceRow {
     wake_at: Option<DateTime<Utc>>,
     wait_event: Option<String>,
     wait_child: Option<Uuid>,
+    holds_permit: bool,
+    queue_position: Option<i64>,
 }
 
 impl TryFrom<InstanceRow> for Instance {
@@ -73,6 +79,8 @@ impl TryFrom<InstanceRow> for Instance {
             wake_at: r.wake_at,
             wait_event: r.wait_event,
             wait_child: r.wait_child.map(InstanceId),
+            holds_permit: r.holds_permit,
+            queue_position: r.queue_position,
         })
     }
 }
@@ -80,7 +88,11 @@ impl TryFrom<InstanceRow> for Instance {
 const INSTANCE_COLUMNS: &str = "i.id, i.workflow, i.version, c.name AS campaign, i.state, \
     i.current_step, i.step_seq, i.step_attempt, i.fence, i.owner_node, i.vars, i.outputs, \
     i.error, i.parent_instance_id, i.call_depth, i.created_at, i.updated_at, i.finished_at, \
-    i.wake_at, i.wait_event, i.wait_child";
+    i.wake_at, i.wait_event, i.wait_child, i.holds_permit, \
+    CASE WHEN i.state = 'queued' THEN \
+        (SELECT count(*) FROM instance q \
+         WHERE q.campaign_id = i.campaign_id AND q.state = 'queued' AND q.queue_seq <= i.queue_seq) \
+    END AS queue_position";
 
 #[derive(sqlx::FromRow)]
 struct CampaignRow {
@@ -221,63 +233,82 @@ impl Store {
         Ok(rows.into_iter().map(Campaign::from).collect())
     }
 
-    /// Creates instances READY at their entry step, each with its journal entry 0
-    /// (`started`) and its events, in one transaction.
+    /// Creates instances at their entry step, each with its journal entry 0 (`started`) and
+    /// its events, in one transaction.
+    ///
+    /// An instance of an unlimited campaign is READY (no permit, no campaign lock). One of a
+    /// limited campaign is admitted under the campaign's row lock (ARCHITECTURE.md,
+    /// "Semaphore"): READY with a permit while `running < max_running` and nobody queues, else
+    /// QUEUED with its place taken under the lock (in input order) and a `queued` event from
+    /// `permit_events`. Returns the READY instances' jobs (publish them after this returns) and
+    /// the queued ones.
     pub async fn create_instances(
         &self,
         instances: &[NewInstance],
         actor: &str,
         events: &[OutboxEvent],
-    ) -> Result<()> {
+        permit_events: &dyn PermitEvents,
+    ) -> Result<Created> {
         if instances.is_empty() {
-            return Ok(());
+            return Ok(Created::default());
         }
-        let rows = Value::Array(
-            instances
-                .iter()
-                .map(|i| {
-                    json!({
-                        "id": i.id,
-                        "campaign_id": i.campaign,
-                        "workflow": i.workflow,
-                        "version": i.version,
-                        "entry_step": i.entry_step,
-                        "allow_retry": i.allow_retry,
-                        "timeout_ms": i.timeout_ms,
-                        "vars": i.vars,
-                    })
-                })
-                .collect(),
-        );
-        sqlx::query(
-            "WITH n AS (
-                SELECT * FROM jsonb_to_recordset($1::jsonb) AS n(
-                    id uuid, campaign_id bigint, workflow text, version int,
-                    entry_step text, allow_retry bool, timeout_ms bigint, vars jsonb)
-             ), ins AS (
-                INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
-                                      step_retryable, step_timeout_ms, ready_at, vars,
-                                      initial_vars)
-                SELECT id, campaign_id, workflow, version, 'ready', entry_step, allow_retry,
-                       timeout_ms, clock_timestamp(), vars, vars
-                FROM n
-                RETURNING id, current_step, created_at
-             ), j AS (
-                INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
-                                     attempt, actor, started_at, finished_at)
-                SELECT id, 0, current_step, 'started', 'ready', 0, 1, $2, created_at, created_at
-                FROM ins
-             )
-             INSERT INTO event_outbox (id, subject, payload)
-             SELECT e.id, e.subject, e.payload
-             FROM jsonb_to_recordset($3::jsonb) AS e(id uuid, subject text, payload jsonb)",
+        let mut campaign_ids: Vec<i64> = instances.iter().map(|i| i.campaign.0).collect();
+        campaign_ids.sort_unstable();
+        campaign_ids.dedup();
+        // A limit is set at creation or never, so an unlimited campaign read here stays so.
+        let limited: Vec<(i64,)> = sqlx::query_as(
+            "SELECT id FROM campaign WHERE id = ANY($1) AND max_running IS NOT NULL",
         )
-        .bind(rows)
-        .bind(actor)
-        .bind(events_json(events))
-        .execute(&self.pool)
+        .bind(&campaign_ids)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(())
+        if limited.is_empty() {
+            let admissions = vec![Admission::Free; instances.len()];
+            let mut conn = self.pool.acquire().await?;
+            insert_instances(
+                &mut conn,
+                instances,
+                &admissions,
+                actor,
+                events.to_vec(),
+                &[],
+            )
+            .await?;
+            return Ok(created(instances, &admissions));
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut campaigns = lock_limited_campaigns(&mut tx, &campaign_ids).await?;
+        let batch: Vec<i64> = instances.iter().map(|i| i.campaign.0).collect();
+        let admissions = admit_new(&mut tx, &mut campaigns, &batch).await?;
+        let mut all_events = events.to_vec();
+        for (instance, admission) in instances.iter().zip(&admissions) {
+            if let Admission::Queued(place) = admission {
+                let campaign = campaigns
+                    .iter()
+                    .find(|c| c.id == instance.campaign.0)
+                    .map(|c| c.name.as_str())
+                    .unwrap_or_default();
+                all_events.push(permit_events.build(&PermitEvent {
+                    kind: PermitEventKind::Queued,
+                    instance: instance.id,
+                    workflow: &instance.workflow,
+                    version: instance.version,
+                    campaign,
+                    data: json!({ "state": "queued", "queue_seq": place, "step_id": instance.entry_step }),
+                }));
+            }
+        }
+        insert_instances(
+            &mut tx,
+            instances,
+            &admissions,
+            actor,
+            all_events,
+            &campaigns,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(created(instances, &admissions))
     }
 
     pub async fn get_instance(&self, id: InstanceId) -> Result<Option<Instance>> {
@@ -448,35 +479,57 @@ impl Store {
             .collect())
     }
 
-    /// Group-commits a batch of step completions by `node` in one statement (one fsync).
+    /// Group-commits a batch of step completions by `node` (one fsync for the batch).
     ///
     /// Each completion is a CAS on its instance row (fence, step_seq, RUNNING, owned by
     /// `node`); for those that pass, the journal entry `step_seq + 1` and the events are
     /// written in the same transaction. Returns one [`Commit`] per completion, in order.
     ///
     /// Instances this commit makes READY besides the completions' own (children started,
-    /// parents woken) are re-dispatched by the stale-READY sweeper only: workers call
-    /// [`Store::commit_waking`], which returns their jobs.
-    pub async fn commit(&self, node: NodeId, completions: &[Completion]) -> Result<Vec<Commit>> {
-        Ok(self.commit_waking(node, completions).await?.results)
+    /// parents woken, queued instances admitted) are re-dispatched by the stale-READY sweeper
+    /// only: workers call [`Store::commit_waking`], which returns their jobs.
+    pub async fn commit(
+        &self,
+        node: NodeId,
+        completions: &[Completion],
+        permit_events: &dyn PermitEvents,
+    ) -> Result<Vec<Commit>> {
+        Ok(self
+            .commit_waking(node, completions, permit_events)
+            .await?
+            .results)
     }
 
     /// [`Store::commit`], also returning the jobs of the other instances the commit made READY.
     ///
-    /// Besides each completion's own transition, in the same statement:
+    /// Besides each completion's own transition, in the same transaction:
     /// - `Transition::Wait` parks the instance WAITING (`wake_at`, `wait_event`,
     ///   `wait_child`); a `child` is created READY (journal row 0 `started`, actor
-    ///   `parent:<id>`, `call_depth + 1`, the parent's campaign). A wait for an event that was
-    ///   delivered while the step ran, or for a child that finished meanwhile, goes READY
-    ///   instead (the step runs again and finds it).
+    ///   `parent:<id>`, `call_depth + 1`, the parent's campaign, no permit of its own: it runs
+    ///   under its parent's). A wait for an event that was delivered while the step ran, or for
+    ///   a child that finished meanwhile, goes READY instead (the step runs again and finds
+    ///   it).
     /// - A completion that `consumes` a signal marks it consumed.
     /// - A child reaching `completed`, `failed` or `stopped` wakes its WAITING parent (READY
     ///   at the same step, `step_seq + 1`, journal `woken` by `child:<id>`,
     ///   `parent_events`). Any other transition leaves the current step's wait behind.
+    /// - Operator requests are honoured: with `stop_requested_by` set, an instance that would
+    ///   go on (READY, WAITING or IN_ERROR) is STOPPED instead (journal outcome `stopped`,
+    ///   actor the operator); with `pause_requested_by` set, one that would be READY is PAUSED
+    ///   (keeping its permit; `paused_by`/`paused_at` set, the request cleared). Each gets a
+    ///   `stopped`/`paused` event from `permit_events`.
+    /// - A permit holder that finishes (or goes IN_ERROR under `on_error_permit: release`)
+    ///   releases its permit, which passes to its campaign's oldest QUEUED instances
+    ///   (ARCHITECTURE.md, "Semaphore"), with `permit_released` and `admitted` events.
+    ///
+    /// Most commits change no permit and honour no request: they are one statement, and
+    /// touch no campaign row. Completions that do are committed in a second transaction that
+    /// locks their instance rows (id order), then their campaign rows (id order).
     pub async fn commit_waking(
         &self,
         node: NodeId,
         completions: &[Completion],
+        permit_events: &dyn PermitEvents,
     ) -> Result<GroupCommit> {
         if completions.is_empty() {
             return Ok(GroupCommit {
@@ -484,99 +537,11 @@ impl Store {
                 ready: Vec::new(),
             });
         }
-        let rows = Value::Array(
-            completions
-                .iter()
-                .enumerate()
-                .map(|(idx, c)| {
-                    let (next_state, next_step, retry, delay_ms) = match &c.transition {
-                        Transition::Next { step, .. } => ("ready", Some(step.as_str()), false, 0),
-                        Transition::Retry { delay_ms } => ("ready", None, true, *delay_ms),
-                        Transition::Stop { state } => (state.as_str(), None, false, 0),
-                        Transition::Wait { .. } => ("waiting", None, false, 0),
-                    };
-                    let (allow_retry, timeout_ms) = match &c.transition {
-                        Transition::Next {
-                            allow_retry,
-                            timeout_ms,
-                            ..
-                        } => (Some(*allow_retry), Some(*timeout_ms)),
-                        _ => (None, None),
-                    };
-                    let (wait, wake_at_ms, wait_event, child) = match &c.transition {
-                        Transition::Wait {
-                            wake_at_ms,
-                            event,
-                            child,
-                        } => (true, *wake_at_ms, event.as_deref(), child.as_deref()),
-                        _ => (false, None, None, None),
-                    };
-                    let transition = next_step.unwrap_or(next_state);
-                    let mut row = json!({
-                        "idx": idx,
-                        "instance_id": c.instance,
-                        "fence": c.fence,
-                        "step_seq": c.step_seq,
-                        "step_id": c.step_id,
-                        "attempt": c.attempt,
-                        "started_at": c.started_at,
-                        "outcome": c.outcome,
-                        "transition": transition,
-                        "next_state": next_state,
-                        "next_step": next_step,
-                        "allow_retry": allow_retry,
-                        "timeout_ms": timeout_ms,
-                        "retry": retry,
-                        "delay_ms": delay_ms,
-                        "vars": c.vars,
-                        "output": c.output,
-                        "error": c.error,
-                        "events": events_json(&c.events),
-                        "wait": wait,
-                    });
-                    // The rest only when present (absent keys read as NULL): most completions
-                    // are plain steps, and the statement parses every byte.
-                    if let Some(row) = row.as_object_mut() {
-                        let mut put = |key: &str, value: Value| {
-                            if !value.is_null() {
-                                row.insert(key.to_owned(), value);
-                            }
-                        };
-                        put("wake_at_ms", json!(wake_at_ms));
-                        put("wait_event", json!(wait_event));
-                        put("signal_id", json!(c.consumes));
-                        if !c.parent_events.is_empty() {
-                            put("parent_events", events_json(&c.parent_events));
-                        }
-                        if let Some(k) = child {
-                            put("child_id", json!(k.id));
-                            put("child_workflow", json!(k.workflow));
-                            put("child_version", json!(k.version));
-                            put("child_entry", json!(k.entry_step));
-                            put("child_allow_retry", json!(k.allow_retry));
-                            put("child_timeout_ms", json!(k.timeout_ms));
-                            put("child_vars", k.vars.clone());
-                        }
-                    }
-                    row
-                })
-                .collect(),
-        );
-        #[derive(sqlx::FromRow)]
-        struct Row {
-            committed: bool,
-            existed: bool,
-            state: Option<String>,
-            step_seq: Option<i64>,
-            fence: Option<i64>,
-            child_id: Option<Uuid>,
-            parent_id: Option<Uuid>,
-            parent_seq: Option<i64>,
-            parent_fence: Option<i64>,
-        }
-        let results: Vec<Row> = sqlx::query_as(COMMIT)
-            .bind(rows)
+        let rows = completion_rows(completions);
+        let mut results: Vec<CommitRow> = sqlx::query_as(COMMIT)
+            .bind(Value::Array(rows.clone()))
             .bind(node.0)
+            .bind(false)
             .fetch_all(&self.pool)
             .await?;
         if results.len() != completions.len() {
@@ -586,6 +551,31 @@ impl Store {
                 completions.len()
             )));
         }
+        // Left out of the fast path: they change a permit or honour an operator's request (or
+        // are fenced: the second pass finds that again).
+        let deferred: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.committed && !r.existed)
+            .map(|(idx, _)| idx)
+            .collect();
+        let mut admitted = Vec::new();
+        if !deferred.is_empty() {
+            let (second, also) = self
+                .commit_with_permits(node, completions, &rows, &deferred, permit_events)
+                .await?;
+            for row in second {
+                let slot = usize::try_from(row.idx)
+                    .ok()
+                    .and_then(|idx| results.get_mut(idx))
+                    .ok_or_else(|| {
+                        Error::Corrupt(format!("group commit answered index {}", row.idx))
+                    })?;
+                *slot = row;
+            }
+            admitted = also;
+        }
+
         let mut ready = Vec::new();
         let mut commits = Vec::with_capacity(results.len());
         for (row, completion) in results.into_iter().zip(completions) {
@@ -625,10 +615,107 @@ impl Store {
                 });
             }
         }
+        ready.extend(admitted.iter().map(Admitted::job));
         Ok(GroupCommit {
             results: commits,
             ready,
         })
+    }
+
+    /// The second pass of [`Store::commit_waking`]: the completions at `deferred` (indexes into
+    /// `completions` and their `rows`) committed in one transaction that may change permits:
+    /// instance rows locked first (id order), the commit, its `stopped`/`paused` events, then
+    /// the permits released and passed on. Returns the commit rows and the admitted instances.
+    async fn commit_with_permits(
+        &self,
+        node: NodeId,
+        completions: &[Completion],
+        rows: &[Value],
+        deferred: &[usize],
+        permit_events: &dyn PermitEvents,
+    ) -> Result<(Vec<CommitRow>, Vec<Admitted>)> {
+        let mut ids: Vec<Uuid> = deferred
+            .iter()
+            .filter_map(|&idx| completions.get(idx))
+            .map(|c| c.instance.0)
+            .collect();
+        ids.sort_unstable();
+        let rows: Vec<Value> = deferred
+            .iter()
+            .filter_map(|&idx| rows.get(idx).cloned())
+            .collect();
+        #[derive(sqlx::FromRow)]
+        struct Locked {
+            id: Uuid,
+            holds_permit: bool,
+            workflow: String,
+            version: i32,
+            campaign: String,
+        }
+        let mut tx = self.pool.begin().await?;
+        let locked: Vec<Locked> = sqlx::query_as(
+            "SELECT i.id, i.holds_permit, i.workflow, i.version, c.name AS campaign
+             FROM instance i JOIN campaign c ON c.id = i.campaign_id
+             WHERE i.id = ANY($1) ORDER BY i.id FOR NO KEY UPDATE OF i",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let results: Vec<CommitRow> = sqlx::query_as(COMMIT)
+            .bind(Value::Array(rows))
+            .bind(node.0)
+            .bind(true)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut released = Vec::new();
+        let mut events = Vec::new();
+        for row in results.iter().filter(|r| r.committed) {
+            let Some(completion) = usize::try_from(row.idx)
+                .ok()
+                .and_then(|idx| completions.get(idx))
+            else {
+                return Err(Error::Corrupt(format!(
+                    "group commit answered index {}",
+                    row.idx
+                )));
+            };
+            let Some(before) = locked.iter().find(|l| l.id == completion.instance.0) else {
+                continue;
+            };
+            if before.holds_permit && row.holds_permit == Some(false) {
+                released.push(completion.instance);
+            }
+            let honoured = match (row.state.as_deref(), &completion.transition) {
+                (Some("stopped"), Transition::Stop { state })
+                    if *state == InstanceState::Stopped =>
+                {
+                    None
+                }
+                (Some("stopped"), _) => Some((PermitEventKind::Stopped, &row.stop_requested_by)),
+                (Some("paused"), _) => Some((PermitEventKind::Paused, &row.paused_by)),
+                _ => None,
+            };
+            if let Some((kind, actor)) = honoured {
+                events.push(permit_events.build(&PermitEvent {
+                    kind,
+                    instance: completion.instance,
+                    workflow: &before.workflow,
+                    version: before.version,
+                    campaign: &before.campaign,
+                    data: json!({
+                        "state": row.state,
+                        "step_id": row.current_step,
+                        "step_seq": row.step_seq,
+                        "actor": actor,
+                        "requested": true,
+                    }),
+                }));
+            }
+        }
+        insert_events(&mut tx, &events).await?;
+        let admitted = release_permits(&mut tx, &released, &[], "commit", permit_events).await?;
+        tx.commit().await?;
+        Ok((results, admitted))
     }
 
     /// READY instances whose `ready_at` is older than `older_than_ms`: their job may have
@@ -655,6 +742,201 @@ impl Store {
     }
 }
 
+/// The jobs and queue of a created batch.
+fn created(instances: &[NewInstance], admissions: &[Admission]) -> Created {
+    let mut created = Created::default();
+    for (instance, admission) in instances.iter().zip(admissions) {
+        match admission {
+            Admission::Free | Admission::Permit => created.ready.push(ClaimRequest {
+                instance: instance.id,
+                step_seq: StepSeq(0),
+                fence: Fence(0),
+            }),
+            Admission::Queued(_) => created.queued.push(instance.id),
+        }
+    }
+    created
+}
+
+/// Inserts a batch of new instances as `admissions` decided, their journal entries 0, `events`
+/// and the counters of the (locked) limited `campaigns`, in one statement.
+async fn insert_instances(
+    conn: &mut sqlx::PgConnection,
+    instances: &[NewInstance],
+    admissions: &[Admission],
+    actor: &str,
+    events: Vec<OutboxEvent>,
+    campaigns: &[LockedCampaign],
+) -> Result<()> {
+    let rows = Value::Array(
+        instances
+            .iter()
+            .zip(admissions)
+            .map(|(i, admission)| {
+                let (state, permit, place) = match admission {
+                    Admission::Free => ("ready", false, None),
+                    Admission::Permit => ("ready", true, None),
+                    Admission::Queued(place) => ("queued", false, Some(*place)),
+                };
+                json!({
+                    "id": i.id,
+                    "campaign_id": i.campaign,
+                    "workflow": i.workflow,
+                    "version": i.version,
+                    "entry_step": i.entry_step,
+                    "allow_retry": i.allow_retry,
+                    "timeout_ms": i.timeout_ms,
+                    "vars": i.vars,
+                    "state": state,
+                    "holds_permit": permit,
+                    "queue_seq": place,
+                })
+            })
+            .collect(),
+    );
+    let ids: Vec<i64> = campaigns.iter().map(|c| c.id).collect();
+    let running: Vec<i32> = campaigns.iter().map(|c| c.running).collect();
+    let queued: Vec<i32> = campaigns.iter().map(|c| c.queued).collect();
+    sqlx::query(
+        "WITH n AS (
+            SELECT * FROM jsonb_to_recordset($1::jsonb) AS n(
+                id uuid, campaign_id bigint, workflow text, version int,
+                entry_step text, allow_retry bool, timeout_ms bigint, vars jsonb,
+                state text, holds_permit bool, queue_seq bigint)
+         ), ins AS (
+            INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
+                                  step_retryable, step_timeout_ms, ready_at, vars,
+                                  initial_vars, holds_permit, queue_seq, queued_at)
+            SELECT id, campaign_id, workflow, version, state, entry_step, allow_retry,
+                   timeout_ms, CASE WHEN state = 'ready' THEN clock_timestamp() END, vars, vars,
+                   holds_permit, queue_seq,
+                   CASE WHEN state = 'queued' THEN clock_timestamp() END
+            FROM n
+            RETURNING id, current_step, created_at, state
+         ), j AS (
+            INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                                 attempt, actor, started_at, finished_at)
+            SELECT id, 0, current_step, 'started', state, 0, 1, $2, created_at, created_at
+            FROM ins
+         ), cnt AS (
+            UPDATE campaign c SET running = d.running, queued = d.queued
+            FROM unnest($4::bigint[], $5::int[], $6::int[]) AS d(id, running, queued)
+            WHERE c.id = d.id
+         )
+         INSERT INTO event_outbox (id, subject, payload)
+         SELECT e.id, e.subject, e.payload
+         FROM jsonb_to_recordset($3::jsonb) AS e(id uuid, subject text, payload jsonb)",
+    )
+    .bind(rows)
+    .bind(actor)
+    .bind(events_json(&events))
+    .bind(&ids)
+    .bind(&running)
+    .bind(&queued)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// One completion as a row of the commit statement's `$1` (`idx` = its index in the batch).
+fn completion_rows(completions: &[Completion]) -> Vec<Value> {
+    completions
+        .iter()
+        .enumerate()
+        .map(|(idx, c)| {
+            let (next_state, next_step, retry, delay_ms) = match &c.transition {
+                Transition::Next { step, .. } => ("ready", Some(step.as_str()), false, 0),
+                Transition::Retry { delay_ms } => ("ready", None, true, *delay_ms),
+                Transition::Stop { state } => (state.as_str(), None, false, 0),
+                Transition::Wait { .. } => ("waiting", None, false, 0),
+            };
+            let (allow_retry, timeout_ms) = match &c.transition {
+                Transition::Next {
+                    allow_retry,
+                    timeout_ms,
+                    ..
+                } => (Some(*allow_retry), Some(*timeout_ms)),
+                _ => (None, None),
+            };
+            let (wait, wake_at_ms, wait_event, child) = match &c.transition {
+                Transition::Wait {
+                    wake_at_ms,
+                    event,
+                    child,
+                } => (true, *wake_at_ms, event.as_deref(), child.as_deref()),
+                _ => (false, None, None, None),
+            };
+            let transition = next_step.unwrap_or(next_state);
+            let mut row = json!({
+                "idx": idx,
+                "instance_id": c.instance,
+                "fence": c.fence,
+                "step_seq": c.step_seq,
+                "step_id": c.step_id,
+                "attempt": c.attempt,
+                "started_at": c.started_at,
+                "outcome": c.outcome,
+                "transition": transition,
+                "next_state": next_state,
+                "next_step": next_step,
+                "allow_retry": allow_retry,
+                "timeout_ms": timeout_ms,
+                "retry": retry,
+                "delay_ms": delay_ms,
+                "vars": c.vars,
+                "output": c.output,
+                "error": c.error,
+                "events": events_json(&c.events),
+                "wait": wait,
+            });
+            // The rest only when present (absent keys read as NULL): most completions are
+            // plain steps, and the statement parses every byte.
+            if let Some(row) = row.as_object_mut() {
+                let mut put = |key: &str, value: Value| {
+                    if !value.is_null() {
+                        row.insert(key.to_owned(), value);
+                    }
+                };
+                put("wake_at_ms", json!(wake_at_ms));
+                put("wait_event", json!(wait_event));
+                put("signal_id", json!(c.consumes));
+                if !c.parent_events.is_empty() {
+                    put("parent_events", events_json(&c.parent_events));
+                }
+                if let Some(k) = child {
+                    put("child_id", json!(k.id));
+                    put("child_workflow", json!(k.workflow));
+                    put("child_version", json!(k.version));
+                    put("child_entry", json!(k.entry_step));
+                    put("child_allow_retry", json!(k.allow_retry));
+                    put("child_timeout_ms", json!(k.timeout_ms));
+                    put("child_vars", k.vars.clone());
+                }
+            }
+            row
+        })
+        .collect()
+}
+
+/// What the commit statement answers per completion.
+#[derive(sqlx::FromRow)]
+struct CommitRow {
+    idx: i32,
+    committed: bool,
+    existed: bool,
+    state: Option<String>,
+    step_seq: Option<i64>,
+    fence: Option<i64>,
+    current_step: Option<String>,
+    holds_permit: Option<bool>,
+    stop_requested_by: Option<String>,
+    paused_by: Option<String>,
+    child_id: Option<Uuid>,
+    parent_id: Option<Uuid>,
+    parent_seq: Option<i64>,
+    parent_fence: Option<i64>,
+}
+
 /// Does a completion's wait end at once? It waits for an event that was delivered while the
 /// step ran (`signal_pending`), or keeps waiting for a child that has finished meanwhile.
 macro_rules! wait_ends_at_once {
@@ -665,7 +947,60 @@ macro_rules! wait_ends_at_once {
     };
 }
 
-/// The group commit (see [`Store::commit_waking`]): `$1` the completions as JSON, `$2` the node.
+/// The state a completion asks for, a wait that ends at once being READY.
+macro_rules! asked_state {
+    () => {
+        concat!(
+            "(CASE WHEN ",
+            wait_ends_at_once!(),
+            " THEN 'ready' ELSE c.next_state END)"
+        )
+    };
+}
+
+/// The state the instance ends up in: what it asks for, unless an operator asked to stop it
+/// (anything but finishing becomes STOPPED) or to pause it (READY becomes PAUSED).
+macro_rules! final_state {
+    () => {
+        concat!(
+            "(CASE WHEN i.stop_requested_by IS NOT NULL
+                        AND ",
+            asked_state!(),
+            " IN ('ready', 'waiting', 'in_error') THEN 'stopped'
+                   WHEN i.pause_requested_by IS NOT NULL AND ",
+            asked_state!(),
+            " = 'ready' THEN 'paused'
+                   ELSE ",
+            asked_state!(),
+            " END)"
+        )
+    };
+}
+
+/// Does the instance give its permit back? It finishes, or goes IN_ERROR in a campaign whose
+/// `on_error_permit` is `release`. (`$state` is the state it ends up in.)
+macro_rules! gives_back {
+    ($($state:tt)*) => {
+        concat!(
+            "(",
+            $($state)*,
+            " IN ('completed', 'failed', 'stopped')
+              OR (",
+            $($state)*,
+            " = 'in_error'
+                  AND (SELECT on_error_permit FROM campaign WHERE id = i.campaign_id) = 'release'))"
+        )
+    };
+}
+
+/// The group commit (see [`Store::commit_waking`]): `$1` the completions as JSON, `$2` the
+/// node, `$3` whether permits may change.
+///
+/// With `$3` false (the fast path, autocommit) a completion that would release a permit or
+/// honour an operator's stop or pause request is left alone (not committed, not existed):
+/// such a commit must lock its campaign row and admit queued instances in the same
+/// transaction, which needs statements after this one. With `$3` true it is committed; the
+/// caller, in the same transaction, does the rest.
 ///
 /// A child's terminal commit locks its parent row (`pl`) whatever the parent's state, and
 /// always decrements `pending_children`: so a parent that commits a wait for that child at the
@@ -686,9 +1021,9 @@ const COMMIT: &str = concat!(
         SELECT clock_timestamp() AS now
      ), upd AS (
         UPDATE instance i SET
-            state = CASE WHEN ",
-    wait_ends_at_once!(),
-    " THEN 'ready' ELSE c.next_state END,
+            state = ",
+    final_state!(),
+    ",
             owner_node = NULL,
             claimed_at = NULL,
             step_seq = i.step_seq + 1,
@@ -708,19 +1043,22 @@ const COMMIT: &str = concat!(
                            ELSE i.outputs || jsonb_build_object(c.step_id, c.output) END,
             error = c.error,
             ready_at = CASE WHEN ",
+    final_state!(),
+    " <> 'ready' THEN NULL
+                            WHEN ",
     wait_ends_at_once!(),
     " THEN t.now
-                            WHEN c.next_state = 'ready'
-                            THEN t.now + c.delay_ms * interval '1 millisecond'
+                            ELSE t.now + c.delay_ms * interval '1 millisecond'
                        END,
-            finished_at = CASE WHEN c.next_state IN ('completed', 'failed')
-                               THEN t.now END,
-            holds_permit = i.holds_permit
-                           AND c.next_state NOT IN ('completed', 'failed', 'stopped'),
-            wake_at = CASE WHEN c.wait AND c.wake_at_ms IS NOT NULL
-                                AND NOT ",
-    wait_ends_at_once!(),
-    "
+            finished_at = CASE WHEN ",
+    final_state!(),
+    " IN ('completed', 'failed', 'stopped') THEN t.now END,
+            holds_permit = i.holds_permit AND NOT ",
+    gives_back!(final_state!()),
+    ",
+            wake_at = CASE WHEN c.wake_at_ms IS NOT NULL AND ",
+    final_state!(),
+    " = 'waiting'
                            THEN coalesce(i.wait_deadline,
                                          t.now + c.wake_at_ms * interval '1 millisecond')
                       END,
@@ -731,25 +1069,52 @@ const COMMIT: &str = concat!(
                                  WHEN c.retry THEN i.wait_deadline
                             END,
             wait_event = CASE WHEN c.wait THEN c.wait_event END,
-            wait_child = CASE WHEN c.child_id IS NOT NULL THEN c.child_id
-                              WHEN c.wait THEN i.wait_child END,
-            pending_children = CASE WHEN c.child_id IS NOT NULL THEN 1
-                                    WHEN c.wait THEN i.pending_children
+            -- A child is created only for an instance that does wait (not one stopped instead).
+            wait_child = CASE WHEN c.child_id IS NOT NULL AND ",
+    final_state!(),
+    " = 'waiting' THEN c.child_id
+                              WHEN c.child_id IS NULL AND c.wait THEN i.wait_child END,
+            pending_children = CASE WHEN c.child_id IS NOT NULL AND ",
+    final_state!(),
+    " = 'waiting' THEN 1
+                                    WHEN c.child_id IS NULL AND c.wait THEN i.pending_children
                                     ELSE 0 END,
+            pause_requested_by = CASE WHEN ",
+    final_state!(),
+    " = 'paused' THEN NULL ELSE i.pause_requested_by END,
+            paused_by = CASE WHEN ",
+    final_state!(),
+    " = 'paused' THEN i.pause_requested_by ELSE i.paused_by END,
+            paused_at = CASE WHEN ",
+    final_state!(),
+    " = 'paused' THEN t.now ELSE i.paused_at END,
             updated_at = t.now
         FROM c, t
         WHERE i.id = c.instance_id AND i.fence = c.fence AND i.step_seq = c.step_seq
           AND i.state = 'running' AND i.owner_node = $2
           -- A node declared dead abandons its steps: none of its writes land.
           AND EXISTS (SELECT 1 FROM node WHERE id = $2 AND status <> 'dead')
+          AND ($3 OR NOT (i.stop_requested_by IS NOT NULL OR i.pause_requested_by IS NOT NULL
+                          OR (i.holds_permit AND ",
+    gives_back!(asked_state!()),
+    ")))
         RETURNING c.idx, i.id, i.state, i.step_seq, i.fence, i.campaign_id, i.call_depth,
-                  i.parent_instance_id, i.wake_at, i.wait_child
+                  i.parent_instance_id, i.wake_at, i.wait_child, i.current_step,
+                  i.holds_permit, i.stop_requested_by, i.paused_by
      ), j AS (
         INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
-                             attempt, node_id, started_at, finished_at, output, error)
-        SELECT c.instance_id, c.step_seq + 1, c.step_id, c.outcome,
-               CASE WHEN c.wait THEN upd.state ELSE c.transition END,
-               c.fence, c.attempt, $2, c.started_at, clock_timestamp(),
+                             attempt, node_id, actor, started_at, finished_at, output, error)
+        SELECT c.instance_id, c.step_seq + 1, c.step_id,
+               CASE WHEN upd.state = 'stopped' AND c.next_state <> 'stopped' THEN 'stopped'
+                    ELSE c.outcome END,
+               CASE WHEN c.wait OR (upd.state IN ('stopped', 'paused')
+                                    AND upd.state <> c.next_state)
+                    THEN upd.state ELSE c.transition END,
+               c.fence, c.attempt, $2,
+               CASE WHEN upd.state = 'stopped' AND c.next_state <> 'stopped'
+                    THEN upd.stop_requested_by
+                    WHEN upd.state = 'paused' THEN upd.paused_by END,
+               c.started_at, clock_timestamp(),
                CASE WHEN c.wait
                     THEN jsonb_strip_nulls(jsonb_build_object(
                         'wake_at', upd.wake_at, 'event', c.wait_event,
@@ -776,7 +1141,7 @@ const COMMIT: &str = concat!(
                c.child_entry, c.child_allow_retry, c.child_timeout_ms, clock_timestamp(),
                c.child_vars, c.child_vars, upd.id, upd.call_depth + 1
         FROM c JOIN upd ON upd.idx = c.idx
-        WHERE c.child_id IS NOT NULL
+        WHERE c.child_id IS NOT NULL AND upd.state = 'waiting'
         RETURNING id, current_step, created_at, parent_instance_id
      ), child_j AS (
         INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
@@ -818,11 +1183,12 @@ const COMMIT: &str = concat!(
         FROM pw JOIN c ON c.idx = pw.idx,
              jsonb_to_recordset(c.parent_events) AS e(id uuid, subject text, payload jsonb)
      )
-     SELECT upd.idx IS NOT NULL AS committed,
+     SELECT c.idx, upd.idx IS NOT NULL AS committed,
             EXISTS (SELECT 1 FROM journal jr
                     WHERE jr.instance_id = c.instance_id AND jr.step_seq = c.step_seq + 1)
                 AS existed,
-            upd.state, upd.step_seq, upd.fence,
+            upd.state, upd.step_seq, upd.fence, upd.current_step, upd.holds_permit,
+            upd.stop_requested_by, upd.paused_by,
             child.id AS child_id,
             pw.id AS parent_id, pw.step_seq AS parent_seq, pw.fence AS parent_fence
      FROM c LEFT JOIN upd ON upd.idx = c.idx

@@ -1,5 +1,6 @@
-//! All of Drover's SQL: the schema (embedded migrations), definitions, campaigns, instances,
-//! the journal, the event outbox and nodes.
+//! All of Drover's SQL: the schema (embedded migrations), definitions, campaigns and their
+//! semaphore (`semaphore`: permits, the queue, the reconciler), instances, the journal, the
+//! event outbox and nodes.
 //!
 //! # Fencing
 //! Every worker write is a compare-and-set on the instance row: a claim needs the `(step_seq,
@@ -9,14 +10,17 @@
 //! primary key `(instance_id, step_seq)` makes a double commit impossible even if the CAS were
 //! wrong. Events go to `event_outbox` in the same statement as the transition they describe.
 
+mod diagnosis;
 mod error;
 mod instances;
 mod lease;
+mod lifecycle;
 mod model;
 mod nodes;
 mod operator;
 mod outbox;
 mod recovery;
+mod semaphore;
 mod waiting;
 
 use std::time::Duration;
@@ -25,12 +29,23 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
+pub use diagnosis::{
+    ChildFacts, DiagnosedInstance, DiagnosisFacts, MAX_LISTED_HOLDERS, PermitHolder,
+};
 pub use error::{Error, Result};
 pub use lease::LeaderTerm;
+pub use lifecycle::{
+    Acted, LifecycleAction, LifecycleBatch, LifecycleChange, LifecycleEvents, LifecycleFilter,
+    LifecycleOutcome, Refusal, Restart, Restarted,
+};
 pub use model::*;
 pub use nodes::Heartbeat;
 pub use operator::{Resume, Resumed};
-pub use recovery::COORDINATOR_LEASE;
+pub use recovery::{COORDINATOR_LEASE, Requeued};
+pub use semaphore::{
+    Admitted, CampaignStatus, Drift, DriftKind, LIMIT_RANGE, LimitSet, NewCampaign, OnErrorPermit,
+    PermitEvent, PermitEventKind, PermitEvents, Reconciled, SEMAPHORE_ACTOR,
+};
 
 /// The embedded schema migrations.
 pub static MIGRATOR: Migrator = sqlx::migrate!();

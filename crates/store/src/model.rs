@@ -91,6 +91,21 @@ pub struct Instance {
     pub wait_event: Option<String>,
     /// The child its current `subworkflow` step started.
     pub wait_child: Option<InstanceId>,
+    /// Whether it holds one of its campaign's permits.
+    pub holds_permit: bool,
+    /// A QUEUED instance's place in its campaign's queue (1 = admitted next).
+    pub queue_position: Option<i64>,
+}
+
+/// What [`Store::create_instances`](crate::Store::create_instances) did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Created {
+    /// The instances created READY (with a permit, or in an unlimited campaign): publish
+    /// their jobs.
+    pub ready: Vec<ClaimRequest>,
+    /// The instances created QUEUED behind their campaign's limit, in queue order: a freed
+    /// permit admits them.
+    pub queued: Vec<InstanceId>,
 }
 
 /// Which instances to list, newest first.

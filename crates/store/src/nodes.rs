@@ -66,52 +66,46 @@ impl Store {
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<Node>> {
-        #[allow(clippy::type_complexity)]
-        let rows: Vec<(
-            Uuid,
-            Vec<String>,
-            String,
-            String,
-            String,
-            DateTime<Utc>,
-            DateTime<Utc>,
-            Option<DateTime<Utc>>,
-            i32,
-            i64,
-        )> = sqlx::query_as(
-            "SELECT id, roles, host, version, status, heartbeat_at, started_at, died_at, in_flight,
-                    rss_bytes
-             FROM node ORDER BY started_at DESC",
-        )
+        let rows: Vec<NodeRow> = sqlx::query_as(&format!(
+            "SELECT {NODE_COLUMNS} FROM node ORDER BY started_at DESC"
+        ))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    id,
-                    roles,
-                    host,
-                    version,
-                    status,
-                    heartbeat_at,
-                    started_at,
-                    died_at,
-                    in_flight,
-                    rss_bytes,
-                )| Node {
-                    id: NodeId(id),
-                    roles,
-                    host,
-                    version,
-                    status,
-                    heartbeat_at,
-                    started_at,
-                    died_at,
-                    in_flight,
-                    rss_bytes,
-                },
-            )
-            .collect())
+        Ok(rows.into_iter().map(Node::from).collect())
+    }
+}
+
+/// The columns of a `node` row that [`NodeRow`] reads.
+pub(crate) const NODE_COLUMNS: &str =
+    "id, roles, host, version, status, heartbeat_at, started_at, died_at, in_flight, rss_bytes";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct NodeRow {
+    id: Uuid,
+    roles: Vec<String>,
+    host: String,
+    version: String,
+    status: String,
+    heartbeat_at: DateTime<Utc>,
+    started_at: DateTime<Utc>,
+    died_at: Option<DateTime<Utc>>,
+    in_flight: i32,
+    rss_bytes: i64,
+}
+
+impl From<NodeRow> for Node {
+    fn from(r: NodeRow) -> Self {
+        Node {
+            id: NodeId(r.id),
+            roles: r.roles,
+            host: r.host,
+            version: r.version,
+            status: r.status,
+            heartbeat_at: r.heartbeat_at,
+            started_at: r.started_at,
+            died_at: r.died_at,
+            in_flight: r.in_flight,
+            rss_bytes: r.rss_bytes,
+        }
     }
 }

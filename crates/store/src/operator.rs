@@ -8,6 +8,10 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use crate::model::ClaimRequest;
+use crate::semaphore::{
+    Admission, PermitEvent, PermitEventKind, PermitEvents, admit_one, lock_limited_campaigns,
+    save_counters,
+};
 use crate::{Error, Result, Store};
 
 /// How deep a call chain is followed looking for failed descendants: far deeper than any real
@@ -45,6 +49,12 @@ pub struct Resume {
 pub enum Resumed {
     /// READY at the new checkpoint: publish `job` (after the commit, which has happened).
     Resumed { job: ClaimRequest },
+    /// QUEUED at the new checkpoint: it had given its permit back (`on_error_permit:
+    /// release`) and its campaign is at its limit or has a queue; a freed permit admits it.
+    Queued {
+        /// Its place in the queue (1 = admitted next).
+        position: i64,
+    },
     /// No such instance.
     Unknown,
     /// The instance is not `in_error` (and its fence has not moved since it was read).
@@ -67,17 +77,56 @@ impl Store {
     /// is `in_error`; then makes it READY at `resume.step` (`fence + 1`, `step_seq + 1`,
     /// attempt 1, variables merged with `resume.set`, error and the step's wait cleared: the
     /// step is entered anew) and writes the journal row (outcome `resumed`), the audit row and
-    /// the events. Campaign permits are left as they are.
-    pub async fn resume(&self, resume: &Resume) -> Result<Resumed> {
+    /// the events.
+    ///
+    /// An instance that gave its permit back when it went `in_error` (`on_error_permit:
+    /// release`) needs one again: under its campaign's lock (after its own) it takes a free
+    /// one if nobody queues (an `admitted` event from `permit_events`), else it re-queues
+    /// (QUEUED at the back, a `queued` event) and a freed permit admits it later. One that held
+    /// its permit keeps it; a child runs under its parent's.
+    pub async fn resume(
+        &self,
+        resume: &Resume,
+        permit_events: &dyn PermitEvents,
+    ) -> Result<Resumed> {
         let mut tx = self.pool.begin().await?;
-        let row: Option<(String, i64, i64, String, i32)> = sqlx::query_as(
-            "SELECT state, fence, step_seq, current_step, step_attempt
-             FROM instance WHERE id = $1 FOR UPDATE",
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            state: String,
+            fence: i64,
+            step_seq: i64,
+            current_step: String,
+            step_attempt: i32,
+            needs_permit: bool,
+            campaign_id: i64,
+            campaign: String,
+            workflow: String,
+            version: i32,
+        }
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT i.state, i.fence, i.step_seq, i.current_step, i.step_attempt,
+                    NOT i.holds_permit AND i.parent_instance_id IS NULL
+                        AND c.max_running IS NOT NULL AS needs_permit,
+                    i.campaign_id, c.name AS campaign, i.workflow, i.version
+             FROM instance i JOIN campaign c ON c.id = i.campaign_id
+             WHERE i.id = $1 FOR UPDATE OF i",
         )
         .bind(resume.instance.0)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((state, fence, step_seq, from_step, from_attempt)) = row else {
+        let Some(Row {
+            state,
+            fence,
+            step_seq,
+            current_step: from_step,
+            step_attempt: from_attempt,
+            needs_permit,
+            campaign_id,
+            campaign,
+            workflow,
+            version,
+        }) = row
+        else {
             return Ok(Resumed::Unknown);
         };
         if fence != resume.fence.0 || step_seq != resume.step_seq.0 {
@@ -93,6 +142,23 @@ impl Store {
             return Ok(Resumed::NotDeepest(child));
         }
 
+        // Its permit, if it needs one: under the campaign lock, taken after the instance's.
+        let mut locked = Vec::new();
+        let admission = if needs_permit {
+            locked = lock_limited_campaigns(&mut tx, &[campaign_id]).await?;
+            match locked.first_mut() {
+                Some(c) => admit_one(&mut tx, c).await?,
+                None => Admission::Free,
+            }
+        } else {
+            Admission::Free
+        };
+        let (to_state, permit, place) = match admission {
+            Admission::Free => ("ready", false, None),
+            Admission::Permit => ("ready", true, None),
+            Admission::Queued(place) => ("queued", false, Some(place)),
+        };
+
         let details = json!({
             "mode": resume.mode,
             "from_step": from_step,
@@ -100,10 +166,34 @@ impl Store {
             "set": resume.set,
             "fence": resume.fence.next(),
             "step_seq": resume.step_seq.next(),
+            "state": to_state,
         });
+        let mut events = resume.events.clone();
+        let permit_event = |kind, data| {
+            permit_events.build(&PermitEvent {
+                kind,
+                instance: resume.instance,
+                workflow: &workflow,
+                version,
+                campaign: &campaign,
+                data,
+            })
+        };
+        match admission {
+            Admission::Free => {}
+            Admission::Permit => events.push(permit_event(
+                PermitEventKind::Admitted,
+                json!({ "state": "ready", "step_id": resume.step,
+                        "step_seq": resume.step_seq.next(), "by": resume.actor }),
+            )),
+            Admission::Queued(place) => events.push(permit_event(
+                PermitEventKind::Queued,
+                json!({ "state": "queued", "step_id": resume.step,
+                        "step_seq": resume.step_seq.next(), "queue_seq": place }),
+            )),
+        }
         let events = Value::Array(
-            resume
-                .events
+            events
                 .iter()
                 .map(|e| json!({ "id": e.id, "subject": e.subject, "payload": e.payload }))
                 .collect(),
@@ -111,7 +201,11 @@ impl Store {
         let resumed: Option<(i64, i64)> = sqlx::query_as(
             "WITH upd AS (
                 UPDATE instance i SET
-                    state = 'ready',
+                    state = $13,
+                    holds_permit = i.holds_permit OR $14,
+                    queue_seq = coalesce($15, i.queue_seq),
+                    queued_at = CASE WHEN $13 = 'queued' THEN clock_timestamp()
+                                     ELSE i.queued_at END,
                     current_step = $4,
                     fence = i.fence + 1,
                     step_seq = i.step_seq + 1,
@@ -129,7 +223,7 @@ impl Store {
                     wait_child = NULL,
                     error = NULL,
                     vars = i.vars || $7::jsonb,
-                    ready_at = clock_timestamp(),
+                    ready_at = CASE WHEN $13 = 'ready' THEN clock_timestamp() END,
                     updated_at = clock_timestamp()
                 WHERE i.id = $1 AND i.state = 'in_error' AND i.fence = $2 AND i.step_seq = $3
                 RETURNING i.id, i.step_seq, i.fence
@@ -161,6 +255,9 @@ impl Store {
         .bind(events)
         .bind(&from_step)
         .bind(from_attempt)
+        .bind(to_state)
+        .bind(permit)
+        .bind(place)
         .fetch_optional(&mut *tx)
         .await?;
         let Some((step_seq, fence)) = resumed else {
@@ -169,6 +266,17 @@ impl Store {
                 resume.instance, resume.fence
             )));
         };
+        save_counters(&mut tx, &locked).await?;
+        if place.is_some() {
+            let (position,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM instance WHERE campaign_id = $1 AND state = 'queued'",
+            )
+            .bind(campaign_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(Resumed::Queued { position });
+        }
         tx.commit().await?;
         Ok(Resumed::Resumed {
             job: ClaimRequest {
@@ -180,7 +288,7 @@ impl Store {
     }
 }
 
-async fn deepest_failed_descendant(
+pub(crate) async fn deepest_failed_descendant(
     conn: &mut sqlx::PgConnection,
     id: InstanceId,
 ) -> Result<Option<InstanceId>> {

@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::lease::LeaderTerm;
-use crate::model::Orphan;
+use crate::model::{ClaimRequest, Orphan};
+use crate::semaphore::{Admitted, PermitEvents, release_permits};
 use crate::{Error, Result, Store};
 
 /// The lease the coordinators elect their leader with.
@@ -54,10 +55,37 @@ impl Store {
         Ok(rows.into_iter().map(|(id,)| NodeId(id)).collect())
     }
 
+    /// READY instances whose latest checkpoint the dead node `node` committed: it may have died
+    /// between that commit and publishing the next job, so their jobs are re-dispatched.
+    pub async fn ready_after_dead_node(&self, node: NodeId) -> Result<Vec<ClaimRequest>> {
+        let rows: Vec<(Uuid, i64, i64)> = sqlx::query_as(
+            "SELECT i.id, i.step_seq, i.fence
+             FROM instance i JOIN journal j ON j.instance_id = i.id AND j.step_seq = i.step_seq
+             WHERE i.state = 'ready' AND j.node_id = $1
+               AND EXISTS (SELECT 1 FROM node WHERE id = $1 AND status = 'dead')",
+        )
+        .bind(node.0)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, seq, fence)| ClaimRequest {
+                instance: InstanceId(id),
+                step_seq: StepSeq(seq),
+                fence: Fence(fence),
+            })
+            .collect())
+    }
+
     /// Takes back up to `limit` RUNNING instances of the dead node `node` in one transaction:
     /// each goes to READY with `fence + 1` (to be re-dispatched), or to IN_ERROR if its step
     /// is not safe to run again (`allow_retry: false`). Each is journaled (actor `recovery`)
-    /// with the events `events` builds for it. Returns nothing once the node has no more.
+    /// with the events `events` builds for it. Returns no orphans once the node has no more.
+    ///
+    /// Permits stay with their instances (a permit belongs to the instance, not the node),
+    /// except that one going IN_ERROR in a campaign with `on_error_permit: release` gives its
+    /// permit back, and the oldest queued instance is admitted in the same transaction
+    /// (`permit_events` builds those events; publish the admitted jobs).
     ///
     /// `by` is the coordinator doing it (journaled as actor `recovery:<by>`).
     pub async fn requeue_orphans<F>(
@@ -66,7 +94,8 @@ impl Store {
         by: NodeId,
         limit: i64,
         events: F,
-    ) -> Result<Vec<Orphan>>
+        permit_events: &dyn PermitEvents,
+    ) -> Result<Requeued>
     where
         F: Fn(&Orphan) -> Vec<OutboxEvent>,
     {
@@ -84,21 +113,22 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let why = format!("node {node} died");
-        let orphans = requeue(&mut tx, rows, by, "requeued", &why, &events).await?;
+        let requeued = requeue(&mut tx, rows, by, "requeued", &why, &events, permit_events).await?;
         tx.commit().await?;
-        Ok(orphans)
+        Ok(requeued)
     }
 
     /// As leader under `term`: RUNNING instances past their run deadline on a node that still
     /// heartbeats (a stuck worker) are taken back like a dead node's, with `fence + 1`, so the
-    /// stuck worker's eventual commit is rejected.
+    /// stuck worker's eventual commit is rejected. Permits as in [`Store::requeue_orphans`].
     pub async fn requeue_overdue<F>(
         &self,
         holder: NodeId,
         term: LeaderTerm,
         limit: i64,
         events: F,
-    ) -> Result<Vec<Orphan>>
+        permit_events: &dyn PermitEvents,
+    ) -> Result<Requeued>
     where
         F: Fn(&Orphan) -> Vec<OutboxEvent>,
     {
@@ -119,22 +149,24 @@ impl Store {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
-        let orphans = requeue(
+        let requeued = requeue(
             &mut tx,
             rows,
             holder,
             "overdue",
             "it overran its step timeout",
             &events,
+            permit_events,
         )
         .await?;
         tx.commit().await?;
-        Ok(orphans)
+        Ok(requeued)
     }
 }
 
 const RUNNING_COLUMNS: &str = "i.id, i.workflow, i.version, c.name AS campaign, i.current_step, \
-    i.step_seq, i.fence, i.step_retryable, i.owner_node";
+    i.step_seq, i.fence, i.step_retryable, i.owner_node, \
+    i.holds_permit AND c.on_error_permit = 'release' AS releases_on_error";
 
 #[derive(sqlx::FromRow)]
 struct Running {
@@ -147,10 +179,23 @@ struct Running {
     fence: i64,
     step_retryable: bool,
     owner_node: Option<Uuid>,
+    /// It holds a permit its campaign takes back when it goes IN_ERROR.
+    releases_on_error: bool,
 }
 
-/// Moves locked RUNNING rows on: READY (fence+1) or, for a non-retryable step, IN_ERROR;
-/// journals each (`outcome`, actor `recovery:<by>`) and writes their events, in `tx`.
+/// What a requeue did.
+#[derive(Clone, Debug, Default)]
+pub struct Requeued {
+    /// The instances taken back: publish the jobs of the READY ones.
+    pub orphans: Vec<Orphan>,
+    /// Queued instances admitted with the permits of orphans that went IN_ERROR: publish
+    /// their jobs.
+    pub admitted: Vec<Admitted>,
+}
+
+/// Moves locked RUNNING rows on: READY (fence+1) or, for a non-retryable step, IN_ERROR
+/// (releasing its permit if its campaign says so); journals each (`outcome`, actor
+/// `recovery:<by>`) and writes their events, in `tx`.
 async fn requeue<F>(
     tx: &mut sqlx::PgConnection,
     rows: Vec<Running>,
@@ -158,21 +203,27 @@ async fn requeue<F>(
     outcome: &str,
     why: &str,
     events: &F,
-) -> Result<Vec<Orphan>>
+    permit_events: &dyn PermitEvents,
+) -> Result<Requeued>
 where
     F: Fn(&Orphan) -> Vec<OutboxEvent>,
 {
     if rows.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Requeued::default());
     }
     let mut batch = Vec::with_capacity(rows.len());
     let mut orphans = Vec::with_capacity(rows.len());
+    let mut released = Vec::new();
     for r in rows {
         let state = if r.step_retryable {
             InstanceState::Ready
         } else {
             InstanceState::InError
         };
+        let release = state == InstanceState::InError && r.releases_on_error;
+        if release {
+            released.push(InstanceId(r.id));
+        }
         let error = (state == InstanceState::InError).then(|| {
             format!(
                 "step {:?} was interrupted ({why}); its outcome is unknown (allow_retry: false): \
@@ -186,6 +237,7 @@ where
             "state": state,
             "outcome": if error.is_some() { "interrupted" } else { outcome },
             "error": error,
+            "release": release,
         }));
         orphans.push(Orphan {
             id: InstanceId(r.id),
@@ -208,11 +260,12 @@ where
     let (updated,): (i64,) = sqlx::query_as(
         "WITH b AS (
             SELECT * FROM jsonb_to_recordset($1::jsonb)
-                AS b(id uuid, owner uuid, state text, outcome text, error text)
+                AS b(id uuid, owner uuid, state text, outcome text, error text, release bool)
          ), upd AS (
             UPDATE instance i SET
                 state = b.state, owner_node = NULL, claimed_at = NULL, run_deadline = NULL,
                 fence = i.fence + 1, step_seq = i.step_seq + 1,
+                holds_permit = i.holds_permit AND NOT b.release,
                 ready_at = CASE WHEN b.state = 'ready' THEN clock_timestamp() END,
                 error = coalesce(b.error, i.error), updated_at = clock_timestamp()
             FROM b WHERE i.id = b.id AND i.state = 'running'
@@ -242,5 +295,6 @@ where
             orphans.len()
         )));
     }
-    Ok(orphans)
+    let admitted = release_permits(tx, &released, &[], "recovery", permit_events).await?;
+    Ok(Requeued { orphans, admitted })
 }

@@ -5,7 +5,7 @@ use chrono::Utc;
 use drover_core::{Fence, InstanceId, InstanceState, NodeId, OutboxEvent, StepSeq};
 use drover_store::{
     COORDINATOR_LEASE, ClaimRequest, Claimed, Commit, Completion, Delivery, Error, NewChild,
-    NewInstance, Store, Transition,
+    NewInstance, PermitEvent, Store, Transition,
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -48,6 +48,7 @@ async fn start(store: &Store, workflow: &str) -> InstanceId {
             }],
             "test",
             &[],
+            &permits,
         )
         .await
         .expect("create");
@@ -58,6 +59,11 @@ async fn claim(store: &Store, node: NodeId, job: ClaimRequest) -> Claimed {
     let mut claimed = store.claim(node, &[job]).await.expect("claim");
     assert_eq!(claimed.len(), 1, "{job:?} claims");
     claimed.remove(0)
+}
+
+/// The events of permit changes (none happen in the unlimited `default` campaign).
+fn permits(e: &PermitEvent<'_>) -> OutboxEvent {
+    event(&format!("permit.{:?}", e.kind))
 }
 
 fn event(tag: &str) -> OutboxEvent {
@@ -139,6 +145,7 @@ async fn a_due_wait_is_woken_by_the_leader_only_and_its_rerun_sees_the_deadline_
             .commit_waking(
                 node,
                 &[completion(&claimed, "waiting", wait(Some(ms), None))],
+                &permits,
             )
             .await
             .expect("commit");
@@ -197,6 +204,7 @@ async fn a_due_wait_is_woken_by_the_leader_only_and_its_rerun_sees_the_deadline_
                     state: InstanceState::Completed,
                 },
             )],
+            &permits,
         )
         .await
         .expect("commit");
@@ -238,7 +246,10 @@ async fn an_early_signal_is_kept_and_consumed_only_by_a_commit_that_lands(pool: 
     // A stale fence commits nothing and consumes nothing.
     let mut stale = done.clone();
     stale.fence = Fence(0);
-    let result = store.commit_waking(node, &[stale]).await.expect("commit");
+    let result = store
+        .commit_waking(node, &[stale], &permits)
+        .await
+        .expect("commit");
     assert_eq!(result.results, [Commit::Fenced]);
     assert!(
         store
@@ -248,7 +259,10 @@ async fn an_early_signal_is_kept_and_consumed_only_by_a_commit_that_lands(pool: 
             .is_some()
     );
 
-    let result = store.commit_waking(node, &[done]).await.expect("commit");
+    let result = store
+        .commit_waking(node, &[done], &permits)
+        .await
+        .expect("commit");
     assert_eq!(result.results, [Commit::Committed]);
     assert_eq!(
         store.pending_signal(id, "approved").await.expect("pending"),
@@ -269,7 +283,10 @@ async fn a_signal_wakes_an_instance_waiting_for_it_and_its_rerun_keeps_the_deadl
     let id = start(&store, "parent").await;
     let claimed = claim(&store, node, job(id, 0, 0)).await;
     let parked = completion(&claimed, "waiting", wait(Some(60_000), Some("approved")));
-    store.commit_waking(node, &[parked]).await.expect("commit");
+    store
+        .commit_waking(node, &[parked], &permits)
+        .await
+        .expect("commit");
     let before = store.get_instance(id).await.expect("get").expect("exists");
 
     // Another name is kept, the right one wakes it.
@@ -299,7 +316,10 @@ async fn a_signal_wakes_an_instance_waiting_for_it_and_its_rerun_keeps_the_deadl
     let deadline = rerun.wait_deadline.expect("set by the first wait");
     assert!(rerun.claimed_at < deadline);
     let parked = completion(&rerun, "waiting", wait(Some(1), Some("approved")));
-    store.commit_waking(node, &[parked]).await.expect("commit");
+    store
+        .commit_waking(node, &[parked], &permits)
+        .await
+        .expect("commit");
     let (wake_at,): (Option<chrono::DateTime<Utc>>,) =
         sqlx::query_as("SELECT wake_at FROM instance WHERE id = $1")
             .bind(id.0)
@@ -321,7 +341,10 @@ async fn a_signal_delivered_while_the_step_runs_turns_its_wait_into_a_rerun(pool
         .expect("deliver");
     assert_eq!(kept, Delivery::Kept);
     let parked = completion(&claimed, "waiting", wait(None, Some("approved")));
-    let done = store.commit_waking(node, &[parked]).await.expect("commit");
+    let done = store
+        .commit_waking(node, &[parked], &permits)
+        .await
+        .expect("commit");
     assert_eq!(done.results, [Commit::Committed]);
     assert_eq!(done.ready, [job(id, 1, 1)], "READY at once, to run again");
     assert_eq!(state(&store, id).await, (InstanceState::Ready, StepSeq(1)));
@@ -336,7 +359,10 @@ async fn a_signal_delivered_while_the_step_runs_turns_its_wait_into_a_rerun(pool
             .is_some()
     );
     let parked = completion(&rerun, "waiting", wait(None, Some("other")));
-    let done = store.commit_waking(node, &[parked]).await.expect("commit");
+    let done = store
+        .commit_waking(node, &[parked], &permits)
+        .await
+        .expect("commit");
     assert!(done.ready.is_empty());
     assert_eq!(state(&store, id).await.0, InstanceState::Waiting);
 }
@@ -365,7 +391,7 @@ async fn signals_to_unknown_or_finished_instances_are_errors(pool: PgPool) {
         state: InstanceState::Completed,
     };
     store
-        .commit_waking(node, &[completion(&claimed, "completed", stop)])
+        .commit_waking(node, &[completion(&claimed, "completed", stop)], &permits)
         .await
         .expect("commit");
     let err = store
@@ -410,7 +436,10 @@ async fn a_child_starts_with_its_parents_wait_and_its_end_wakes_the_parent(pool:
     let (child, transition) = child_of(json!({ "n": 2 }));
     let mut parked = completion(&claimed, "waiting", transition);
     parked.events.push(event("child-started"));
-    let done = store.commit_waking(node, &[parked]).await.expect("commit");
+    let done = store
+        .commit_waking(node, &[parked], &permits)
+        .await
+        .expect("commit");
     assert_eq!(done.results, [Commit::Committed]);
     assert_eq!(done.ready, [job(child, 0, 0)], "the child's first job");
 
@@ -445,7 +474,7 @@ async fn a_child_starts_with_its_parents_wait_and_its_end_wakes_the_parent(pool:
     finished.vars = Some(json!({ "n": 3 }));
     finished.parent_events = vec![event("parent-woken")];
     let done = store
-        .commit_waking(node, &[finished])
+        .commit_waking(node, &[finished], &permits)
         .await
         .expect("commit");
     assert_eq!(done.results, [Commit::Committed]);
@@ -478,7 +507,10 @@ async fn a_child_starts_with_its_parents_wait_and_its_end_wakes_the_parent(pool:
         },
         ..again
     };
-    let done = store.commit_waking(node, &[again]).await.expect("commit");
+    let done = store
+        .commit_waking(node, &[again], &permits)
+        .await
+        .expect("commit");
     assert_eq!(done.ready, [job(parent, 3, 2)]);
     // Moving on clears the step's wait.
     let rerun = claim(&store, node, job(parent, 3, 2)).await;
@@ -488,7 +520,7 @@ async fn a_child_starts_with_its_parents_wait_and_its_end_wakes_the_parent(pool:
         timeout_ms: 30_000,
     };
     store
-        .commit_waking(node, &[completion(&rerun, "completed", next)])
+        .commit_waking(node, &[completion(&rerun, "completed", next)], &permits)
         .await
         .expect("commit");
     let (wait_child, pending): (Option<Uuid>, i32) =
@@ -507,7 +539,11 @@ async fn a_child_in_error_leaves_its_parent_waiting(pool: PgPool) {
     let claimed = claim(&store, node, job(parent, 0, 0)).await;
     let (child, transition) = child_of(json!({}));
     store
-        .commit_waking(node, &[completion(&claimed, "waiting", transition)])
+        .commit_waking(
+            node,
+            &[completion(&claimed, "waiting", transition)],
+            &permits,
+        )
         .await
         .expect("commit");
     let run = claim(&store, node, job(child, 0, 0)).await;
@@ -515,7 +551,7 @@ async fn a_child_in_error_leaves_its_parent_waiting(pool: PgPool) {
         state: InstanceState::InError,
     };
     let done = store
-        .commit_waking(node, &[completion(&run, "failed", in_error)])
+        .commit_waking(node, &[completion(&run, "failed", in_error)], &permits)
         .await
         .expect("commit");
     assert!(done.ready.is_empty());
@@ -531,7 +567,11 @@ async fn a_child_that_ends_while_its_parent_runs_makes_the_parents_next_wait_end
     let claimed = claim(&store, node, job(parent, 0, 0)).await;
     let (child, transition) = child_of(json!({}));
     store
-        .commit_waking(node, &[completion(&claimed, "waiting", transition)])
+        .commit_waking(
+            node,
+            &[completion(&claimed, "waiting", transition)],
+            &permits,
+        )
         .await
         .expect("commit");
     // Something (an operator, say) makes the waiting parent run its step again.
@@ -547,14 +587,18 @@ async fn a_child_that_ends_while_its_parent_runs_makes_the_parents_next_wait_end
         state: InstanceState::Failed,
     };
     let done = store
-        .commit_waking(node, &[completion(&run, "completed", failed)])
+        .commit_waking(node, &[completion(&run, "completed", failed)], &permits)
         .await
         .expect("commit");
     assert!(done.ready.is_empty());
     assert_eq!(state(&store, parent).await.0, InstanceState::Running);
     // The parent's step saw the child still running and waits on: it goes READY instead.
     let done = store
-        .commit_waking(node, &[completion(&rerun, "waiting", wait(None, None))])
+        .commit_waking(
+            node,
+            &[completion(&rerun, "waiting", wait(None, None))],
+            &permits,
+        )
         .await
         .expect("commit");
     assert_eq!(done.ready, [job(parent, 2, 2)]);

@@ -1,0 +1,987 @@
+//! The campaign semaphore: admission, release and the reconciler (ARCHITECTURE.md,
+//! "Semaphore").
+//!
+//! A campaign with a limit (`max_running`) hands out permits. A permit belongs to an instance
+//! (`holds_permit`), never to a node, so node loss cannot leak or double-count one. Admit and
+//! release lock the campaign row; the campaign's `running`/`queued` counters change only under
+//! that lock and always in the transaction that changes the rows they count.
+//!
+//! The lock is `FOR NO KEY UPDATE` (what ARCHITECTURE.md calls `FOR UPDATE`): it excludes
+//! every other admitter and releaser just the same, but not the `FOR KEY SHARE` lock an
+//! `instance` insert's foreign-key check takes on its campaign row, so starting instances
+//! (children included) never waits behind an admission.
+//!
+//! Lock order (deadlock freedom): instance rows first, then campaign rows in id order. The one
+//! exception, admission locking QUEUED rows after the campaign's, skips rows another
+//! transaction holds (`SKIP LOCKED`) instead of waiting for them.
+//!
+//! Unlimited campaigns (`max_running IS NULL`, e.g. `default`) take no permits, queue nothing
+//! and their rows are never locked: the common case has no hot row.
+//!
+//! # Events
+//! The store decides admissions the caller cannot foresee (a release admits whoever is oldest
+//! in the queue), but only the bus crate builds subjects. So every function that may admit or
+//! release takes a [`PermitEvents`] builder and asks it for the `queued`, `admitted` and
+//! `permit_released` events, written in the same transaction.
+//!
+//! # In other modules' transactions
+//! A transaction that moves permits itself (the operator lifecycle, resume, recovery) uses:
+//! [`release_permits`] after taking instances out of their permit or the queue (it admits the
+//! next ones); [`lock_limited_campaigns`] then [`admit_one`] (or [`admit_new`]) and
+//! [`save_counters`] to give an instance a permit or a queue place; [`insert_events`] for the
+//! events it builds itself. All run in the caller's transaction, after its instance locks.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use drover_core::ids::is_slug;
+use drover_core::{CampaignId, Fence, InstanceId, NodeId, OutboxEvent, StepSeq};
+use serde::Serialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::lease::LeaderTerm;
+use crate::model::{Campaign, ClaimRequest};
+use crate::recovery::COORDINATOR_LEASE;
+use crate::{Error, Result, Store};
+
+/// The smallest and largest limit a campaign may have (the `campaign.max_running` CHECK).
+pub const LIMIT_RANGE: std::ops::RangeInclusive<i32> = 1..=100_000;
+
+/// The journal actor of an admission made because a permit was freed (a finished or failed
+/// instance, a stop, a raised limit): the semaphore itself, not the one who freed it.
+pub const SEMAPHORE_ACTOR: &str = "semaphore";
+
+/// What happened to an instance's permit (or, for `Stopped`/`Paused`, what a step commit did
+/// because an operator asked), for its event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PermitEventKind {
+    /// Started (or resumed) while its campaign was at its limit: QUEUED.
+    Queued,
+    /// Given a permit: READY (from QUEUED, or on resume).
+    Admitted,
+    /// Gave its permit back (terminal, or `in_error` under `on_error_permit: release`).
+    PermitReleased,
+    /// A step commit honoured `stop_requested_by`: STOPPED.
+    Stopped,
+    /// A step commit honoured `pause_requested_by`: PAUSED (keeping its permit).
+    Paused,
+}
+
+/// An instance whose permit changed, as the store tells the event builder.
+#[derive(Clone, Debug)]
+pub struct PermitEvent<'a> {
+    pub kind: PermitEventKind,
+    pub instance: InstanceId,
+    pub workflow: &'a str,
+    pub version: i32,
+    pub campaign: &'a str,
+    /// Event data (an object): `state` always, and e.g. `queue_seq`, `step_id`, `step_seq`,
+    /// `actor`.
+    pub data: Value,
+}
+
+/// Builds the outbox event for a [`PermitEvent`] (the bus crate knows subjects; the store
+/// does not). Any `Fn(&PermitEvent) -> OutboxEvent + Send + Sync` is one.
+pub trait PermitEvents: Send + Sync {
+    fn build(&self, event: &PermitEvent<'_>) -> OutboxEvent;
+}
+
+impl<F> PermitEvents for F
+where
+    F: Fn(&PermitEvent<'_>) -> OutboxEvent + Send + Sync,
+{
+    fn build(&self, event: &PermitEvent<'_>) -> OutboxEvent {
+        self(event)
+    }
+}
+
+/// A QUEUED instance given a permit (now READY): publish [`Admitted::job`] after the commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub id: InstanceId,
+    pub campaign: CampaignId,
+    pub workflow: String,
+    pub version: i32,
+    pub current_step: String,
+    /// The checkpoint after the admission (journal row `admitted`).
+    pub step_seq: StepSeq,
+    pub fence: Fence,
+    /// Its place in the queue it left.
+    pub queue_seq: i64,
+}
+
+impl Admitted {
+    /// The job to publish for it, once the admitting transaction has committed.
+    pub fn job(&self) -> ClaimRequest {
+        ClaimRequest {
+            instance: self.id,
+            step_seq: self.step_seq,
+            fence: self.fence,
+        }
+    }
+}
+
+/// What a campaign does with the permit of an instance that goes `in_error`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnErrorPermit {
+    /// Give it back (the next queued instance starts); the instance re-queues when resumed.
+    /// If unsure, pick this: an instance waiting for a person should not block the campaign.
+    #[default]
+    Release,
+    /// Keep it: the instance resumes at once, and the campaign runs one fewer meanwhile.
+    Hold,
+}
+
+impl OnErrorPermit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Release => "release",
+            Self::Hold => "hold",
+        }
+    }
+}
+
+impl fmt::Display for OnErrorPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for OnErrorPermit {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "release" => Ok(Self::Release),
+            "hold" => Ok(Self::Hold),
+            other => Err(format!(
+                "unknown on_error_permit {other:?} (expected release or hold)"
+            )),
+        }
+    }
+}
+
+/// A campaign to create.
+#[derive(Clone, Debug)]
+pub struct NewCampaign {
+    /// A slug (it appears in event subjects).
+    pub name: String,
+    /// How many instances may hold a permit at once ([`LIMIT_RANGE`]); `None`: no limit (no
+    /// permits, no queue — and the limit can never be set later).
+    pub max_running: Option<i32>,
+    pub on_error_permit: OnErrorPermit,
+    /// Who creates it, for the audit trail.
+    pub actor: String,
+}
+
+/// A campaign with what `drover campaign show` adds: how long its queue has waited.
+#[derive(Clone, Debug, Serialize)]
+pub struct CampaignStatus {
+    #[serde(flatten)]
+    pub campaign: Campaign,
+    /// When the head of its queue (the oldest QUEUED instance) was queued.
+    pub oldest_queued_at: Option<DateTime<Utc>>,
+    /// How long ago that was, by the database clock, in milliseconds.
+    pub oldest_queued_age_ms: Option<i64>,
+}
+
+/// What [`Store::set_campaign_limit`] did.
+#[derive(Clone, Debug)]
+pub struct LimitSet {
+    /// The campaign after the change.
+    pub campaign: Campaign,
+    /// The limit before.
+    pub previous: i32,
+    /// QUEUED instances a raised limit admitted: publish their [`Admitted::job`]s.
+    pub admitted: Vec<Admitted>,
+}
+
+/// An invariant the reconciler found broken (ARCHITECTURE.md, "Semaphore", I1–I5).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    pub campaign: String,
+    pub kind: DriftKind,
+    /// What was found, in words.
+    pub detail: String,
+    /// Whether the reconciler repaired it (counters are; row-level breaks are only reported).
+    pub repaired: bool,
+}
+
+/// Which invariant broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    /// I1: `campaign.running` differs from the number of permit holders.
+    RunningCount,
+    /// I2: `campaign.queued` differs from the number of QUEUED instances.
+    QueuedCount,
+    /// I3: instances were queued while a permit was free.
+    StalledQueue,
+    /// I4: a permit holder was admitted from the queue ahead of an instance queued before it.
+    OutOfOrder,
+    /// I5: a finished instance holds a permit (or a child does: children hold none).
+    FinishedHolder,
+    /// A READY, RUNNING or WAITING top-level instance of a limited campaign has no permit
+    /// (overshoot risk). PAUSED ones are not counted: one paused out of the queue has none.
+    Unpermitted,
+}
+
+impl DriftKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RunningCount => "running_count",
+            Self::QueuedCount => "queued_count",
+            Self::StalledQueue => "stalled_queue",
+            Self::OutOfOrder => "out_of_order",
+            Self::FinishedHolder => "finished_holder",
+            Self::Unpermitted => "unpermitted",
+        }
+    }
+}
+
+/// The columns of [`CampaignRow`](crate::instances) plus queue age, for [`CampaignStatus`].
+const STATUS_COLUMNS: &str = "c.id, c.name, c.max_running, c.running, c.queued, \
+    c.on_error_permit, c.created_at, h.queued_at AS oldest_queued_at, \
+    (extract(epoch FROM clock_timestamp() - h.queued_at) * 1000)::bigint AS oldest_queued_age_ms";
+
+/// The head of each campaign's queue (uses the `instance_queued` index).
+const QUEUE_HEAD: &str = "LEFT JOIN LATERAL (
+        SELECT q.queued_at FROM instance q
+        WHERE q.campaign_id = c.id AND q.state = 'queued'
+        ORDER BY q.queue_seq LIMIT 1) h ON true";
+
+#[derive(sqlx::FromRow)]
+struct StatusRow {
+    id: i64,
+    name: String,
+    max_running: Option<i32>,
+    running: i32,
+    queued: i32,
+    on_error_permit: String,
+    created_at: DateTime<Utc>,
+    oldest_queued_at: Option<DateTime<Utc>>,
+    oldest_queued_age_ms: Option<i64>,
+}
+
+impl From<StatusRow> for CampaignStatus {
+    fn from(r: StatusRow) -> Self {
+        CampaignStatus {
+            campaign: Campaign {
+                id: CampaignId(r.id),
+                name: r.name,
+                max_running: r.max_running,
+                running: r.running,
+                queued: r.queued,
+                on_error_permit: r.on_error_permit,
+                created_at: r.created_at,
+            },
+            oldest_queued_at: r.oldest_queued_at,
+            oldest_queued_age_ms: r.oldest_queued_age_ms,
+        }
+    }
+}
+
+/// A campaign row read under its lock.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub(crate) struct LockedCampaign {
+    pub(crate) id: i64,
+    pub(crate) name: String,
+    pub(crate) max_running: Option<i32>,
+    pub(crate) running: i32,
+    pub(crate) queued: i32,
+}
+
+impl LockedCampaign {
+    /// Permits free for the queue: none while over (or at) the limit.
+    fn free(&self) -> i64 {
+        match self.max_running {
+            Some(max) if self.queued > 0 => i64::from(max - self.running).max(0),
+            _ => 0,
+        }
+    }
+}
+
+/// Writes `events` to the outbox, in `tx`.
+pub(crate) async fn insert_events(
+    tx: &mut sqlx::PgConnection,
+    events: &[OutboxEvent],
+) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO event_outbox (id, subject, payload)
+         SELECT e.id, e.subject, e.payload
+         FROM jsonb_to_recordset($1::jsonb) AS e(id uuid, subject text, payload jsonb)",
+    )
+    .bind(events_json(events))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+fn events_json(events: &[OutboxEvent]) -> Value {
+    Value::Array(
+        events
+            .iter()
+            .map(|e| json!({ "id": e.id, "subject": e.subject, "payload": e.payload }))
+            .collect(),
+    )
+}
+
+/// Locks the limited campaigns among `ids` (`FOR NO KEY UPDATE`, in id order) and returns them;
+/// unlimited ones are neither locked nor returned.
+pub(crate) async fn lock_limited_campaigns(
+    tx: &mut sqlx::PgConnection,
+    ids: &[i64],
+) -> Result<Vec<LockedCampaign>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query_as(
+        "SELECT id, name, max_running, running, queued FROM campaign
+         WHERE id = ANY($1) AND max_running IS NOT NULL
+         ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?)
+}
+
+/// Admits up to `campaign.free()` of the campaign's oldest QUEUED instances, in `tx`, under
+/// the campaign lock the caller holds: each becomes READY with its permit (`step_seq + 1`,
+/// journal row `admitted` by `actor`); their `admitted` events are appended to `events_out`
+/// and `campaign`'s counters updated in memory. The caller writes the counters (see
+/// [`write_counters`]).
+///
+/// A queued row another transaction has locked (an operator pausing or stopping it) is
+/// skipped rather than waited for: that transaction locked the instance before asking for
+/// the campaign, so waiting could deadlock. It keeps its place and goes next time.
+async fn admit(
+    tx: &mut sqlx::PgConnection,
+    campaign: &mut LockedCampaign,
+    actor: &str,
+    by: &str,
+    events: &dyn PermitEvents,
+    events_out: &mut Vec<OutboxEvent>,
+) -> Result<Vec<Admitted>> {
+    let free = campaign.free();
+    if free == 0 {
+        return Ok(Vec::new());
+    }
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        id: Uuid,
+        workflow: String,
+        version: i32,
+        current_step: String,
+        step_seq: i64,
+        fence: i64,
+        queue_seq: i64,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "WITH q AS (
+            SELECT id FROM instance
+            WHERE campaign_id = $1 AND state = 'queued'
+            ORDER BY queue_seq LIMIT $2
+            FOR NO KEY UPDATE SKIP LOCKED
+         ), upd AS (
+            UPDATE instance i SET
+                state = 'ready', holds_permit = true, step_seq = i.step_seq + 1,
+                ready_at = clock_timestamp(), updated_at = clock_timestamp()
+            FROM q WHERE i.id = q.id AND i.state = 'queued'
+            RETURNING i.id, i.workflow, i.version, i.current_step, i.step_seq, i.fence,
+                      i.step_attempt, i.queue_seq
+         ), j AS (
+            INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                                 attempt, actor, started_at, finished_at, output)
+            SELECT id, step_seq, current_step, 'admitted', 'ready', fence, step_attempt, $3,
+                   clock_timestamp(), clock_timestamp(),
+                   jsonb_build_object('queue_seq', queue_seq, 'by', $4::text)
+            FROM upd
+         )
+         SELECT id, workflow, version, current_step, step_seq, fence, queue_seq
+         FROM upd ORDER BY queue_seq",
+    )
+    .bind(campaign.id)
+    .bind(free)
+    .bind(actor)
+    .bind(by)
+    .fetch_all(&mut *tx)
+    .await?;
+    let n = i32::try_from(rows.len()).unwrap_or(i32::MAX);
+    campaign.running += n;
+    campaign.queued = (campaign.queued - n).max(0);
+    let mut admitted = Vec::with_capacity(rows.len());
+    for r in rows {
+        events_out.push(events.build(&PermitEvent {
+            kind: PermitEventKind::Admitted,
+            instance: InstanceId(r.id),
+            workflow: &r.workflow,
+            version: r.version,
+            campaign: &campaign.name,
+            data: json!({
+                "state": "ready",
+                "step_id": r.current_step,
+                "step_seq": r.step_seq,
+                "queue_seq": r.queue_seq,
+                "by": by,
+            }),
+        }));
+        admitted.push(Admitted {
+            id: InstanceId(r.id),
+            campaign: CampaignId(campaign.id),
+            workflow: r.workflow,
+            version: r.version,
+            current_step: r.current_step,
+            step_seq: StepSeq(r.step_seq),
+            fence: Fence(r.fence),
+            queue_seq: r.queue_seq,
+        });
+    }
+    Ok(admitted)
+}
+
+/// Writes the in-memory counters of locked campaigns back, and `events`, in one statement.
+async fn write_counters(
+    tx: &mut sqlx::PgConnection,
+    campaigns: &[LockedCampaign],
+    events: &[OutboxEvent],
+) -> Result<()> {
+    let ids: Vec<i64> = campaigns.iter().map(|c| c.id).collect();
+    let running: Vec<i32> = campaigns.iter().map(|c| c.running.max(0)).collect();
+    let queued: Vec<i32> = campaigns.iter().map(|c| c.queued.max(0)).collect();
+    sqlx::query(
+        "WITH ev AS (
+            INSERT INTO event_outbox (id, subject, payload)
+            SELECT e.id, e.subject, e.payload
+            FROM jsonb_to_recordset($4::jsonb) AS e(id uuid, subject text, payload jsonb)
+         )
+         UPDATE campaign c SET running = d.running, queued = d.queued
+         FROM unnest($1::bigint[], $2::int[], $3::int[]) AS d(id, running, queued)
+         WHERE c.id = d.id",
+    )
+    .bind(&ids)
+    .bind(&running)
+    .bind(&queued)
+    .bind(events_json(events))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Releases the permits of `released` and the queue places of `dequeued`, and passes the freed
+/// permits on, all in the caller's transaction `tx`.
+///
+/// Contract: the caller has already, in `tx`,
+/// - moved each instance of `released` out of its permit: set `holds_permit = false` in the
+///   same UPDATE that made it `stopped`, `completed`, … (the `permit_only_while_live` CHECK
+///   requires it), having seen it hold one (lock it `FOR UPDATE` first and read
+///   `holds_permit`);
+/// - moved each instance of `dequeued` out of QUEUED (e.g. to `stopped`), having seen it
+///   QUEUED under its row lock.
+///
+/// List each instance once. Instances of unlimited campaigns may be listed: they are skipped.
+///
+/// Under the lock of their campaign rows (locked in id order, after the caller's instance
+/// locks), this decrements `running` / `queued`, writes a `permit_released` event per released
+/// instance, and then admits the oldest QUEUED instances (by `queue_seq`) while
+/// `running < max_running`: each becomes READY with `holds_permit` (`step_seq + 1`, journal row
+/// `admitted` with actor `actor`, an `admitted` event whose `by` is `actor`). Returns those;
+/// publish their [`Admitted::job`]s after `tx` commits.
+pub(crate) async fn release_permits(
+    tx: &mut sqlx::PgConnection,
+    released: &[InstanceId],
+    dequeued: &[InstanceId],
+    actor: &str,
+    events: &dyn PermitEvents,
+) -> Result<Vec<Admitted>> {
+    if released.is_empty() && dequeued.is_empty() {
+        return Ok(Vec::new());
+    }
+    #[derive(sqlx::FromRow)]
+    struct Leaving {
+        id: Uuid,
+        campaign_id: i64,
+        limited: bool,
+        workflow: String,
+        version: i32,
+        campaign: String,
+        state: String,
+        holds_permit: bool,
+        released: bool,
+    }
+    let released_ids: Vec<Uuid> = released.iter().map(|i| i.0).collect();
+    let dequeued_ids: Vec<Uuid> = dequeued.iter().map(|i| i.0).collect();
+    let rows: Vec<Leaving> = sqlx::query_as(
+        "SELECT i.id, i.campaign_id, c.max_running IS NOT NULL AS limited, i.workflow,
+                i.version, c.name AS campaign, i.state, i.holds_permit,
+                i.id = ANY($1) AS released
+         FROM instance i JOIN campaign c ON c.id = i.campaign_id
+         WHERE i.id = ANY($1) OR i.id = ANY($2)",
+    )
+    .bind(&released_ids)
+    .bind(&dequeued_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut leaving: BTreeMap<i64, (i32, i32)> = BTreeMap::new();
+    let mut out = Vec::new();
+    for r in rows.iter().filter(|r| r.limited) {
+        if r.holds_permit || r.state == "queued" {
+            return Err(Error::Corrupt(format!(
+                "release_permits: instance {} is still {}{}: the caller must move it first",
+                r.id,
+                r.state,
+                if r.holds_permit { " with a permit" } else { "" }
+            )));
+        }
+        let entry = leaving.entry(r.campaign_id).or_default();
+        if r.released {
+            entry.0 += 1;
+            out.push(events.build(&PermitEvent {
+                kind: PermitEventKind::PermitReleased,
+                instance: InstanceId(r.id),
+                workflow: &r.workflow,
+                version: r.version,
+                campaign: &r.campaign,
+                data: json!({ "state": r.state, "by": actor }),
+            }));
+        } else {
+            entry.1 += 1;
+        }
+    }
+    if leaving.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = leaving.keys().copied().collect();
+    let mut campaigns = lock_limited_campaigns(tx, &ids).await?;
+    let mut admitted = Vec::new();
+    for campaign in &mut campaigns {
+        let (permits, places) = leaving.get(&campaign.id).copied().unwrap_or_default();
+        campaign.running = (campaign.running - permits).max(0);
+        campaign.queued = (campaign.queued - places).max(0);
+        admitted.extend(admit(tx, campaign, SEMAPHORE_ACTOR, actor, events, &mut out).await?);
+    }
+    write_counters(tx, &campaigns, &out).await?;
+    Ok(admitted)
+}
+
+/// How the creation of a batch of instances is admitted: per instance, in input order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// An unlimited campaign: READY, no permit.
+    Free,
+    /// READY with a permit.
+    Permit,
+    /// QUEUED at this place.
+    Queued(i64),
+}
+
+/// Decides, under the locks of `campaigns` (the limited ones among the batch's), how each new
+/// instance of `batch` (their campaign ids, in order) is admitted, and updates the counters in
+/// memory. Queue places are taken from `instance_queue_seq` under the lock, so queue order is
+/// lock order. The caller writes the counters with the rows.
+pub(crate) async fn admit_new(
+    tx: &mut sqlx::PgConnection,
+    campaigns: &mut [LockedCampaign],
+    batch: &[i64],
+) -> Result<Vec<Admission>> {
+    let mut admissions = Vec::with_capacity(batch.len());
+    let mut queued = 0usize;
+    for campaign_id in batch {
+        let Some(campaign) = campaigns.iter_mut().find(|c| c.id == *campaign_id) else {
+            admissions.push(Admission::Free);
+            continue;
+        };
+        let max = campaign.max_running.unwrap_or(i32::MAX);
+        if campaign.queued == 0 && campaign.running < max {
+            campaign.running += 1;
+            admissions.push(Admission::Permit);
+        } else {
+            campaign.queued += 1;
+            queued += 1;
+            admissions.push(Admission::Queued(0));
+        }
+    }
+    if queued > 0 {
+        let mut seqs: Vec<(i64,)> =
+            sqlx::query_as("SELECT nextval('instance_queue_seq') FROM generate_series(1, $1)")
+                .bind(i64::try_from(queued).unwrap_or(i64::MAX))
+                .fetch_all(&mut *tx)
+                .await?;
+        // One session's nextval calls increase: sorted, they are this batch's places in order.
+        seqs.sort_unstable();
+        let mut seqs = seqs.into_iter().map(|(s,)| s);
+        for admission in &mut admissions {
+            if let Admission::Queued(place) = admission {
+                *place = seqs.next().ok_or_else(|| {
+                    Error::Corrupt("instance_queue_seq returned too few values".to_owned())
+                })?;
+            }
+        }
+    }
+    Ok(admissions)
+}
+
+/// Takes a queue place for one instance re-entering a limited campaign (a resume), under the
+/// campaign lock the caller holds: `Permit` if one is free and nobody queues, else `Queued`.
+pub(crate) async fn admit_one(
+    tx: &mut sqlx::PgConnection,
+    campaign: &mut LockedCampaign,
+) -> Result<Admission> {
+    let id = campaign.id;
+    let mut admissions = admit_new(tx, std::slice::from_mut(campaign), &[id]).await?;
+    admissions
+        .pop()
+        .ok_or_else(|| Error::Corrupt("admission decided nothing".to_owned()))
+}
+
+/// Writes locked campaigns' counters (after [`admit_new`] / [`admit_one`]), in `tx`.
+pub(crate) async fn save_counters(
+    tx: &mut sqlx::PgConnection,
+    campaigns: &[LockedCampaign],
+) -> Result<()> {
+    if campaigns.is_empty() {
+        return Ok(());
+    }
+    write_counters(tx, campaigns, &[]).await
+}
+
+impl Store {
+    /// Creates a campaign (audited as `campaign.create`).
+    ///
+    /// Errors: [`Error::InvalidCampaignName`], [`Error::InvalidLimit`],
+    /// [`Error::CampaignExists`].
+    pub async fn create_campaign(&self, new: &NewCampaign) -> Result<Campaign> {
+        if !is_slug(&new.name) {
+            return Err(Error::InvalidCampaignName(new.name.clone()));
+        }
+        if let Some(max) = new.max_running
+            && !LIMIT_RANGE.contains(&max)
+        {
+            return Err(Error::InvalidLimit(i64::from(max)));
+        }
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            id: i64,
+            created_at: DateTime<Utc>,
+        }
+        let row: Option<Row> = sqlx::query_as(
+            "WITH c AS (
+                INSERT INTO campaign (name, max_running, on_error_permit)
+                VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING
+                RETURNING id, created_at
+             ), a AS (
+                INSERT INTO audit (actor, action, target, details)
+                SELECT $4, 'campaign.create', $1,
+                       jsonb_build_object('max_running', $2::int, 'on_error_permit', $3::text)
+                FROM c
+             )
+             SELECT id, created_at FROM c",
+        )
+        .bind(&new.name)
+        .bind(new.max_running)
+        .bind(new.on_error_permit.as_str())
+        .bind(&new.actor)
+        .fetch_optional(&self.pool)
+        .await?;
+        let row = row.ok_or_else(|| Error::CampaignExists(new.name.clone()))?;
+        Ok(Campaign {
+            id: CampaignId(row.id),
+            name: new.name.clone(),
+            max_running: new.max_running,
+            running: 0,
+            queued: 0,
+            on_error_permit: new.on_error_permit.as_str().to_owned(),
+            created_at: row.created_at,
+        })
+    }
+
+    /// Sets a limited campaign's limit, in one transaction under the campaign lock (audited as
+    /// `campaign.set_limit`). Raising it admits queued instances at once (returned: publish
+    /// their jobs); lowering it admits nothing until fewer than the new limit hold permits
+    /// (nobody is preempted).
+    ///
+    /// Errors: [`Error::UnknownCampaign`], [`Error::InvalidLimit`], and
+    /// [`Error::UnlimitedCampaign`] for a campaign created without a limit (its running
+    /// instances hold no permits, so a limit could not be enforced on them).
+    pub async fn set_campaign_limit(
+        &self,
+        name: &str,
+        max_running: i32,
+        actor: &str,
+        events: &dyn PermitEvents,
+    ) -> Result<LimitSet> {
+        if !LIMIT_RANGE.contains(&max_running) {
+            return Err(Error::InvalidLimit(i64::from(max_running)));
+        }
+        let mut tx = self.pool.begin().await?;
+        let locked: Option<LockedCampaign> = sqlx::query_as(
+            "SELECT id, name, max_running, running, queued FROM campaign
+             WHERE name = $1 FOR NO KEY UPDATE",
+        )
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let mut campaign = locked.ok_or_else(|| Error::UnknownCampaign(name.to_owned()))?;
+        let previous = campaign
+            .max_running
+            .ok_or_else(|| Error::UnlimitedCampaign(name.to_owned()))?;
+        sqlx::query(
+            "WITH a AS (
+                INSERT INTO audit (actor, action, target, details)
+                VALUES ($3, 'campaign.set_limit', $4,
+                        jsonb_build_object('from', $5::int, 'to', $2::int))
+             )
+             UPDATE campaign SET max_running = $2 WHERE id = $1",
+        )
+        .bind(campaign.id)
+        .bind(max_running)
+        .bind(actor)
+        .bind(name)
+        .bind(previous)
+        .execute(&mut *tx)
+        .await?;
+        campaign.max_running = Some(max_running);
+        let mut out = Vec::new();
+        let by = format!("limit:{actor}");
+        let admitted = admit(
+            &mut tx,
+            &mut campaign,
+            SEMAPHORE_ACTOR,
+            &by,
+            events,
+            &mut out,
+        )
+        .await?;
+        if !admitted.is_empty() {
+            write_counters(&mut tx, std::slice::from_ref(&campaign), &out).await?;
+        }
+        tx.commit().await?;
+        let campaign = self
+            .campaign_by_name(name)
+            .await?
+            .ok_or_else(|| Error::UnknownCampaign(name.to_owned()))?;
+        Ok(LimitSet {
+            campaign,
+            previous,
+            admitted,
+        })
+    }
+
+    /// A campaign with the age of its queue; `None` if unknown.
+    pub async fn campaign_status(&self, name: &str) -> Result<Option<CampaignStatus>> {
+        let row: Option<StatusRow> = sqlx::query_as(&format!(
+            "SELECT {STATUS_COLUMNS} FROM campaign c {QUEUE_HEAD} WHERE c.name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(CampaignStatus::from))
+    }
+
+    /// Every campaign with the age of its queue, by name.
+    pub async fn campaign_statuses(&self) -> Result<Vec<CampaignStatus>> {
+        let rows: Vec<StatusRow> = sqlx::query_as(&format!(
+            "SELECT {STATUS_COLUMNS} FROM campaign c {QUEUE_HEAD} ORDER BY c.name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(CampaignStatus::from).collect())
+    }
+
+    /// As leader under `term`: checks the semaphore invariants (I1–I5) of every limited
+    /// campaign, each in its own short transaction under its campaign lock, and repairs what
+    /// can be repaired: `running` and `queued` are recomputed from the rows, and queued
+    /// instances are admitted if permits are free (their jobs are returned with the drift:
+    /// publish them). Each finding gets the event `drift_event` builds, written in the same
+    /// transaction; admissions get `events`' `admitted` events. Row-level breaks (a finished
+    /// or child holder, an unpermitted live instance, an out-of-order admission) are reported,
+    /// not repaired: they point at a bug, and a guess could make it worse.
+    ///
+    /// Does nothing once `holder` no longer holds the coordinator lease under `term` (checked
+    /// in each transaction).
+    ///
+    /// A campaign over its limit is not drift: it happens when an operator lowers the limit.
+    pub async fn reconcile_permits<D>(
+        &self,
+        holder: NodeId,
+        term: LeaderTerm,
+        events: &dyn PermitEvents,
+        drift_event: D,
+    ) -> Result<Reconciled>
+    where
+        D: Fn(&Drift) -> OutboxEvent + Send + Sync,
+    {
+        let ids: Vec<(i64,)> =
+            sqlx::query_as("SELECT id FROM campaign WHERE max_running IS NOT NULL ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut done = Reconciled::default();
+        for (id,) in ids {
+            let mut tx = self.pool.begin().await?;
+            let locked: Option<LockedCampaign> = sqlx::query_as(
+                "SELECT id, name, max_running, running, queued FROM campaign
+                 WHERE id = $1 AND max_running IS NOT NULL
+                   AND EXISTS (SELECT 1 FROM leader_lease
+                               WHERE name = $4 AND holder = $2 AND term = $3
+                                 AND expires_at > clock_timestamp())
+                 FOR NO KEY UPDATE",
+            )
+            .bind(id)
+            .bind(holder.0)
+            .bind(term.0)
+            .bind(COORDINATOR_LEASE)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(mut campaign) = locked else {
+                // The lease is gone (or the campaign lost its limit, which cannot happen).
+                return Ok(done);
+            };
+            let counted: Counted = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE holds_permit) AS holders,
+                        count(*) FILTER (WHERE state = 'queued') AS queued,
+                        count(*) FILTER (WHERE holds_permit
+                                         AND (state IN ('completed', 'failed', 'stopped')
+                                              OR parent_instance_id IS NOT NULL))
+                            AS finished_holders,
+                        count(*) FILTER (WHERE NOT holds_permit AND parent_instance_id IS NULL
+                                         AND state IN ('ready', 'running', 'waiting'))
+                            AS unpermitted,
+                        min(queue_seq) FILTER (WHERE state = 'queued') AS head_seq,
+                        max(queue_seq) FILTER (WHERE holds_permit) AS last_admitted_seq
+                 FROM instance
+                 WHERE campaign_id = $1
+                   AND (holds_permit
+                        OR state IN ('queued', 'ready', 'running', 'waiting', 'paused'))",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let mut found = Vec::new();
+            let name = campaign.name.clone();
+            let mut drift = |kind, detail: String, repaired| {
+                found.push(Drift {
+                    campaign: name.clone(),
+                    kind,
+                    detail,
+                    repaired,
+                })
+            };
+            let holders = i32::try_from(counted.holders).unwrap_or(i32::MAX);
+            let queued = i32::try_from(counted.queued).unwrap_or(i32::MAX);
+            let mut repair = false;
+            if holders != campaign.running {
+                drift(
+                    DriftKind::RunningCount,
+                    format!(
+                        "running was {} but {holders} instances hold a permit",
+                        campaign.running
+                    ),
+                    true,
+                );
+                campaign.running = holders;
+                repair = true;
+            }
+            if queued != campaign.queued {
+                drift(
+                    DriftKind::QueuedCount,
+                    format!(
+                        "queued was {} but {queued} instances are queued",
+                        campaign.queued
+                    ),
+                    true,
+                );
+                campaign.queued = queued;
+                repair = true;
+            }
+            if counted.finished_holders > 0 {
+                drift(
+                    DriftKind::FinishedHolder,
+                    format!(
+                        "{} finished or child instances hold a permit",
+                        counted.finished_holders
+                    ),
+                    false,
+                );
+            }
+            if counted.unpermitted > 0 {
+                drift(
+                    DriftKind::Unpermitted,
+                    format!(
+                        "{} live top-level instances run without a permit",
+                        counted.unpermitted
+                    ),
+                    false,
+                );
+            }
+            if let (Some(head), Some(last)) = (counted.head_seq, counted.last_admitted_seq)
+                && last > head
+            {
+                drift(
+                    DriftKind::OutOfOrder,
+                    format!(
+                        "a holder admitted from queue place {last} while place {head} still \
+                         queues"
+                    ),
+                    false,
+                );
+            }
+            let free = campaign.free();
+            let mut out = Vec::new();
+            let mut admitted = Vec::new();
+            if free > 0 {
+                admitted = admit(
+                    &mut tx,
+                    &mut campaign,
+                    SEMAPHORE_ACTOR,
+                    "reconciler",
+                    events,
+                    &mut out,
+                )
+                .await?;
+                drift(
+                    DriftKind::StalledQueue,
+                    format!(
+                        "{queued} queued while {free} permits were free; admitted {}",
+                        admitted.len()
+                    ),
+                    true,
+                );
+                repair = true;
+            }
+            out.extend(found.iter().map(&drift_event));
+            if repair {
+                write_counters(&mut tx, std::slice::from_ref(&campaign), &out).await?;
+            } else {
+                insert_events(&mut tx, &out).await?;
+            }
+            tx.commit().await?;
+            done.drift.extend(found);
+            done.admitted.extend(admitted);
+        }
+        Ok(done)
+    }
+}
+
+/// What [`Store::reconcile_permits`] found and did.
+#[derive(Clone, Debug, Default)]
+pub struct Reconciled {
+    /// Every broken invariant found, repaired or not.
+    pub drift: Vec<Drift>,
+    /// Queued instances the repair admitted: publish their [`Admitted::job`]s.
+    pub admitted: Vec<Admitted>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Counted {
+    holders: i64,
+    queued: i64,
+    finished_holders: i64,
+    unpermitted: i64,
+    head_seq: Option<i64>,
+    last_admitted_seq: Option<i64>,
+}

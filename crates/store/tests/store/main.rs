@@ -1,0 +1,6 @@
+//! Storage tests on real Postgres (`#[sqlx::test]`: a fresh database per test; set
+//! `DATABASE_URL`). One test binary for the crate.
+
+mod lifecycle;
+mod semaphore;
+mod waiting;
