@@ -8,6 +8,7 @@
 mod baseline;
 mod env;
 mod recovery;
+mod semaphore;
 mod throughput;
 
 use std::time::Duration;
@@ -32,6 +33,9 @@ enum Scenario {
     /// `kill -9` workers holding running instances, R times: kill-to-redispatch and
     /// kill-to-complete; then kill the leader coordinator: failover time.
     Recovery(recovery::Options),
+    /// Campaign limits: a 10,000-instance bulk start into a limited campaign beside the same
+    /// into `default`; then the time from a freed permit to the next queued instance running.
+    Semaphore(semaphore::Options),
     /// Every scenario with its defaults.
     All,
 }
@@ -62,10 +66,12 @@ fn main() -> anyhow::Result<()> {
             Scenario::Baseline(o) => baseline::run(&o).await?,
             Scenario::Throughput(o) => throughput::run(&o).await?,
             Scenario::Recovery(o) => recovery::run(&o).await?,
+            Scenario::Semaphore(o) => semaphore::run(&o).await?,
             Scenario::All => {
                 let t = throughput::run(&throughput::Options::default()).await?;
                 let r = recovery::run(&recovery::Options::default()).await?;
-                json!({ "throughput": t, "recovery": r })
+                let s = semaphore::run(&semaphore::Options::default()).await?;
+                json!({ "throughput": t, "recovery": r, "semaphore": s })
             }
         };
         let dir = std::path::Path::new("bench/out");

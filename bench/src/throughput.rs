@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use drover_bus::{EventKind, InstanceRef, StepJob};
-use drover_core::{Definition, Fence, InstanceId, StepSeq};
-use drover_store::NewInstance;
+use drover_core::{Definition, InstanceId};
+use drover_store::{NewInstance, PermitEvent, PermitEventKind};
 use serde_json::{Value, json};
 
 use crate::baseline;
@@ -180,10 +180,31 @@ pub(crate) async fn start_instances(
                     .event(&r, EventKind::Started, json!({ "state": "ready" }))
             })
             .collect();
-        env.store.create_instances(&rows, "bench", &events).await?;
-        let jobs: Vec<StepJob> = chunk
+        let bus = &env.bus;
+        let permit_event = |e: &PermitEvent<'_>| {
+            let instance = InstanceRef {
+                id: e.instance,
+                campaign: e.campaign,
+                workflow: e.workflow,
+                version: e.version,
+            };
+            let kind = match e.kind {
+                PermitEventKind::Queued => EventKind::Queued,
+                PermitEventKind::Admitted => EventKind::Admitted,
+                PermitEventKind::PermitReleased => EventKind::PermitReleased,
+                PermitEventKind::Stopped => EventKind::Stopped,
+                PermitEventKind::Paused => EventKind::Paused,
+            };
+            bus.event(&instance, kind, e.data.clone())
+        };
+        let created = env
+            .store
+            .create_instances(&rows, "bench", &events, &permit_event)
+            .await?;
+        let jobs: Vec<StepJob> = created
+            .ready
             .iter()
-            .map(|id| StepJob::new(*id, StepSeq(0), Fence(0)))
+            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
             .collect();
         env.bus.publish_jobs(&jobs).await?;
     }

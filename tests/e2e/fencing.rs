@@ -7,7 +7,7 @@ use chrono::Utc;
 use drover_bus::StepJob;
 use drover_core::{Definition, Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use drover_store::{ClaimRequest, Commit, Completion, NewInstance, Transition};
-use drover_tests::{TestEnv, wait_until};
+use drover_tests::{TestEnv, permit_events, wait_until};
 use serde_json::json;
 
 use crate::support::{deploy, get, start, wait_jobs_drained};
@@ -86,6 +86,7 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
             }],
             "test",
             &[],
+            &permit_events(&env.bus),
         )
         .await?;
     let node = NodeId::new();
@@ -126,16 +127,19 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
         consumes: None,
         parent_events: vec![],
     };
+    let events = permit_events(&env.bus);
     let other = NodeId::new();
     store
         .register_node(other, &["worker".into()], "test", "0")
         .await?;
     assert_eq!(
-        store.commit(node, &[completion(Fence(0))]).await?,
+        store.commit(node, &[completion(Fence(0))], &events).await?,
         vec![Commit::Fenced]
     );
     assert_eq!(
-        store.commit(other, &[completion(Fence(1))]).await?,
+        store
+            .commit(other, &[completion(Fence(1))], &events)
+            .await?,
         vec![Commit::Fenced],
         "only the owner commits"
     );
@@ -148,11 +152,11 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
     );
 
     assert_eq!(
-        store.commit(node, &[completion(Fence(1))]).await?,
+        store.commit(node, &[completion(Fence(1))], &events).await?,
         vec![Commit::Committed]
     );
     assert_eq!(
-        store.commit(node, &[completion(Fence(1))]).await?,
+        store.commit(node, &[completion(Fence(1))], &events).await?,
         vec![Commit::AlreadyCommitted]
     );
     let journal = store.journal(id).await?.context("journal")?;

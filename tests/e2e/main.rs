@@ -4,7 +4,9 @@
 mod bad_input;
 mod execution;
 mod fencing;
+mod lifecycle;
 mod operator;
 mod recovery;
+mod semaphore;
 mod support;
 mod waiting;

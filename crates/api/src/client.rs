@@ -6,8 +6,10 @@ use std::time::Duration;
 use reqwest::{Method, RequestBuilder, Url};
 use serde_json::Value;
 
+use crate::campaigns::{CreateCampaign, SetLimit};
 use crate::dto::{ListQuery, VersionQuery};
 use crate::error::ErrorBody;
+use crate::lifecycle::{LifecycleCommand, LifecycleFilterRequest, LifecycleRequest};
 use crate::operator::ResumeRequest;
 use crate::start::StartRequest;
 
@@ -152,6 +154,36 @@ impl ApiClient {
         self.send(builder, &url).await
     }
 
+    /// `POST /v1/instances/{id}/{pause|unpause|stop|kill|restart}`: answers what the command
+    /// did (`outcome`, `changed`, the instance afterwards).
+    pub async fn lifecycle(
+        &self,
+        id: &str,
+        command: LifecycleCommand,
+        request: &LifecycleRequest,
+    ) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "instances", id, command.as_str()])?;
+        let builder = self.http.request(Method::POST, url.clone()).json(request);
+        self.send(builder, &url).await
+    }
+
+    /// `POST /v1/instances/{pause|unpause|stop|kill|restart}` with a filter: answers counts.
+    pub async fn lifecycle_many(
+        &self,
+        command: LifecycleCommand,
+        request: &LifecycleFilterRequest,
+    ) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "instances", command.as_str()])?;
+        let builder = self.http.request(Method::POST, url.clone()).json(request);
+        self.send(builder, &url).await
+    }
+
+    /// `GET /v1/instances/{id}/diagnosis`: why it is not running.
+    pub async fn diagnosis(&self, id: &str) -> Result<Value, ClientError> {
+        self.get(&["v1", "instances", id, "diagnosis"], None::<&()>)
+            .await
+    }
+
     /// `POST /v1/instances/{id}/events/{name}`: delivers an event (`payload` `None` sends no
     /// body: a `null` payload); answers `{"delivered": "woke"|"kept"}`.
     pub async fn send_event(
@@ -171,6 +203,29 @@ impl ApiClient {
     /// `GET /v1/campaigns`.
     pub async fn campaigns(&self) -> Result<Value, ClientError> {
         self.get(&["v1", "campaigns"], None::<&()>).await
+    }
+
+    /// `GET /v1/campaigns/{name}`.
+    pub async fn campaign(&self, name: &str) -> Result<Value, ClientError> {
+        self.get(&["v1", "campaigns", name], None::<&()>).await
+    }
+
+    /// `POST /v1/campaigns`: answers the campaign.
+    pub async fn create_campaign(&self, request: &CreateCampaign) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "campaigns"])?;
+        let builder = self.http.request(Method::POST, url.clone()).json(request);
+        self.send(builder, &url).await
+    }
+
+    /// `PUT /v1/campaigns/{name}/limit`: answers what the change did.
+    pub async fn set_campaign_limit(
+        &self,
+        name: &str,
+        request: &SetLimit,
+    ) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "campaigns", name, "limit"])?;
+        let builder = self.http.request(Method::PUT, url.clone()).json(request);
+        self.send(builder, &url).await
     }
 
     /// `GET /v1/nodes`.

@@ -144,6 +144,12 @@ pub struct Instance {
     /// What a `waiting` instance waits for (the first to come wakes it); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<WaitingFor>,
+    /// Whether it holds one of its campaign's permits (a limited campaign's running slots).
+    pub holds_permit: bool,
+    /// A `queued` instance's place in its campaign's queue, 1 = admitted next; absent
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<i64>,
 }
 
 /// What wakes a `waiting` instance.
@@ -183,6 +189,8 @@ impl From<drover_store::Instance> for Instance {
             updated_at: i.updated_at,
             finished_at: i.finished_at,
             waiting_for,
+            holds_permit: i.holds_permit,
+            queue_position: i.queue_position,
         }
     }
 }
@@ -272,8 +280,14 @@ pub struct Campaign {
     pub max_running: Option<i32>,
     pub running: i32,
     pub queued: i32,
-    /// Whether an `in_error` instance keeps its permit.
+    /// Whether an `in_error` instance keeps its permit (`hold`) or gives it back (`release`).
     pub on_error_permit: String,
+    /// When the head of its queue was queued; absent when nothing queues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_queued_at: Option<DateTime<Utc>>,
+    /// How long the head of its queue has waited, in milliseconds; absent when nothing queues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_queued_age_ms: Option<i64>,
 }
 
 impl From<drover_store::Campaign> for Campaign {
@@ -284,6 +298,18 @@ impl From<drover_store::Campaign> for Campaign {
             running: c.running,
             queued: c.queued,
             on_error_permit: c.on_error_permit,
+            oldest_queued_at: None,
+            oldest_queued_age_ms: None,
+        }
+    }
+}
+
+impl From<drover_store::CampaignStatus> for Campaign {
+    fn from(s: drover_store::CampaignStatus) -> Self {
+        Self {
+            oldest_queued_at: s.oldest_queued_at,
+            oldest_queued_age_ms: s.oldest_queued_age_ms,
+            ..s.campaign.into()
         }
     }
 }

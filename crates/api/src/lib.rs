@@ -13,14 +13,21 @@
 //! | `GET /v1/instances?state=&campaign=&workflow=&limit=&before=` | list, newest first |
 //! | `GET /v1/instances/{id}`, `GET /v1/instances/{id}/journal` | show, journal |
 //! | `POST /v1/instances/{id}/resume` | resume an `in_error` instance ([`ResumeRequest`]) |
+//! | `POST /v1/instances/{id}/{pause,unpause,stop,kill,restart}` | lifecycle commands ([`LifecycleRequest`]) |
+//! | `POST /v1/instances/{pause,unpause,stop,kill,restart}` | the same by filter ([`LifecycleFilterRequest`]) |
+//! | `GET /v1/instances/{id}/diagnosis` | why it is not running ([`Diagnosis`]) |
 //! | `POST /v1/instances/{id}/events/{name}` | deliver an event ([`deliver_event`]; NATS: [`SignalListener`]) |
+//! | `POST /v1/campaigns`, `GET /v1/campaigns/{name}`, `PUT /v1/campaigns/{name}/limit` | campaigns and their limits ([`CreateCampaign`], [`SetLimit`]) |
 //! | `GET /v1/campaigns`, `GET /v1/nodes`, `GET /v1/leader`, `GET /v1/stats` | cluster |
 //! | `GET /v1/openapi.json`, `GET /healthz` | this API's description, liveness |
 
+mod campaigns;
 mod client;
+mod diagnosis;
 pub mod dto;
 mod error;
 mod extract;
+mod lifecycle;
 mod operator;
 mod routes;
 mod signal;
@@ -28,16 +35,22 @@ mod start;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use drover_bus::Bus;
 use drover_store::Store;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
+pub use campaigns::{CreateCampaign, LimitChanged, SetLimit};
 pub use client::{ApiClient, ClientError};
+pub use diagnosis::{Diagnosis, LIVE_WITHIN_MS, diagnose};
 pub use dto::ListQuery;
 pub use error::{ApiError, ErrorBody, ErrorDetail, Result};
+pub use lifecycle::{
+    Cascaded, LIFECYCLE_BATCH, LifecycleCommand, LifecycleFilterRequest, LifecycleRequest,
+    LifecycleResult, LifecycleSummary, RefusalEntry,
+};
 pub use operator::{Leader, ResumeMode, ResumeRequest};
 pub use signal::{Delivered, EventDelivered, SignalListener, deliver_event};
 pub use start::{
@@ -83,8 +96,24 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/instances/{id}", get(routes::show_instance))
         .route("/v1/instances/{id}/journal", get(routes::journal))
         .route("/v1/instances/{id}/resume", post(operator::resume))
+        .route("/v1/instances/{id}/pause", post(lifecycle::pause))
+        .route("/v1/instances/{id}/unpause", post(lifecycle::unpause))
+        .route("/v1/instances/{id}/stop", post(lifecycle::stop))
+        .route("/v1/instances/{id}/kill", post(lifecycle::kill))
+        .route("/v1/instances/{id}/restart", post(lifecycle::restart))
+        .route("/v1/instances/pause", post(lifecycle::pause_many))
+        .route("/v1/instances/unpause", post(lifecycle::unpause_many))
+        .route("/v1/instances/stop", post(lifecycle::stop_many))
+        .route("/v1/instances/kill", post(lifecycle::kill_many))
+        .route("/v1/instances/restart", post(lifecycle::restart_many))
+        .route("/v1/instances/{id}/diagnosis", get(diagnosis::diagnosis))
         .route("/v1/instances/{id}/events/{name}", post(signal::send_event))
-        .route("/v1/campaigns", get(routes::campaigns))
+        .route(
+            "/v1/campaigns",
+            get(routes::campaigns).post(campaigns::create),
+        )
+        .route("/v1/campaigns/{name}", get(campaigns::show))
+        .route("/v1/campaigns/{name}/limit", put(campaigns::set_limit))
         .route("/v1/nodes", get(routes::nodes))
         .route("/v1/leader", get(operator::leader))
         .route("/v1/stats", get(routes::stats))

@@ -20,6 +20,7 @@ use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
 
 use crate::ApiState;
+use crate::campaigns::permit_events;
 use crate::dto::Instance;
 use crate::error::{ApiError, ErrorBody, Result};
 use crate::extract::{ApiJson, ApiPath};
@@ -96,7 +97,9 @@ impl From<drover_store::Lease> for Leader {
 ///
 /// Only the deepest `in_error` instance of a call chain can be resumed. The instance becomes
 /// READY with a new checkpoint and fence; the journal gets an entry (outcome `resumed`, the
-/// actor) and the audit trail a row.
+/// actor) and the audit trail a row. One that gave its campaign permit back when it failed
+/// (`on_error_permit: release`) needs one again: it is QUEUED instead if its campaign is at its
+/// limit or has a queue (`queue_position` says where), and starts when a permit frees.
 #[utoipa::path(
     post,
     path = "/v1/instances/{id}/resume",
@@ -104,7 +107,8 @@ impl From<drover_store::Lease> for Leader {
     params(("id" = String, Path, format = Uuid, description = "The instance id")),
     request_body = ResumeRequest,
     responses(
-        (status = 200, description = "Resumed: READY, its job dispatched", body = Instance),
+        (status = 200, description = "Resumed: READY, its job dispatched (or QUEUED behind its \
+            campaign's limit)", body = Instance),
         (status = 400, description = "Malformed id or JSON (an unknown `mode`)", body = ErrorBody),
         (status = 404, description = "Unknown instance", body = ErrorBody),
         (status = 409, description = "`not_in_error`; `not_deepest` (a descendant is in_error: \
@@ -131,22 +135,7 @@ pub(crate) async fn resume(
             ));
         }
     };
-    let actor = match request.actor.as_deref().map(str::trim) {
-        None => DEFAULT_ACTOR.to_owned(),
-        Some("") => {
-            return Err(ApiError::invalid(
-                "invalid_request",
-                "actor must not be empty",
-            ));
-        }
-        Some(actor) if actor.chars().count() > MAX_ACTOR_CHARS => {
-            return Err(ApiError::invalid(
-                "invalid_request",
-                format!("actor is longer than {MAX_ACTOR_CHARS} characters"),
-            ));
-        }
-        Some(actor) => actor.to_owned(),
-    };
+    let actor = actor_of(request.actor.as_deref())?;
 
     let instance = state
         .store
@@ -173,6 +162,24 @@ pub(crate) async fn resume(
     };
 
     let step_seq = instance.step_seq.next();
+    // One that gave its permit back needs a new one: the store decides READY or QUEUED (and
+    // says which in an `admitted` or `queued` event).
+    let limited = state
+        .store
+        .campaign_by_name(&instance.campaign)
+        .await?
+        .is_some_and(|c| c.max_running.is_some());
+    let needs_permit = limited && !instance.holds_permit && instance.parent_instance_id.is_none();
+    let mut data = json!({
+        "step_id": instance.current_step,
+        "step_seq": step_seq,
+        "mode": request.mode.as_str(),
+        "next_step": target.id,
+        "actor": actor,
+    });
+    if !needs_permit && let Some(data) = data.as_object_mut() {
+        data.insert("state".to_owned(), json!(InstanceState::Ready));
+    }
     let event = state.bus.event(
         &InstanceRef {
             id,
@@ -181,32 +188,38 @@ pub(crate) async fn resume(
             version: instance.version,
         },
         EventKind::Resumed,
-        json!({
-            "step_id": instance.current_step,
-            "step_seq": step_seq,
-            "mode": request.mode.as_str(),
-            "next_step": target.id,
-            "state": InstanceState::Ready,
-            "actor": actor,
-        }),
+        data,
     );
     let resumed = state
         .store
-        .resume(&Resume {
-            instance: id,
-            fence: instance.fence,
-            step_seq: instance.step_seq,
-            step: target.id.clone(),
-            allow_retry: target.allow_retry,
-            timeout_ms: i64::try_from(target.timeout.as_millis()).unwrap_or(i64::MAX),
-            set,
-            actor: actor.clone(),
-            mode: request.mode.as_str().to_owned(),
-            events: vec![event],
-        })
+        .resume(
+            &Resume {
+                instance: id,
+                fence: instance.fence,
+                step_seq: instance.step_seq,
+                step: target.id.clone(),
+                allow_retry: target.allow_retry,
+                timeout_ms: i64::try_from(target.timeout.as_millis()).unwrap_or(i64::MAX),
+                set,
+                actor: actor.clone(),
+                mode: request.mode.as_str().to_owned(),
+                events: vec![event],
+            },
+            &permit_events(&state.bus),
+        )
         .await?;
     let job = match resumed {
-        Resumed::Resumed { job } => StepJob::new(job.instance, job.step_seq, job.fence),
+        Resumed::Resumed { job } => Some(StepJob::new(job.instance, job.step_seq, job.fence)),
+        Resumed::Queued { position } => {
+            tracing::info!(
+                instance.id = %id,
+                step.id = %target.id,
+                position,
+                %actor,
+                "instance resumed into its campaign's queue"
+            );
+            None
+        }
         Resumed::Unknown => return Err(unknown_instance(id)),
         Resumed::NotInError(now) => return Err(not_in_error(id, now)),
         Resumed::NotDeepest(child) => return Err(not_deepest(id, child)),
@@ -219,20 +232,22 @@ pub(crate) async fn resume(
             });
         }
     };
-    tracing::info!(
-        instance.id = %id,
-        step.id = %target.id,
-        step.seq = job.step_seq.0,
-        mode = request.mode.as_str(),
-        %actor,
-        "instance resumed"
-    );
-    if let Err(err) = state.bus.publish_jobs(&[job]).await {
-        tracing::warn!(
+    if let Some(job) = job {
+        tracing::info!(
             instance.id = %id,
-            %err,
-            "publishing the resumed instance's job failed; the sweeper will re-dispatch it"
+            step.id = %target.id,
+            step.seq = job.step_seq.0,
+            mode = request.mode.as_str(),
+            %actor,
+            "instance resumed"
         );
+        if let Err(err) = state.bus.publish_jobs(&[job]).await {
+            tracing::warn!(
+                instance.id = %id,
+                %err,
+                "publishing the resumed instance's job failed; the sweeper will re-dispatch it"
+            );
+        }
     }
     let instance = state
         .store
@@ -314,7 +329,10 @@ fn next_step<'d>(
     })
 }
 
-async fn definition_of(state: &ApiState, instance: &drover_store::Instance) -> Result<Definition> {
+pub(crate) async fn definition_of(
+    state: &ApiState,
+    instance: &drover_store::Instance,
+) -> Result<Definition> {
     let stored = state
         .store
         .get_definition(&instance.workflow, Some(instance.version))
@@ -331,6 +349,22 @@ async fn definition_of(state: &ApiState, instance: &drover_store::Instance) -> R
             stored.name, stored.version
         ))
     })
+}
+
+/// The operator an action is recorded under: `actor` trimmed, [`DEFAULT_ACTOR`] when absent.
+pub(crate) fn actor_of(actor: Option<&str>) -> Result<String> {
+    match actor.map(str::trim) {
+        None => Ok(DEFAULT_ACTOR.to_owned()),
+        Some("") => Err(ApiError::invalid(
+            "invalid_request",
+            "actor must not be empty",
+        )),
+        Some(actor) if actor.chars().count() > MAX_ACTOR_CHARS => Err(ApiError::invalid(
+            "invalid_request",
+            format!("actor is longer than {MAX_ACTOR_CHARS} characters"),
+        )),
+        Some(actor) => Ok(actor.to_owned()),
+    }
 }
 
 fn json_kind(value: &Value) -> &'static str {

@@ -34,8 +34,22 @@ const MAX_LIST_LIMIT: i64 = 1_000;
         show_instance,
         journal,
         crate::operator::resume,
+        crate::lifecycle::pause,
+        crate::lifecycle::unpause,
+        crate::lifecycle::stop,
+        crate::lifecycle::kill,
+        crate::lifecycle::restart,
+        crate::lifecycle::pause_many,
+        crate::lifecycle::unpause_many,
+        crate::lifecycle::stop_many,
+        crate::lifecycle::kill_many,
+        crate::lifecycle::restart_many,
+        crate::diagnosis::diagnosis,
         crate::signal::send_event,
         campaigns,
+        crate::campaigns::create,
+        crate::campaigns::show,
+        crate::campaigns::set_limit,
         nodes,
         crate::operator::leader,
         stats,
@@ -54,11 +68,22 @@ const MAX_LIST_LIMIT: i64 = 1_000;
         InstanceStateSchema,
         Journal,
         CampaignList,
+        Campaign,
+        crate::campaigns::CreateCampaign,
+        crate::campaigns::SetLimit,
+        crate::campaigns::LimitChanged,
         NodeList,
         Stats,
         crate::operator::ResumeRequest,
         crate::operator::ResumeMode,
         crate::operator::Leader,
+        crate::lifecycle::LifecycleRequest,
+        crate::lifecycle::LifecycleFilterRequest,
+        crate::lifecycle::LifecycleResult,
+        crate::lifecycle::LifecycleSummary,
+        crate::lifecycle::Cascaded,
+        crate::lifecycle::RefusalEntry,
+        crate::diagnosis::Diagnosis,
         crate::signal::EventDelivered,
         crate::signal::Delivered
     )),
@@ -227,13 +252,13 @@ fn instance_filter(query: ListQuery) -> Result<InstanceFilter> {
     })
 }
 
-fn parse_id(id: &str) -> Result<InstanceId> {
+pub(crate) fn parse_id(id: &str) -> Result<InstanceId> {
     id.parse().map_err(|err| {
         ApiError::bad_request("invalid_id", format!("malformed instance id {id:?}: {err}"))
     })
 }
 
-fn unknown_instance(id: InstanceId) -> ApiError {
+pub(crate) fn unknown_instance(id: InstanceId) -> ApiError {
     ApiError::not_found("not_found", format!("unknown instance {id}"))
 }
 
@@ -286,10 +311,10 @@ pub(crate) async fn journal(
     }
 }
 
-/// List campaigns with their limits and current counts.
+/// List campaigns with their limits, current counts and queue ages.
 #[utoipa::path(get, path = "/v1/campaigns", tag = "cluster", responses((status = 200, body = CampaignList)))]
 pub(crate) async fn campaigns(State(state): State<ApiState>) -> Result<Json<CampaignList>> {
-    let campaigns = state.store.list_campaigns().await?;
+    let campaigns = state.store.campaign_statuses().await?;
     Ok(Json(CampaignList {
         campaigns: campaigns.into_iter().map(Into::into).collect(),
     }))

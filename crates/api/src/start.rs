@@ -1,21 +1,25 @@
 //! Starting instances: shared by `POST /v1/instances` and, later, the NATS start handler and
 //! the scheduler.
 //!
-//! Instances are created READY at their entry step, with journal entry 0 and a `started`
-//! event, in transactions of [`START_CHUNK`]; only after each commit are their step jobs
-//! published. A publish that fails after the commit is logged and otherwise ignored: the rows
-//! are the truth, and the sweeper re-dispatches READY instances whose job went missing.
+//! Instances are created at their entry step, with journal entry 0 and a `started` event, in
+//! transactions of [`START_CHUNK`]; only after each commit are the step jobs of the READY ones
+//! published. In a campaign with a limit, each chunk is admitted in its transaction under the
+//! campaign's row lock: instances beyond the limit are created QUEUED (with a `queued` event)
+//! and start in FIFO order as permits free. A publish that fails after the commit is logged
+//! and otherwise ignored: the rows are the truth, and the sweeper re-dispatches READY
+//! instances whose job went missing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use drover_bus::{Bus, EventKind, InstanceRef, StepJob};
-use drover_core::{Definition, Fence, InstanceId, StepSeq};
+use drover_core::{Definition, InstanceId};
 use drover_store::{NewInstance, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
+use crate::campaigns::permit_events;
 use crate::error::{ApiError, Result};
 
 /// The campaign instances join when the request names none.
@@ -53,6 +57,9 @@ pub struct Started {
     /// One per instance, in creation order.
     #[schema(value_type = Vec<String>)]
     pub ids: Vec<InstanceId>,
+    /// How many of them are `queued` behind the campaign's limit (they start as permits
+    /// free, oldest first).
+    pub queued: usize,
     pub workflow: String,
     /// The version the instances are pinned to.
     pub version: i32,
@@ -170,11 +177,11 @@ pub async fn start_instances(
 
     let count = count as usize;
     let mut ids = Vec::with_capacity(count);
+    let mut queued = 0;
     while ids.len() < count {
         let n = (count - ids.len()).min(START_CHUNK);
         let mut instances = Vec::with_capacity(n);
         let mut events = Vec::with_capacity(n);
-        let mut jobs = Vec::with_capacity(n);
         for _ in 0..n {
             let id = InstanceId::new();
             instances.push(NewInstance {
@@ -194,26 +201,40 @@ pub async fn start_instances(
                 workflow: &stored.name,
                 version: stored.version,
             };
-            events.push(bus.event(
-                &instance,
-                EventKind::Started,
-                json!({ "state": "ready", "step": entry }),
-            ));
-            jobs.push(StepJob::new(id, StepSeq(0), Fence(0)));
+            // In a limited campaign the store decides READY or QUEUED (and says so in a
+            // `queued` event); an unlimited one's instances are READY.
+            let data = if campaign.max_running.is_none() {
+                json!({ "state": "ready", "step": entry })
+            } else {
+                json!({ "step": entry })
+            };
+            events.push(bus.event(&instance, EventKind::Started, data));
         }
-        if let Err(err) = store.create_instances(&instances, actor, &events).await {
-            if !ids.is_empty() {
-                tracing::warn!(
-                    workflow = %stored.name,
-                    campaign = %campaign.name,
-                    created = ids.len(),
-                    requested = count,
-                    %err,
-                    "start failed part-way; the instances already created will run"
-                );
+        let created = match store
+            .create_instances(&instances, actor, &events, &permit_events(bus))
+            .await
+        {
+            Ok(created) => created,
+            Err(err) => {
+                if !ids.is_empty() {
+                    tracing::warn!(
+                        workflow = %stored.name,
+                        campaign = %campaign.name,
+                        created = ids.len(),
+                        requested = count,
+                        %err,
+                        "start failed part-way; the instances already created will run"
+                    );
+                }
+                return Err(err.into());
             }
-            return Err(err.into());
-        }
+        };
+        queued += created.queued.len();
+        let jobs: Vec<StepJob> = created
+            .ready
+            .iter()
+            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+            .collect();
         if let Err(err) = bus.publish_jobs(&jobs).await {
             tracing::warn!(
                 workflow = %stored.name,
@@ -230,11 +251,13 @@ pub async fn start_instances(
         version = stored.version,
         campaign = %campaign.name,
         count,
+        queued,
         actor,
         "instances started"
     );
     Ok(Started {
         ids,
+        queued,
         workflow: stored.name,
         version: stored.version,
         campaign: campaign.name,

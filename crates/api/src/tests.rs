@@ -19,6 +19,9 @@ use uuid::Uuid;
 
 use crate::{ApiClient, ApiState, ClientError, ListQuery, MAX_BODY_BYTES, StartRequest, router};
 
+mod campaigns;
+mod diagnosis;
+mod lifecycle;
 mod operator;
 mod signal;
 
@@ -388,7 +391,8 @@ async fn started_instances_are_ready_at_step_zero_with_a_journal_entry_and_a_job
                 "owner_node",
                 "created_at",
                 "updated_at",
-                "finished_at"
+                "finished_at",
+                "holds_permit"
             ]
         );
         assert_eq!(instance["id"], json!(id));

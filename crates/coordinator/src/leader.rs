@@ -2,12 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use drover_bus::{Bus, InstanceRef, RecoveryTask, StepJob};
+use drover_bus::{Bus, EventKind, InstanceRef, RecoveryTask, StepJob};
 use drover_core::NodeId;
-use drover_store::{COORDINATOR_LEASE, LeaderTerm, Store};
+use drover_store::{Admitted, COORDINATOR_LEASE, Drift, LeaderTerm, PermitEvent, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::{CoordinatorConfig, Result, millis, orphan_events};
+use crate::{CoordinatorConfig, Result, millis, orphan_events, permit_event};
 
 /// Holds (or waits for) the leader lease and, while leading, does the leader's work.
 pub struct LeaderLoop {
@@ -18,6 +18,7 @@ pub struct LeaderLoop {
     term: Option<LeaderTerm>,
     last_orphan_scan: Option<Instant>,
     last_stale_scan: Option<Instant>,
+    last_reconcile: Option<Instant>,
 }
 
 impl LeaderLoop {
@@ -30,6 +31,7 @@ impl LeaderLoop {
             term: None,
             last_orphan_scan: None,
             last_stale_scan: None,
+            last_reconcile: None,
         }
     }
 
@@ -89,6 +91,7 @@ impl LeaderLoop {
         self.requeue_overdue(term).await?;
         self.wake_due(term).await?;
         self.redispatch_stale_ready().await?;
+        self.reconcile_permits(term).await?;
         Ok(())
     }
 
@@ -132,16 +135,22 @@ impl LeaderLoop {
     /// RUNNING past the step deadline on a live node: a stuck worker. Take them back.
     async fn requeue_overdue(&self, term: LeaderTerm) -> Result<()> {
         let bus = &self.bus;
-        let orphans = self
+        let requeued = self
             .store
-            .requeue_overdue(self.node, term, self.config.requeue_batch, |o| {
-                orphan_events(bus, o)
-            })
+            .requeue_overdue(
+                self.node,
+                term,
+                self.config.requeue_batch,
+                |o| orphan_events(bus, o),
+                &|e: &PermitEvent<'_>| permit_event(bus, e),
+            )
             .await?;
+        let orphans = requeued.orphans;
         let jobs: Vec<StepJob> = orphans
             .iter()
             .filter(|o| o.state == drover_core::InstanceState::Ready)
             .map(|o| StepJob::new(o.id, o.step_seq, o.fence))
+            .chain(requeued.admitted.iter().map(admitted_job))
             .collect();
         if !orphans.is_empty() {
             tracing::warn!(
@@ -190,6 +199,55 @@ impl LeaderLoop {
         }
     }
 
+    /// The campaign semaphore's invariants (I1–I5), every `reconcile_every`: counter drift is
+    /// repaired (and a stalled queue admitted) by the store; every finding is logged at error
+    /// and announced as a `permit_drift` campaign event (written with the repair).
+    async fn reconcile_permits(&mut self, term: LeaderTerm) -> Result<()> {
+        if self
+            .last_reconcile
+            .is_some_and(|at| at.elapsed() < self.config.reconcile_every)
+        {
+            return Ok(());
+        }
+        self.last_reconcile = Some(Instant::now());
+        let bus = &self.bus;
+        let reconciled = self
+            .store
+            .reconcile_permits(
+                self.node,
+                term,
+                &|e: &PermitEvent<'_>| permit_event(bus, e),
+                |drift: &Drift| {
+                    bus.campaign_event(
+                        &drift.campaign,
+                        EventKind::PermitDrift,
+                        serde_json::json!({
+                            "kind": drift.kind,
+                            "detail": drift.detail,
+                            "repaired": drift.repaired,
+                            "leader_term": term.0,
+                        }),
+                    )
+                },
+            )
+            .await?;
+        for drift in &reconciled.drift {
+            tracing::error!(
+                campaign = %drift.campaign,
+                kind = drift.kind.as_str(),
+                repaired = drift.repaired,
+                leader.term = %term,
+                "campaign permit drift: {}",
+                drift.detail
+            );
+        }
+        let jobs: Vec<StepJob> = reconciled.admitted.iter().map(admitted_job).collect();
+        if !jobs.is_empty() {
+            self.bus.publish_jobs(&jobs).await?;
+        }
+        Ok(())
+    }
+
     /// READY for long means the job was lost (failed publish, purged stream, a delayed retry
     /// whose node stopped): publish it again. The msg id deduplicates a job still queued.
     async fn redispatch_stale_ready(&mut self) -> Result<()> {
@@ -212,7 +270,20 @@ impl LeaderLoop {
             .iter()
             .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
             .collect();
-        self.bus.publish_jobs(&jobs).await?;
+        // A fresh message id per 10 s window: the first publish may still be in the duplicate
+        // window, unacknowledged with a worker that died, and must not swallow this one.
+        let window = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() / 10)
+            .unwrap_or(0);
+        self.bus
+            .redispatch_jobs(&jobs, &format!("s{window}"))
+            .await?;
         Ok(())
     }
+}
+
+fn admitted_job(admitted: &Admitted) -> StepJob {
+    let job = admitted.job();
+    StepJob::new(job.instance, job.step_seq, job.fence)
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use drover_bus::{Bus, EventKind, InstanceRef};
 use drover_core::{InstanceState, NodeId, OutboxEvent};
-use drover_store::{Orphan, Store};
+use drover_store::{Orphan, PermitEvent, PermitEventKind, Store};
 use tokio_util::sync::CancellationToken;
 
 pub use leader::LeaderLoop;
@@ -49,6 +49,9 @@ pub struct CoordinatorConfig {
     pub stale_ready_after: Duration,
     /// Instances requeued per transaction.
     pub requeue_batch: i64,
+    /// How often the leader checks the campaign semaphore's invariants (and repairs counter
+    /// drift). Cheap: one short transaction per limited campaign.
+    pub reconcile_every: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -57,8 +60,9 @@ impl Default for CoordinatorConfig {
             tick: Duration::from_millis(500),
             lease_ttl: Duration::from_secs(5),
             dead_after: Duration::from_secs(3),
-            stale_ready_after: Duration::from_secs(15),
+            stale_ready_after: Duration::from_secs(10),
             requeue_batch: 500,
+            reconcile_every: Duration::from_secs(10),
         }
     }
 }
@@ -112,6 +116,24 @@ pub(crate) fn orphan_events(bus: &Bus, orphan: &Orphan) -> Vec<OutboxEvent> {
             "state": orphan.state,
         }),
     )]
+}
+
+/// The bus event of a permit change the store decided (a release, an admission).
+pub(crate) fn permit_event(bus: &Bus, event: &PermitEvent<'_>) -> OutboxEvent {
+    let kind = match event.kind {
+        PermitEventKind::Queued => EventKind::Queued,
+        PermitEventKind::Admitted => EventKind::Admitted,
+        PermitEventKind::PermitReleased => EventKind::PermitReleased,
+        PermitEventKind::Stopped => EventKind::Stopped,
+        PermitEventKind::Paused => EventKind::Paused,
+    };
+    let instance = InstanceRef {
+        id: event.instance,
+        campaign: event.campaign,
+        workflow: event.workflow,
+        version: event.version,
+    };
+    bus.event(&instance, kind, event.data.clone())
 }
 
 pub(crate) fn millis(d: Duration) -> i64 {

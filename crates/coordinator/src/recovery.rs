@@ -5,11 +5,11 @@ use std::time::Duration;
 use async_nats::jetstream::{AckKind, Message};
 use drover_bus::{Bus, RecoveryTask, StepJob};
 use drover_core::InstanceState;
-use drover_store::Store;
+use drover_store::{PermitEvent, Store};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CoordinatorConfig, Error, Result, orphan_events};
+use crate::{CoordinatorConfig, Error, Result, orphan_events, permit_event};
 
 /// Tasks handled at once by one replica. Small, so that with several replicas each pulls
 /// its share of the tasks rather than one replica taking them all.
@@ -86,17 +86,39 @@ impl RecoveryConsumer {
         }
     }
 
-    /// Requeues batch after batch until the node owns nothing; returns how many.
+    /// Requeues batch after batch until the node owns nothing; returns how many. Then
+    /// re-dispatches the READY instances the node checkpointed last: it may have died between
+    /// a commit and the publish of the next job.
     async fn requeue_all(&self, task: &RecoveryTask, msg: &Message) -> Result<usize> {
+        let total = self.requeue_running(task, msg).await?;
+        let ready = self.store.ready_after_dead_node(task.node).await?;
+        if !ready.is_empty() {
+            let jobs: Vec<StepJob> = ready
+                .iter()
+                .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+                .collect();
+            self.bus
+                .redispatch_jobs(&jobs, &format!("dead-{}", task.node))
+                .await?;
+        }
+        Ok(total + ready.len())
+    }
+
+    async fn requeue_running(&self, task: &RecoveryTask, msg: &Message) -> Result<usize> {
         let bus = &self.bus;
         let mut total = 0;
         loop {
-            let orphans = self
+            let requeued = self
                 .store
-                .requeue_orphans(task.node, self.node, self.config.requeue_batch, |o| {
-                    orphan_events(bus, o)
-                })
+                .requeue_orphans(
+                    task.node,
+                    self.node,
+                    self.config.requeue_batch,
+                    |o| orphan_events(bus, o),
+                    &|e: &PermitEvent<'_>| permit_event(bus, e),
+                )
                 .await?;
+            let orphans = requeued.orphans;
             if orphans.is_empty() {
                 return Ok(total);
             }
@@ -105,6 +127,10 @@ impl RecoveryConsumer {
                 .iter()
                 .filter(|o| o.state == InstanceState::Ready)
                 .map(|o| StepJob::new(o.id, o.step_seq, o.fence))
+                .chain(requeued.admitted.iter().map(|a| {
+                    let job = a.job();
+                    StepJob::new(job.instance, job.step_seq, job.fence)
+                }))
                 .collect();
             // The rows are READY already: if this publish fails, the stale-READY sweeper
             // re-dispatches them.

@@ -1,6 +1,10 @@
-//! The operator commands (`drover workflow|start|instance|journal|resume|campaign|nodes|leader`). They speak
+//! The operator commands (`drover workflow|start|instance|journal|resume|pause|unpause|stop|
+//! kill|restart|why|campaign|nodes|leader`). They speak
 //! only HTTP to the API, through [`ApiClient`]. With `--json` each prints exactly the API's
 //! JSON (pretty); otherwise a table.
+
+mod campaign;
+mod lifecycle;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,7 +12,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
 use comfy_table::{ContentArrangement, Table, presets};
-use drover_api::{ApiClient, ListQuery, MAX_START_COUNT, ResumeMode, ResumeRequest, StartRequest};
+use drover_api::{
+    ApiClient, LifecycleCommand, ListQuery, MAX_START_COUNT, ResumeMode, ResumeRequest,
+    StartRequest,
+};
 use drover_core::InstanceState;
 use serde_json::Value;
 
@@ -66,6 +73,26 @@ pub enum OperatorCommand {
         /// Who resumes, for the journal and the audit trail.
         #[arg(long, env = "USER", default_value = "operator")]
         actor: String,
+    },
+    /// Pause an instance (or every one a filter selects): QUEUED, READY and WAITING ones at
+    /// once, keeping their permit; a RUNNING one once its step finishes.
+    Pause(lifecycle::LifecycleArgs),
+    /// Unpause: READY again (or QUEUED if it has no permit and its campaign is full, or WAITING
+    /// if it still waits); withdraws a running instance's pending pause.
+    Unpause(lifecycle::LifecycleArgs),
+    /// Stop gracefully: a RUNNING instance once its step finishes, any other at once; its
+    /// permit goes to the next queued instance.
+    Stop(lifecycle::LifecycleArgs),
+    /// Stop at once, whatever its node is doing (a running step's result is discarded); its
+    /// permit goes to the next queued instance.
+    Kill(lifecycle::LifecycleArgs),
+    /// Start a finished instance again: a new instance of the same definition version and
+    /// initial variables, in the same campaign.
+    Restart(lifecycle::LifecycleArgs),
+    /// Why an instance is not running (or where it runs), in one sentence.
+    Why {
+        /// The instance id.
+        id: String,
     },
     /// Deliver an event to an instance (for its `wait_event` step named NAME). An instance
     /// waiting for it runs on; otherwise the event is kept until it waits for it.
@@ -134,11 +161,7 @@ pub enum InstanceCommand {
     },
 }
 
-#[derive(clap::Subcommand, Debug)]
-pub enum CampaignCommand {
-    /// List campaigns with their limits and counts.
-    List,
-}
+pub use campaign::CampaignCommand;
 
 /// `KEY=JSON` of `--set`: a non-empty key and a JSON value.
 fn parse_set(arg: &str) -> Result<(String, Value), String> {
@@ -173,10 +196,15 @@ enum View {
     Instance,
     Journal,
     Campaigns,
+    Campaign,
+    LimitChanged,
     Nodes,
     Resumed,
     Leader,
     EventSent,
+    Lifecycle,
+    LifecycleSummary,
+    Diagnosis,
 }
 
 /// Runs an operator command against the API at `api_url`; `json` prints the API's JSON.
@@ -253,6 +281,16 @@ pub async fn run(command: OperatorCommand, api_url: &str, json: bool) -> Result<
             };
             (client.resume(&id, &request).await?, View::Resumed)
         }
+        OperatorCommand::Pause(args) => lifecycle(&client, LifecycleCommand::Pause, args).await?,
+        OperatorCommand::Unpause(args) => {
+            lifecycle(&client, LifecycleCommand::Unpause, args).await?
+        }
+        OperatorCommand::Stop(args) => lifecycle(&client, LifecycleCommand::Stop, args).await?,
+        OperatorCommand::Kill(args) => lifecycle(&client, LifecycleCommand::Kill, args).await?,
+        OperatorCommand::Restart(args) => {
+            lifecycle(&client, LifecycleCommand::Restart, args).await?
+        }
+        OperatorCommand::Why { id } => (client.diagnosis(&id).await?, View::Diagnosis),
         OperatorCommand::SendEvent { id, name, payload } => {
             let payload = payload
                 .as_deref()
@@ -262,9 +300,7 @@ pub async fn run(command: OperatorCommand, api_url: &str, json: bool) -> Result<
             let answer = client.send_event(&id, &name, payload.as_ref()).await?;
             (answer, View::EventSent)
         }
-        OperatorCommand::Campaign(CampaignCommand::List) => {
-            (client.campaigns().await?, View::Campaigns)
-        }
+        OperatorCommand::Campaign(command) => campaign::run(&client, command).await?,
         OperatorCommand::Nodes => (client.nodes().await?, View::Nodes),
         OperatorCommand::Leader => (client.leader().await?, View::Leader),
     };
@@ -276,6 +312,22 @@ pub async fn run(command: OperatorCommand, api_url: &str, json: bool) -> Result<
         render(view, &answer)
     };
     emit(&text)
+}
+
+async fn lifecycle(
+    client: &ApiClient,
+    command: LifecycleCommand,
+    args: lifecycle::LifecycleArgs,
+) -> Result<(Value, View)> {
+    let (answer, many) = lifecycle::run(client, command, args).await?;
+    Ok((
+        answer,
+        if many {
+            View::LifecycleSummary
+        } else {
+            View::Lifecycle
+        },
+    ))
 }
 
 /// Writes to stdout; a closed pipe (`drover instance list | head`) is not an error.
@@ -433,25 +485,9 @@ fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
                 ]
             },
         ),
-        View::Campaigns => list(
-            &answer["campaigns"],
-            "no campaigns",
-            &["NAME", "MAX RUNNING", "RUNNING", "QUEUED", "ON ERROR"],
-            |c| {
-                let max = if c["max_running"].is_null() {
-                    "unlimited".to_owned()
-                } else {
-                    text(&c["max_running"])
-                };
-                vec![
-                    text(&c["name"]),
-                    max,
-                    text(&c["running"]),
-                    text(&c["queued"]),
-                    text(&c["on_error_permit"]),
-                ]
-            },
-        ),
+        View::Campaigns => campaign::render_list(answer),
+        View::Campaign => campaign::render_campaign(answer),
+        View::LimitChanged => campaign::render_limit_changed(answer),
         View::Nodes => list(
             &answer["nodes"],
             "no nodes",
@@ -504,6 +540,9 @@ fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
                 )
             }
         }
+        View::Lifecycle => lifecycle::render_result(answer),
+        View::LifecycleSummary => lifecycle::render_summary(answer),
+        View::Diagnosis => lifecycle::render_diagnosis(answer),
         View::EventSent => match answer["delivered"].as_str() {
             Some("woke") => "delivered: the instance was waiting for it and runs on\n".to_owned(),
             Some("kept") => "delivered: kept until the instance waits for it\n".to_owned(),

@@ -77,7 +77,7 @@ pub struct NodeArgs {
     #[arg(long, env = "DROVER_DB_POOL", default_value_t = 10)]
     pub db_pool: u32,
     /// READY this long (ms) counts as a lost job, re-dispatched by the leader coordinator.
-    #[arg(long, env = "DROVER_STALE_READY_AFTER_MS", default_value_t = 15_000)]
+    #[arg(long, env = "DROVER_STALE_READY_AFTER_MS", default_value_t = 10_000)]
     pub stale_ready_after_ms: u64,
     /// Apply migrations before starting.
     #[arg(long, env = "DROVER_MIGRATE")]

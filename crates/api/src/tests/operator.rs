@@ -149,6 +149,7 @@ async fn run_step(
                 consumes: None,
                 parent_events: Vec::new(),
             }],
+            &crate::campaigns::permit_events(&env.state.bus),
         )
         .await
         .expect("commits");
@@ -519,6 +520,7 @@ async fn a_resume_decided_on_a_stale_read_changes_nothing() {
         .await
         .expect("reads")
         .expect("exists");
+    let events = crate::campaigns::permit_events(&env.state.bus);
     let request = |fence| Resume {
         instance: id,
         fence,
@@ -533,20 +535,20 @@ async fn a_resume_decided_on_a_stale_read_changes_nothing() {
     };
     assert_eq!(
         store
-            .resume(&request(instance.fence.next()))
+            .resume(&request(instance.fence.next()), &events)
             .await
             .expect("answers"),
         Resumed::Conflict,
         "a fence that is not the instance's"
     );
     let resumed = store
-        .resume(&request(instance.fence))
+        .resume(&request(instance.fence), &events)
         .await
         .expect("answers");
     assert!(matches!(resumed, Resumed::Resumed { .. }), "{resumed:?}");
     assert_eq!(
         store
-            .resume(&request(instance.fence))
+            .resume(&request(instance.fence), &events)
             .await
             .expect("answers"),
         Resumed::Conflict,
@@ -554,10 +556,13 @@ async fn a_resume_decided_on_a_stale_read_changes_nothing() {
     );
     assert_eq!(
         store
-            .resume(&Resume {
-                instance: InstanceId::new(),
-                ..request(instance.fence)
-            })
+            .resume(
+                &Resume {
+                    instance: InstanceId::new(),
+                    ..request(instance.fence)
+                },
+                &events,
+            )
             .await
             .expect("answers"),
         Resumed::Unknown

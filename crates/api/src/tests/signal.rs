@@ -66,7 +66,14 @@ async fn instance(env: &TestEnv, park: bool) -> InstanceId {
             consumes: None,
             parent_events: Vec::new(),
         };
-        let commits = store.commit(node, &[parked]).await.expect("commits");
+        let commits = store
+            .commit(
+                node,
+                &[parked],
+                &crate::campaigns::permit_events(&env.state.bus),
+            )
+            .await
+            .expect("commits");
         assert_eq!(commits, [Commit::Committed]);
     }
     id
