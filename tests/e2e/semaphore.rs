@@ -555,3 +555,53 @@ async fn a_parent_with_ten_children_completes_in_a_campaign_limited_to_one() -> 
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_repairs_counter_drift_and_counts_it_in_metrics() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let node = env
+        .spawn_node_with("coordinator,api", &["--metrics-listen", &metrics])
+        .await?;
+    let (status, body) = post_json(
+        &format!("{}/v1/campaigns", node.api()),
+        &json!({ "name": "drifty", "max_running": 5 }),
+    )
+    .await?;
+    assert_eq!(status, 201, "{body}");
+    // Corrupt the counters behind the semaphore's back.
+    sqlx::query(
+        "UPDATE campaign SET running = running + 2, queued = queued + 1 WHERE name = 'drifty'",
+    )
+    .execute(env.store.pool())
+    .await?;
+    wait_until(
+        "the leader to repair the counters",
+        Duration::from_secs(40),
+        || async {
+            let (running, queued): (i32, i32) =
+                sqlx::query_as("SELECT running, queued FROM campaign WHERE name = 'drifty'")
+                    .fetch_one(env.store.pool())
+                    .await?;
+            Ok((running == 0 && queued == 0).then_some(()))
+        },
+    )
+    .await?;
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let drift = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("drover_semaphore_drift_total") && l.contains("campaign=\"drifty\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>();
+    assert!(drift >= 1.0, "drift counted in metrics:\n{text}");
+    env.cleanup().await;
+    Ok(())
+}

@@ -135,11 +135,17 @@ impl TestEnv {
 
     /// Starts a node process with `roles` (e.g. "worker,api").
     pub async fn spawn_node(&self, roles: &str) -> anyhow::Result<NodeProcess> {
+        self.spawn_node_with(roles, &[]).await
+    }
+
+    /// Starts a node process with `roles` and extra `drover node` arguments.
+    pub async fn spawn_node_with(&self, roles: &str, args: &[&str]) -> anyhow::Result<NodeProcess> {
         let log = log_dir().join(format!("{}-{}.log", self.prefix, random_hex(6)));
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut child = Command::new(node_bin())
             .args(["node", "--roles", roles, "--listen", "127.0.0.1:0"])
+            .args(args)
             .env("DATABASE_URL", &self.database_url)
             .env("NATS_URL", &self.nats_url)
             .env("DROVER_PREFIX", &self.prefix)

@@ -232,6 +232,12 @@ impl LeaderLoop {
             )
             .await?;
         for drift in &reconciled.drift {
+            metrics::counter!(
+                "drover_semaphore_drift_total",
+                "campaign" => drift.campaign.clone(),
+                "kind" => drift.kind.as_str()
+            )
+            .increment(1);
             tracing::error!(
                 campaign = %drift.campaign,
                 kind = drift.kind.as_str(),

@@ -79,6 +79,9 @@ pub struct NodeArgs {
     /// READY this long (ms) counts as a lost job, re-dispatched by the leader coordinator.
     #[arg(long, env = "DROVER_STALE_READY_AFTER_MS", default_value_t = 10_000)]
     pub stale_ready_after_ms: u64,
+    /// Serve Prometheus metrics (`drover_*`) on this address; off when unset.
+    #[arg(long, env = "DROVER_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Apply migrations before starting.
     #[arg(long, env = "DROVER_MIGRATE")]
     pub migrate: bool,
@@ -105,6 +108,13 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
     .await
     .context("connecting to NATS")?;
 
+    if let Some(addr) = args.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(%addr, "metrics served");
+    }
     let node = NodeId::new();
     let roles: Vec<String> = args.roles.iter().map(|r| r.as_str().to_owned()).collect();
     let host = hostname();

@@ -121,6 +121,7 @@ impl Committer {
             match result {
                 Commit::Committed => {
                     self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("drover_worker_steps_committed_total").increment(1);
                     let c = &done.completion;
                     let job = StepJob::new(c.instance, c.step_seq.next(), c.fence);
                     match &c.transition {
@@ -135,6 +136,7 @@ impl Committer {
                 }
                 Commit::AlreadyCommitted | Commit::Fenced => {
                     self.stats.fenced.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("drover_worker_fenced_commits_total").increment(1);
                     tracing::info!(
                         instance.id = %done.completion.instance,
                         step.id = %done.completion.step_id,

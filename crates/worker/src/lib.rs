@@ -246,6 +246,7 @@ impl Worker {
                 Ok(job) => jobs.push((job, msg)),
                 Err(err) => {
                     self.stats.garbage.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("drover_worker_garbage_jobs_total").increment(1);
                     tracing::warn!(subject = %msg.subject, %err, "terminating undecodable job message");
                     if let Err(err) = msg.ack_with(AckKind::Term).await {
                         tracing::warn!(%err, "term failed");
@@ -279,6 +280,7 @@ impl Worker {
             let Some(claimed) = by_id.remove(&job.instance) else {
                 // Stale or duplicate: the instance has moved past this job.
                 self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("drover_worker_stale_deliveries_total").increment(1);
                 ack(&msg).await;
                 continue;
             };
