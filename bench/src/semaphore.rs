@@ -103,7 +103,7 @@ async fn bulk_start(
                 version,
                 entry_step: def.entry().id.clone(),
                 allow_retry: def.entry().allow_retry,
-                timeout_ms: i64::try_from(def.entry().timeout.as_millis()).unwrap_or(i64::MAX),
+                timeout_ms: def.entry().timeout_ms(),
                 vars: Value::Object(def.vars.clone()),
             })
             .collect();

@@ -163,7 +163,7 @@ pub(crate) async fn start_instances(
                 version,
                 entry_step: def.entry().id.clone(),
                 allow_retry: def.entry().allow_retry,
-                timeout_ms: i64::try_from(def.entry().timeout.as_millis()).unwrap_or(i64::MAX),
+                timeout_ms: def.entry().timeout_ms(),
                 vars: serde_json::Value::Object(def.vars.clone()),
             })
             .collect();

@@ -440,7 +440,7 @@ async fn plan_restart(
         id: InstanceId::new(),
         entry_step: entry.id.clone(),
         allow_retry: entry.allow_retry,
-        timeout_ms: i64::try_from(entry.timeout.as_millis()).unwrap_or(i64::MAX),
+        timeout_ms: entry.timeout_ms(),
     }))
 }
 

@@ -199,7 +199,7 @@ pub(crate) async fn resume(
                 step_seq: instance.step_seq,
                 step: target.id.clone(),
                 allow_retry: target.allow_retry,
-                timeout_ms: i64::try_from(target.timeout.as_millis()).unwrap_or(i64::MAX),
+                timeout_ms: target.timeout_ms(),
                 set,
                 actor: actor.clone(),
                 mode: request.mode.as_str().to_owned(),

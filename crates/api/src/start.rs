@@ -191,8 +191,7 @@ pub async fn start_instances(
                 version: stored.version,
                 entry_step: entry.to_owned(),
                 allow_retry: definition.entry().allow_retry,
-                timeout_ms: i64::try_from(definition.entry().timeout.as_millis())
-                    .unwrap_or(i64::MAX),
+                timeout_ms: definition.entry().timeout_ms(),
                 vars: vars.clone(),
             });
             let instance = InstanceRef {

@@ -7,7 +7,9 @@ use drover_core::NodeId;
 use drover_store::{Admitted, COORDINATOR_LEASE, Drift, LeaderTerm, PermitEvent, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::{CoordinatorConfig, Result, millis, orphan_events, permit_event};
+use drover_core::definition::millis;
+
+use crate::{CoordinatorConfig, Result, orphan_events, permit_event};
 
 /// Holds (or waits for) the leader lease and, while leading, does the leader's work.
 pub struct LeaderLoop {

@@ -135,7 +135,3 @@ pub(crate) fn permit_event(bus: &Bus, event: &PermitEvent<'_>) -> OutboxEvent {
     };
     bus.event(&instance, kind, event.data.clone())
 }
-
-pub(crate) fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}

@@ -257,7 +257,17 @@ impl Definition {
     }
 }
 
+/// A duration in whole milliseconds, saturating: the unit durations are stored in.
+pub fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 impl Step {
+    /// The per-attempt timeout in whole milliseconds, as the store records it.
+    pub fn timeout_ms(&self) -> i64 {
+        millis(self.timeout)
+    }
+
     /// The first transition whose `when` is true (no `when` is always true). `Ok(None)` only if
     /// none matched, which validation rules out for a non-`end` step.
     pub fn choose_next(&self, scope: &Scope<'_>) -> Result<Option<&str>, ExprError> {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_bus::Bus;
+use drover_core::definition::millis;
 use drover_store::Store;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -38,10 +39,6 @@ pub struct OutboxRelay {
     bus: Bus,
     config: RelayConfig,
     wakeup: Arc<Notify>,
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl OutboxRelay {

@@ -211,11 +211,6 @@ fn park(bus: &Bus, claimed: &Claimed, started_at: DateTime<Utc>, wait: Wait) -> 
     parked
 }
 
-/// A duration in whole milliseconds, saturating.
-pub(crate) fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
 fn humanize(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
@@ -280,7 +275,7 @@ fn advance(
                 Transition::Next {
                     step: to.to_owned(),
                     allow_retry: definition.step(to).is_none_or(|s| s.allow_retry),
-                    timeout_ms: definition.step(to).map_or(30_000, |s| millis(s.timeout)),
+                    timeout_ms: definition.step(to).map_or(30_000, Step::timeout_ms),
                 },
                 (new_vars, Some(output), None),
                 EventKind::StepCompleted,

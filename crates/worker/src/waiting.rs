@@ -23,7 +23,9 @@ use serde_json::{Value, json};
 
 use crate::commit::with_retries;
 use crate::handler::StepError;
-use crate::step::{Body, Ran, StepContext, Wait, eval_entries, millis};
+use drover_core::definition::millis;
+
+use crate::step::{Body, Ran, StepContext, Wait, eval_entries};
 
 /// Runs a waiting step's body.
 pub(crate) async fn execute(
@@ -191,7 +193,7 @@ async fn subworkflow(
         version: stored.version,
         entry_step: entry.id.clone(),
         allow_retry: entry.allow_retry,
-        timeout_ms: millis(entry.timeout),
+        timeout_ms: entry.timeout_ms(),
         vars: Value::Object(vars),
     };
     let started = ctx.bus.event(
