@@ -7,7 +7,7 @@ use chrono::Utc;
 use drover_bus::StepJob;
 use drover_core::{Definition, Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use drover_store::{ClaimRequest, Commit, Completion, NewInstance, Transition};
-use drover_tests::{TestEnv, permit_events, wait_until};
+use drover_tests::{TestEnv, wait_until};
 use serde_json::json;
 
 use crate::support::{deploy, get, start, wait_jobs_drained};
@@ -86,7 +86,7 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
             }],
             "test",
             &[],
-            &permit_events(&env.bus),
+            &env.bus,
         )
         .await?;
     let node = NodeId::new();
@@ -127,7 +127,7 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
         consumes: None,
         parent_events: vec![],
     };
-    let events = permit_events(&env.bus);
+    let events = env.bus.clone();
     let other = NodeId::new();
     store
         .register_node(other, &["worker".into()], "test", "0")

@@ -9,36 +9,14 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use drover_bus::{Bus, BusConfig, EventKind, InstanceRef};
-use drover_core::{NodeId, OutboxEvent};
-use drover_store::{PermitEvent, PermitEventKind, Store, StoreConfig};
+use drover_bus::{Bus, BusConfig};
+use drover_core::NodeId;
+use drover_store::{Store, StoreConfig};
 use rand::Rng;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub use recorder::{Recorded, Recorder};
-
-/// The bus events of the permit changes the store decides, for tests that call the store
-/// directly (as the worker, the api and the coordinator do with their own).
-pub fn permit_events(bus: &Bus) -> impl Fn(&PermitEvent<'_>) -> OutboxEvent + Send + Sync + use<> {
-    let bus = bus.clone();
-    move |event: &PermitEvent<'_>| {
-        let kind = match event.kind {
-            PermitEventKind::Queued => EventKind::Queued,
-            PermitEventKind::Admitted => EventKind::Admitted,
-            PermitEventKind::PermitReleased => EventKind::PermitReleased,
-            PermitEventKind::Stopped => EventKind::Stopped,
-            PermitEventKind::Paused => EventKind::Paused,
-        };
-        let instance = InstanceRef {
-            id: event.instance,
-            campaign: event.campaign,
-            workflow: event.workflow,
-            version: event.version,
-        };
-        bus.event(&instance, kind, event.data.clone())
-    }
-}
 
 const UNSET: &str = "the end-to-end tests need real services: set DATABASE_URL (e.g. \
 postgres://postgres@127.0.0.1:5432/postgres, a role that may CREATE DATABASE) and NATS_URL \

@@ -9,12 +9,10 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use drover_bus::{Bus, EventKind, InstanceRef, StepJob};
+use drover_bus::{Bus, StepJob};
+use drover_core::InstanceId;
 use drover_core::ids::is_slug;
-use drover_core::{InstanceId, OutboxEvent};
-use drover_store::{
-    Admitted, LIMIT_RANGE, NewCampaign, OnErrorPermit, PermitEvent, PermitEventKind,
-};
+use drover_store::{Admitted, LIMIT_RANGE, NewCampaign, OnErrorPermit};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -169,7 +167,7 @@ pub(crate) async fn set_limit(
     let max_running = limit(request.max_running)?;
     let set = state
         .store
-        .set_campaign_limit(&name, max_running, &actor, &permit_events(&state.bus))
+        .set_campaign_limit(&name, max_running, &actor, &state.bus)
         .await
         .map_err(campaign_error)?;
     tracing::info!(
@@ -257,29 +255,5 @@ pub(crate) async fn publish_admitted(bus: &Bus, admitted: &[Admitted]) {
             %err,
             "publishing admitted instances' jobs failed; the sweeper will re-dispatch them"
         );
-    }
-}
-
-/// Builds the bus events of the permit changes the store decides (`queued`, `admitted`,
-/// `permit_released`, and `stopped`/`paused` for honoured requests).
-pub(crate) fn permit_events(
-    bus: &Bus,
-) -> impl Fn(&PermitEvent<'_>) -> OutboxEvent + Send + Sync + use<> {
-    let bus = bus.clone();
-    move |event: &PermitEvent<'_>| {
-        let kind = match event.kind {
-            PermitEventKind::Queued => EventKind::Queued,
-            PermitEventKind::Admitted => EventKind::Admitted,
-            PermitEventKind::PermitReleased => EventKind::PermitReleased,
-            PermitEventKind::Stopped => EventKind::Stopped,
-            PermitEventKind::Paused => EventKind::Paused,
-        };
-        let instance = InstanceRef {
-            id: event.instance,
-            campaign: event.campaign,
-            workflow: event.workflow,
-            version: event.version,
-        };
-        bus.event(&instance, kind, event.data.clone())
     }
 }

@@ -30,7 +30,6 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::ApiState;
-use crate::campaigns::permit_events;
 use crate::dto::{Instance, InstanceStateSchema};
 use crate::error::{ApiError, ErrorBody, Result};
 use crate::extract::ApiPath;
@@ -616,12 +615,7 @@ async fn restart_all(
 ) -> Result<Vec<(InstanceId, Restarted)>> {
     let results = state
         .store
-        .restart(
-            restarts,
-            actor,
-            &lifecycle_events(&state.bus),
-            &permit_events(&state.bus),
-        )
+        .restart(restarts, actor, &lifecycle_events(&state.bus), &state.bus)
         .await?;
     let jobs = results
         .iter()
@@ -648,7 +642,7 @@ async fn apply(
             ids,
             actor,
             &lifecycle_events(&state.bus),
-            &permit_events(&state.bus),
+            &state.bus,
         )
         .await?;
     publish(&state.bus, batch.jobs()).await;

@@ -20,7 +20,6 @@ use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
 
 use crate::ApiState;
-use crate::campaigns::permit_events;
 use crate::dto::Instance;
 use crate::error::{ApiError, ErrorBody, Result};
 use crate::extract::{ApiJson, ApiPath};
@@ -205,7 +204,7 @@ pub(crate) async fn resume(
                 mode: request.mode.as_str().to_owned(),
                 events: vec![event],
             },
-            &permit_events(&state.bus),
+            &state.bus,
         )
         .await?;
     let job = match resumed {

@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
-use crate::campaigns::permit_events;
 use crate::error::{ApiError, Result};
 
 /// The campaign instances join when the request names none.
@@ -210,7 +209,7 @@ pub async fn start_instances(
             events.push(bus.event(&instance, EventKind::Started, data));
         }
         let created = match store
-            .create_instances(&instances, actor, &events, &permit_events(bus))
+            .create_instances(&instances, actor, &events, bus)
             .await
         {
             Ok(created) => created,

@@ -1,6 +1,7 @@
 //! Events as JSON CloudEvents (structured mode).
 
 use chrono::Utc;
+use drover_core::event::PermitEventKind;
 use drover_core::{InstanceId, OutboxEvent};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -57,6 +58,18 @@ pub enum EventKind {
     /// The campaign reconciler found a semaphore invariant broken (a campaign event: see
     /// [`Subjects::campaign_event`](crate::Subjects::campaign_event)).
     PermitDrift,
+}
+
+impl From<PermitEventKind> for EventKind {
+    fn from(kind: PermitEventKind) -> Self {
+        match kind {
+            PermitEventKind::Queued => EventKind::Queued,
+            PermitEventKind::Admitted => EventKind::Admitted,
+            PermitEventKind::PermitReleased => EventKind::PermitReleased,
+            PermitEventKind::Stopped => EventKind::Stopped,
+            PermitEventKind::Paused => EventKind::Paused,
+        }
+    }
 }
 
 impl EventKind {

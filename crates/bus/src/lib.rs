@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
+use drover_core::event::{PermitEvent, PermitEvents};
 use drover_core::{OutboxEvent, StepSeq};
 
 pub use error::{Error, Result};
@@ -285,6 +286,18 @@ impl Bus {
         Ok(())
     }
 
+    /// Builds the event of a permit change (or an honoured operator request) the store
+    /// decided: `queued`, `admitted`, `permit_released`, `stopped`, `paused`.
+    pub fn permit_event(&self, event: &PermitEvent<'_>) -> OutboxEvent {
+        let instance = InstanceRef {
+            id: event.instance,
+            campaign: event.campaign,
+            workflow: event.workflow,
+            version: event.version,
+        };
+        self.event(&instance, event.kind.into(), event.data.clone())
+    }
+
     /// Builds the CloudEvent for a transition of `instance` (written to the outbox, relayed
     /// later by [`Bus::relay`]).
     pub fn event(
@@ -364,5 +377,13 @@ impl Bus {
             }
         }
         relayed
+    }
+}
+
+/// A bus builds the events of the permit changes the store decides: pass `&bus` where the
+/// store asks for [`PermitEvents`].
+impl PermitEvents for Bus {
+    fn build(&self, event: &PermitEvent<'_>) -> OutboxEvent {
+        self.permit_event(event)
     }
 }

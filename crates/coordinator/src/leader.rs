@@ -4,12 +4,12 @@ use std::time::{Duration, Instant};
 
 use drover_bus::{Bus, EventKind, InstanceRef, RecoveryTask, StepJob};
 use drover_core::NodeId;
-use drover_store::{Admitted, COORDINATOR_LEASE, Drift, LeaderTerm, PermitEvent, Store};
+use drover_store::{Admitted, COORDINATOR_LEASE, Drift, LeaderTerm, Store};
 use tokio_util::sync::CancellationToken;
 
 use drover_core::definition::millis;
 
-use crate::{CoordinatorConfig, Result, orphan_events, permit_event};
+use crate::{CoordinatorConfig, Result, orphan_events};
 
 /// Holds (or waits for) the leader lease and, while leading, does the leader's work.
 pub struct LeaderLoop {
@@ -144,7 +144,7 @@ impl LeaderLoop {
                 term,
                 self.config.requeue_batch,
                 |o| orphan_events(bus, o),
-                &|e: &PermitEvent<'_>| permit_event(bus, e),
+                bus,
             )
             .await?;
         let orphans = requeued.orphans;
@@ -215,23 +215,18 @@ impl LeaderLoop {
         let bus = &self.bus;
         let reconciled = self
             .store
-            .reconcile_permits(
-                self.node,
-                term,
-                &|e: &PermitEvent<'_>| permit_event(bus, e),
-                |drift: &Drift| {
-                    bus.campaign_event(
-                        &drift.campaign,
-                        EventKind::PermitDrift,
-                        serde_json::json!({
-                            "kind": drift.kind,
-                            "detail": drift.detail,
-                            "repaired": drift.repaired,
-                            "leader_term": term.0,
-                        }),
-                    )
-                },
-            )
+            .reconcile_permits(self.node, term, bus, |drift: &Drift| {
+                bus.campaign_event(
+                    &drift.campaign,
+                    EventKind::PermitDrift,
+                    serde_json::json!({
+                        "kind": drift.kind,
+                        "detail": drift.detail,
+                        "repaired": drift.repaired,
+                        "leader_term": term.0,
+                    }),
+                )
+            })
             .await?;
         for drift in &reconciled.drift {
             metrics::counter!(

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use drover_bus::{Bus, EventKind, InstanceRef};
 use drover_core::{InstanceState, NodeId, OutboxEvent};
-use drover_store::{Orphan, PermitEvent, PermitEventKind, Store};
+use drover_store::{Orphan, Store};
 use tokio_util::sync::CancellationToken;
 
 pub use leader::LeaderLoop;
@@ -116,22 +116,4 @@ pub(crate) fn orphan_events(bus: &Bus, orphan: &Orphan) -> Vec<OutboxEvent> {
             "state": orphan.state,
         }),
     )]
-}
-
-/// The bus event of a permit change the store decided (a release, an admission).
-pub(crate) fn permit_event(bus: &Bus, event: &PermitEvent<'_>) -> OutboxEvent {
-    let kind = match event.kind {
-        PermitEventKind::Queued => EventKind::Queued,
-        PermitEventKind::Admitted => EventKind::Admitted,
-        PermitEventKind::PermitReleased => EventKind::PermitReleased,
-        PermitEventKind::Stopped => EventKind::Stopped,
-        PermitEventKind::Paused => EventKind::Paused,
-    };
-    let instance = InstanceRef {
-        id: event.instance,
-        campaign: event.campaign,
-        workflow: event.workflow,
-        version: event.version,
-    };
-    bus.event(&instance, kind, event.data.clone())
 }

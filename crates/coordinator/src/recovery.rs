@@ -5,11 +5,11 @@ use std::time::Duration;
 use async_nats::jetstream::{AckKind, Message};
 use drover_bus::{Bus, RecoveryTask, StepJob};
 use drover_core::InstanceState;
-use drover_store::{PermitEvent, Store};
+use drover_store::Store;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CoordinatorConfig, Error, Result, orphan_events, permit_event};
+use crate::{CoordinatorConfig, Error, Result, orphan_events};
 
 /// Tasks handled at once by one replica. Small, so that with several replicas each pulls
 /// its share of the tasks rather than one replica taking them all.
@@ -115,7 +115,7 @@ impl RecoveryConsumer {
                     self.node,
                     self.config.requeue_batch,
                     |o| orphan_events(bus, o),
-                    &|e: &PermitEvent<'_>| permit_event(bus, e),
+                    bus,
                 )
                 .await?;
             let orphans = requeued.orphans;

@@ -54,49 +54,7 @@ pub const LIMIT_RANGE: std::ops::RangeInclusive<i32> = 1..=100_000;
 /// instance, a stop, a raised limit): the semaphore itself, not the one who freed it.
 pub const SEMAPHORE_ACTOR: &str = "semaphore";
 
-/// What happened to an instance's permit (or, for `Stopped`/`Paused`, what a step commit did
-/// because an operator asked), for its event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PermitEventKind {
-    /// Started (or resumed) while its campaign was at its limit: QUEUED.
-    Queued,
-    /// Given a permit: READY (from QUEUED, or on resume).
-    Admitted,
-    /// Gave its permit back (terminal, or `in_error` under `on_error_permit: release`).
-    PermitReleased,
-    /// A step commit honoured `stop_requested_by`: STOPPED.
-    Stopped,
-    /// A step commit honoured `pause_requested_by`: PAUSED (keeping its permit).
-    Paused,
-}
-
-/// An instance whose permit changed, as the store tells the event builder.
-#[derive(Clone, Debug)]
-pub struct PermitEvent<'a> {
-    pub kind: PermitEventKind,
-    pub instance: InstanceId,
-    pub workflow: &'a str,
-    pub version: i32,
-    pub campaign: &'a str,
-    /// Event data (an object): `state` always, and e.g. `queue_seq`, `step_id`, `step_seq`,
-    /// `actor`.
-    pub data: Value,
-}
-
-/// Builds the outbox event for a [`PermitEvent`] (the bus crate knows subjects; the store
-/// does not). Any `Fn(&PermitEvent) -> OutboxEvent + Send + Sync` is one.
-pub trait PermitEvents: Send + Sync {
-    fn build(&self, event: &PermitEvent<'_>) -> OutboxEvent;
-}
-
-impl<F> PermitEvents for F
-where
-    F: Fn(&PermitEvent<'_>) -> OutboxEvent + Send + Sync,
-{
-    fn build(&self, event: &PermitEvent<'_>) -> OutboxEvent {
-        self(event)
-    }
-}
+pub use drover_core::event::{PermitEvent, PermitEventKind, PermitEvents};
 
 /// A QUEUED instance given a permit (now READY): publish [`Admitted::job`] after the commit.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,11 +8,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use backon::{ExponentialBuilder, Retryable};
-use drover_bus::{Bus, EventKind, InstanceRef, StepJob};
-use drover_core::{InstanceState, NodeId, OutboxEvent};
-use drover_store::{
-    ClaimRequest, Commit, Completion, PermitEvent, PermitEventKind, Store, Transition,
-};
+use drover_bus::{Bus, StepJob};
+use drover_core::{InstanceState, NodeId};
+use drover_store::{ClaimRequest, Commit, Completion, Store, Transition};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -83,9 +81,9 @@ impl Committer {
 
     async fn commit_batch(&self, batch: Vec<Done>, shutdown: &CancellationToken) {
         let completions: Vec<Completion> = batch.iter().map(|d| d.completion.clone()).collect();
-        let events = self.permit_events();
         let (results, also_ready) =
-            match with_retries(|| self.store.commit_waking(self.node, &completions, &events)).await
+            match with_retries(|| self.store.commit_waking(self.node, &completions, &self.bus))
+                .await
             {
                 Ok(done) => (done.results, done.ready),
                 Err(err) if !err.is_transient() => {
@@ -162,8 +160,7 @@ impl Committer {
 
     async fn commit_alone(&self, completion: &Completion) -> (Commit, Vec<ClaimRequest>) {
         let single = std::slice::from_ref(completion);
-        let events = self.permit_events();
-        match with_retries(|| self.store.commit_waking(self.node, single, &events)).await {
+        match with_retries(|| self.store.commit_waking(self.node, single, &self.bus)).await {
             Ok(done) => (
                 done.results.first().copied().unwrap_or(Commit::Fenced),
                 done.ready,
@@ -181,7 +178,7 @@ impl Committer {
                 fallback.parent_events = Vec::new();
                 match with_retries(|| {
                     self.store
-                        .commit(self.node, std::slice::from_ref(&fallback), &events)
+                        .commit(self.node, std::slice::from_ref(&fallback), &self.bus)
                 })
                 .await
                 {
@@ -198,12 +195,6 @@ impl Committer {
         }
     }
 
-    /// Builds the events of permit changes and honoured operator requests the store decides
-    /// while committing.
-    fn permit_events(&self) -> impl Fn(&PermitEvent<'_>) -> OutboxEvent + Send + Sync + '_ {
-        |event: &PermitEvent<'_>| permit_event(&self.bus, event)
-    }
-
     fn publish_later(&self, job: StepJob, delay_ms: u64, shutdown: &CancellationToken) {
         let bus = self.bus.clone();
         let shutdown = shutdown.clone();
@@ -218,22 +209,4 @@ impl Committer {
             }
         });
     }
-}
-
-/// The bus event of a permit change (or an honoured operator request) the store decided.
-pub(crate) fn permit_event(bus: &Bus, event: &PermitEvent<'_>) -> OutboxEvent {
-    let kind = match event.kind {
-        PermitEventKind::Queued => EventKind::Queued,
-        PermitEventKind::Admitted => EventKind::Admitted,
-        PermitEventKind::PermitReleased => EventKind::PermitReleased,
-        PermitEventKind::Stopped => EventKind::Stopped,
-        PermitEventKind::Paused => EventKind::Paused,
-    };
-    let instance = InstanceRef {
-        id: event.instance,
-        campaign: event.campaign,
-        workflow: event.workflow,
-        version: event.version,
-    };
-    bus.event(&instance, kind, event.data.clone())
 }

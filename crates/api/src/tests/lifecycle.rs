@@ -175,7 +175,7 @@ pub(super) async fn commit(
                 consumes: None,
                 parent_events: Vec::new(),
             }],
-            &crate::campaigns::permit_events(&env.state.bus),
+            &env.state.bus,
         )
         .await
         .expect("commits");

@@ -149,7 +149,7 @@ async fn run_step(
                 consumes: None,
                 parent_events: Vec::new(),
             }],
-            &crate::campaigns::permit_events(&env.state.bus),
+            &env.state.bus,
         )
         .await
         .expect("commits");
@@ -520,7 +520,7 @@ async fn a_resume_decided_on_a_stale_read_changes_nothing() {
         .await
         .expect("reads")
         .expect("exists");
-    let events = crate::campaigns::permit_events(&env.state.bus);
+    let events = env.state.bus.clone();
     let request = |fence| Resume {
         instance: id,
         fence,

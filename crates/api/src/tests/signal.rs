@@ -67,11 +67,7 @@ async fn instance(env: &TestEnv, park: bool) -> InstanceId {
             parent_events: Vec::new(),
         };
         let commits = store
-            .commit(
-                node,
-                &[parked],
-                &crate::campaigns::permit_events(&env.state.bus),
-            )
+            .commit(node, &[parked], &env.state.bus)
             .await
             .expect("commits");
         assert_eq!(commits, [Commit::Committed]);
