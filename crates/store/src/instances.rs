@@ -440,7 +440,11 @@ impl Store {
              FROM unnest($2::uuid[], $3::bigint[], $4::bigint[]) AS j(id, step_seq, fence),
                   campaign c
              WHERE i.id = j.id AND i.step_seq = j.step_seq AND i.fence = j.fence
-               AND i.state = 'ready' AND c.id = i.campaign_id
+               -- `|| ''` keeps the state test out of index conditions: with statistics taken
+               -- while few rows were READY, the generic plan otherwise scans every READY row
+               -- (instance_by_state) for each claim, so a backlog made claims quadratic.
+               -- Each job is found by primary key instead.
+               AND i.state || '' = 'ready' AND c.id = i.campaign_id
                AND EXISTS (SELECT 1 FROM node WHERE id = $1 AND status = 'alive')
              RETURNING i.id, i.workflow, i.version, c.name AS campaign, i.current_step,
                        i.step_seq, i.step_entered_seq, i.step_attempt, i.fence, i.step_claims,
@@ -1184,14 +1188,22 @@ const COMMIT: &str = concat!(
              jsonb_to_recordset(c.parent_events) AS e(id uuid, subject text, payload jsonb)
      )
      SELECT c.idx, upd.idx IS NOT NULL AS committed,
-            EXISTS (SELECT 1 FROM journal jr
-                    WHERE jr.instance_id = c.instance_id AND jr.step_seq = c.step_seq + 1)
-                AS existed,
+            coalesce(ex.existed, false) AS existed,
             upd.state, upd.step_seq, upd.fence, upd.current_step, upd.holds_permit,
             upd.stop_requested_by, upd.paused_by,
             child.id AS child_id,
             pw.id AS parent_id, pw.step_seq AS parent_seq, pw.fence AS parent_fence
      FROM c LEFT JOIN upd ON upd.idx = c.idx
+            -- Probed by primary key for the completions that did not commit only: a lateral
+            -- LIMIT 1 cannot be turned into a hash of the whole journal (which the planner
+            -- picks for a plain EXISTS while the journal's statistics are small, making
+            -- every commit's cost grow with history).
+            LEFT JOIN LATERAL (
+                SELECT true AS existed FROM journal jr
+                WHERE upd.idx IS NULL
+                  AND jr.instance_id = c.instance_id AND jr.step_seq = c.step_seq + 1
+                LIMIT 1
+            ) ex ON true
             LEFT JOIN child ON child.parent_instance_id = c.instance_id
             LEFT JOIN pw ON pw.idx = c.idx
      ORDER BY c.idx"
