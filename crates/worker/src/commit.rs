@@ -51,7 +51,8 @@ pub(crate) struct Committer {
     pub(crate) batch_size: usize,
     pub(crate) stats: Arc<WorkerStats>,
     pub(crate) relay_wakeup: Arc<tokio::sync::Notify>,
-    /// Tracks delayed retry publishes (cancelled at shutdown; the sweeper re-dispatches).
+    /// Tracks publishes after commit, and delayed retry publishes (those are cancelled at
+    /// shutdown; the sweeper re-dispatches).
     pub(crate) delayed: TaskTracker,
 }
 
@@ -145,17 +146,24 @@ impl Committer {
             }
         }
         self.relay_wakeup.notify_one();
-        if !next_jobs.is_empty()
-            && let Err(err) = self.bus.publish_jobs(&next_jobs).await
-        {
-            // Committed READY rows are re-dispatched by the stale-READY sweeper.
-            tracing::warn!(%err, "publishing next jobs failed; the sweeper will re-dispatch");
-        }
-        for done in batch {
-            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            ack(&done.msg).await;
-            drop(done.permit);
-        }
+        // Publish, then ack, off the commit loop: the next group commit need not wait for
+        // this batch's round trips to NATS. Each batch keeps its own order (checkpoint,
+        // publish, ack), and its permits bound how many batches are on their way.
+        let bus = self.bus.clone();
+        let stats = Arc::clone(&self.stats);
+        self.delayed.spawn(async move {
+            if !next_jobs.is_empty()
+                && let Err(err) = bus.publish_jobs(&next_jobs).await
+            {
+                // Committed READY rows are re-dispatched by the stale-READY sweeper.
+                tracing::warn!(%err, "publishing next jobs failed; the sweeper will re-dispatch");
+            }
+            for done in batch {
+                stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                ack(&done.msg).await;
+                drop(done.permit);
+            }
+        });
     }
 
     async fn commit_alone(&self, completion: &Completion) -> (Commit, Vec<ClaimRequest>) {

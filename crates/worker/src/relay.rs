@@ -15,10 +15,15 @@ use tokio_util::sync::CancellationToken;
 pub struct RelayConfig {
     /// Events claimed per round.
     pub batch: i64,
-    /// How long a claim lasts before another relay may resend the events.
+    /// How long a claim lasts before another relay may resend the events. A relay killed
+    /// between claim and send delays its batch by this much; a resend after a slow round is
+    /// harmless (JetStream drops it by message id), so it is short.
     pub claim: Duration,
     /// Poll interval when nobody wakes the relay.
     pub idle_poll: Duration,
+    /// How long a woken relay waits for more commits before it sends: one round then carries
+    /// the events of many commits (two statements per round, not per commit).
+    pub linger: Duration,
     /// How long relayed events are kept for replay.
     pub retention: Duration,
 }
@@ -27,8 +32,9 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch: 1000,
-            claim: Duration::from_secs(30),
+            claim: Duration::from_secs(5),
             idle_poll: Duration::from_millis(200),
+            linger: Duration::from_millis(10),
             retention: Duration::from_secs(3600),
         }
     }
@@ -83,7 +89,12 @@ impl OutboxRelay {
                     let _ = self.round().await;
                     return Ok(());
                 }
-                () = self.wakeup.notified() => {}
+                () = self.wakeup.notified() => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(self.config.linger) => {}
+                    }
+                }
                 () = tokio::time::sleep(self.config.idle_poll) => {}
             }
         }
