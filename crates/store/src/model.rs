@@ -1,8 +1,10 @@
 //! Rows and requests the store reads and writes.
 
 use chrono::{DateTime, Utc};
+use drover_core::definition::{DEFAULT_TIMEOUT, millis};
 use drover_core::{
-    CampaignId, Fence, InstanceId, InstanceState, NodeId, OutboxEvent, SignalId, StepSeq,
+    CampaignId, Definition, Fence, InstanceId, InstanceState, NodeId, OutboxEvent, SignalId, Step,
+    StepSeq,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -218,6 +220,19 @@ pub enum Transition {
         /// Start this child in the same transaction; wake when it finishes.
         child: Option<Box<NewChild>>,
     },
+}
+
+impl Transition {
+    /// Go on with step `to` of `definition`, carrying what recovery needs to know of it (a
+    /// step the definition lacks gets the defaults; validation rules that out).
+    pub fn next(definition: &Definition, to: &str) -> Self {
+        let step = definition.step(to);
+        Self::Next {
+            step: to.to_owned(),
+            allow_retry: step.is_none_or(|s| s.allow_retry),
+            timeout_ms: step.map_or(millis(DEFAULT_TIMEOUT), Step::timeout_ms),
+        }
+    }
 }
 
 /// The result of running one claimed step, to be group-committed.

@@ -272,11 +272,7 @@ fn advance(
                 claimed,
                 started_at,
                 "completed",
-                Transition::Next {
-                    step: to.to_owned(),
-                    allow_retry: definition.step(to).is_none_or(|s| s.allow_retry),
-                    timeout_ms: definition.step(to).map_or(30_000, Step::timeout_ms),
-                },
+                Transition::next(definition, to),
                 (new_vars, Some(output), None),
                 EventKind::StepCompleted,
             )
