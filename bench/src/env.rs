@@ -1,11 +1,15 @@
-//! A private database and subject prefix for one benchmark run, and worker processes.
+//! A private database and subject prefix for one benchmark run, its worker processes, and
+//! starting instances as the API does.
 
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use drover_bus::{Bus, BusConfig};
-use drover_store::{Store, StoreConfig};
+use drover_bus::{Bus, BusConfig, EventKind, InstanceRef, StepJob};
+use drover_core::{CampaignId, Definition, InstanceId, OutboxEvent};
+use drover_store::{ClaimRequest, NewInstance, Store, StoreConfig};
 use rand::Rng;
+use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 pub(crate) struct BenchEnv {
@@ -18,11 +22,39 @@ pub(crate) struct BenchEnv {
     pub(crate) bus: Bus,
 }
 
+/// Instances [`BenchEnv::start`] created.
+pub(crate) struct Started {
+    pub(crate) ids: Vec<InstanceId>,
+    /// The READY ones' claims (their jobs published if dispatched).
+    pub(crate) ready: Vec<ClaimRequest>,
+    pub(crate) queued: usize,
+}
+
+/// A deployed workflow, ready to start.
+pub(crate) struct Deployed {
+    pub(crate) def: Definition,
+    pub(crate) version: i32,
+}
+
 fn suffix() -> String {
     let mut rng = rand::rng();
     (0..10)
         .map(|_| format!("{:x}", rng.random_range(0..16u8)))
         .collect()
+}
+
+/// Polls `check` every 10 ms until it holds, or fails after `limit`.
+pub(crate) async fn poll<F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await? {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
 }
 
 impl BenchEnv {
@@ -65,11 +97,6 @@ impl BenchEnv {
         })
     }
 
-    /// Starts a worker node process (this binary, re-executed).
-    pub(crate) fn spawn_worker(&self) -> anyhow::Result<Child> {
-        self.spawn_node("worker")
-    }
-
     /// Starts a node process with `roles` (this binary, re-executed).
     pub(crate) fn spawn_node(&self, roles: &str) -> anyhow::Result<Child> {
         Command::new(std::env::current_exe()?)
@@ -84,7 +111,149 @@ impl BenchEnv {
             .context("spawning a worker node")
     }
 
+    /// Starts `n` node processes with `roles` and waits until they have registered.
+    pub(crate) async fn spawn_nodes(&self, roles: &str, n: usize) -> anyhow::Result<Vec<Child>> {
+        let before = self.alive_nodes().await?;
+        let mut nodes = Vec::with_capacity(n);
+        for _ in 0..n {
+            nodes.push(self.spawn_node(roles)?);
+        }
+        poll("the nodes to register", Duration::from_secs(30), || async {
+            Ok(self.alive_nodes().await? >= before + n)
+        })
+        .await?;
+        Ok(nodes)
+    }
+
+    async fn alive_nodes(&self) -> anyhow::Result<usize> {
+        Ok(self
+            .store
+            .list_nodes()
+            .await?
+            .iter()
+            .filter(|n| n.status == "alive")
+            .count())
+    }
+
+    /// Deploys `source` (YAML).
+    pub(crate) async fn deploy(&self, source: &str) -> anyhow::Result<Deployed> {
+        let def = Definition::parse(source).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let version = self
+            .store
+            .deploy_definition(&def.name, &def.to_json(), source)
+            .await?
+            .version;
+        Ok(Deployed { def, version })
+    }
+
+    /// The `default` campaign (no limit).
+    pub(crate) async fn default_campaign(&self) -> anyhow::Result<(CampaignId, String)> {
+        let c = self
+            .store
+            .campaign_by_name("default")
+            .await?
+            .context("default campaign")?;
+        Ok((c.id, c.name))
+    }
+
+    /// Creates `n` instances of `workflow` in `campaign` as the API does (1000 per
+    /// transaction, a `started` event each) and, when `dispatch`, publishes the READY ones'
+    /// jobs.
+    pub(crate) async fn start(
+        &self,
+        workflow: &Deployed,
+        campaign: (CampaignId, &str),
+        n: u32,
+        dispatch: bool,
+    ) -> anyhow::Result<Started> {
+        let def = &workflow.def;
+        let version = workflow.version;
+        let ids: Vec<InstanceId> = (0..n).map(|_| InstanceId::new()).collect();
+        let mut queued = 0;
+        let mut ready = Vec::new();
+        for chunk in ids.chunks(1000) {
+            let rows: Vec<NewInstance> = chunk
+                .iter()
+                .map(|id| NewInstance {
+                    id: *id,
+                    campaign: campaign.0,
+                    workflow: def.name.clone(),
+                    version,
+                    entry_step: def.entry().id.clone(),
+                    allow_retry: def.entry().allow_retry,
+                    timeout_ms: def.entry().timeout_ms(),
+                    vars: Value::Object(def.vars.clone()),
+                })
+                .collect();
+            let events: Vec<OutboxEvent> = chunk
+                .iter()
+                .map(|id| {
+                    let r = InstanceRef {
+                        id: *id,
+                        campaign: campaign.1,
+                        workflow: &def.name,
+                        version,
+                    };
+                    self.bus
+                        .event(&r, EventKind::Started, json!({ "step": def.entry().id }))
+                })
+                .collect();
+            let created = self
+                .store
+                .create_instances(&rows, "bench", &events, &self.bus)
+                .await?;
+            queued += created.queued.len();
+            if dispatch {
+                let jobs: Vec<StepJob> = created
+                    .ready
+                    .iter()
+                    .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+                    .collect();
+                self.bus.publish_jobs(&jobs).await?;
+            }
+            ready.extend(created.ready);
+        }
+        Ok(Started { ids, ready, queued })
+    }
+
+    /// Waits until all of `ids` have completed, sampling the count every 100 ms: answers the
+    /// samples (seconds since `since`, completed). Counts by primary key, so the polling costs
+    /// the same however much history the table holds.
+    pub(crate) async fn wait_completed(
+        &self,
+        ids: &[InstanceId],
+        since: Instant,
+    ) -> anyhow::Result<Vec<(f64, i64)>> {
+        let limit = Duration::from_secs(600);
+        let ids: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
+        let n = ids.len();
+        let mut series = Vec::new();
+        loop {
+            let (done,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM instance WHERE id = ANY($1) AND state = 'completed'",
+            )
+            .bind(&ids)
+            .fetch_one(self.store.pool())
+            .await?;
+            series.push((since.elapsed().as_secs_f64(), done));
+            if done >= i64::try_from(n)? {
+                return Ok(series);
+            }
+            anyhow::ensure!(
+                since.elapsed() < limit,
+                "only {done}/{n} instances completed in {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Removes the run's streams and database, unless `DROVER_BENCH_KEEP` is set (to look
+    /// at a run's rows afterwards).
     pub(crate) async fn cleanup(self) {
+        if std::env::var_os("DROVER_BENCH_KEEP").is_some() {
+            eprintln!("kept database {} and prefix {}", self.database, self.prefix);
+            return;
+        }
         self.bus.delete_streams().await;
         self.store.pool().close().await;
         if let Ok(admin) = sqlx::PgPool::connect(&self.admin_url).await {

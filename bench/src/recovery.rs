@@ -8,14 +8,14 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use drover_core::{Definition, InstanceId, NodeId};
+use drover_core::{InstanceId, NodeId};
 use drover_store::{COORDINATOR_LEASE, InstanceFilter};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::process::Child;
 use uuid::Uuid;
 
-use crate::env::BenchEnv;
-use crate::quantile;
+use crate::env::{BenchEnv, poll};
+use crate::{Figure, Report, Unit, quantile};
 
 const DEAD_AFTER: Duration = Duration::from_secs(3);
 const LEASE_TTL: Duration = Duration::from_secs(5);
@@ -52,25 +52,11 @@ impl Default for Options {
     }
 }
 
-pub(crate) async fn run(options: &Options) -> anyhow::Result<Value> {
+pub(crate) async fn run(options: &Options) -> anyhow::Result<Report> {
     let env = BenchEnv::new().await?;
     let result = measure(&env, options).await;
     env.cleanup().await;
     result
-}
-
-/// Waits (polling) until `check` holds, or fails after `limit`.
-async fn poll<F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await? {
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
 }
 
 /// Spawns a node and returns it with its id, once registered.
@@ -108,17 +94,21 @@ async fn running(env: &BenchEnv, node: NodeId) -> anyhow::Result<Vec<(InstanceId
         .collect())
 }
 
-async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Value> {
+async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     let mut coordinators = vec![
         node(env, "coordinator").await?,
         node(env, "coordinator").await?,
     ];
     let mut workers = vec![node(env, "worker").await?, node(env, "worker").await?];
-    let def = Definition::parse(LOAD).map_err(|e| anyhow::anyhow!("{e}"))?;
-    env.store
-        .deploy_definition(&def.name, &def.to_json(), LOAD)
-        .await?;
-    crate::throughput::start_instances(env, &def, 1, options.instances).await?;
+    let workflow = env.deploy(LOAD).await?;
+    let campaign = env.default_campaign().await?;
+    env.start(
+        &workflow,
+        (campaign.0, &campaign.1),
+        options.instances,
+        true,
+    )
+    .await?;
 
     eprintln!("killing a busy worker {} times…", options.kills);
     let mut redispatch = Vec::new();
@@ -238,5 +228,47 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Value> {
         ttl,
         "lease TTL",
     );
-    Ok(json!({ "kill_to_redispatch": r, "kill_to_complete": c, "leader_failover": f }))
+    let figure = |name: &str, values: &[f64], q: f64, base: f64, base_name: &str| {
+        Figure::new(name, quantile(values, q), Unit::Millis, base_name, base)
+    };
+    Ok(Report {
+        figures: vec![
+            figure(
+                "kill -9 → orphans re-dispatched, p50",
+                &redispatch,
+                0.5,
+                floor,
+                "dead-node deadline",
+            ),
+            figure(
+                "kill -9 → orphans re-dispatched, p99",
+                &redispatch,
+                0.99,
+                floor,
+                "dead-node deadline",
+            ),
+            figure(
+                "kill -9 → interrupted step completed elsewhere, p50",
+                &complete,
+                0.5,
+                floor,
+                "dead-node deadline",
+            ),
+            figure(
+                "kill -9 → interrupted step completed elsewhere, p99",
+                &complete,
+                0.99,
+                floor,
+                "dead-node deadline",
+            ),
+            figure(
+                "leader kill -9 → new leader, p50",
+                &failover,
+                0.5,
+                ttl,
+                "lease TTL",
+            ),
+        ],
+        json: json!({ "kill_to_redispatch": r, "kill_to_complete": c, "leader_failover": f }),
+    })
 }

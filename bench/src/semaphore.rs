@@ -4,13 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use drover_bus::{Bus, EventKind, InstanceRef, StepJob};
-use drover_core::{CampaignId, Definition, InstanceId, OutboxEvent};
-use drover_store::{NewCampaign, NewInstance, OnErrorPermit, PermitEvent, PermitEventKind};
-use serde_json::{Value, json};
+use drover_core::CampaignId;
+use drover_store::{NewCampaign, OnErrorPermit};
+use serde_json::json;
 
-use crate::env::BenchEnv;
+use crate::env::{BenchEnv, Deployed};
+use crate::{Figure, Quantiles, Report, Unit, baseline};
 
 /// One handler step holding its permit for `vars.ms`.
 const HOLD: &str = r#"
@@ -52,88 +51,23 @@ impl Default for Options {
     }
 }
 
-pub(crate) async fn run(options: &Options) -> anyhow::Result<Value> {
+pub(crate) async fn run(options: &Options) -> anyhow::Result<Report> {
     let env = BenchEnv::new().await?;
     let result = measure(&env, options).await;
     env.cleanup().await;
     result
 }
 
-fn permit_events(bus: &Bus) -> impl Fn(&PermitEvent<'_>) -> OutboxEvent + Send + Sync + '_ {
-    move |e: &PermitEvent<'_>| {
-        let kind = match e.kind {
-            PermitEventKind::Queued => EventKind::Queued,
-            PermitEventKind::Admitted => EventKind::Admitted,
-            PermitEventKind::PermitReleased => EventKind::PermitReleased,
-            PermitEventKind::Stopped => EventKind::Stopped,
-            PermitEventKind::Paused => EventKind::Paused,
-        };
-        let instance = InstanceRef {
-            id: e.instance,
-            campaign: e.campaign,
-            workflow: e.workflow,
-            version: e.version,
-        };
-        bus.event(&instance, kind, e.data.clone())
-    }
-}
-
-/// Creates `n` instances of `def` in `campaign` as the API does (1000 per transaction, a
-/// `started` event each), publishing the READY ones' jobs when `dispatch`. Answers how long
-/// it took and how many queued.
+/// Starts `n` instances of `workflow` in `campaign`: how long it took and how many queued.
 async fn bulk_start(
     env: &BenchEnv,
-    def: &Definition,
-    version: i32,
+    workflow: &Deployed,
     campaign: (CampaignId, &str),
     n: u32,
     dispatch: bool,
 ) -> anyhow::Result<(Duration, usize)> {
-    let events_of = permit_events(&env.bus);
-    let ids: Vec<InstanceId> = (0..n).map(|_| InstanceId::new()).collect();
     let started = Instant::now();
-    let mut queued = 0;
-    for chunk in ids.chunks(1000) {
-        let rows: Vec<NewInstance> = chunk
-            .iter()
-            .map(|id| NewInstance {
-                id: *id,
-                campaign: campaign.0,
-                workflow: def.name.clone(),
-                version,
-                entry_step: def.entry().id.clone(),
-                allow_retry: def.entry().allow_retry,
-                timeout_ms: def.entry().timeout_ms(),
-                vars: Value::Object(def.vars.clone()),
-            })
-            .collect();
-        let events: Vec<OutboxEvent> = chunk
-            .iter()
-            .map(|id| {
-                let r = InstanceRef {
-                    id: *id,
-                    campaign: campaign.1,
-                    workflow: &def.name,
-                    version,
-                };
-                env.bus
-                    .event(&r, EventKind::Started, json!({ "step": def.entry().id }))
-            })
-            .collect();
-        let created = env
-            .store
-            .create_instances(&rows, "bench", &events, &events_of)
-            .await?;
-        queued += created.queued.len();
-        if dispatch {
-            let jobs: Vec<StepJob> = created
-                .ready
-                .iter()
-                .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
-                .collect();
-            env.bus.publish_jobs(&jobs).await?;
-        }
-    }
+    let queued = env.start(workflow, campaign, n, dispatch).await?.queued;
     Ok((started.elapsed(), queued))
 }
 
@@ -150,25 +84,18 @@ async fn campaign(env: &BenchEnv, name: &str, limit: i32) -> anyhow::Result<Camp
         .id)
 }
 
-async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Value> {
-    let def = Definition::parse(HOLD).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let version = env
-        .store
-        .deploy_definition(&def.name, &def.to_json(), HOLD)
-        .await?
-        .version;
-    let default = env
-        .store
-        .campaign_by_name("default")
-        .await?
-        .context("default campaign")?;
+async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
+    eprintln!("measuring the raw one-step latency…");
+    let raw = baseline::step_latency(env, 1000).await?;
+    let workflow = env.deploy(HOLD).await?;
+    let default = env.default_campaign().await?;
 
     // 1. Bulk start, no workers: unlimited beside limited (10 permits, the rest queued).
     let n = options.bulk;
     eprintln!("bulk-starting {n} instances, unlimited then limited…");
-    let (unlimited, _) = bulk_start(env, &def, version, (default.id, "default"), n, false).await?;
+    let (unlimited, _) = bulk_start(env, &workflow, (default.0, &default.1), n, false).await?;
     let bulk = campaign(env, "bulk", 10).await?;
-    let (limited, queued) = bulk_start(env, &def, version, (bulk, "bulk"), n, false).await?;
+    let (limited, queued) = bulk_start(env, &workflow, (bulk, "bulk"), n, false).await?;
     anyhow::ensure!(
         queued == n as usize - 10,
         "{queued} of {n} queued behind 10 permits"
@@ -182,59 +109,20 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Value> {
 
     // 2. Permit hand-over with workers running.
     eprintln!("starting {} worker processes…", options.workers);
-    let mut nodes = vec![env.spawn_node("coordinator")?];
-    for _ in 0..options.workers {
-        nodes.push(env.spawn_worker()?);
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env
-        .store
-        .list_nodes()
-        .await?
-        .iter()
-        .filter(|n| n.status == "alive")
-        .count()
-        < options.workers + 1
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "nodes did not register within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut nodes = env.spawn_nodes("coordinator", 1).await?;
+    nodes.extend(env.spawn_nodes("worker", options.workers).await?);
     let flow = campaign(env, "flow", options.limit).await?;
-    let hold_def = {
-        let source = HOLD.replace("ms: 20", &format!("ms: {}", options.hold_ms));
-        let def = Definition::parse(&source).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let version = env
-            .store
-            .deploy_definition(&def.name, &def.to_json(), &source)
-            .await?
-            .version;
-        (def, version)
-    };
+    let hold = env
+        .deploy(&HOLD.replace("ms: 20", &format!("ms: {}", options.hold_ms)))
+        .await?;
     let m = options.instances;
     eprintln!(
         "running {m} instances through a limit of {} ({} ms each)…",
         options.limit, options.hold_ms
     );
     let started = Instant::now();
-    bulk_start(env, &hold_def.0, hold_def.1, (flow, "flow"), m, true).await?;
-    let limit = Duration::from_secs(600);
-    loop {
-        let (done,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM instance WHERE state = 'completed'")
-                .fetch_one(env.store.pool())
-                .await?;
-        if done >= i64::from(m) {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < limit,
-            "only {done}/{m} completed in {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ids = env.start(&hold, (flow, "flow"), m, true).await?.ids;
+    env.wait_completed(&ids, started).await?;
     let elapsed = started.elapsed();
     drop(nodes);
     let rows: Vec<(Option<f64>,)> = sqlx::query_as(
@@ -247,10 +135,6 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Value> {
     .fetch_all(env.store.pool())
     .await?;
     let handover: Vec<f64> = rows.into_iter().filter_map(|(ms,)| ms).collect();
-    let (p50, p99) = (
-        crate::quantile(&handover, 0.5),
-        crate::quantile(&handover, 0.99),
-    );
     let (max_holders,): (i64,) = sqlx::query_as("SELECT count(*) FROM instance WHERE holds_permit")
         .fetch_one(env.store.pool())
         .await?;
@@ -275,34 +159,83 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Value> {
         limited_rate,
         limited_rate / unlimited_rate
     );
+    let q = Quantiles::of(&handover);
     println!(
-        "{:<62} {:>9.1} ms",
+        "{:<62} {:>9.1} ms {:>6.2}x raw one-step p50 ({:.1} ms)",
         format!(
             "permit freed -> next queued running, p50 ({} hand-overs)",
             handover.len()
         ),
-        p50
+        q.p50,
+        q.p50 / raw.p50,
+        raw.p50
     );
-    println!("{:<62} {:>9.1} ms", "  … p99", p99);
     println!(
-        "{:<62} {:>10.0}/s",
-        format!(
-            "{m} instances through limit {} ({} ms steps), {} workers",
-            options.limit, options.hold_ms, options.workers
-        ),
-        flow_rate
+        "{:<62} {:>9.1} ms {:>6.2}x raw one-step p99 ({:.1} ms)",
+        "  … p99",
+        q.p99,
+        q.p99 / raw.p99,
+        raw.p99
     );
-    Ok(json!({
+    // The limit's ceiling: `limit` permits, each held `hold_ms` per instance.
+    let ceiling = f64::from(options.limit) * 1000.0 / options.hold_ms.max(1) as f64;
+    let through = format!(
+        "{m} instances through limit {} ({} ms steps), {} workers",
+        options.limit, options.hold_ms, options.workers
+    );
+    println!(
+        "{through:<62} {flow_rate:>10.0}/s {:>6.2}x the limit's ceiling ({ceiling:.0}/s)",
+        flow_rate / ceiling
+    );
+    let figures = vec![
+        Figure::new(
+            format!("bulk start into a limit-10 campaign, {n} instances"),
+            limited_rate,
+            Unit::PerSecond,
+            "same start, unlimited campaign",
+            unlimited_rate,
+        ),
+        Figure::new(
+            "permit freed → next queued instance running, p50",
+            q.p50,
+            Unit::Millis,
+            "raw one-step p50",
+            raw.p50,
+        ),
+        Figure::new(
+            "permit freed → next queued instance running, p99",
+            q.p99,
+            Unit::Millis,
+            "raw one-step p99",
+            raw.p99,
+        ),
+        Figure::new(
+            format!(
+                "instances/s through limit {} ({} ms steps)",
+                options.limit, options.hold_ms
+            ),
+            flow_rate,
+            Unit::PerSecond,
+            "limit × 1/step time",
+            ceiling,
+        ),
+    ];
+    Ok(Report {
+        figures,
+        json: json!({
+        "raw_step_latency": raw.to_json(),
         "bulk": n,
         "bulk_unlimited_per_s": unlimited_rate,
         "bulk_limited_per_s": limited_rate,
-        "handover_ms_p50": p50,
-        "handover_ms_p99": p99,
+        "handover_ms_p50": q.p50,
+        "handover_ms_p99": q.p99,
         "handovers": handover.len(),
         "limit": options.limit,
         "hold_ms": options.hold_ms,
         "instances": m,
         "workers": options.workers,
         "instances_per_s": flow_rate,
-    }))
+        "limit_ceiling_per_s": ceiling,
+        }),
+    })
 }
