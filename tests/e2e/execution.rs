@@ -252,6 +252,20 @@ steps:
         .fetch_one(env.store.pool())
         .await?;
     assert_eq!(y_ok, 2000);
+    // Each instance went on to its next steps on the node that ran its first one (claimed in
+    // the commit), and the starts spread over both workers.
+    let (moved, nodes): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE n > 1), (SELECT count(DISTINCT node_id) FROM journal)
+         FROM (SELECT count(DISTINCT node_id) AS n FROM journal WHERE step_seq > 0
+               GROUP BY instance_id) per_instance",
+    )
+    .fetch_one(env.store.pool())
+    .await?;
+    assert_eq!(
+        (moved, nodes),
+        (0, 2),
+        "instances that changed node; nodes that ran steps"
+    );
     env.cleanup().await;
     Ok(())
 }

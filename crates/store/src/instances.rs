@@ -407,29 +407,7 @@ impl Store {
         let ids: Vec<Uuid> = jobs.iter().map(|j| j.instance.0).collect();
         let seqs: Vec<i64> = jobs.iter().map(|j| j.step_seq.0).collect();
         let fences: Vec<i64> = jobs.iter().map(|j| j.fence.0).collect();
-        #[derive(sqlx::FromRow)]
-        struct Row {
-            id: Uuid,
-            workflow: String,
-            version: i32,
-            campaign: String,
-            current_step: String,
-            step_seq: i64,
-            step_entered_seq: i64,
-            step_attempt: i32,
-            fence: i64,
-            step_claims: i32,
-            steps_run: i32,
-            vars: Value,
-            outputs: Value,
-            created_at: DateTime<Utc>,
-            claimed_at: DateTime<Utc>,
-            wait_deadline: Option<DateTime<Utc>>,
-            wait_child: Option<Uuid>,
-            parent_instance_id: Option<Uuid>,
-            call_depth: i32,
-        }
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows: Vec<ClaimRow> = sqlx::query_as(
             "UPDATE instance i
                 SET state = 'running', owner_node = $1, claimed_at = clock_timestamp(),
                     fence = i.fence + 1, step_claims = i.step_claims + 1,
@@ -457,30 +435,7 @@ impl Store {
         .bind(&fences)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| Claimed {
-                id: InstanceId(r.id),
-                workflow: r.workflow,
-                version: r.version,
-                campaign: r.campaign,
-                current_step: r.current_step,
-                step_seq: StepSeq(r.step_seq),
-                step_entered_seq: StepSeq(r.step_entered_seq),
-                step_attempt: r.step_attempt,
-                fence: Fence(r.fence),
-                step_claims: r.step_claims,
-                steps_run: r.steps_run,
-                vars: r.vars,
-                outputs: r.outputs,
-                created_at: r.created_at,
-                claimed_at: r.claimed_at,
-                wait_deadline: r.wait_deadline,
-                wait_child: r.wait_child.map(InstanceId),
-                parent: r.parent_instance_id.map(InstanceId),
-                call_depth: r.call_depth,
-            })
-            .collect())
+        Ok(rows.into_iter().map(ClaimRow::into_claimed).collect())
     }
 
     /// Group-commits a batch of step completions by `node` (one fsync for the batch).
@@ -535,10 +490,39 @@ impl Store {
         completions: &[Completion],
         permit_events: &dyn PermitEvents,
     ) -> Result<GroupCommit> {
+        self.group_commit(node, completions, permit_events, false)
+            .await
+    }
+
+    /// [`Store::commit_waking`], where each completion that moves on to its next step and
+    /// would be READY is claimed again by `node` in the same statement (RUNNING, fence + 1,
+    /// exactly as [`Store::claim`] would, and only while `node` is alive): the worker runs
+    /// that step at once, without a job round trip through NATS or a claim statement. Those
+    /// instances are in [`GroupCommit::continued`]; nobody else is sent their job. A node
+    /// that dies before committing such a step leaves it RUNNING under a dead owner, as any
+    /// claim does, for recovery.
+    pub async fn commit_continuing(
+        &self,
+        node: NodeId,
+        completions: &[Completion],
+        permit_events: &dyn PermitEvents,
+    ) -> Result<GroupCommit> {
+        self.group_commit(node, completions, permit_events, true)
+            .await
+    }
+
+    async fn group_commit(
+        &self,
+        node: NodeId,
+        completions: &[Completion],
+        permit_events: &dyn PermitEvents,
+        continuing: bool,
+    ) -> Result<GroupCommit> {
         if completions.is_empty() {
             return Ok(GroupCommit {
                 results: Vec::new(),
                 ready: Vec::new(),
+                continued: Vec::new(),
             });
         }
         let rows = completion_rows(completions);
@@ -546,6 +530,7 @@ impl Store {
             .bind(Value::Array(rows.clone()))
             .bind(node.0)
             .bind(false)
+            .bind(continuing)
             .fetch_all(&self.pool)
             .await?;
         if results.len() != completions.len() {
@@ -566,7 +551,14 @@ impl Store {
         let mut admitted = Vec::new();
         if !deferred.is_empty() {
             let (second, also) = self
-                .commit_with_permits(node, completions, &rows, &deferred, permit_events)
+                .commit_with_permits(
+                    node,
+                    completions,
+                    &rows,
+                    &deferred,
+                    permit_events,
+                    continuing,
+                )
                 .await?;
             for row in second {
                 let slot = usize::try_from(row.idx)
@@ -581,8 +573,9 @@ impl Store {
         }
 
         let mut ready = Vec::new();
+        let mut continued = Vec::new();
         let mut commits = Vec::with_capacity(results.len());
-        for (row, completion) in results.into_iter().zip(completions) {
+        for (idx, (row, completion)) in results.into_iter().zip(completions).enumerate() {
             commits.push(match (row.committed, row.existed) {
                 (true, _) => Commit::Committed,
                 (false, true) => Commit::AlreadyCommitted,
@@ -590,6 +583,9 @@ impl Store {
             });
             if !row.committed {
                 continue;
+            }
+            if let Some(claimed) = row.continued {
+                continued.push((idx, claimed.0.into_claimed()));
             }
             if let Some(child) = row.child_id {
                 ready.push(ClaimRequest {
@@ -623,6 +619,7 @@ impl Store {
         Ok(GroupCommit {
             results: commits,
             ready,
+            continued,
         })
     }
 
@@ -637,6 +634,7 @@ impl Store {
         rows: &[Value],
         deferred: &[usize],
         permit_events: &dyn PermitEvents,
+        continuing: bool,
     ) -> Result<(Vec<CommitRow>, Vec<Admitted>)> {
         let mut ids: Vec<Uuid> = deferred
             .iter()
@@ -669,6 +667,7 @@ impl Store {
             .bind(Value::Array(rows))
             .bind(node.0)
             .bind(true)
+            .bind(continuing)
             .fetch_all(&mut *tx)
             .await?;
         let mut released = Vec::new();
@@ -923,6 +922,56 @@ fn completion_rows(completions: &[Completion]) -> Vec<Value> {
 }
 
 /// What the commit statement answers per completion.
+/// A claimed instance as a claim (or a commit that continues it) returns it.
+#[derive(sqlx::FromRow, serde::Deserialize)]
+struct ClaimRow {
+    id: Uuid,
+    workflow: String,
+    version: i32,
+    campaign: String,
+    current_step: String,
+    step_seq: i64,
+    step_entered_seq: i64,
+    step_attempt: i32,
+    fence: i64,
+    step_claims: i32,
+    steps_run: i32,
+    vars: Value,
+    outputs: Value,
+    created_at: DateTime<Utc>,
+    claimed_at: DateTime<Utc>,
+    wait_deadline: Option<DateTime<Utc>>,
+    wait_child: Option<Uuid>,
+    parent_instance_id: Option<Uuid>,
+    call_depth: i32,
+}
+
+impl ClaimRow {
+    fn into_claimed(self) -> Claimed {
+        Claimed {
+            id: InstanceId(self.id),
+            workflow: self.workflow,
+            version: self.version,
+            campaign: self.campaign,
+            current_step: self.current_step,
+            step_seq: StepSeq(self.step_seq),
+            step_entered_seq: StepSeq(self.step_entered_seq),
+            step_attempt: self.step_attempt,
+            fence: Fence(self.fence),
+            step_claims: self.step_claims,
+            steps_run: self.steps_run,
+            vars: self.vars,
+            outputs: self.outputs,
+            created_at: self.created_at,
+            claimed_at: self.claimed_at,
+            wait_deadline: self.wait_deadline,
+            wait_child: self.wait_child.map(InstanceId),
+            parent: self.parent_instance_id.map(InstanceId),
+            call_depth: self.call_depth,
+        }
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct CommitRow {
     idx: i32,
@@ -939,6 +988,9 @@ struct CommitRow {
     parent_id: Option<Uuid>,
     parent_seq: Option<i64>,
     parent_fence: Option<i64>,
+    /// The instance claimed again by the committing node for its next step (see
+    /// [`Store::commit_continuing`]).
+    continued: Option<sqlx::types::Json<ClaimRow>>,
 }
 
 /// Does a completion's wait end at once? It waits for an event that was delivered while the
@@ -981,6 +1033,19 @@ macro_rules! final_state {
     };
 }
 
+/// Does the committing node claim the instance again at once for its next step? Only when
+/// asked (`$4`, [`Store::commit_continuing`]), for a plain move to the next step that would
+/// leave it READY, and while the node is alive (as a claim requires).
+macro_rules! continues {
+    () => {
+        concat!(
+            "($4 AND c.next_step IS NOT NULL AND NOT c.retry AND NOT c.wait AND t.alive AND ",
+            final_state!(),
+            " = 'ready')"
+        )
+    };
+}
+
 /// Does the instance give its permit back? It finishes, or goes IN_ERROR in a campaign whose
 /// `on_error_permit` is `release`. (`$state` is the state it ends up in.)
 macro_rules! gives_back {
@@ -998,7 +1063,8 @@ macro_rules! gives_back {
 }
 
 /// The group commit (see [`Store::commit_waking`]): `$1` the completions as JSON, `$2` the
-/// node, `$3` whether permits may change.
+/// node, `$3` whether permits may change, `$4` whether the node continues instances on
+/// their next step ([`Store::commit_continuing`]).
 ///
 /// With `$3` false (the fast path, autocommit) a completion that would release a permit or
 /// honour an operator's stop or pause request is left alone (not committed, not existed):
@@ -1022,14 +1088,27 @@ const COMMIT: &str = concat!(
             child_entry text, child_allow_retry bool, child_timeout_ms bigint,
             child_vars jsonb)
      ), t AS (
-        SELECT clock_timestamp() AS now
+        SELECT clock_timestamp() AS now,
+               EXISTS (SELECT 1 FROM node WHERE id = $2 AND status = 'alive') AS alive
      ), upd AS (
         UPDATE instance i SET
-            state = ",
+            state = CASE WHEN ",
+    continues!(),
+    " THEN 'running' ELSE ",
     final_state!(),
+    " END,
+            owner_node = CASE WHEN ",
+    continues!(),
+    " THEN $2 END,
+            claimed_at = CASE WHEN ",
+    continues!(),
+    " THEN t.now END,
+            fence = i.fence + CASE WHEN ",
+    continues!(),
+    " THEN 1 ELSE 0 END,
+            signal_pending = i.signal_pending AND NOT ",
+    continues!(),
     ",
-            owner_node = NULL,
-            claimed_at = NULL,
             step_seq = i.step_seq + 1,
             current_step = coalesce(c.next_step, i.current_step),
             step_entered_seq = CASE WHEN c.next_step IS NOT NULL THEN i.step_seq + 1
@@ -1037,10 +1116,15 @@ const COMMIT: &str = concat!(
             step_attempt = CASE WHEN c.retry THEN i.step_attempt + 1
                                 WHEN c.next_step IS NOT NULL THEN 1
                                 ELSE i.step_attempt END,
-            step_claims = 0,
+            step_claims = CASE WHEN ",
+    continues!(),
+    " THEN 1 ELSE 0 END,
             step_retryable = coalesce(c.allow_retry, i.step_retryable),
             step_timeout_ms = coalesce(c.timeout_ms, i.step_timeout_ms),
-            run_deadline = NULL,
+            run_deadline = CASE WHEN ",
+    continues!(),
+    " THEN t.now + (coalesce(c.timeout_ms, i.step_timeout_ms) + 30000)
+                                       * interval '1 millisecond' END,
             steps_run = i.steps_run + CASE WHEN c.retry OR c.wait THEN 0 ELSE 1 END,
             vars = coalesce(c.vars, i.vars),
             outputs = CASE WHEN c.output IS NULL THEN i.outputs
@@ -1048,7 +1132,9 @@ const COMMIT: &str = concat!(
             error = c.error,
             ready_at = CASE WHEN ",
     final_state!(),
-    " <> 'ready' THEN NULL
+    " <> 'ready' OR ",
+    continues!(),
+    " THEN NULL
                             WHEN ",
     wait_ends_at_once!(),
     " THEN t.now
@@ -1104,7 +1190,17 @@ const COMMIT: &str = concat!(
     ")))
         RETURNING c.idx, i.id, i.state, i.step_seq, i.fence, i.campaign_id, i.call_depth,
                   i.parent_instance_id, i.wake_at, i.wait_child, i.current_step,
-                  i.holds_permit, i.stop_requested_by, i.paused_by
+                  i.holds_permit, i.stop_requested_by, i.paused_by,
+                  CASE WHEN i.state = 'running' THEN jsonb_build_object(
+                      'id', i.id, 'workflow', i.workflow, 'version', i.version,
+                      'campaign', (SELECT name FROM campaign WHERE id = i.campaign_id),
+                      'current_step', i.current_step, 'step_seq', i.step_seq,
+                      'step_entered_seq', i.step_entered_seq, 'step_attempt', i.step_attempt,
+                      'fence', i.fence, 'step_claims', i.step_claims, 'steps_run', i.steps_run,
+                      'vars', i.vars, 'outputs', i.outputs, 'created_at', i.created_at,
+                      'claimed_at', i.claimed_at, 'wait_deadline', i.wait_deadline,
+                      'wait_child', i.wait_child, 'parent_instance_id', i.parent_instance_id,
+                      'call_depth', i.call_depth) END AS continued
      ), j AS (
         INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                              attempt, node_id, actor, started_at, finished_at, output, error)
@@ -1192,7 +1288,8 @@ const COMMIT: &str = concat!(
             upd.state, upd.step_seq, upd.fence, upd.current_step, upd.holds_permit,
             upd.stop_requested_by, upd.paused_by,
             child.id AS child_id,
-            pw.id AS parent_id, pw.step_seq AS parent_seq, pw.fence AS parent_fence
+            pw.id AS parent_id, pw.step_seq AS parent_seq, pw.fence AS parent_fence,
+            upd.continued
      FROM c LEFT JOIN upd ON upd.idx = c.idx
             -- Probed by primary key for the completions that did not commit only: a lateral
             -- LIMIT 1 cannot be turned into a hash of the whole journal (which the planner

@@ -147,7 +147,7 @@ pub struct ClaimRequest {
 }
 
 /// A claimed instance: everything a worker needs to run its current step.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claimed {
     pub id: InstanceId,
     pub workflow: String,
@@ -271,6 +271,10 @@ pub struct GroupCommit {
     /// started, parents woken by a finished child, and waits that found their event had
     /// arrived already.
     pub ready: Vec<ClaimRequest>,
+    /// Instances the committing node claimed again for their next step
+    /// ([`Store::commit_continuing`](crate::Store::commit_continuing)), each with the index
+    /// of its completion.
+    pub continued: Vec<(usize, Claimed)>,
 }
 
 /// What became of one completion in a group commit.

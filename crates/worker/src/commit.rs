@@ -1,6 +1,7 @@
 //! Group commit: completions from many steps go to Postgres in one statement, then the next
 //! jobs are published (pipelined), then the consumed messages are acked.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,17 +11,18 @@ use async_nats::jetstream::Message;
 use backon::{ExponentialBuilder, Retryable};
 use drover_bus::{Bus, StepJob};
 use drover_core::{InstanceState, NodeId};
-use drover_store::{ClaimRequest, Commit, Completion, Store, Transition};
+use drover_store::{ClaimRequest, Claimed, Commit, Completion, Store, Transition};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::{WorkerStats, ack};
+use crate::{Runner, WorkerStats, ack};
 
 /// A finished step on its way to the database.
 pub(crate) struct Done {
     pub(crate) completion: Completion,
-    pub(crate) msg: Message,
+    /// The job message the step came from; `None` for a step its node continued at commit.
+    pub(crate) msg: Option<Message>,
     /// Held until the checkpoint is committed: bounds work in flight.
     pub(crate) permit: OwnedSemaphorePermit,
 }
@@ -54,6 +56,11 @@ pub(crate) struct Committer {
     /// Tracks publishes after commit, and delayed retry publishes (those are cancelled at
     /// shutdown; the sweeper re-dispatches).
     pub(crate) delayed: TaskTracker,
+    /// Starts the next step of the instances this node continues at commit.
+    pub(crate) runner: Runner,
+    /// Where continued steps report; weak, so the committer does not keep the channel open
+    /// once the worker drains.
+    pub(crate) done_tx: mpsc::WeakSender<Done>,
 }
 
 impl Committer {
@@ -82,41 +89,63 @@ impl Committer {
 
     async fn commit_batch(&self, batch: Vec<Done>, shutdown: &CancellationToken) {
         let completions: Vec<Completion> = batch.iter().map(|d| d.completion.clone()).collect();
-        let (results, also_ready) =
-            match with_retries(|| self.store.commit_waking(self.node, &completions, &self.bus))
-                .await
-            {
-                Ok(done) => (done.results, done.ready),
-                Err(err) if !err.is_transient() => {
-                    // One bad completion (say, a value Postgres refuses) must not sink the
-                    // batch: commit one by one, and turn what still fails into an in_error
-                    // checkpoint.
-                    tracing::warn!(%err, "group commit refused; committing one by one");
-                    let mut results = Vec::with_capacity(completions.len());
-                    let mut ready = Vec::new();
-                    for completion in &completions {
-                        let (result, also) = self.commit_alone(completion).await;
-                        results.push(result);
-                        ready.extend(also);
-                    }
-                    (results, ready)
+        // Instances going on to their next step stay on this node, claimed in the commit
+        // itself: no job round trip through NATS, no claim statement. Not while draining.
+        let done_tx = if shutdown.is_cancelled() {
+            None
+        } else {
+            self.done_tx.upgrade()
+        };
+        let continuing = done_tx.is_some();
+        let (results, also_ready, continued) = match with_retries(|| async {
+            if continuing {
+                self.store
+                    .commit_continuing(self.node, &completions, &self.bus)
+                    .await
+            } else {
+                self.store
+                    .commit_waking(self.node, &completions, &self.bus)
+                    .await
+            }
+        })
+        .await
+        {
+            Ok(done) => (done.results, done.ready, done.continued),
+            Err(err) if !err.is_transient() => {
+                // One bad completion (say, a value Postgres refuses) must not sink the
+                // batch: commit one by one, and turn what still fails into an in_error
+                // checkpoint.
+                tracing::warn!(%err, "group commit refused; committing one by one");
+                let mut results = Vec::with_capacity(completions.len());
+                let mut ready = Vec::new();
+                for completion in &completions {
+                    let (result, also) = self.commit_alone(completion).await;
+                    results.push(result);
+                    ready.extend(also);
                 }
-                Err(err) => {
-                    tracing::error!(%err, "group commit failed; steps will be recovered");
-                    for done in &batch {
-                        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        crate::nak(&done.msg).await;
+                (results, ready, Vec::new())
+            }
+            Err(err) => {
+                tracing::error!(%err, "group commit failed; steps will be recovered");
+                for done in &batch {
+                    self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    if let Some(msg) = &done.msg {
+                        crate::nak(msg).await;
                     }
-                    return;
                 }
-            };
+                return;
+            }
+        };
 
         // Children started, parents woken, waits that ended at once.
         let mut next_jobs: Vec<StepJob> = also_ready
             .iter()
             .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
             .collect();
-        for (done, result) in batch.iter().zip(&results) {
+        let mut continued: HashMap<usize, Claimed> = continued.into_iter().collect();
+        let mut finished = Vec::with_capacity(batch.len());
+        for (idx, (done, result)) in batch.into_iter().zip(&results).enumerate() {
+            let mut permit = Some(done.permit);
             match result {
                 Commit::Committed => {
                     self.stats.committed.fetch_add(1, Ordering::Relaxed);
@@ -124,7 +153,22 @@ impl Committer {
                     let c = &done.completion;
                     let job = StepJob::new(c.instance, c.step_seq.next(), c.fence);
                     match &c.transition {
-                        Transition::Next { .. } => next_jobs.push(job),
+                        Transition::Next { .. } => match (continued.remove(&idx), &done_tx) {
+                            // Its permit carries over to its next step.
+                            (Some(claimed), Some(tx)) => {
+                                if let Some(permit) = permit.take() {
+                                    self.stats.continued.fetch_add(1, Ordering::Relaxed);
+                                    metrics::counter!("drover_worker_steps_continued_total")
+                                        .increment(1);
+                                    self.runner.start(claimed, None, permit, tx.clone());
+                                }
+                            }
+                            (Some(_), None) => tracing::error!(
+                                instance.id = %c.instance,
+                                "invariant: a continued instance without a committer channel; left for recovery"
+                            ),
+                            (None, _) => next_jobs.push(job),
+                        },
                         Transition::Retry { delay_ms } if *delay_ms == 0 => next_jobs.push(job),
                         Transition::Retry { delay_ms } => {
                             self.publish_later(job, *delay_ms, shutdown)
@@ -144,6 +188,7 @@ impl Committer {
                     );
                 }
             }
+            finished.push((done.msg, permit));
         }
         self.relay_wakeup.notify_one();
         // Publish, then ack, off the commit loop: the next group commit need not wait for
@@ -158,10 +203,12 @@ impl Committer {
                 // Committed READY rows are re-dispatched by the stale-READY sweeper.
                 tracing::warn!(%err, "publishing next jobs failed; the sweeper will re-dispatch");
             }
-            for done in batch {
+            for (msg, permit) in finished {
                 stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                ack(&done.msg).await;
-                drop(done.permit);
+                if let Some(msg) = msg {
+                    ack(&msg).await;
+                }
+                drop(permit);
             }
         });
     }

@@ -1,6 +1,11 @@
 //! The worker role: pulls step jobs, claims their instances in batches, runs the steps,
 //! group-commits the checkpoints, publishes the next jobs, then acks.
 //!
+//! An instance moving on to its next step is claimed again by its node in that commit (unless
+//! the node is draining, or an operator asked it to stop or pause) and runs on here at once:
+//! no job round trip through NATS, no claim statement. Jobs go through NATS for new, woken,
+//! retried, admitted and recovered instances.
+//!
 //! Checkpoint, then publish, then ack: a crash anywhere in between leaves the instance either
 //! at its old checkpoint (the job is redelivered or recovered) or at its new one (the next job
 //! is published again by the stale-READY sweeper). A stale or duplicate delivery fails its
@@ -62,6 +67,8 @@ impl Default for WorkerConfig {
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     pub claimed: AtomicU64,
+    /// Instances claimed again by this node in the commit of their previous step.
+    pub continued: AtomicU64,
     pub committed: AtomicU64,
     /// Deliveries whose claim found the instance moved on (acked and dropped).
     pub stale: AtomicU64,
@@ -164,6 +171,13 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let tasks = TaskTracker::new();
         let (done_tx, done_rx) = mpsc::channel::<Done>(self.config.concurrency.max(1));
+        let runner = Runner {
+            ctx: Arc::clone(&self.ctx),
+            store: self.store.clone(),
+            definitions: Arc::clone(&self.definitions),
+            stats: Arc::clone(&self.stats),
+            tasks: tasks.clone(),
+        };
         let committer = Committer {
             node: self.node,
             store: self.store.clone(),
@@ -172,6 +186,8 @@ impl Worker {
             stats: Arc::clone(&self.stats),
             relay_wakeup: Arc::clone(&self.relay_wakeup),
             delayed: tasks.clone(),
+            runner: runner.clone(),
+            done_tx: done_tx.downgrade(),
         };
         let committer = tokio::spawn(committer.run(done_rx, shutdown.clone()));
         tracing::info!(node.id = %self.node, "worker pulling jobs");
@@ -209,7 +225,7 @@ impl Worker {
                     permit.expect("invariant: the semaphore is never closed")
                 }
             };
-            self.dispatch(batch, permit, &tasks, &done_tx).await;
+            self.dispatch(batch, permit, &runner, &done_tx).await;
         }
 
         // Drain: no new jobs; let in-flight steps finish and commit within the grace period.
@@ -236,7 +252,7 @@ impl Worker {
         &self,
         batch: Vec<Message>,
         mut permit: OwnedSemaphorePermit,
-        tasks: &TaskTracker,
+        runner: &Runner,
         done_tx: &mpsc::Sender<Done>,
     ) {
         let limit = self.ctx.bus.config().max_job_bytes;
@@ -289,16 +305,7 @@ impl Worker {
                 nak(&msg).await;
                 continue;
             };
-            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-            tasks.spawn(run_one(
-                Arc::clone(&self.ctx),
-                self.store.clone(),
-                Arc::clone(&self.definitions),
-                claimed,
-                msg,
-                step_permit,
-                done_tx.clone(),
-            ));
+            runner.start(claimed, Some(msg), step_permit, done_tx.clone());
         }
     }
 }
@@ -341,6 +348,40 @@ async fn load_definition(
     Ok(def)
 }
 
+/// Starts claimed steps: the pull loop for the jobs it claims, the committer for the
+/// instances it continues on their next step.
+#[derive(Clone)]
+pub(crate) struct Runner {
+    ctx: Arc<StepContext>,
+    store: Store,
+    definitions: DefinitionCache,
+    stats: Arc<WorkerStats>,
+    tasks: TaskTracker,
+}
+
+impl Runner {
+    /// Runs `claimed`'s current step in a tracked task holding `permit`; `msg` is the job it
+    /// came from, if any.
+    pub(crate) fn start(
+        &self,
+        claimed: Claimed,
+        msg: Option<Message>,
+        permit: OwnedSemaphorePermit,
+        done_tx: mpsc::Sender<Done>,
+    ) {
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.tasks.spawn(run_one(
+            Arc::clone(&self.ctx),
+            self.store.clone(),
+            Arc::clone(&self.definitions),
+            claimed,
+            msg,
+            permit,
+            done_tx,
+        ));
+    }
+}
+
 /// Runs one claimed step, sending progress acks while it takes long, and hands the result to
 /// the committer.
 async fn run_one(
@@ -348,7 +389,7 @@ async fn run_one(
     store: Store,
     definitions: DefinitionCache,
     claimed: Claimed,
-    msg: Message,
+    msg: Option<Message>,
     permit: OwnedSemaphorePermit,
     done_tx: mpsc::Sender<Done>,
 ) {
@@ -367,7 +408,9 @@ async fn run_one(
                     tokio::select! {
                         completion = &mut step => break completion,
                         _ = ticker.tick() => {
-                            if let Err(err) = msg.ack_with(AckKind::Progress).await {
+                            if let Some(msg) = &msg
+                                && let Err(err) = msg.ack_with(AckKind::Progress).await
+                            {
                                 tracing::warn!(%err, "progress ack failed");
                             }
                         }

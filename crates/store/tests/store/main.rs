@@ -1,6 +1,8 @@
 //! Storage tests on real Postgres (`#[sqlx::test]`: a fresh database per test; set
 //! `DATABASE_URL`). One test binary for the crate.
 
+mod continuing;
 mod lifecycle;
 mod semaphore;
+mod support;
 mod waiting;

@@ -1,0 +1,164 @@
+//! A node continuing an instance on its next step in the group commit itself
+//! (`Store::commit_continuing`), on real Postgres.
+
+use drover_core::{Fence, InstanceState, StepSeq};
+use drover_store::{Commit, LifecycleAction, LifecycleChange, Transition};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::support::*;
+
+fn next(step: &str) -> Transition {
+    Transition::Next {
+        step: step.to_owned(),
+        allow_retry: false,
+        timeout_ms: 1_000,
+    }
+}
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn a_continuing_commit_claims_the_next_step_for_its_node_as_a_claim_would(pool: PgPool) {
+    let (store, node) = setup(pool.clone()).await;
+    let id = start(&store, "parent").await;
+    let first = claim(&store, node, job(id, 0, 0)).await;
+    let mut done = completion(&first, "completed", next("b"));
+    done.vars = Some(json!({ "x": 1 }));
+    done.output = Some(json!({ "ok": true }));
+
+    let commit = store
+        .commit_continuing(node, &[done], &permits)
+        .await
+        .expect("commits");
+    assert_eq!(commit.results, vec![Commit::Committed]);
+    assert!(commit.ready.is_empty(), "{:?}", commit.ready);
+    let [(0, second)] = commit.continued.as_slice() else {
+        panic!("continued: {:?}", commit.continued);
+    };
+    assert_eq!(second.id, id);
+    assert_eq!(second.current_step, "b");
+    assert_eq!(second.step_seq, StepSeq(1));
+    assert_eq!(second.step_entered_seq, StepSeq(1));
+    assert_eq!(second.step_attempt, 1);
+    assert_eq!(
+        second.fence,
+        Fence(first.fence.0 + 1),
+        "the claim bumps the fence"
+    );
+    assert_eq!(
+        second.step_claims, 1,
+        "claimed once: a non-retryable step may run"
+    );
+    assert_eq!(second.campaign, first.campaign);
+    assert_eq!(second.vars, json!({ "x": 1 }));
+    assert_eq!(second.outputs, json!({ "a": { "ok": true } }));
+    assert_eq!(
+        state(&store, id).await,
+        (InstanceState::Running, StepSeq(1))
+    );
+    let (owner, deadline_set): (Option<uuid::Uuid>, bool) =
+        sqlx::query_as("SELECT owner_node, run_deadline > claimed_at FROM instance WHERE id = $1")
+            .bind(id.0)
+            .fetch_one(&pool)
+            .await
+            .expect("reads");
+    assert_eq!(owner, Some(node.0));
+    assert!(
+        deadline_set,
+        "recovery finds it overdue like any claimed step"
+    );
+
+    // The job a plain commit would have published is stale: nobody else claims the step.
+    let other = drover_core::NodeId::new();
+    store
+        .register_node(other, &["worker".to_owned()], "test", "0")
+        .await
+        .expect("register");
+    for fence in [first.fence.0, second.fence.0] {
+        let stolen = store
+            .claim(other, &[job(id, 1, fence)])
+            .await
+            .expect("claim");
+        assert!(stolen.is_empty(), "claimed by another node: {stolen:?}");
+    }
+    // Its commit is fenced like any claim's: the old fence no longer writes.
+    let stale = completion(&first, "completed", next("b"));
+    let results = store
+        .commit(node, &[stale], &permits)
+        .await
+        .expect("commit");
+    assert_ne!(results, vec![Commit::Committed]);
+    let end = Transition::Stop {
+        state: InstanceState::Completed,
+    };
+    let results = store
+        .commit_continuing(node, &[completion(second, "completed", end)], &permits)
+        .await
+        .expect("commits");
+    assert_eq!(results.results, vec![Commit::Committed]);
+    assert!(results.continued.is_empty());
+    assert_eq!(
+        state(&store, id).await,
+        (InstanceState::Completed, StepSeq(2))
+    );
+    assert_eq!(journal_row(&store, id, 1).await.1, "b");
+    assert_eq!(journal_row(&store, id, 2).await.1, "completed");
+}
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn only_a_plain_next_step_on_a_live_node_without_requests_is_continued(pool: PgPool) {
+    let (store, node) = setup(pool).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(start(&store, "parent").await);
+    }
+    let mut claimed = Vec::new();
+    for &id in &ids {
+        claimed.push(claim(&store, node, job(id, 0, 0)).await);
+    }
+    // An operator asks the third to pause once its step finishes.
+    let no_changes = |_: &LifecycleChange| Vec::new();
+    store
+        .apply_lifecycle(
+            LifecycleAction::Pause,
+            &ids[2..3],
+            "ada",
+            &no_changes,
+            &permits,
+        )
+        .await
+        .expect("asks");
+    let completions = [
+        completion(&claimed[0], "retry", Transition::Retry { delay_ms: 0 }),
+        completion(&claimed[1], "waiting", wait(Some(60_000), None)),
+        completion(&claimed[2], "completed", next("b")),
+    ];
+    let commit = store
+        .commit_continuing(node, &completions, &permits)
+        .await
+        .expect("commits");
+    assert_eq!(commit.results, vec![Commit::Committed; 3]);
+    assert!(commit.continued.is_empty(), "{:?}", commit.continued);
+    assert_eq!(state(&store, ids[0]).await.0, InstanceState::Ready);
+    assert_eq!(state(&store, ids[1]).await.0, InstanceState::Waiting);
+    assert_eq!(state(&store, ids[2]).await.0, InstanceState::Paused);
+
+    // A draining node finishes its steps but claims nothing more.
+    store
+        .set_node_status(node, "draining")
+        .await
+        .expect("drains");
+    let commit = store
+        .commit_continuing(
+            node,
+            &[completion(&claimed[3], "completed", next("b"))],
+            &permits,
+        )
+        .await
+        .expect("commits");
+    assert_eq!(commit.results, vec![Commit::Committed]);
+    assert!(commit.continued.is_empty(), "{:?}", commit.continued);
+    assert_eq!(
+        state(&store, ids[3]).await,
+        (InstanceState::Ready, StepSeq(1))
+    );
+}
