@@ -12,7 +12,8 @@ use backon::{ExponentialBuilder, Retryable};
 use drover_bus::{Bus, StepJob};
 use drover_core::{InstanceState, NodeId};
 use drover_store::{ClaimRequest, Claimed, Commit, Completion, Store, Transition};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -46,6 +47,9 @@ where
     .await
 }
 
+/// Group commits on their way to Postgres at once, per node.
+const COMMITS_IN_FLIGHT: usize = 2;
+
 pub(crate) struct Committer {
     pub(crate) node: NodeId,
     pub(crate) store: Store,
@@ -64,26 +68,44 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    /// Commits until every sender is gone (the worker has drained).
+    /// Commits until every sender is gone (the worker has drained). Up to
+    /// [`COMMITS_IN_FLIGHT`] group commits run at once: a step that finishes while one is on
+    /// its way to Postgres goes out in the next without waiting for it. (Each instance has
+    /// one step, so one completion, in flight at a time: concurrent commits touch disjoint
+    /// instance rows.)
     pub(crate) async fn run(
         self,
         mut rx: mpsc::Receiver<Done>,
         shutdown: CancellationToken,
     ) -> crate::Result<()> {
-        let mut batch: Vec<Done> = Vec::with_capacity(self.batch_size);
+        let this = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(COMMITS_IN_FLIGHT));
+        let mut commits = JoinSet::new();
         while let Some(first) = rx.recv().await {
+            let slot = Arc::clone(&slots)
+                .acquire_owned()
+                .await
+                .expect("invariant: the semaphore is never closed");
+            // Gathered once a slot is free, so a busy node still commits big batches.
+            let mut batch: Vec<Done> = Vec::with_capacity(this.batch_size);
             batch.push(first);
-            while batch.len() < self.batch_size {
+            while batch.len() < this.batch_size {
                 match rx.try_recv() {
                     Ok(done) => batch.push(done),
                     Err(_) => break,
                 }
             }
-            self.commit_batch(std::mem::take(&mut batch), &shutdown)
-                .await;
+            let committer = Arc::clone(&this);
+            let shutdown = shutdown.clone();
+            commits.spawn(async move {
+                committer.commit_batch(batch, &shutdown).await;
+                drop(slot);
+            });
+            while commits.try_join_next().is_some() {}
         }
-        self.delayed.close();
-        self.delayed.wait().await;
+        while commits.join_next().await.is_some() {}
+        this.delayed.close();
+        this.delayed.wait().await;
         Ok(())
     }
 
