@@ -28,19 +28,7 @@ fn permits(e: &PermitEvent<'_>) -> OutboxEvent {
 }
 
 async fn setup(pool: PgPool) -> (Store, NodeId) {
-    let store = Store::from_pool(pool);
-    for name in ["job", "child"] {
-        store
-            .deploy_definition(name, &json!({ "name": name }), name)
-            .await
-            .expect("deploy");
-    }
-    let node = NodeId::new();
-    store
-        .register_node(node, &["worker".to_owned()], "test", "0")
-        .await
-        .expect("register");
-    (store, node)
+    crate::support::setup_with(pool, &["job", "child"]).await
 }
 
 async fn campaign(

@@ -10,9 +10,15 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+/// A store with workflows `parent` and `child` deployed and a live worker node.
 pub(crate) async fn setup(pool: PgPool) -> (Store, NodeId) {
+    setup_with(pool, &["parent", "child"]).await
+}
+
+/// A store with `workflows` deployed and a live worker node.
+pub(crate) async fn setup_with(pool: PgPool, workflows: &[&str]) -> (Store, NodeId) {
     let store = Store::from_pool(pool);
-    for name in ["parent", "child"] {
+    for &name in workflows {
         store
             .deploy_definition(name, &json!({ "name": name }), name)
             .await
