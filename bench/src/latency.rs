@@ -45,6 +45,11 @@ pub(crate) struct Options {
     /// Steps of the raw one-step chain (the latency baseline).
     #[arg(long, default_value_t = 1000)]
     pub(crate) chain: u32,
+    /// Seconds of load at the first level before measuring: freshly started workers open
+    /// their Postgres connections, and each plans the group-commit statement on first use.
+    /// Reported apart from the levels.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) warmup: u64,
 }
 
 impl Default for Options {
@@ -56,6 +61,7 @@ impl Default for Options {
             max_rate: None,
             burst: 5000,
             chain: 1000,
+            warmup: 3,
         }
     }
 }
@@ -163,6 +169,32 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
             env.wait_completed(&burst.ids, started).await?;
             crate::rate(u64::from(n), started.elapsed())
         }
+    };
+
+    let warmup = if options.warmup > 0 {
+        let workflow = env.deploy(&noop3("warmup")).await?;
+        let rate = (options.loads.first().copied().unwrap_or(0.1) * max_rate).max(1.0);
+        eprintln!(
+            "warming up at {rate:.0} instances/s for {} s…",
+            options.warmup
+        );
+        let (ids, _) = offer(
+            env,
+            &workflow,
+            (campaign.0, &campaign.1),
+            rate,
+            options.warmup,
+        )
+        .await?;
+        env.wait_completed(&ids, Instant::now()).await?;
+        let ms: Vec<f64> = step_gaps(env, "warmup")
+            .await?
+            .into_iter()
+            .map(|g| g.1)
+            .collect();
+        Some(Quantiles::of(&ms))
+    } else {
+        None
     };
 
     let mut levels = Vec::new();
@@ -274,10 +306,38 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
             "", "", l.dispatch.p50, l.dispatch.p90, l.dispatch.p99, l.dispatch.max,
         );
     }
+    if let Some(w) = &warmup {
+        println!(
+            "{:<26} {:>21}   {:>6.1} / {:>6.1} / {:>6.1} / {:>6.1} ms   (first {} s after the workers started; not in the levels)",
+            "warm-up", "", w.p50, w.p90, w.p99, w.max, options.warmup,
+        );
+    }
     println!("chart: {}", chart_path.display());
 
-    // Headline: the level nearest 50% ("moderate load").
+    // Headlines: the lowest level, and the level nearest 50%.
     let mut figures = Vec::new();
+    let lowest = levels.iter().min_by(|a, b| a.load.total_cmp(&b.load));
+    if let Some(l) = lowest.filter(|l| (l.load - 0.5).abs() > 0.2) {
+        let at = format!(
+            "at {:.0}% of max ({:.0} instances/s)",
+            l.load * 100.0,
+            l.offered
+        );
+        figures.push(Figure::new(
+            format!("step-to-step latency p50 {at}"),
+            l.steps.p50,
+            Unit::Millis,
+            "raw one-step p50",
+            raw.p50,
+        ));
+        figures.push(Figure::new(
+            format!("step-to-step latency p99 {at}"),
+            l.steps.p99,
+            Unit::Millis,
+            "raw one-step p99",
+            raw.p99,
+        ));
+    }
     if let Some(l) = levels
         .iter()
         .min_by(|a, b| (a.load - 0.5).abs().total_cmp(&(b.load - 0.5).abs()))
@@ -314,6 +374,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         json: json!({
             "raw_step_latency": raw.to_json(),
             "max_instances_per_s": max_rate,
+            "warmup": warmup.map(|w| w.to_json()),
             "workers": options.workers,
             "levels": levels.iter().map(|l| json!({
                 "load": l.load,
