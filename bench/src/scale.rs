@@ -310,20 +310,10 @@ async fn probe_store(
                         json!({ "step_id": step, "step_seq": c.step_seq.0 + 1 }),
                     );
                     Completion {
-                        instance: c.id,
-                        fence: c.fence,
-                        step_seq: c.step_seq,
-                        step_id: step.to_owned(),
-                        attempt: 1,
-                        started_at: Utc::now(),
-                        outcome: "completed".to_owned(),
-                        transition,
                         vars: Some(json!({ "x": 1 })),
                         output: Some(json!({ "x": 1 })),
-                        error: None,
                         events: vec![event],
-                        consumes: None,
-                        parent_events: Vec::new(),
+                        ..Completion::of(c, Utc::now(), "completed", transition)
                     }
                 })
                 .collect();

@@ -262,6 +262,35 @@ pub struct Completion {
     pub parent_events: Vec<OutboxEvent>,
 }
 
+impl Completion {
+    /// The completion of `claimed`'s current step, started at `started_at`, that ended with
+    /// `outcome` and moves on by `transition`; nothing else recorded (no vars, output, error
+    /// or events): set the fields that apply.
+    pub fn of(
+        claimed: &Claimed,
+        started_at: DateTime<Utc>,
+        outcome: &str,
+        transition: Transition,
+    ) -> Self {
+        Self {
+            instance: claimed.id,
+            fence: claimed.fence,
+            step_seq: claimed.step_seq,
+            step_id: claimed.current_step.clone(),
+            attempt: claimed.step_attempt,
+            started_at,
+            outcome: outcome.to_owned(),
+            transition,
+            vars: None,
+            output: None,
+            error: None,
+            events: Vec::new(),
+            consumes: None,
+            parent_events: Vec::new(),
+        }
+    }
+}
+
 /// What a group commit did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupCommit {

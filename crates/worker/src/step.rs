@@ -350,20 +350,11 @@ fn completion(
     }
     events.push(bus.event(&instance, kind, data));
     Completion {
-        instance: claimed.id,
-        fence: claimed.fence,
-        step_seq: claimed.step_seq,
-        step_id: claimed.current_step.clone(),
-        attempt: claimed.step_attempt,
-        started_at,
-        outcome: outcome.to_owned(),
-        transition,
         vars,
         output,
         error,
         events,
-        consumes: None,
-        parent_events: Vec::new(),
+        ..Completion::of(claimed, started_at, outcome, transition)
     }
 }
 

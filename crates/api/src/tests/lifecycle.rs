@@ -155,25 +155,14 @@ pub(super) async fn commit(
         .commit(
             node,
             &[Completion {
-                instance: claimed.id,
-                fence: claimed.fence,
-                step_seq: claimed.step_seq,
-                step_id: claimed.current_step.clone(),
-                attempt: claimed.step_attempt,
-                started_at: Utc::now(),
-                outcome: if error.is_some() {
-                    "failed"
-                } else {
-                    "completed"
-                }
-                .to_owned(),
-                transition,
                 vars: Some(json!({ "n": 41 })),
-                output: None,
-                error,
-                events: Vec::new(),
-                consumes: None,
-                parent_events: Vec::new(),
+                error: error.clone(),
+                ..Completion::of(
+                    claimed,
+                    Utc::now(),
+                    if error.is_some() { "failed" } else { "completed" },
+                    transition,
+                )
             }],
             &env.state.bus,
         )

@@ -46,26 +46,16 @@ async fn instance(env: &TestEnv, park: bool) -> InstanceId {
             fence: drover_core::Fence(0),
         };
         let claimed = store.claim(node, &[job]).await.expect("claims").remove(0);
-        let parked = Completion {
-            instance: id,
-            fence: claimed.fence,
-            step_seq: claimed.step_seq,
-            step_id: claimed.current_step.clone(),
-            attempt: 1,
-            started_at: Utc::now(),
-            outcome: "waiting".to_owned(),
-            transition: Transition::Wait {
+        let parked = Completion::of(
+            &claimed,
+            Utc::now(),
+            "waiting",
+            Transition::Wait {
                 wake_at_ms: Some(3_600_000),
                 event: Some("approved".to_owned()),
                 child: None,
             },
-            vars: None,
-            output: None,
-            error: None,
-            events: Vec::new(),
-            consumes: None,
-            parent_events: Vec::new(),
-        };
+        );
         let commits = store
             .commit(node, &[parked], &env.state.bus)
             .await

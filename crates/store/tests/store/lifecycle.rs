@@ -63,22 +63,7 @@ async fn work(store: Store, node: NodeId, done: Arc<AtomicBool>) {
                     state: InstanceState::Completed,
                 }
             };
-            let completion = Completion {
-                instance: c.id,
-                fence: c.fence,
-                step_seq: c.step_seq,
-                step_id: c.current_step.clone(),
-                attempt: c.step_attempt,
-                started_at: Utc::now(),
-                outcome: "completed".to_owned(),
-                transition,
-                vars: None,
-                output: None,
-                error: None,
-                events: Vec::new(),
-                consumes: None,
-                parent_events: Vec::new(),
-            };
+            let completion = Completion::of(&c, Utc::now(), "completed", transition);
             // A deadlock with an operator's transaction is retried, as a real worker does.
             loop {
                 match store

@@ -93,22 +93,7 @@ async fn claim_now(store: &Store, node: NodeId, id: InstanceId) -> Claimed {
 }
 
 fn completion(claimed: &Claimed, transition: Transition) -> Completion {
-    Completion {
-        instance: claimed.id,
-        fence: claimed.fence,
-        step_seq: claimed.step_seq,
-        step_id: claimed.current_step.clone(),
-        attempt: claimed.step_attempt,
-        started_at: Utc::now(),
-        outcome: "completed".to_owned(),
-        transition,
-        vars: None,
-        output: None,
-        error: None,
-        events: Vec::new(),
-        consumes: None,
-        parent_events: Vec::new(),
-    }
+    Completion::of(claimed, Utc::now(), "completed", transition)
 }
 
 fn stop(state: InstanceState) -> Transition {

@@ -81,20 +81,8 @@ pub(crate) fn event(tag: &str) -> OutboxEvent {
 
 pub(crate) fn completion(claimed: &Claimed, outcome: &str, transition: Transition) -> Completion {
     Completion {
-        instance: claimed.id,
-        fence: claimed.fence,
-        step_seq: claimed.step_seq,
-        step_id: claimed.current_step.clone(),
-        attempt: claimed.step_attempt,
-        started_at: Utc::now(),
-        outcome: outcome.to_owned(),
-        transition,
-        vars: None,
-        output: None,
-        error: None,
         events: vec![event(outcome)],
-        consumes: None,
-        parent_events: Vec::new(),
+        ..Completion::of(claimed, Utc::now(), outcome, transition)
     }
 }
 
