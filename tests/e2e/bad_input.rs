@@ -128,6 +128,7 @@ async fn bad_definitions_ids_and_bodies_get_clear_errors() -> anyhow::Result<()>
 
     let resp = reqwest::Client::new()
         .post(format!("{api}/v1/instances"))
+        .bearer_auth(drover_tests::admin_token())
         .header("content-type", "application/json")
         .body("{\"workflow\": ")
         .send()

@@ -61,12 +61,9 @@ async fn permits(env: &TestEnv, campaign: &str) -> anyhow::Result<(i32, i32)> {
     Ok((c.running, c.queued))
 }
 
+/// The CLI acts with the nodes' bootstrap admin token: that is who the journal names.
 fn actor() -> String {
-    std::env::var("USER")
-        .ok()
-        .map(|user| user.trim().to_owned())
-        .filter(|user| !user.is_empty())
-        .unwrap_or_else(|| "operator".to_owned())
+    "bootstrap".to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ mod fencing;
 mod lifecycle;
 mod operator;
 mod recovery;
+mod security;
 mod semaphore;
 mod support;
 mod waiting;

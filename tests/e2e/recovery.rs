@@ -368,8 +368,15 @@ steps:
     assert_eq!(outcomes, vec!["started", "interrupted"]);
 
     // The operator knows the charge went through: skip it. The step is not run again.
-    env.cli(api, &["resume", &id, "--next-step", "--actor", "alice"])
+    // Alice has her own operator token: the journal names her.
+    let alice = env
+        .cli(api, &["token", "create", "alice", "--scope", "operator"])
         .await?;
+    env.cli(
+        api,
+        &["--token", alice.trim(), "resume", &id, "--next-step"],
+    )
+    .await?;
     let done = wait_until(
         "the skipped instance to complete",
         Duration::from_secs(20),

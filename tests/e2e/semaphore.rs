@@ -433,7 +433,8 @@ async fn lowering_the_limit_admits_nobody_until_below_and_raising_it_admits_at_o
     sampler.set_limit(6);
     let status = reqwest::Client::new()
         .put(format!("{api}/v1/campaigns/spring/limit"))
-        .json(&json!({ "max_running": 6, "actor": "ada" }))
+        .bearer_auth(drover_tests::admin_token())
+        .json(&json!({ "max_running": 6 }))
         .send()
         .await?
         .status();

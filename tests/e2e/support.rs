@@ -3,12 +3,13 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use drover_tests::{TestEnv, wait_until};
+use drover_tests::{TestEnv, admin_token, wait_until};
 use serde_json::{Value, json};
 
 pub(crate) async fn post_text(url: &str, body: &str) -> anyhow::Result<(u16, Value)> {
     let resp = reqwest::Client::new()
         .post(url)
+        .bearer_auth(admin_token())
         .body(body.to_owned())
         .send()
         .await?;
@@ -17,13 +18,22 @@ pub(crate) async fn post_text(url: &str, body: &str) -> anyhow::Result<(u16, Val
 }
 
 pub(crate) async fn post_json(url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-    let resp = reqwest::Client::new().post(url).json(body).send().await?;
+    let resp = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(admin_token())
+        .json(body)
+        .send()
+        .await?;
     let status = resp.status().as_u16();
     Ok((status, resp.json().await.unwrap_or(Value::Null)))
 }
 
 pub(crate) async fn get(url: &str) -> anyhow::Result<(u16, Value)> {
-    let resp = reqwest::get(url).await?;
+    let resp = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(admin_token())
+        .send()
+        .await?;
     let status = resp.status().as_u16();
     Ok((status, resp.json().await.unwrap_or(Value::Null)))
 }

@@ -36,6 +36,13 @@ pub struct TestEnv {
     _containers: Option<containers::Containers>,
 }
 
+/// The bootstrap admin token every node of this test process accepts (random per process);
+/// the CLI and the API helpers send it.
+pub fn admin_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| format!("drv_test_{}", random_hex(48)))
+}
+
 fn random_hex(n: usize) -> String {
     let mut rng = rand::rng();
     (0..n)
@@ -118,6 +125,17 @@ impl TestEnv {
 
     /// Starts a node process with `roles` and extra `drover node` arguments.
     pub async fn spawn_node_with(&self, roles: &str, args: &[&str]) -> anyhow::Result<NodeProcess> {
+        self.spawn_node_env(roles, args, &[]).await
+    }
+
+    /// Starts a node process with `roles`, extra `drover node` arguments and extra (or
+    /// overriding) environment variables.
+    pub async fn spawn_node_env(
+        &self,
+        roles: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<NodeProcess> {
         let log = log_dir().join(format!("{}-{}.log", self.prefix, random_hex(6)));
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -129,10 +147,12 @@ impl TestEnv {
             .env("DROVER_PREFIX", &self.prefix)
             .env("DROVER_DB_POOL", "4")
             .env("DROVER_STALE_READY_AFTER_MS", "3000")
+            .env("DROVER_ADMIN_TOKEN", admin_token())
             .env(
                 "RUST_LOG",
                 std::env::var("DROVER_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log_file)
             .kill_on_drop(true)
@@ -197,6 +217,7 @@ impl TestEnv {
         Ok(Command::new(node_bin())
             .args(args)
             .env("DROVER_API_URL", api_url)
+            .env("DROVER_TOKEN", admin_token())
             .output()
             .await?)
     }

@@ -6,9 +6,9 @@
 //! admitting under the campaign's row lock; this module validates, maps errors, and publishes
 //! the jobs of instances a raised limit admitted (after the store's commit).
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use drover_bus::{Bus, StepJob};
 use drover_core::InstanceId;
 use drover_core::ids::is_slug;
@@ -17,10 +17,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::ApiState;
+use crate::auth::Principal;
 use crate::dto::Campaign;
 use crate::error::{ApiError, ErrorBody, Result};
 use crate::extract::{ApiJson, ApiPath};
-use crate::operator::actor_of;
 
 /// Create a campaign.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -37,9 +37,6 @@ pub struct CreateCampaign {
     /// the next queued instance starts; the instance re-queues when resumed) or `hold`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_error_permit: Option<String>,
-    /// Who creates it, for the audit trail; `api` when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub actor: Option<String>,
 }
 
 /// Change a campaign's limit.
@@ -50,9 +47,6 @@ pub struct SetLimit {
     /// preempts nobody: no instance is admitted until fewer than the new limit run.
     #[schema(minimum = 1, maximum = 100000)]
     pub max_running: i64,
-    /// Who changes it, for the audit trail; `api` when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub actor: Option<String>,
 }
 
 /// What a limit change did.
@@ -76,15 +70,15 @@ pub struct LimitChanged {
         (status = 201, description = "Created", body = Campaign),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 409, description = "`campaign_exists`", body = ErrorBody),
-        (status = 422, description = "A name that is not a slug, a limit out of range, an \
-            unknown `on_error_permit`, or a bad `actor`", body = ErrorBody),
+        (status = 422, description = "A name that is not a slug, a limit out of range, or an \
+            unknown `on_error_permit`", body = ErrorBody),
     )
 )]
 pub(crate) async fn create(
     State(state): State<ApiState>,
+    Extension(Principal { name: actor, .. }): Extension<Principal>,
     ApiJson(request): ApiJson<CreateCampaign>,
 ) -> Result<(StatusCode, Json<Campaign>)> {
-    let actor = actor_of(request.actor.as_deref())?;
     if !is_slug(&request.name) {
         return Err(ApiError::invalid(
             "invalid_request",
@@ -155,15 +149,15 @@ pub(crate) async fn show(
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 404, description = "`unknown_campaign`", body = ErrorBody),
         (status = 409, description = "`unlimited_campaign`: created without a limit", body = ErrorBody),
-        (status = 422, description = "A limit out of range, or a bad `actor`", body = ErrorBody),
+        (status = 422, description = "A limit out of range", body = ErrorBody),
     )
 )]
 pub(crate) async fn set_limit(
     State(state): State<ApiState>,
+    Extension(Principal { name: actor, .. }): Extension<Principal>,
     ApiPath(name): ApiPath<String>,
     ApiJson(request): ApiJson<SetLimit>,
 ) -> Result<Json<LimitChanged>> {
-    let actor = actor_of(request.actor.as_deref())?;
     let max_running = limit(request.max_running)?;
     let set = state
         .store

@@ -6,12 +6,14 @@ use std::time::Duration;
 use reqwest::{Method, RequestBuilder, Url};
 use serde_json::Value;
 
+use crate::auth::Secret;
 use crate::campaigns::{CreateCampaign, SetLimit};
 use crate::dto::{ListQuery, VersionQuery};
 use crate::error::ErrorBody;
 use crate::lifecycle::{LifecycleCommand, LifecycleFilterRequest, LifecycleRequest};
 use crate::operator::ResumeRequest;
 use crate::start::StartRequest;
+use crate::tokens::CreateToken;
 
 /// How long to wait for a TCP connection to the API.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,6 +53,11 @@ pub enum ClientError {
     },
     #[error("invalid API URL {url:?}: {reason} (check --api-url or DROVER_API_URL)")]
     InvalidUrl { url: String, reason: String },
+    /// The token cannot be sent in a header (it is never shown).
+    #[error(
+        "the API token holds characters an HTTP header cannot carry (check --token or DROVER_TOKEN)"
+    )]
+    InvalidToken,
 }
 
 impl ClientError {
@@ -76,6 +83,8 @@ impl ClientError {
 pub struct ApiClient {
     http: reqwest::Client,
     base: Url,
+    /// Sent as `Authorization: Bearer …` with every request; `Secret` never prints it.
+    token: Option<Secret>,
 }
 
 impl ApiClient {
@@ -95,7 +104,36 @@ impl ApiClient {
             .timeout(REQUEST_TIMEOUT)
             .build()
             .map_err(|err| invalid(describe(&err)))?;
-        Ok(Self { http, base })
+        Ok(Self {
+            http,
+            base,
+            token: None,
+        })
+    }
+
+    /// Authenticates every request with `token`.
+    pub fn with_token(mut self, token: Secret) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// `POST /v1/tokens`: creates a token (the answer is the only time it is shown).
+    pub async fn create_token(&self, request: &CreateToken) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "tokens"])?;
+        let builder = self.http.request(Method::POST, url.clone()).json(request);
+        self.send(builder, &url).await
+    }
+
+    /// `GET /v1/tokens`.
+    pub async fn tokens(&self) -> Result<Value, ClientError> {
+        self.get(&["v1", "tokens"], None::<&()>).await
+    }
+
+    /// `DELETE /v1/tokens/{name}`: revokes a token.
+    pub async fn revoke_token(&self, name: &str) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "tokens", name])?;
+        let builder = self.http.request(Method::DELETE, url.clone());
+        self.send(builder, &url).await
     }
 
     pub fn base_url(&self) -> &Url {
@@ -271,7 +309,15 @@ impl ApiClient {
         self.send(request, &url).await
     }
 
-    async fn send(&self, request: RequestBuilder, url: &Url) -> Result<Value, ClientError> {
+    async fn send(&self, mut request: RequestBuilder, url: &Url) -> Result<Value, ClientError> {
+        if let Some(token) = &self.token {
+            let mut value =
+                reqwest::header::HeaderValue::try_from(format!("Bearer {}", token.expose()))
+                    .map_err(|_| ClientError::InvalidToken)?;
+            // Kept out of reqwest's and hyper's debug output.
+            value.set_sensitive(true);
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
         let response = request
             .send()
             .await

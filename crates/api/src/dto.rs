@@ -380,3 +380,21 @@ impl Serialize for StateCounts {
         map.end()
     }
 }
+
+/// What `/readyz` found.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    pub ready: bool,
+    pub checks: ReadinessChecks,
+    /// `on`, or `off` when the node runs with `--auth off`.
+    pub auth: String,
+    /// E.g. that authentication is off.
+    pub warnings: Vec<String>,
+}
+
+/// Each dependency: `ok`, or why not.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReadinessChecks {
+    pub postgres: String,
+    pub nats: String,
+}

@@ -19,6 +19,12 @@ pub enum ApiError {
     /// 400: the request is malformed (bad JSON, a malformed id, a bad query parameter).
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
+    /// 401: no token, or one that is unknown, revoked or expired.
+    #[error("{message}")]
+    Unauthorized { message: String },
+    /// 403: the token's scope does not allow the request.
+    #[error("{message}")]
+    Forbidden { message: String },
     /// 404: the resource in the path, or one the request names, does not exist.
     #[error("{message}")]
     NotFound { code: &'static str, message: String },
@@ -59,6 +65,18 @@ impl ApiError {
         }
     }
 
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::Unauthorized {
+            message: message.into(),
+        }
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::Forbidden {
+            message: message.into(),
+        }
+    }
+
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self::NotFound {
             code,
@@ -86,6 +104,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict { .. } => StatusCode::CONFLICT,
@@ -112,6 +132,8 @@ impl ApiError {
             | Self::NotFound { code, .. }
             | Self::Conflict { code, .. }
             | Self::Invalid { code, .. } => code,
+            Self::Unauthorized { .. } => "unauthorized",
+            Self::Forbidden { .. } => "forbidden",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::Store(drover_store::Error::UnknownCampaign(_)) => "unknown_campaign",
@@ -173,7 +195,14 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = status.as_u16(), code, error = %self, "request rejected");
         }
-        (status, Json(self.body())).into_response()
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"drover\""),
+            );
+        }
+        response
     }
 }
 
@@ -186,10 +215,11 @@ pub struct ErrorBody {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable and machine-readable: 400 `invalid_json`, `invalid_id`, `invalid_query`,
-    /// `invalid_path`, `invalid_body`, `invalid_event_name`; 404 `not_found`,
+    /// `invalid_path`, `invalid_body`, `invalid_event_name`; 401 `unauthorized`; 403
+    /// `forbidden`; 404 `not_found`,
     /// `unknown_workflow`, `unknown_campaign`; 405 `method_not_allowed`; 409 `not_in_error`,
     /// `not_deepest`, `end_step`, `no_transition`, `transition_error`, `conflict`,
-    /// `instance_finished`; 413 `payload_too_large`; 422 `invalid_request`,
+    /// `instance_finished`, `token_exists`; 413 `payload_too_large`; 422 `invalid_request`,
     /// `invalid_definition`; 500 `internal`; 503 `unavailable`.
     pub code: String,
     /// For people; an invalid definition has one problem per line.

@@ -1,7 +1,8 @@
 //! Drover's HTTP API: an axum router over the store and the bus, its DTOs and OpenAPI
 //! document, and [`ApiClient`], the typed client the operator CLI uses.
 //!
-//! Every route answers JSON; every error is one [`ApiError`] rendered as
+//! Every `/v1` route but `/v1/openapi.json` needs a bearer token whose scope allows it
+//! ([`auth`]). Every route answers JSON; every error is one [`ApiError`] rendered as
 //! `{"error": {"code", "message", "details"?}}` and logged once, where it is mapped (4xx at
 //! debug, 5xx at error).
 //!
@@ -19,8 +20,10 @@
 //! | `POST /v1/instances/{id}/events/{name}` | deliver an event ([`deliver_event`]; NATS: [`SignalListener`]) |
 //! | `POST /v1/campaigns`, `GET /v1/campaigns/{name}`, `PUT /v1/campaigns/{name}/limit` | campaigns and their limits ([`CreateCampaign`], [`SetLimit`]) |
 //! | `GET /v1/campaigns`, `GET /v1/nodes`, `GET /v1/leader`, `GET /v1/stats` | cluster |
-//! | `GET /v1/openapi.json`, `GET /healthz` | this API's description, liveness |
+//! | `POST /v1/tokens`, `GET /v1/tokens`, `DELETE /v1/tokens/{name}` | API tokens (admin) |
+//! | `GET /v1/openapi.json`, `GET /healthz`, `GET /readyz` | this API's description, liveness, readiness (no token) |
 
+pub mod auth;
 mod campaigns;
 mod client;
 mod diagnosis;
@@ -32,16 +35,18 @@ mod operator;
 mod routes;
 mod signal;
 mod start;
+mod tokens;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use drover_bus::Bus;
 use drover_store::Store;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
+pub use auth::{AuthMode, Authenticator, Principal, Secret};
 pub use campaigns::{CreateCampaign, LimitChanged, SetLimit};
 pub use client::{ApiClient, ClientError};
 pub use diagnosis::{Diagnosis, LIVE_WITHIN_MS, diagnose};
@@ -57,6 +62,7 @@ pub use start::{
     DEFAULT_CAMPAIGN, DefinitionCache, MAX_START_COUNT, START_CHUNK, StartRequest, Started,
     start_instances,
 };
+pub use tokens::{CreateToken, CreatedToken, TokenInfo, TokenList};
 
 /// The largest request body accepted (a definition source may be 1 MiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -68,21 +74,34 @@ pub struct ApiState {
     pub bus: Bus,
     /// Parsed definitions, so starting instances does not re-validate a definition each time.
     pub definitions: DefinitionCache,
+    /// Who requests are; authentication is on unless [`ApiState::with_auth`] turns it off.
+    pub auth: Authenticator,
 }
 
 impl ApiState {
-    /// No I/O: `store` and `bus` are already connected.
+    /// No I/O: `store` and `bus` are already connected. Authentication is on, with no
+    /// bootstrap token (only stored tokens are accepted).
     pub fn new(store: Store, bus: Bus) -> Self {
         Self {
             store,
             bus,
             definitions: DefinitionCache::new(),
+            auth: Authenticator::new(AuthMode::On { bootstrap: None }),
         }
+    }
+
+    pub fn with_auth(mut self, mode: AuthMode) -> Self {
+        self.auth = Authenticator::new(mode);
+        self
     }
 }
 
-/// The whole API: `/v1/…` and `/healthz`. Unknown routes answer a 404 JSON error.
+/// The whole API: `/v1/…`, `/healthz` and `/readyz`. Unknown routes answer a 404 JSON error.
 pub fn router(state: ApiState) -> Router {
+    let public = Router::new()
+        .route("/v1/openapi.json", get(routes::openapi))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz));
     Router::new()
         .route(
             "/v1/workflows",
@@ -117,8 +136,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/nodes", get(routes::nodes))
         .route("/v1/leader", get(operator::leader))
         .route("/v1/stats", get(routes::stats))
-        .route("/v1/openapi.json", get(routes::openapi))
-        .route("/healthz", get(routes::healthz))
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{name}", delete(tokens::revoke))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        .merge(public)
         .fallback(routes::no_route)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

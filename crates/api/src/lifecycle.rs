@@ -15,9 +15,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::{Extension, Json};
 use drover_bus::{Bus, EventKind, InstanceRef, StepJob};
 use drover_core::{Definition, InstanceId, InstanceState, OutboxEvent};
 use drover_store::{
@@ -30,10 +30,11 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::ApiState;
+use crate::auth::Principal;
 use crate::dto::{Instance, InstanceStateSchema};
 use crate::error::{ApiError, ErrorBody, Result};
 use crate::extract::ApiPath;
-use crate::operator::{actor_of, definition_of};
+use crate::operator::definition_of;
 use crate::routes::{parse_id, unknown_instance};
 
 /// Instances per transaction when a command applies to a filter.
@@ -41,16 +42,13 @@ pub const LIFECYCLE_BATCH: i64 = 200;
 /// Refusals a filter command lists (it counts them all).
 pub(crate) const MAX_LISTED_REFUSALS: usize = 100;
 
-/// Who acts on one instance. The body may be empty (actor `api`).
+/// The body of a command on one instance: an empty object, or no body at all. (The actor of
+/// the journal and audit rows is the request's token.)
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct LifecycleRequest {
-    /// Who acts, for the journal and the audit trail; `api` when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub actor: Option<String>,
-}
+pub struct LifecycleRequest {}
 
-/// Which instances a command applies to, and who acts. At least one of `campaign`, `workflow`
+/// Which instances a command applies to. At least one of `campaign`, `workflow`
 /// and `state` is required. Without `state`, the command applies to the instances it can act
 /// on: those not finished (pause, stop, kill), paused or asked to pause (unpause), or finished
 /// (restart).
@@ -66,9 +64,6 @@ pub struct LifecycleFilterRequest {
     /// Only instances in this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
-    /// Who acts, for the journal and the audit trail; `api` when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub actor: Option<String>,
 }
 
 /// What a command did to one instance.
@@ -190,22 +185,22 @@ macro_rules! one_instance_route {
             path = $path,
             tag = "instances",
             params(("id" = String, Path, format = Uuid, description = "The instance id")),
-            request_body(content = Option<LifecycleRequest>, description = "Optional: who acts"),
+            request_body(content = Option<LifecycleRequest>, description = "Optional: an empty object"),
             responses(
                 (status = 200, description = $ok, body = LifecycleResult),
                 (status = 400, description = "Malformed id or JSON", body = ErrorBody),
                 (status = 404, description = "Unknown instance", body = ErrorBody),
                 (status = 409, description = $conflict, body = ErrorBody),
-                (status = 422, description = "A bad `actor`", body = ErrorBody),
             )
         )]
         pub(crate) async fn $name(
             State(state): State<ApiState>,
+            Extension(principal): Extension<Principal>,
             ApiPath(id): ApiPath<String>,
             body: Bytes,
         ) -> Result<Json<LifecycleResult>> {
-            let request: LifecycleRequest = optional_json(&body)?;
-            one(&state, $command, &id, request).await.map(Json)
+            let LifecycleRequest {} = optional_json(&body)?;
+            one(&state, $command, &id, &principal.name).await.map(Json)
         }
     };
 }
@@ -223,16 +218,16 @@ macro_rules! filter_route {
                     transactions of 200; counts and the first refusals", body = LifecycleSummary),
                 (status = 400, description = "Malformed JSON", body = ErrorBody),
                 (status = 404, description = "Unknown campaign", body = ErrorBody),
-                (status = 422, description = "No filter given, an unknown state or a bad \
-                    `actor`", body = ErrorBody),
+                (status = 422, description = "No filter given, or an unknown state", body = ErrorBody),
             )
         )]
         pub(crate) async fn $name(
             State(state): State<ApiState>,
+            Extension(principal): Extension<Principal>,
             body: Bytes,
         ) -> Result<Json<LifecycleSummary>> {
             let request: LifecycleFilterRequest = optional_json(&body)?;
-            many(&state, $command, request).await.map(Json)
+            many(&state, $command, request, &principal.name).await.map(Json)
         }
     };
 }
@@ -329,14 +324,13 @@ async fn one(
     state: &ApiState,
     command: LifecycleCommand,
     id: &str,
-    request: LifecycleRequest,
+    actor: &str,
 ) -> Result<LifecycleResult> {
     let id = parse_id(id)?;
-    let actor = actor_of(request.actor.as_deref())?;
     let Some(action) = command.action() else {
-        return restart_one(state, id, &actor).await;
+        return restart_one(state, id, actor).await;
     };
-    let batch = apply(state, action, &[id], &actor).await?;
+    let batch = apply(state, action, &[id], actor).await?;
     let (outcome, changed) = match batch.results.first().map(|(_, acted)| acted) {
         None | Some(Acted::Unknown) => return Err(unknown_instance(id)),
         Some(Acted::Refused { state, refusal }) => {
@@ -447,8 +441,8 @@ async fn many(
     state: &ApiState,
     command: LifecycleCommand,
     request: LifecycleFilterRequest,
+    actor: &str,
 ) -> Result<LifecycleSummary> {
-    let actor = actor_of(request.actor.as_deref())?;
     if request.campaign.is_none() && request.workflow.is_none() && request.state.is_none() {
         return Err(ApiError::invalid(
             "invalid_request",
@@ -497,7 +491,7 @@ async fn many(
         summary.matched += ids.len() as u64;
         match command.action() {
             Some(action) => {
-                let batch = apply(state, action, &ids, &actor).await?;
+                let batch = apply(state, action, &ids, actor).await?;
                 summary.cascaded += batch.cascaded.len() as u64;
                 summary.admitted += batch.admitted.len() as u64;
                 for (id, acted) in &batch.results {
@@ -511,7 +505,7 @@ async fn many(
                         restarts.push(restart);
                     }
                 }
-                for (id, restarted) in &restart_all(state, &restarts, &actor).await? {
+                for (id, restarted) in &restart_all(state, &restarts, actor).await? {
                     if let Restarted::Started(change) = restarted {
                         summary.started.push(change.id);
                     }

@@ -7,8 +7,8 @@
 //! state, failed descendants) under a row lock. The step job is published after the commit; if
 //! that publish fails the sweeper re-dispatches the READY instance.
 
-use axum::Json;
 use axum::extract::State;
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use drover_bus::{EventKind, InstanceRef, StepJob};
 use drover_core::definition::StepKind;
@@ -20,14 +20,10 @@ use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
 
 use crate::ApiState;
+use crate::auth::Principal;
 use crate::dto::Instance;
 use crate::error::{ApiError, ErrorBody, Result};
 use crate::extract::{ApiJson, ApiPath};
-
-/// The actor recorded when a resume request names none.
-pub(crate) const DEFAULT_ACTOR: &str = "api";
-/// The longest actor name accepted.
-pub(crate) const MAX_ACTOR_CHARS: usize = 200;
 
 /// How to resume an `in_error` instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -59,9 +55,6 @@ pub struct ResumeRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub set: Option<Value>,
-    /// Who resumes, for the journal and the audit trail; `api` when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub actor: Option<String>,
 }
 
 /// The coordinator's leader lease.
@@ -113,11 +106,12 @@ impl From<drover_store::Lease> for Leader {
         (status = 409, description = "`not_in_error`; `not_deepest` (a descendant is in_error: \
             resume it first); `end_step`, `no_transition` or `transition_error` (next_step \
             cannot choose a step); `conflict` (the instance moved on meanwhile)", body = ErrorBody),
-        (status = 422, description = "`set` is not an object, or a bad `actor`", body = ErrorBody),
+        (status = 422, description = "`set` is not an object", body = ErrorBody),
     )
 )]
 pub(crate) async fn resume(
     State(state): State<ApiState>,
+    Extension(Principal { name: actor, .. }): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
     ApiJson(request): ApiJson<ResumeRequest>,
 ) -> Result<Json<Instance>> {
@@ -134,7 +128,6 @@ pub(crate) async fn resume(
             ));
         }
     };
-    let actor = actor_of(request.actor.as_deref())?;
 
     let instance = state
         .store
@@ -348,22 +341,6 @@ pub(crate) async fn definition_of(
             stored.name, stored.version
         ))
     })
-}
-
-/// The operator an action is recorded under: `actor` trimmed, [`DEFAULT_ACTOR`] when absent.
-pub(crate) fn actor_of(actor: Option<&str>) -> Result<String> {
-    match actor.map(str::trim) {
-        None => Ok(DEFAULT_ACTOR.to_owned()),
-        Some("") => Err(ApiError::invalid(
-            "invalid_request",
-            "actor must not be empty",
-        )),
-        Some(actor) if actor.chars().count() > MAX_ACTOR_CHARS => Err(ApiError::invalid(
-            "invalid_request",
-            format!("actor is longer than {MAX_ACTOR_CHARS} characters"),
-        )),
-        Some(actor) => Ok(actor.to_owned()),
-    }
 }
 
 fn json_kind(value: &Value) -> &'static str {

@@ -1,13 +1,14 @@
 //! The handlers of `/v1` and their OpenAPI description.
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri};
+use axum::{Extension, Json};
 use drover_core::{Definition, InstanceId, InstanceState};
 use drover_store::InstanceFilter;
 use utoipa::OpenApi;
 
 use crate::ApiState;
+use crate::auth::{BearerSecurity, Principal};
 use crate::dto::*;
 use crate::error::{ApiError, ErrorBody, Result};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Source};
@@ -53,8 +54,12 @@ const MAX_LIST_LIMIT: i64 = 1_000;
         nodes,
         crate::operator::leader,
         stats,
+        crate::tokens::create,
+        crate::tokens::list,
+        crate::tokens::revoke,
         openapi,
-        healthz
+        healthz,
+        readyz
     ),
     components(schemas(
         ErrorBody,
@@ -85,8 +90,16 @@ const MAX_LIST_LIMIT: i64 = 1_000;
         crate::lifecycle::RefusalEntry,
         crate::diagnosis::Diagnosis,
         crate::signal::EventDelivered,
-        crate::signal::Delivered
+        crate::signal::Delivered,
+        crate::tokens::CreateToken,
+        crate::tokens::CreatedToken,
+        crate::tokens::TokenInfo,
+        crate::tokens::TokenList,
+        crate::tokens::ScopeSchema,
+        Readiness,
+        ReadinessChecks
     )),
+    modifiers(&BearerSecurity),
     tags(
         (name = "workflows", description = "Workflow definitions and their versions"),
         (name = "instances", description = "Starting and inspecting workflow instances"),
@@ -196,10 +209,17 @@ pub(crate) async fn show_workflow(
 )]
 pub(crate) async fn start(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     ApiJson(request): ApiJson<StartRequest>,
 ) -> Result<(StatusCode, Json<Started>)> {
-    let started =
-        start_instances(&state.store, &state.bus, &state.definitions, "api", request).await?;
+    let started = start_instances(
+        &state.store,
+        &state.bus,
+        &state.definitions,
+        &principal.name,
+        request,
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(started)))
 }
 
@@ -343,6 +363,7 @@ pub(crate) async fn stats(State(state): State<ApiState>) -> Result<Json<Stats>> 
     get,
     path = "/v1/openapi.json",
     tag = "cluster",
+    security(()),
     responses((status = 200, description = "The OpenAPI 3 document of this API", content_type = "application/json"))
 )]
 pub(crate) async fn openapi() -> Json<utoipa::openapi::OpenApi> {
@@ -354,11 +375,63 @@ pub(crate) async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     get,
     path = "/healthz",
     tag = "cluster",
+    security(()),
     responses((status = 200, description = "The process serves HTTP", body = String, content_type = "text/plain"))
 )]
 pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
+
+/// Readiness: 200 when Postgres answers and NATS is connected, else 503; either way the body
+/// says what was checked, and warns when authentication is off.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "cluster",
+    security(()),
+    responses(
+        (status = 200, description = "Ready to serve", body = Readiness),
+        (status = 503, description = "A dependency is unreachable; `checks` says which", body = Readiness),
+    )
+)]
+pub(crate) async fn readyz(State(state): State<ApiState>) -> (StatusCode, Json<Readiness>) {
+    let postgres = match tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(err)) => format!("unreachable: {err}"),
+        Err(_) => format!("no answer within {READY_TIMEOUT:?}"),
+    };
+    let nats = if state.bus.is_connected() {
+        "ok".to_owned()
+    } else {
+        "disconnected (reconnecting)".to_owned()
+    };
+    let ready = postgres == "ok" && nats == "ok";
+    let auth = if state.auth.enabled() { "on" } else { "off" };
+    let mut warnings = Vec::new();
+    if !state.auth.enabled() {
+        warnings.push(
+            "authentication is off (--auth off): anyone who reaches this API is an admin"
+                .to_owned(),
+        );
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(Readiness {
+            ready,
+            checks: ReadinessChecks { postgres, nats },
+            auth: auth.to_owned(),
+            warnings,
+        }),
+    )
+}
+
+/// How long `/readyz` waits for Postgres.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(crate) async fn no_route(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found("not_found", format!("no route for {method} {}", uri.path()))

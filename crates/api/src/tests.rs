@@ -19,15 +19,19 @@ use uuid::Uuid;
 
 use crate::{ApiClient, ApiState, ClientError, ListQuery, MAX_BODY_BYTES, StartRequest, router};
 
+mod auth;
 mod campaigns;
 mod diagnosis;
 mod lifecycle;
 mod operator;
 mod signal;
 
-/// A fresh database and subject prefix, with the router over them.
+/// A fresh database and subject prefix, with the router over them. Requests carry the admin
+/// token named `ada` unless a test says otherwise.
 struct TestEnv {
     state: ApiState,
+    /// The admin token `ada`.
+    token: String,
     router: Router,
     pool: PgPool,
     admin: PgConnectOptions,
@@ -73,8 +77,26 @@ impl TestEnv {
         .await
         .expect("NATS_URL is reachable and has JetStream");
         let state = ApiState::new(Store::from_pool(pool.clone()), bus);
+        let token = crate::Secret::generate().expect("randomness");
+        state
+            .store
+            .create_token(&drover_store::NewToken {
+                name: "ada".to_owned(),
+                scope: drover_core::Scope::Admin,
+                hash: token.hash(),
+                expires_at: None,
+                actor: "test".to_owned(),
+            })
+            .await
+            .expect("creates the test's admin token");
+        // The tests count audit rows of what they do, not of this setup.
+        sqlx::query("DELETE FROM audit")
+            .execute(&pool)
+            .await
+            .expect("clears the setup's audit row");
         Self {
             router: router(state.clone()),
+            token: token.expose().to_owned(),
             state,
             pool,
             admin,
@@ -91,7 +113,23 @@ impl TestEnv {
         content_type: Option<&str>,
         body: impl Into<Body>,
     ) -> (StatusCode, Value) {
+        self.call_as(Some(&self.token.clone()), method, uri, content_type, body)
+            .await
+    }
+
+    /// As [`TestEnv::call`], with `token` (or none) instead of `ada`'s.
+    async fn call_as(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        uri: &str,
+        content_type: Option<&str>,
+        body: impl Into<Body>,
+    ) -> (StatusCode, Value) {
         let mut request = Request::builder().method(method).uri(uri);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
         if let Some(content_type) = content_type {
             request = request.header(header::CONTENT_TYPE, content_type);
         }
@@ -414,7 +452,7 @@ async fn started_instances_are_ready_at_step_zero_with_a_journal_entry_and_a_job
         assert_eq!(entries[0]["step_seq"], 0);
         assert_eq!(entries[0]["outcome"], "started");
         assert_eq!(entries[0]["step_id"], "count");
-        assert_eq!(entries[0]["actor"], "api");
+        assert_eq!(entries[0]["actor"], "ada", "the token's name");
     }
 
     assert_eq!(env.queued_jobs().await, 3, "one job per instance");
@@ -725,7 +763,9 @@ async fn the_client_speaks_to_a_served_api_and_reports_errors_with_code_and_stat
         .expect("a bound listener has an address");
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(crate::serve(listener, env.state.clone(), shutdown.clone()));
-    let client = ApiClient::new(&format!("http://{addr}/")).expect("a valid URL");
+    let client = ApiClient::new(&format!("http://{addr}/"))
+        .expect("a valid URL")
+        .with_token(crate::Secret::new(env.token.clone()));
 
     let deployed = client.deploy(GREETING.to_owned()).await.expect("deploys");
     assert_eq!(

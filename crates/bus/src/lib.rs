@@ -176,6 +176,11 @@ impl Bus {
         &self.client
     }
 
+    /// Is the connection to NATS up right now? (It reconnects by itself when it is not.)
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
     }

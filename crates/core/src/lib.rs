@@ -5,9 +5,11 @@ pub mod definition;
 pub mod event;
 pub mod expr;
 pub mod ids;
+pub mod scope;
 pub mod state;
 
 pub use definition::{Definition, DefinitionError, DefinitionErrors, Step, StepKind};
 pub use event::OutboxEvent;
 pub use ids::{CampaignId, Fence, InstanceId, NodeId, SignalId, StepSeq};
+pub use scope::Scope;
 pub use state::InstanceState;

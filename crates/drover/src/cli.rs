@@ -5,6 +5,7 @@
 
 mod campaign;
 mod lifecycle;
+mod token;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
 use comfy_table::{ContentArrangement, Table, presets};
 use drover_api::{
-    ApiClient, LifecycleCommand, ListQuery, MAX_START_COUNT, ResumeMode, ResumeRequest,
+    ApiClient, LifecycleCommand, ListQuery, MAX_START_COUNT, ResumeMode, ResumeRequest, Secret,
     StartRequest,
 };
 use drover_core::InstanceState;
@@ -70,9 +71,6 @@ pub enum OperatorCommand {
         /// Correct a variable first, KEY=JSON; repeatable, e.g. --set n=3 --set 'email="a@b.c"'.
         #[arg(long = "set", value_name = "KEY=JSON", value_parser = parse_set)]
         set: Vec<(String, Value)>,
-        /// Who resumes, for the journal and the audit trail.
-        #[arg(long, env = "USER", default_value = "operator")]
-        actor: String,
     },
     /// Pause an instance (or every one a filter selects): QUEUED, READY and WAITING ones at
     /// once, keeping their permit; a RUNNING one once its step finishes.
@@ -113,6 +111,9 @@ pub enum OperatorCommand {
     Nodes,
     /// Which coordinator leads (holds the leader lease), under which term.
     Leader,
+    /// API tokens (admin scope).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -205,11 +206,23 @@ enum View {
     Lifecycle,
     LifecycleSummary,
     Diagnosis,
+    TokenCreated,
+    Tokens,
+    TokenRevoked,
 }
 
-/// Runs an operator command against the API at `api_url`; `json` prints the API's JSON.
-pub async fn run(command: OperatorCommand, api_url: &str, json: bool) -> Result<()> {
-    let client = ApiClient::new(api_url)?;
+/// Runs an operator command against the API at `api_url`, authenticated by `token`; `json`
+/// prints the API's JSON.
+pub async fn run(
+    command: OperatorCommand,
+    api_url: &str,
+    token: Option<Secret>,
+    json: bool,
+) -> Result<()> {
+    let mut client = ApiClient::new(api_url)?;
+    if let Some(token) = token.filter(|token| !token.expose().is_empty()) {
+        client = client.with_token(token);
+    }
     let (answer, view) = match command {
         OperatorCommand::Workflow(WorkflowCommand::Deploy { file }) => {
             let source = read_source(&file).await?;
@@ -263,21 +276,15 @@ pub async fn run(command: OperatorCommand, api_url: &str, json: bool) -> Result<
             current_step,
             next_step,
             set,
-            actor,
         } => {
             let mode = match (current_step, next_step) {
                 (true, false) => ResumeMode::CurrentStep,
                 (false, true) => ResumeMode::NextStep,
                 _ => bail!("give exactly one of --current-step and --next-step"),
             };
-            let actor = match actor.trim() {
-                "" => "operator".to_owned(),
-                actor => actor.to_owned(),
-            };
             let request = ResumeRequest {
                 mode,
                 set: (!set.is_empty()).then(|| Value::Object(set.into_iter().collect())),
-                actor: Some(actor),
             };
             (client.resume(&id, &request).await?, View::Resumed)
         }
@@ -303,6 +310,7 @@ pub async fn run(command: OperatorCommand, api_url: &str, json: bool) -> Result<
         OperatorCommand::Campaign(command) => campaign::run(&client, command).await?,
         OperatorCommand::Nodes => (client.nodes().await?, View::Nodes),
         OperatorCommand::Leader => (client.leader().await?, View::Leader),
+        OperatorCommand::Token(command) => token::run(&client, command).await?,
     };
     let text = if json {
         let mut text = serde_json::to_string_pretty(&answer).context("encoding the answer")?;
@@ -543,6 +551,9 @@ fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
         View::Lifecycle => lifecycle::render_result(answer),
         View::LifecycleSummary => lifecycle::render_summary(answer),
         View::Diagnosis => lifecycle::render_diagnosis(answer),
+        View::TokenCreated => token::render_created(answer),
+        View::Tokens => token::render_list(answer),
+        View::TokenRevoked => token::render_revoked(answer),
         View::EventSent => match answer["delivered"].as_str() {
             Some("woke") => "delivered: the instance was waiting for it and runs on\n".to_owned(),
             Some("kept") => "delivered: kept until the instance waits for it\n".to_owned(),
@@ -828,8 +839,6 @@ mod tests {
             r#"email="a@b.c""#,
             "--set",
             "flags={\"x\":[1,2]}",
-            "--actor",
-            "ada",
         ])
         .expect("parses");
         match cli.command {
@@ -838,7 +847,6 @@ mod tests {
                 current_step,
                 next_step,
                 set,
-                actor,
             } => {
                 assert_eq!(id, "0190");
                 assert!(next_step && !current_step);
@@ -850,7 +858,6 @@ mod tests {
                         ("flags".to_owned(), json!({"x": [1, 2]})),
                     ]
                 );
-                assert_eq!(actor, "ada");
             }
             other => panic!("parsed as {other:?}"),
         }

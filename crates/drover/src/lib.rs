@@ -36,6 +36,16 @@ pub struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     pub api_url: String,
+    /// The API token the operator commands send (`drover token create` makes one; the
+    /// nodes' DROVER_ADMIN_TOKEN is one too).
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub token: Option<drover_api::Secret>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -54,6 +64,10 @@ pub enum Command {
     },
     #[command(flatten)]
     Operator(cli::OperatorCommand),
+}
+
+fn parse_secret(token: &str) -> Result<drover_api::Secret, String> {
+    Ok(drover_api::Secret::new(token.trim()))
 }
 
 /// Parses the command line and runs it with `handlers` registered in the worker role.
@@ -86,7 +100,9 @@ pub fn main(handlers: Handlers) -> ExitCode {
                 println!("migrations applied");
                 Ok(())
             }
-            Command::Operator(command) => cli::run(command, &cli.api_url, cli.json).await,
+            Command::Operator(command) => {
+                cli::run(command, &cli.api_url, cli.token, cli.json).await
+            }
         }
     });
     match result {

@@ -85,12 +85,53 @@ pub struct NodeArgs {
     /// Apply migrations before starting.
     #[arg(long, env = "DROVER_MIGRATE")]
     pub migrate: bool,
+    /// API authentication: `on` (every request needs a bearer token) or `off` (anyone who
+    /// reaches the API is an admin: for a laptop only; warned about at every start and in
+    /// /readyz).
+    #[arg(long, env = "DROVER_AUTH", default_value = "on", value_parser = ["on", "off"])]
+    pub auth: String,
+    /// The bootstrap admin token (at least 32 characters), accepted by the api role as an
+    /// admin token named `bootstrap`. Prefer --admin-token-file; never pass it on a command
+    /// line others can read.
+    #[arg(long, env = "DROVER_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_secret)]
+    pub admin_token: Option<drover_api::Secret>,
+    /// A file holding the bootstrap admin token (surrounding whitespace is ignored).
+    #[arg(long, env = "DROVER_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+}
+
+fn parse_secret(token: &str) -> Result<drover_api::Secret, String> {
+    Ok(drover_api::Secret::new(token.trim()))
+}
+
+impl NodeArgs {
+    /// The api role's authentication, from --auth and the bootstrap token.
+    fn auth_mode(&self) -> anyhow::Result<drover_api::AuthMode> {
+        if self.auth == "off" {
+            return Ok(drover_api::AuthMode::Off);
+        }
+        let bootstrap = match (&self.admin_token, &self.admin_token_file) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the admin token file {}", path.display()))?;
+                Some(drover_api::Secret::new(text.trim()))
+            }
+            (None, None) => None,
+        };
+        drover_api::AuthMode::on(bootstrap).map_err(anyhow::Error::msg)
+    }
 }
 
 /// How long a node may fail to heartbeat before it stops itself (it may have been declared dead).
 const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(10);
 
 pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()> {
+    let auth = if args.roles.contains(&Role::Api) {
+        Some(args.auth_mode()?)
+    } else {
+        None
+    };
     let store = Store::connect(&StoreConfig {
         url: args.database_url.clone(),
         max_connections: args.db_pool,
@@ -184,7 +225,19 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
         // Scripts and tests read this line to find the api.
         println!("drover api listening on http://{addr}");
         tracing::info!(%addr, "api listening");
-        let state = drover_api::ApiState::new(store.clone(), bus.clone());
+        let auth = auth.context("invariant: the api role has an auth mode")?;
+        match &auth {
+            drover_api::AuthMode::Off => tracing::warn!(
+                "API authentication is OFF (--auth off): anyone who reaches {addr} is an admin; \
+                 use this on a laptop only"
+            ),
+            drover_api::AuthMode::On { bootstrap: None } => tracing::warn!(
+                "no bootstrap admin token (DROVER_ADMIN_TOKEN or --admin-token-file): only \
+                 tokens already stored are accepted"
+            ),
+            drover_api::AuthMode::On { bootstrap: Some(_) } => {}
+        }
+        let state = drover_api::ApiState::new(store.clone(), bus.clone()).with_auth(auth);
         let token = shutdown.clone();
         tasks.spawn(async move {
             (

@@ -37,6 +37,12 @@ pub enum Error {
         "campaign {0:?} has no limit (it was created without one); create a limited campaign instead"
     )]
     UnlimitedCampaign(String),
+    /// A token name that is not a slug, or the reserved `bootstrap`.
+    #[error("token name {0:?} is not a slug ([a-z0-9][a-z0-9_-]{{0,62}}) or is reserved")]
+    InvalidTokenName(String),
+    /// A live (neither revoked nor expired) token has this name.
+    #[error("token {0:?} exists already; revoke it first to reuse its name")]
+    TokenExists(String),
     #[error("stored row is corrupt: {0}")]
     Corrupt(String),
 }

@@ -21,6 +21,7 @@ mod operator;
 mod outbox;
 mod recovery;
 mod semaphore;
+mod tokens;
 mod waiting;
 
 use std::time::Duration;
@@ -46,6 +47,7 @@ pub use semaphore::{
     Admitted, CampaignStatus, Drift, DriftKind, LIMIT_RANGE, LimitSet, NewCampaign, OnErrorPermit,
     PermitEvent, PermitEventKind, PermitEvents, Reconciled, SEMAPHORE_ACTOR,
 };
+pub use tokens::{ApiToken, BOOTSTRAP_TOKEN, NewToken};
 
 /// The embedded schema migrations.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
@@ -94,6 +96,12 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// One round trip to the database (for readiness checks).
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     /// Applies pending migrations; safe to run from several processes at once.

@@ -25,7 +25,7 @@ async fn a_campaign_is_created_shown_listed_and_refused_when_invalid_or_taken() 
     let env = TestEnv::new().await;
     let (status, body) = create(
         &env,
-        json!({"name": "spring", "max_running": 3, "on_error_permit": "hold", "actor": "ada"}),
+        json!({"name": "spring", "max_running": 3, "on_error_permit": "hold"}),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -182,25 +182,20 @@ async fn the_client_speaks_the_campaign_routes() {
     let url = format!("http://{}", listener.local_addr().expect("an address"));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(crate::serve(listener, env.state.clone(), shutdown.clone()));
-    let client = crate::ApiClient::new(&url).expect("a client");
+    let client = crate::ApiClient::new(&url)
+        .expect("a client")
+        .with_token(crate::Secret::new(env.token.clone()));
     let created = client
         .create_campaign(&crate::CreateCampaign {
             name: "spring".to_owned(),
             max_running: Some(2),
             on_error_permit: None,
-            actor: Some("ada".to_owned()),
         })
         .await
         .expect("creates");
     assert_eq!(created["on_error_permit"], "release");
     let changed = client
-        .set_campaign_limit(
-            "spring",
-            &crate::SetLimit {
-                max_running: 5,
-                actor: None,
-            },
-        )
+        .set_campaign_limit("spring", &crate::SetLimit { max_running: 5 })
         .await
         .expect("changes");
     assert_eq!(changed["campaign"]["max_running"], 5);

@@ -74,10 +74,7 @@ async fn a_paused_instance_names_who_paused_it() {
     deploy_all(&env).await;
     let id = one(&env, "steps").await;
     let (status, body) = env
-        .post_json(
-            &format!("/v1/instances/{id}/pause"),
-            &json!({ "actor": "ada" }),
-        )
+        .post_json(&format!("/v1/instances/{id}/pause"), &json!({}))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (cause, summary, details) = why(&env, id).await;
@@ -296,10 +293,7 @@ async fn a_running_instance_names_its_node_and_whether_it_is_alive() {
     assert_eq!(details["node"]["id"], json!(node.to_string()));
 
     let (status, body) = env
-        .post_json(
-            &format!("/v1/instances/{id}/stop"),
-            &json!({ "actor": "ada" }),
-        )
+        .post_json(&format!("/v1/instances/{id}/stop"), &json!({}))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (_, summary, _) = why(&env, id).await;

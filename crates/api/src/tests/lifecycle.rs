@@ -160,7 +160,11 @@ pub(super) async fn commit(
                 ..Completion::of(
                     claimed,
                     Utc::now(),
-                    if error.is_some() { "failed" } else { "completed" },
+                    if error.is_some() {
+                        "failed"
+                    } else {
+                        "completed"
+                    },
                     transition,
                 )
             }],
@@ -217,24 +221,22 @@ pub(super) async fn with_child(env: &TestEnv, node: NodeId, parent: InstanceId) 
     child
 }
 
-async fn act(env: &TestEnv, id: InstanceId, command: &str, actor: &str) -> (StatusCode, Value) {
-    env.post_json(
-        &format!("/v1/instances/{id}/{command}"),
-        &json!({ "actor": actor }),
-    )
-    .await
+/// Sends `command` as the test's token, `ada`.
+async fn act(env: &TestEnv, id: InstanceId, command: &str) -> (StatusCode, Value) {
+    env.post_json(&format!("/v1/instances/{id}/{command}"), &json!({}))
+        .await
 }
 
 /// Acts and expects 200; answers the body.
 async fn ok(env: &TestEnv, id: InstanceId, command: &str) -> Value {
-    let (status, body) = act(env, id, command, "ada").await;
+    let (status, body) = act(env, id, command).await;
     assert_eq!(status, StatusCode::OK, "{command} {id}: {body}");
     body
 }
 
 /// Acts and expects a 409 with `code`; answers the message.
 async fn conflict(env: &TestEnv, id: InstanceId, command: &str, code: &str) -> String {
-    let (status, body) = act(env, id, command, "ada").await;
+    let (status, body) = act(env, id, command).await;
     assert_eq!(status, StatusCode::CONFLICT, "{command} {id}: {body}");
     assert_error(&body, code)
 }
@@ -365,7 +367,7 @@ async fn pausing_a_ready_instance_fences_its_job_and_unpausing_dispatches_a_new_
                 0,
                 "started".to_owned(),
                 "ready".to_owned(),
-                Some("api".to_owned())
+                Some("ada".to_owned())
             ),
             (
                 1,
@@ -545,7 +547,7 @@ async fn in_error_and_finished_instances_refuse_what_their_state_does_not_allow(
 
     let unknown = InstanceId::new();
     for command in ["pause", "unpause", "stop", "kill", "restart"] {
-        let (status, body) = act(&env, unknown, command, "ada").await;
+        let (status, body) = act(&env, unknown, command).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
         assert_error(&body, "not_found");
     }
@@ -555,10 +557,14 @@ async fn in_error_and_finished_instances_refuse_what_their_state_does_not_allow(
     let (status, body) = env
         .post_json(
             &format!("/v1/instances/{done}/kill"),
-            &json!({ "actor": " " }),
+            &json!({ "actor": "mallory" }),
         )
         .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "the actor is the token's name; a body cannot claim one: {body}"
+    );
     let (status, body) = env
         .post_json(
             &format!("/v1/instances/{done}/kill"),
@@ -571,7 +577,7 @@ async fn in_error_and_finished_instances_refuse_what_their_state_does_not_allow(
         "unknown fields are refused: {body}"
     );
 
-    // No body at all: the actor is `api`.
+    // No body at all: the actor is still the token's name.
     let ready = one(&env, "steps").await;
     let (status, body) = env
         .call(
@@ -582,7 +588,7 @@ async fn in_error_and_finished_instances_refuse_what_their_state_does_not_allow(
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(audit(&env, ready).await[0].0, "api");
+    assert_eq!(audit(&env, ready).await[0].0, "ada");
     env.cleanup().await;
 }
 
@@ -953,10 +959,7 @@ async fn commands_by_filter_apply_to_each_matching_instance_and_count_what_they_
     let node = fake_node(&env).await;
 
     let (status, body) = env
-        .post_json(
-            "/v1/instances/pause",
-            &json!({ "campaign": "batch", "actor": "ada" }),
-        )
+        .post_json("/v1/instances/pause", &json!({ "campaign": "batch" }))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(

@@ -134,7 +134,11 @@ async fn run_step(
                 ..Completion::of(
                     claimed,
                     Utc::now(),
-                    if error.is_some() { "failed" } else { "completed" },
+                    if error.is_some() {
+                        "failed"
+                    } else {
+                        "completed"
+                    },
                     transition,
                 )
             }],
@@ -190,7 +194,7 @@ async fn resuming_the_current_step_retries_it_at_a_new_checkpoint_with_a_job_and
     let (status, body) = resume(
         &env,
         id,
-        &json!({"mode": "current_step", "set": {"status": 200, "note": {"by": "ada"}}, "actor": "ada"}),
+        &json!({"mode": "current_step", "set": {"status": 200, "note": {"by": "ada"}}}),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -308,7 +312,7 @@ async fn resuming_the_next_step_follows_the_steps_transitions_with_set_applied_f
         (&entry["outcome"], &entry["step_id"], &entry["transition"]),
         (&json!("resumed"), &json!("call"), &json!("skipped"))
     );
-    assert_eq!(entry["actor"], "api", "the default actor");
+    assert_eq!(entry["actor"], "ada", "the token's name");
     let (retryable, timeout_ms): (bool, i64) =
         sqlx::query_as("SELECT step_retryable, step_timeout_ms FROM instance WHERE id = $1")
             .bind(skipped.0)
@@ -437,7 +441,6 @@ async fn bad_resume_requests_are_refused_before_anything_changes() {
     for request in [
         json!({"mode": "next_step", "set": [1]}),
         json!({"mode": "next_step", "set": "skip=true"}),
-        json!({"mode": "next_step", "actor": " "}),
     ] {
         let (status, body) = resume(&env, id, &request).await;
         assert_eq!(

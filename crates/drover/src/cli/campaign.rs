@@ -21,9 +21,6 @@ pub enum CampaignCommand {
         /// queued instance starts; the failed one re-queues when resumed) or `hold` it.
         #[arg(long, value_parser = ["release", "hold"])]
         on_error_permit: Option<String>,
-        /// Who creates it, for the audit trail.
-        #[arg(long, env = "USER", default_value = "operator")]
-        actor: String,
     },
     /// Change a campaign's limit at once: raising it starts queued instances now; lowering it
     /// stops nobody (no instance starts until fewer than the new limit run).
@@ -33,9 +30,6 @@ pub enum CampaignCommand {
         /// The new limit (1 to 100000).
         #[arg(value_parser = clap::value_parser!(i64).range(1..=100_000))]
         max_running: i64,
-        /// Who changes it, for the audit trail.
-        #[arg(long, env = "USER", default_value = "operator")]
-        actor: String,
     },
     /// List campaigns with their limits and counts.
     List,
@@ -53,25 +47,16 @@ pub(super) async fn run(client: &ApiClient, command: CampaignCommand) -> Result<
             name,
             max_running,
             on_error_permit,
-            actor,
         } => {
             let request = CreateCampaign {
                 name,
                 max_running,
                 on_error_permit,
-                actor: Some(actor),
             };
             (client.create_campaign(&request).await?, View::Campaign)
         }
-        CampaignCommand::SetLimit {
-            name,
-            max_running,
-            actor,
-        } => {
-            let request = SetLimit {
-                max_running,
-                actor: Some(actor),
-            };
+        CampaignCommand::SetLimit { name, max_running } => {
+            let request = SetLimit { max_running };
             (
                 client.set_campaign_limit(&name, &request).await?,
                 View::LimitChanged,

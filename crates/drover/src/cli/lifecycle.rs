@@ -28,9 +28,6 @@ pub struct LifecycleArgs {
     /// Only instances of this workflow.
     #[arg(long)]
     pub workflow: Option<String>,
-    /// Who acts, for the journal and the audit trail.
-    #[arg(long, env = "USER", default_value = "operator")]
-    pub actor: String,
 }
 
 /// Sends the command; answers the API's JSON and whether it is a filter's summary.
@@ -39,13 +36,9 @@ pub(super) async fn run(
     command: LifecycleCommand,
     args: LifecycleArgs,
 ) -> Result<(Value, bool)> {
-    let actor = match args.actor.trim() {
-        "" => "operator".to_owned(),
-        actor => actor.to_owned(),
-    };
     match args.id {
         Some(id) => {
-            let request = LifecycleRequest { actor: Some(actor) };
+            let request = LifecycleRequest {};
             Ok((client.lifecycle(&id, command, &request).await?, false))
         }
         None if args.campaign.is_none() && args.state.is_none() && args.workflow.is_none() => {
@@ -56,7 +49,6 @@ pub(super) async fn run(
                 campaign: args.campaign,
                 workflow: args.workflow,
                 state: args.state,
-                actor: Some(actor),
             };
             Ok((client.lifecycle_many(command, &request).await?, true))
         }
@@ -161,13 +153,14 @@ mod tests {
 
     #[test]
     fn lifecycle_commands_take_an_id_or_a_filter_but_not_both() {
-        let OperatorCommand::Kill(args) =
-            parse(&["kill", "0190", "--actor", "ada"]).expect("parses")
-        else {
+        let OperatorCommand::Kill(args) = parse(&["kill", "0190"]).expect("parses") else {
             panic!("not a kill");
         };
         assert_eq!(args.id.as_deref(), Some("0190"));
-        assert_eq!(args.actor, "ada");
+        assert!(
+            parse(&["kill", "0190", "--actor", "ada"]).is_err(),
+            "the actor is the token's name, not a flag"
+        );
         let OperatorCommand::Pause(args) = parse(&[
             "pause",
             "--campaign",
