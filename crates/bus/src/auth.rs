@@ -181,3 +181,53 @@ mod tests {
         assert!(!err.to_string().contains("secret"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+    use crate::BusConfig;
+
+    #[tokio::test]
+    async fn half_a_client_certificate_or_a_missing_seed_file_is_a_clear_error() {
+        let config = BusConfig {
+            tls: TlsConfig {
+                cert_file: Some("client.pem".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = config
+            .connect_options()
+            .await
+            .expect_err("a cert without a key");
+        assert!(err.to_string().contains("key"), "{err}");
+
+        let config = BusConfig {
+            auth: NatsAuth::NKeySeedFile("/nonexistent/drover.nk".into()),
+            ..Default::default()
+        };
+        let err = config.connect_options().await.expect_err("no seed file");
+        assert!(err.to_string().contains("/nonexistent/drover.nk"), "{err}");
+
+        let config = BusConfig {
+            url: "nats://a:4222,nats://b:bad".to_owned(),
+            ..Default::default()
+        };
+        let err = config.connect_client().await.expect_err("a bad port");
+        assert!(err.to_string().contains("nats://b:bad"), "{err}");
+    }
+
+    #[test]
+    fn a_bus_config_debug_shows_no_secret() {
+        let config = BusConfig {
+            url: "nats://u:pw-in-url@a:4222".to_owned(),
+            auth: NatsAuth::Token(Secret::new("the-token")),
+            ..Default::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("pw-in-url") && !shown.contains("the-token"),
+            "{shown}"
+        );
+    }
+}

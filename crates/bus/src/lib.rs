@@ -100,13 +100,24 @@ impl BusConfig {
     /// events or sending signals needs. Waits for the first connection (retrying), so wrong
     /// credentials show as warnings from the server and, later, timeouts.
     pub async fn connect_client(&self) -> Result<async_nats::Client> {
+        let servers = server_addrs(&self.url)?;
+        self.connect_options()
+            .await?
+            .connect(servers)
+            .await
+            .map_err(|e| Error::Connect(e.to_string()))
+    }
+
+    /// The options [`BusConfig::connect_client`] connects with (servers aside: see
+    /// [`server_addrs`]). It logs the server's errors (a permissions violation names the
+    /// subject) through an event callback; replacing it loses those logs.
+    pub async fn connect_options(&self) -> Result<async_nats::ConnectOptions> {
         if !is_valid_prefix(&self.prefix) {
             return Err(Error::Config(format!(
                 "invalid subject prefix {:?}: use [a-z0-9][a-z0-9_-]*",
                 self.prefix
             )));
         }
-        let servers = server_addrs(&self.url)?;
         let user = permissions::user_for(&self.roles);
         let mut options = async_nats::ConnectOptions::new()
             .name(&self.name)
@@ -177,10 +188,7 @@ impl BusConfig {
         if tls.required {
             options = options.require_tls(true);
         }
-        options
-            .connect(servers)
-            .await
-            .map_err(|e| Error::Connect(e.to_string()))
+        Ok(options)
     }
 }
 

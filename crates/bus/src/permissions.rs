@@ -235,7 +235,14 @@ pub fn cluster_users(config: &AuthorizationConfig) -> Result<Vec<NatsUser>> {
     };
     let mut users = Vec::new();
     for role in NatsRole::NODE {
-        let comment = format!("`drover node --roles {}`", role.as_str());
+        let mut comment = format!("`drover node --roles {}`", role.as_str());
+        if role == NatsRole::Worker && config.publish_allow.is_none() {
+            comment.push_str(
+                ".\n`publish` steps may reach any subject but `$…`, `_INBOX.…` and the cluster's own:\n\
+                 as deny rules beat allow rules, that is `>` minus a deny-list, which leaves other\n\
+                 streams' JetStream API reachable. `--publish-allow` confines it to a list.",
+            );
+        }
         users.push(user(role.as_str(), grants.of(&[role]), &comment));
     }
     users.push(user(
