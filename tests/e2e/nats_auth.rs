@@ -273,7 +273,7 @@ async fn a_cluster_with_one_nats_user_per_role_runs_publish_and_wait_event_workf
     let api_node = env
         .spawn_node_env("api", &[], &server.node_env("api")?)
         .await?;
-    let _worker = env
+    let mut worker = env
         .spawn_node_env("worker", &[], &server.node_env("worker")?)
         .await?;
     let _coordinator = env
@@ -367,6 +367,23 @@ async fn a_cluster_with_one_nats_user_per_role_runs_publish_and_wait_event_workf
     let expected: HashSet<String> = ids.iter().cloned().collect();
     assert_eq!(live_done, expected);
     assert_eq!(read_done, expected);
+
+    // A worker dies: the leader publishes its recovery task and a coordinator takes it.
+    let mut tasks = listener.subscribe(s.recovery_filter()).await?;
+    worker.kill().await?;
+    let task = tokio::time::timeout(Duration::from_secs(20), tasks.next())
+        .await
+        .context("no recovery task for the killed worker within 20 s")?
+        .context("subscription ended")?;
+    let task = drover_bus::RecoveryTask::decode(&task.payload)
+        .map_err(|e| anyhow::anyhow!("a recovery task that does not decode: {e}"))?;
+    assert_eq!(task.node, worker.id);
+    wait_until(
+        "the recovery task to be taken",
+        Duration::from_secs(20),
+        || async { Ok((messages_in(&env, &s.recovery_stream()).await? == 0).then_some(())) },
+    )
+    .await?;
 
     // Nobody overstepped: the server logged no permission violation.
     let violations = server.violations();
