@@ -13,7 +13,7 @@ use serde_json::json;
 async fn events_claimed_by_a_relay_that_died_are_sent_once_its_claim_lapses() -> anyhow::Result<()>
 {
     let env = TestEnv::new().await?;
-    let client = async_nats::connect(&env.nats_url).await?;
+    let client = env.nats_client().await?;
     let mut events = client.subscribe(format!("{}.evt.>", env.prefix)).await?;
     // An event written by some transition, claimed by a node's relay, which was then killed
     // before it published (it claims exactly as every node's relay does).

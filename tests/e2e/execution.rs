@@ -59,7 +59,7 @@ async fn branching_workflow_completes_on_two_workers_with_a_checkpoint_and_event
     let recorder = Recorder::default();
     let recorder_url = recorder.start().await?;
     let subject = format!("ext{}.announce", env.prefix);
-    let client = async_nats::connect(&env.nats_url).await?;
+    let client = env.nats_client().await?;
     let mut announced = client.subscribe(subject.clone()).await?;
     let mut events = client.subscribe(format!("{}.evt.>", env.prefix)).await?;
 

@@ -6,6 +6,7 @@ mod events;
 mod execution;
 mod fencing;
 mod lifecycle;
+mod nats_auth;
 mod operator;
 mod recovery;
 mod security;

@@ -15,7 +15,11 @@ const ONE_STEP: &str = "name: one\nsteps:\n  - id: done\n    kind: end\n    stat
 async fn tokens_never_reach_the_logs_even_at_trace_level() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
     let mut node = env
-        .spawn_node_env("worker,api,coordinator", &[], &[("RUST_LOG", "trace")])
+        .spawn_node_env(
+            "worker,api,coordinator",
+            &[],
+            &[("RUST_LOG".to_owned(), "trace".to_owned())],
+        )
         .await?;
     let api = node.api().to_owned();
     let created: Value = serde_json::from_str(

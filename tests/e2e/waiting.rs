@@ -54,7 +54,7 @@ steps:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sleep_survives_every_node_being_killed_while_it_waits() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let client = async_nats::connect(&env.nats_url).await?;
+    let client = env.nats_client().await?;
     let mut events = client.subscribe(format!("{}.evt.>", env.prefix)).await?;
     let mut first = env.spawn_node("worker,api,coordinator").await?;
     let mut second = env.spawn_node("worker,coordinator").await?;

@@ -1,6 +1,7 @@
 //! The end-to-end harness: a [`TestEnv`] with its own database and subject prefix, nodes as
 //! real OS processes (so they can be killed), a recording HTTP server, and `wait_until`.
 
+mod nats_server;
 mod recorder;
 
 use std::future::Future;
@@ -16,6 +17,7 @@ use rand::Rng;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+pub use nats_server::{NatsServer, nats_server_bin};
 pub use recorder::{Recorded, Recorder};
 
 const UNSET: &str = "the end-to-end tests need real services: set DATABASE_URL (e.g. \
@@ -32,6 +34,8 @@ pub struct TestEnv {
     pub prefix: String,
     pub store: Store,
     pub bus: Bus,
+    /// How `bus` connected: [`TestEnv::nats_client`] connects alike.
+    pub bus_config: BusConfig,
     #[cfg(feature = "testcontainers")]
     _containers: Option<containers::Containers>,
 }
@@ -43,7 +47,7 @@ pub fn admin_token() -> &'static str {
     TOKEN.get_or_init(|| format!("drv_test_{}", random_hex(48)))
 }
 
-fn random_hex(n: usize) -> String {
+pub(crate) fn random_hex(n: usize) -> String {
     let mut rng = rand::rng();
     (0..n)
         .map(|_| format!("{:x}", rng.random_range(0..16u8)))
@@ -98,13 +102,14 @@ impl TestEnv {
         .await?;
         store.migrate().await?;
         let prefix = format!("t{}", random_hex(10));
-        let bus = Bus::connect(BusConfig {
+        let bus_config = BusConfig {
             url: nats_url.clone(),
             prefix: prefix.clone(),
             ..Default::default()
-        })
-        .await
-        .with_context(|| format!("connecting to NATS_URL ({UNSET})"))?;
+        };
+        let bus = Bus::connect(bus_config.clone())
+            .await
+            .with_context(|| format!("connecting to NATS_URL ({UNSET})"))?;
         Ok(Self {
             database_url,
             database,
@@ -113,9 +118,53 @@ impl TestEnv {
             prefix,
             store,
             bus,
+            bus_config,
             #[cfg(feature = "testcontainers")]
             _containers: containers,
         })
+    }
+
+    /// A world on the private server `nats` (its cluster prefix, its administrator for the
+    /// harness's own bus) and its own database on `DATABASE_URL`.
+    pub async fn with_nats(nats: &NatsServer) -> anyhow::Result<Self> {
+        let admin_url = std::env::var("DATABASE_URL").map_err(|_| anyhow::anyhow!(UNSET))?;
+        let database = format!("drover_t_{}", random_hex(12));
+        let admin = sqlx::PgPool::connect(&admin_url)
+            .await
+            .with_context(|| format!("connecting to DATABASE_URL ({UNSET})"))?;
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&admin)
+            .await
+            .context("creating the test database")?;
+        admin.close().await;
+        let database_url = with_database(&admin_url, &database)?;
+        let store = Store::connect(&StoreConfig {
+            url: database_url.clone(),
+            max_connections: 5,
+        })
+        .await?;
+        store.migrate().await?;
+        let bus_config = nats.admin_bus_config()?;
+        let bus = Bus::connect(bus_config.clone())
+            .await
+            .context("connecting to the test's nats-server as its administrator")?;
+        Ok(Self {
+            database_url,
+            database,
+            admin_url,
+            nats_url: nats.url.clone(),
+            prefix: nats.prefix.clone(),
+            store,
+            bus,
+            bus_config,
+            #[cfg(feature = "testcontainers")]
+            _containers: None,
+        })
+    }
+
+    /// A plain NATS client connected as the harness's own bus is.
+    pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
+        Ok(self.bus_config.connect_client().await?)
     }
 
     /// Starts a node process with `roles` (e.g. "worker,api").
@@ -129,12 +178,12 @@ impl TestEnv {
     }
 
     /// Starts a node process with `roles`, extra `drover node` arguments and extra (or
-    /// overriding) environment variables.
+    /// overriding) environment variables, e.g. its NATS credentials.
     pub async fn spawn_node_env(
         &self,
         roles: &str,
         args: &[&str],
-        envs: &[(&str, &str)],
+        envs: &[(String, String)],
     ) -> anyhow::Result<NodeProcess> {
         let log = log_dir().join(format!("{}-{}.log", self.prefix, random_hex(6)));
         let log_file =
@@ -152,7 +201,7 @@ impl TestEnv {
                 "RUST_LOG",
                 std::env::var("DROVER_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .envs(envs.iter().copied())
+            .envs(envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log_file)
             .kill_on_drop(true)

@@ -1,9 +1,11 @@
 //! All of Drover's NATS: subjects, stream and consumer provisioning, the `StepJob` wire
 //! format, CloudEvents, and publishing with deterministic `Nats-Msg-Id`s.
 
+mod auth;
 mod error;
 mod event;
 mod job;
+pub mod permissions;
 mod subjects;
 
 use std::time::Duration;
@@ -14,18 +16,32 @@ use bytes::Bytes;
 use drover_core::event::{PermitEvent, PermitEvents};
 use drover_core::{OutboxEvent, StepSeq};
 
+pub use auth::{NatsAuth, Secret, TlsConfig, redact_url, server_addrs};
 pub use error::{Error, Result};
 pub use event::{EventKind, InstanceRef};
 pub use job::{DecodeError, RecoveryTask, StepJob};
+pub use permissions::NatsRole;
 pub use subjects::{Subjects, is_valid_prefix};
 
 /// How to reach NATS and how to name things there.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BusConfig {
+    /// The server, or several separated by commas (`nats://a:4222,nats://b:4222`): the
+    /// client connects to one and fails over to the others.
     pub url: String,
     /// Subject prefix of this cluster (`drover` unless several clusters share a server; tests
     /// use a random one). Also names the streams: `<PREFIX>_JOBS`, `<PREFIX>_EVENTS`.
     pub prefix: String,
+    /// What this connection does: names its inbox prefix (`_INBOX.<prefix>.<user>`, see
+    /// [`permissions::user_for`]) and decides which streams and consumers
+    /// [`Bus::connect`] provisions. If unsure: every node role, [`NatsRole::NODE`].
+    pub roles: Vec<NatsRole>,
+    /// Who this connection is. If unsure: [`NatsAuth::None`] on a developer's machine, a user
+    /// of `drover nats-config` anywhere else.
+    pub auth: NatsAuth,
+    pub tls: TlsConfig,
+    /// The connection's name, shown by the server's monitoring. If unsure: `drover`.
+    pub name: String,
     /// How long the EVENTS stream keeps events. If unsure: a day.
     pub events_max_age: Duration,
     /// Job messages larger than this are garbage: terminated, never decoded. Real jobs are
@@ -43,11 +59,136 @@ impl Default for BusConfig {
         Self {
             url: "nats://127.0.0.1:4222".to_owned(),
             prefix: "drover".to_owned(),
+            roles: NatsRole::NODE.to_vec(),
+            auth: NatsAuth::None,
+            tls: TlsConfig::default(),
+            name: "drover".to_owned(),
             events_max_age: Duration::from_secs(24 * 3600),
             max_job_bytes: 4096,
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
         }
+    }
+}
+
+/// Passwords in `url` are redacted; secrets in `auth` print as `***`.
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusConfig")
+            .field("url", &redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("roles", &self.roles)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .field("name", &self.name)
+            .field("events_max_age", &self.events_max_age)
+            .field("max_job_bytes", &self.max_job_bytes)
+            .field("ack_wait", &self.ack_wait)
+            .field("max_deliver", &self.max_deliver)
+            .finish()
+    }
+}
+
+impl BusConfig {
+    /// The subjects and stream names of this configuration's cluster.
+    pub fn subjects(&self) -> Subjects {
+        Subjects::new(&self.prefix)
+    }
+
+    /// Connects a plain client as this configuration says (servers, credentials, TLS, inbox
+    /// prefix), provisioning nothing: what [`Bus::connect`] uses, and what a program reading
+    /// events or sending signals needs. Waits for the first connection (retrying), so wrong
+    /// credentials show as warnings from the server and, later, timeouts.
+    pub async fn connect_client(&self) -> Result<async_nats::Client> {
+        let servers = server_addrs(&self.url)?;
+        self.connect_options()
+            .await?
+            .connect(servers)
+            .await
+            .map_err(|e| Error::Connect(e.to_string()))
+    }
+
+    /// The options [`BusConfig::connect_client`] connects with (servers aside: see
+    /// [`server_addrs`]). It logs the server's errors (a permissions violation names the
+    /// subject) through an event callback; replacing it loses those logs.
+    pub async fn connect_options(&self) -> Result<async_nats::ConnectOptions> {
+        if !is_valid_prefix(&self.prefix) {
+            return Err(Error::Config(format!(
+                "invalid subject prefix {:?}: use [a-z0-9][a-z0-9_-]*",
+                self.prefix
+            )));
+        }
+        let user = permissions::user_for(&self.roles);
+        let mut options = async_nats::ConnectOptions::new()
+            .name(&self.name)
+            .custom_inbox_prefix(self.subjects().inbox_prefix(user))
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::ServerError(err) => {
+                        tracing::warn!(%err, "nats server error");
+                    }
+                    async_nats::Event::ClientError(err) => {
+                        tracing::warn!(%err, "nats client error");
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    other => tracing::debug!(event = %other, "nats"),
+                }
+            });
+        options = match &self.auth {
+            NatsAuth::None => options,
+            NatsAuth::UserPassword { user, password } => {
+                options.user_and_password(user.clone(), password.expose().to_owned())
+            }
+            NatsAuth::Token(token) => options.token(token.expose().to_owned()),
+            NatsAuth::NKeySeedFile(path) => {
+                let seed = tokio::fs::read_to_string(path).await.map_err(|err| {
+                    Error::Config(format!(
+                        "reading the NKey seed file {}: {err}",
+                        path.display()
+                    ))
+                })?;
+                let seed = seed
+                    .lines()
+                    .map(str::trim)
+                    .find(|line| line.starts_with('S'))
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "the NKey seed file {} holds no seed (a line starting with `S`)",
+                            path.display()
+                        ))
+                    })?;
+                options.nkey(seed.to_owned())
+            }
+            NatsAuth::CredsFile(path) => options.credentials_file(path).await.map_err(|err| {
+                Error::Config(format!(
+                    "reading the credentials file {}: {err}",
+                    path.display()
+                ))
+            })?,
+        };
+        let tls = &self.tls;
+        if let Some(ca) = &tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::Config(
+                    "a TLS client certificate needs both its certificate and its key file"
+                        .to_owned(),
+                ));
+            }
+        }
+        if tls.required {
+            options = options.require_tls(true);
+        }
+        Ok(options)
     }
 }
 
@@ -68,21 +209,12 @@ pub const RECOVERY_CONSUMER: &str = "coordinators";
 pub const SIGNAL_QUEUE: &str = "signals";
 
 impl Bus {
-    /// Connects and provisions the streams idempotently (several nodes may do so at once).
+    /// Connects and provisions, idempotently (several nodes may do so at once), what
+    /// `config.roles` use: every node role the JOBS and EVENTS streams, a worker the
+    /// `workers` consumer, a coordinator the RECOVERY stream and its consumer. Other roles
+    /// provision nothing.
     pub async fn connect(config: BusConfig) -> Result<Self> {
-        if !is_valid_prefix(&config.prefix) {
-            return Err(Error::Config(format!(
-                "invalid subject prefix {:?}: use [a-z0-9][a-z0-9_-]*",
-                config.prefix
-            )));
-        }
-        let client = async_nats::ConnectOptions::new()
-            .name("drover")
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
-            .connect(&config.url)
-            .await
-            .map_err(|e| Error::Connect(e.to_string()))?;
+        let client = config.connect_client().await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(10))
             .build(client.clone());
@@ -98,6 +230,10 @@ impl Bus {
 
     async fn provision(&self) -> Result<()> {
         let s = &self.subjects;
+        let roles = &self.config.roles;
+        if !roles.iter().any(|r| r.is_node_role()) {
+            return Ok(());
+        }
         self.js
             .create_or_update_stream(stream::Config {
                 name: s.jobs_stream(),
@@ -122,6 +258,24 @@ impl Bus {
             })
             .await
             .map_err(|e| Error::Provision(format!("stream {}: {e}", s.events_stream())))?;
+        if roles.contains(&NatsRole::Coordinator) {
+            self.provision_recovery().await?;
+        }
+        if roles.contains(&NatsRole::Worker) {
+            let jobs = self
+                .js
+                .get_stream(s.jobs_stream())
+                .await
+                .map_err(|e| Error::Provision(format!("stream {}: {e}", s.jobs_stream())))?;
+            jobs.create_consumer(self.worker_consumer_config())
+                .await
+                .map_err(|e| Error::Provision(format!("consumer {WORKER_CONSUMER}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn provision_recovery(&self) -> Result<()> {
+        let s = &self.subjects;
         self.js
             .create_or_update_stream(stream::Config {
                 name: s.recovery_stream(),
@@ -149,14 +303,6 @@ impl Bus {
             })
             .await
             .map_err(|e| Error::Provision(format!("consumer {RECOVERY_CONSUMER}: {e}")))?;
-        let jobs = self
-            .js
-            .get_stream(s.jobs_stream())
-            .await
-            .map_err(|e| Error::Provision(format!("stream {}: {e}", s.jobs_stream())))?;
-        jobs.create_consumer(self.worker_consumer_config())
-            .await
-            .map_err(|e| Error::Provision(format!("consumer {WORKER_CONSUMER}: {e}")))?;
         Ok(())
     }
 
@@ -204,6 +350,28 @@ impl Bus {
             .get_consumer(WORKER_CONSUMER)
             .await
             .map_err(|e| Error::Provision(e.to_string()))
+    }
+
+    /// The durable pull consumer `name` on the EVENTS stream (every event, from the oldest
+    /// kept), created if missing: how an events reader reads without missing events while it
+    /// is away. Needs only what the `events-reader` user may do.
+    pub async fn events_consumer(&self, name: &str) -> Result<consumer::PullConsumer> {
+        let stream = self
+            .js
+            .get_stream(self.subjects.events_stream())
+            .await
+            .map_err(|e| {
+                Error::Provision(format!("stream {}: {e}", self.subjects.events_stream()))
+            })?;
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name.to_owned()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                filter_subject: self.subjects.event_filter(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Provision(format!("consumer {name}: {e}")))
     }
 
     /// Deletes this prefix's streams (tests and benchmarks clean up with it). Best effort.

@@ -101,6 +101,13 @@ impl Subjects {
         is_slug(event).then(|| (instance, event.to_owned()))
     }
 
+    /// The inbox prefix of a connection of `user` (`worker`, `node`, …):
+    /// `_INBOX.<prefix>.<user>`. Replies to its requests, and pulled messages, arrive below it,
+    /// so its NATS user subscribes to its own replies only.
+    pub fn inbox_prefix(&self, user: &str) -> String {
+        format!("_INBOX.{}.{user}", self.prefix)
+    }
+
     /// Does a user-chosen subject fall inside this cluster's own namespace?
     pub fn is_reserved(&self, subject: &str) -> bool {
         subject == self.prefix

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod cli;
+mod nats;
 mod node;
 mod telemetry;
 
@@ -22,6 +23,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use drover_worker::{HandlerInput, Handlers, StepError, WorkerConfig};
+pub use nats::{NatsArgs, NatsConfigArgs};
 pub use node::{NodeArgs, Role};
 
 /// Drover: durable workflows on Postgres and NATS JetStream.
@@ -56,12 +58,14 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a node with the given roles (worker, api).
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Apply the database migrations and exit.
     Migrate {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
     },
+    /// Print the nats-server users of a cluster: one per role, least privilege.
+    NatsConfig(NatsConfigArgs),
     #[command(flatten)]
     Operator(cli::OperatorCommand),
 }
@@ -87,7 +91,7 @@ pub fn main(handlers: Handlers) -> ExitCode {
         match cli.command {
             Command::Node(args) => {
                 telemetry::init();
-                node::run(args, handlers).await
+                node::run(*args, handlers).await
             }
             Command::Migrate { database_url } => {
                 telemetry::init();
@@ -100,6 +104,7 @@ pub fn main(handlers: Handlers) -> ExitCode {
                 println!("migrations applied");
                 Ok(())
             }
+            Command::NatsConfig(args) => nats::print_config(args),
             Command::Operator(command) => {
                 cli::run(command, &cli.api_url, cli.token, cli.json).await
             }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use drover_bus::{Bus, BusConfig};
+use drover_bus::{Bus, NatsRole};
 use drover_coordinator::{Coordinator, CoordinatorConfig};
 use drover_core::NodeId;
 use drover_store::{Heartbeat, Store, StoreConfig};
@@ -38,6 +38,16 @@ impl FromStr for Role {
 }
 
 impl Role {
+    /// What the role does on NATS: picks the node's inbox and NATS user (one role: its own;
+    /// several: `node`).
+    pub fn nats_role(self) -> NatsRole {
+        match self {
+            Role::Worker => NatsRole::Worker,
+            Role::Api => NatsRole::Api,
+            Role::Coordinator => NatsRole::Coordinator,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Role::Worker => "worker",
@@ -59,8 +69,8 @@ pub struct NodeArgs {
     pub roles: Vec<Role>,
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    #[command(flatten)]
+    pub nats: crate::nats::NatsArgs,
     /// Subject prefix (and stream-name stem) of this cluster.
     #[arg(long, env = "DROVER_PREFIX", default_value = "drover")]
     pub prefix: String,
@@ -141,13 +151,10 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
     if args.migrate {
         store.migrate().await.context("applying migrations")?;
     }
-    let bus = Bus::connect(BusConfig {
-        url: args.nats_url.clone(),
-        prefix: args.prefix.clone(),
-        ..Default::default()
-    })
-    .await
-    .context("connecting to NATS")?;
+    let bus_roles = args.roles.iter().map(|r| r.nats_role()).collect();
+    let bus = Bus::connect(args.nats.bus_config(&args.prefix, bus_roles))
+        .await
+        .context("connecting to NATS")?;
 
     if let Some(addr) = args.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
