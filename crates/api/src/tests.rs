@@ -397,10 +397,17 @@ async fn deploys_refuse_nats_system_subjects_and_subjects_outside_the_publish_al
     for (subject, needle) in [
         (format!("$JS.API.STREAM.DELETE.{jobs}"), "NATS system space"),
         ("_INBOX.abc".to_owned(), "NATS reply space"),
-        ("crm.lead.new".to_owned(), "publish allow-list (orders.>,crm.*)"),
+        (
+            "crm.lead.new".to_owned(),
+            "publish allow-list (orders.>,crm.*)",
+        ),
     ] {
         let (status, body) = env.deploy(&publishing(&subject)).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{subject}: {body}");
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{subject}: {body}"
+        );
         let detail = &body["error"]["details"][0];
         assert_eq!(detail["step"], "shout", "{body}");
         assert_eq!(detail["field"], "subject", "{body}");

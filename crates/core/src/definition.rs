@@ -1830,8 +1830,16 @@ steps:                        # the first step is the entry point
                 .map(|e| (e[0].step.as_deref(), e[0].field.as_str())),
             Some((Some("a"), "subject"))
         );
-        assert!(definition.check_publish(&PublishPolicy::new("drov")).is_ok());
-        assert!(definition.check_publish(&PublishPolicy::new("other")).is_ok());
+        assert!(
+            definition
+                .check_publish(&PublishPolicy::new("drov"))
+                .is_ok()
+        );
+        assert!(
+            definition
+                .check_publish(&PublishPolicy::new("other"))
+                .is_ok()
+        );
     }
 
     #[test]

@@ -257,7 +257,10 @@ mod tests {
         assert!(policy.check("drover.job.step").is_err());
         assert!(policy.check("_INBOX.x").is_err());
         policy.allow = Some(SubjectAllowList::default());
-        assert!(policy.check("any.thing").is_ok(), "an empty list is no list");
+        assert!(
+            policy.check("any.thing").is_ok(),
+            "an empty list is no list"
+        );
     }
 
     /// The matcher's definition, written differently: tokens side by side.
