@@ -2,6 +2,7 @@
 //! One test binary; every test makes its own `TestEnv` (database + subject prefix).
 
 mod bad_input;
+mod egress;
 mod events;
 mod execution;
 mod fencing;

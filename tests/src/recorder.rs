@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::any;
@@ -21,7 +21,7 @@ pub struct Recorded {
 
 /// Records requests; `/ok/*` answers 200 with JSON, `/slow/*` too after 1.5 s, `/fail/*`
 /// answers 500, `/missing/*` 404, `/status/*` the status its JSON body names in `status`
-/// (200 when it names none).
+/// (200 when it names none), `/redirect/*?to=URL` a 307 to `URL`.
 #[derive(Clone, Default)]
 pub struct Recorder {
     requests: Arc<Mutex<Vec<Recorded>>>,
@@ -49,9 +49,10 @@ impl Recorder {
 async fn handle(
     State(recorder): State<Recorder>,
     Path((kind, rest)): Path<(String, String)>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> impl IntoResponse {
+) -> axum::response::Response {
     let header = |name: &str| {
         headers
             .get(name)
@@ -70,6 +71,15 @@ async fn handle(
     }
     if kind == "slow" {
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    }
+    if kind == "redirect" {
+        let to = query.get("to").cloned().unwrap_or_default();
+        return (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(axum::http::header::LOCATION, to)],
+            axum::Json(json!({ "redirect": true })),
+        )
+            .into_response();
     }
     match kind.as_str() {
         "fail" => (
@@ -93,4 +103,5 @@ async fn handle(
             axum::Json(json!({ "ok": true, "got": body })),
         ),
     }
+    .into_response()
 }

@@ -41,6 +41,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use drover_bus::Bus;
+use drover_core::{PublishPolicy, SubjectAllowList};
 use drover_store::Store;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
@@ -76,22 +77,32 @@ pub struct ApiState {
     pub definitions: DefinitionCache,
     /// Who requests are; authentication is on unless [`ApiState::with_auth`] turns it off.
     pub auth: Authenticator,
+    /// Where deployed `publish` steps may publish (the bus's prefix, and the allow-list).
+    pub publish: PublishPolicy,
 }
 
 impl ApiState {
     /// No I/O: `store` and `bus` are already connected. Authentication is on, with no
     /// bootstrap token (only stored tokens are accepted).
     pub fn new(store: Store, bus: Bus) -> Self {
+        let publish = PublishPolicy::new(bus.subjects().prefix());
         Self {
             store,
             bus,
             definitions: DefinitionCache::new(),
             auth: Authenticator::new(AuthMode::On { bootstrap: None }),
+            publish,
         }
     }
 
     pub fn with_auth(mut self, mode: AuthMode) -> Self {
         self.auth = Authenticator::new(mode);
+        self
+    }
+
+    /// Deploys refuse `publish` subjects outside `allow` (`None` or empty: no allow-list).
+    pub fn with_publish_allow(mut self, allow: Option<SubjectAllowList>) -> Self {
+        self.publish.allow = allow;
         self
     }
 }

@@ -134,7 +134,7 @@ pub(crate) async fn deploy(
     let definition =
         Definition::parse(&source).map_err(|errors| ApiError::invalid_definition(&errors))?;
     definition
-        .check_reserved_prefix(state.bus.subjects().prefix())
+        .check_publish(&state.publish)
         .map_err(|errors| ApiError::invalid_definition(&errors))?;
     let deployed = state
         .store

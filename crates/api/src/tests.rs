@@ -370,6 +370,55 @@ steps:
     env.cleanup().await;
 }
 
+fn publishing(subject: &str) -> String {
+    format!(
+        r#"
+name: announcer
+steps:
+  - id: shout
+    kind: publish
+    subject: "{subject}"
+    payload: {{}}
+    next:
+      - to: done
+  - id: done
+    kind: end
+    status: completed
+"#
+    )
+}
+
+#[tokio::test]
+async fn deploys_refuse_nats_system_subjects_and_subjects_outside_the_publish_allow_list() {
+    let mut env = TestEnv::new().await;
+    let allow = "orders.>,crm.*".parse().expect("a valid allow-list");
+    env.router = router(env.state.clone().with_publish_allow(Some(allow)));
+    let jobs = env.state.bus.subjects().jobs_stream();
+    for (subject, needle) in [
+        (format!("$JS.API.STREAM.DELETE.{jobs}"), "NATS system space"),
+        ("_INBOX.abc".to_owned(), "NATS reply space"),
+        (
+            "crm.lead.new".to_owned(),
+            "publish allow-list (orders.>,crm.*)",
+        ),
+    ] {
+        let (status, body) = env.deploy(&publishing(&subject)).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{subject}: {body}"
+        );
+        let detail = &body["error"]["details"][0];
+        assert_eq!(detail["step"], "shout", "{body}");
+        assert_eq!(detail["field"], "subject", "{body}");
+        let message = detail["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{subject}: {body}");
+    }
+    let (status, body) = env.deploy(&publishing("orders.new.eu")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn started_instances_are_ready_at_step_zero_with_a_journal_entry_and_a_job_each() {
     let env = TestEnv::new().await;

@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 
 use crate::expr::{Expr, ExprError, Scope, on_parse_stack};
 use crate::ids::is_slug;
+use crate::subject::{PublishPolicy, check_literal};
 
 /// The largest source accepted, checked before parsing so a huge upload costs nothing.
 pub const MAX_SOURCE_BYTES: usize = 1024 * 1024;
@@ -225,25 +226,19 @@ impl Definition {
         self.steps.iter().find(|step| step.id == id)
     }
 
-    /// `publish` subjects must stay out of the cluster's own subject space (`prefix` is a
-    /// runtime setting, so this is checked at deploy time rather than in [`Definition::parse`]).
-    pub fn check_reserved_prefix(&self, prefix: &str) -> Result<(), DefinitionErrors> {
+    /// `publish` subjects must stay out of the cluster's own subject space and inside its
+    /// allow-list, both runtime settings: so this is checked at deploy time rather than in
+    /// [`Definition::parse`] (which already refuses `$…`, `_INBOX…` and malformed subjects).
+    pub fn check_publish(&self, policy: &PublishPolicy) -> Result<(), DefinitionErrors> {
         let errors: Vec<DefinitionError> = self
             .steps
             .iter()
             .filter_map(|step| match &step.kind {
-                StepKind::Publish { subject, .. }
-                    if subject == prefix
-                        || subject
-                            .strip_prefix(prefix)
-                            .is_some_and(|rest| rest.starts_with('.')) =>
-                {
-                    Some(DefinitionError {
+                StepKind::Publish { subject, .. } => {
+                    policy.check(subject).err().map(|message| DefinitionError {
                         step: Some(step.id.clone()),
                         field: "subject".into(),
-                        message: format!(
-                            "subject {subject:?} is in the cluster's reserved `{prefix}.` space"
-                        ),
+                        message,
                     })
                 }
                 _ => None,
@@ -1001,7 +996,7 @@ impl Checker {
             "publish" => {
                 let subject = self.required_str(at, "subject", object.get("subject"));
                 if let Some(subject) = subject
-                    && let Err(problem) = check_subject(subject)
+                    && let Err(problem) = check_literal(subject)
                 {
                     self.error(at, "subject", format!("{subject:?} {problem}"));
                 }
@@ -1242,19 +1237,6 @@ fn check_url(url: &str) -> Result<(), &'static str> {
             Err("must not contain whitespace")
         }
         Some(_) => Ok(()),
-    }
-}
-
-/// A literal NATS subject: `.`-separated non-empty tokens, no wildcards, no whitespace.
-fn check_subject(subject: &str) -> Result<(), &'static str> {
-    if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        Err("must not contain whitespace")
-    } else if subject.contains(['*', '>']) {
-        Err("must not contain the wildcards `*` or `>`")
-    } else if subject.split('.').any(str::is_empty) {
-        Err("must be non-empty tokens separated by single dots")
-    } else {
-        Ok(())
     }
 }
 
@@ -1839,7 +1821,7 @@ steps:                        # the first step is the entry point
             with_first_step("    kind: publish\n    subject: drover.events\n    next: [{to: b}]");
         let definition = Definition::parse(&source).expect("valid");
         let errors = definition
-            .check_reserved_prefix("drover")
+            .check_publish(&PublishPolicy::new("drover"))
             .err()
             .map(|e| e.0);
         assert_eq!(
@@ -1848,8 +1830,49 @@ steps:                        # the first step is the entry point
                 .map(|e| (e[0].step.as_deref(), e[0].field.as_str())),
             Some((Some("a"), "subject"))
         );
-        assert!(definition.check_reserved_prefix("drov").is_ok());
-        assert!(definition.check_reserved_prefix("other").is_ok());
+        assert!(
+            definition
+                .check_publish(&PublishPolicy::new("drov"))
+                .is_ok()
+        );
+        assert!(
+            definition
+                .check_publish(&PublishPolicy::new("other"))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn publish_subjects_must_avoid_nats_system_and_reply_spaces() {
+        for bad in ["$JS.API.STREAM.DELETE.DROVER_JOBS", "_INBOX.x", "_INBOX"] {
+            let source = with_first_step(&format!(
+                "    kind: publish\n    subject: '{bad}'\n    next: [{{to: b}}]"
+            ));
+            assert_error(&source, Some("a"), "subject", "space");
+        }
+    }
+
+    #[test]
+    fn publish_subjects_must_be_in_the_allow_list_when_one_is_set() {
+        let source =
+            with_first_step("    kind: publish\n    subject: crm.lead.new\n    next: [{to: b}]");
+        let definition = Definition::parse(&source).expect("valid");
+        let policy = |allow: &str| PublishPolicy {
+            prefix: "drover".into(),
+            allow: Some(allow.parse().expect("valid allow-list")),
+        };
+        let errors = definition
+            .check_publish(&policy("orders.>,crm.*"))
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            (errors[0].step.as_deref(), errors[0].field.as_str()),
+            (Some("a"), "subject")
+        );
+        assert!(errors[0].message.contains("allow-list"), "{errors:?}");
+        assert!(definition.check_publish(&policy("orders.>,crm.>")).is_ok());
     }
 
     #[test]

@@ -10,8 +10,12 @@ use anyhow::Context;
 use drover_bus::{Bus, NatsRole};
 use drover_coordinator::{Coordinator, CoordinatorConfig};
 use drover_core::NodeId;
+use drover_core::SubjectAllowList;
 use drover_store::{Heartbeat, Store, StoreConfig};
-use drover_worker::{Handlers, OutboxRelay, RelayConfig, Worker, WorkerConfig};
+use drover_worker::{
+    DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Handlers, OutboxRelay, RelayConfig,
+    Worker, WorkerConfig,
+};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -108,6 +112,21 @@ pub struct NodeArgs {
     /// A file holding the bootstrap admin token (surrounding whitespace is ignored).
     #[arg(long, env = "DROVER_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
     pub admin_token_file: Option<std::path::PathBuf>,
+    // Egress of workflow steps (publish subjects, http destinations).
+    /// Subject patterns `publish` steps may use, comma-separated (`orders.>,crm.*`; `*` one
+    /// token, `>` the rest); checked at deploy (api) and when the step runs (worker). Unset or
+    /// empty: any subject outside `$…`, `_INBOX…` and the cluster's prefix.
+    #[arg(long, env = "DROVER_PUBLISH_ALLOW")]
+    pub publish_allow: Option<SubjectAllowList>,
+    /// Destinations `http` steps may not reach, comma-separated: addresses, CIDR blocks, host
+    /// names (`*.corp`: subdomains), each optionally `:port` (`[v6]:port`). Replaces the
+    /// default; the api's own listen address (when this node serves it) is always added.
+    #[arg(long, env = "DROVER_HTTP_DENY", default_value = DEFAULT_HTTP_DENY)]
+    pub http_deny: EgressRules,
+    /// When set and not empty, `http` steps may reach only these destinations (same forms as
+    /// `--http-deny`, which still wins).
+    #[arg(long, env = "DROVER_HTTP_ALLOW")]
+    pub http_allow: Option<EgressRules>,
 }
 
 fn parse_secret(token: &str) -> Result<drover_api::Secret, String> {
@@ -131,6 +150,22 @@ impl NodeArgs {
         };
         drover_api::AuthMode::on(bootstrap).map_err(anyhow::Error::msg)
     }
+}
+
+/// The `http` steps' egress policy: the configured lists, plus the api's own address.
+fn egress_policy(
+    args: &NodeArgs,
+    api: Option<&tokio::net::TcpListener>,
+) -> anyhow::Result<EgressPolicy> {
+    let mut deny = args.http_deny.0.clone();
+    if let Some(api) = api {
+        let addr = api.local_addr().context("reading the api address")?;
+        deny.push(EgressRule::listener(addr, "the api's own address"));
+    }
+    Ok(EgressPolicy {
+        deny,
+        allow: args.http_allow.clone().map(|allow| allow.0),
+    })
 }
 
 /// How long a node may fail to heartbeat before it stops itself (it may have been declared dead).
@@ -178,6 +213,15 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
     spawn_signal_handler(shutdown.clone());
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
 
+    // Bound before the worker starts: its http steps must not reach this address.
+    let api_listener = if args.roles.contains(&Role::Api) {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("binding the api to {}", args.listen))?;
+        Some(listener)
+    } else {
+        None
+    };
     let relay_wakeup = Arc::new(tokio::sync::Notify::new());
     let mut in_flight = None;
     if args.roles.contains(&Role::Worker) {
@@ -186,6 +230,8 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
             .config(WorkerConfig {
                 concurrency: args.concurrency,
                 batch_size: args.batch_size,
+                egress: egress_policy(&args, api_listener.as_ref())?,
+                publish_allow: args.publish_allow.clone(),
                 ..Default::default()
             })
             .build(node, store.clone(), bus.clone());
@@ -224,10 +270,7 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
             )
         });
     }
-    if args.roles.contains(&Role::Api) {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("binding the api to {}", args.listen))?;
+    if let Some(listener) = api_listener {
         let addr = listener.local_addr().context("reading the api address")?;
         // Scripts and tests read this line to find the api.
         println!("drover api listening on http://{addr}");
@@ -244,7 +287,9 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
             ),
             drover_api::AuthMode::On { bootstrap: Some(_) } => {}
         }
-        let state = drover_api::ApiState::new(store.clone(), bus.clone()).with_auth(auth);
+        let state = drover_api::ApiState::new(store.clone(), bus.clone())
+            .with_auth(auth)
+            .with_publish_allow(args.publish_allow.clone());
         let token = shutdown.clone();
         tasks.spawn(async move {
             (

@@ -12,6 +12,7 @@
 //! claim's compare-and-set and is acked and dropped.
 
 mod commit;
+mod egress;
 mod error;
 mod handler;
 mod relay;
@@ -27,13 +28,14 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::Message;
 use chrono::Utc;
 use drover_bus::{Bus, StepJob};
-use drover_core::{Definition, NodeId};
+use drover_core::{Definition, NodeId, PublishPolicy, SubjectAllowList};
 use drover_store::{ClaimRequest, Claimed, Store};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use egress::{DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Refusal};
 pub use error::{Error, Result};
 pub use handler::{HandlerInput, Handlers, StepError};
 pub use relay::{OutboxRelay, RelayConfig};
@@ -51,6 +53,12 @@ pub struct WorkerConfig {
     pub batch_size: usize,
     /// How long a drain waits for in-flight steps on shutdown.
     pub drain_timeout: Duration,
+    /// Where `http` steps may connect. The default refuses cloud metadata addresses; add the
+    /// API's own address when the node serves it ([`EgressRule::listener`]).
+    pub egress: EgressPolicy,
+    /// When set and not empty, `publish` steps may only publish to subjects it matches
+    /// (checked when the step runs, besides at deploy: the list may have changed).
+    pub publish_allow: Option<SubjectAllowList>,
 }
 
 impl Default for WorkerConfig {
@@ -59,6 +67,8 @@ impl Default for WorkerConfig {
             concurrency: 512,
             batch_size: 256,
             drain_timeout: Duration::from_secs(20),
+            egress: EgressPolicy::default(),
+            publish_allow: None,
         }
     }
 }
@@ -108,10 +118,11 @@ impl WorkerBuilder {
     }
 
     pub fn build(self, node: NodeId, store: Store, bus: Bus) -> Worker {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("drover/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .unwrap_or_default();
+        let egress = egress::Egress::new(self.config.egress.clone());
+        let publish = PublishPolicy {
+            prefix: bus.subjects().prefix().to_owned(),
+            allow: self.config.publish_allow.clone(),
+        };
         Worker {
             node,
             store: store.clone(),
@@ -121,7 +132,8 @@ impl WorkerBuilder {
             ctx: Arc::new(StepContext {
                 bus,
                 store,
-                http,
+                egress,
+                publish,
                 handlers: self.handlers,
                 streams_by_subject: Default::default(),
             }),

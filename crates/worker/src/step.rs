@@ -58,7 +58,10 @@ pub(crate) struct StepContext {
     pub(crate) bus: Bus,
     /// For waiting steps: signals, child definitions and instances.
     pub(crate) store: Store,
-    pub(crate) http: reqwest::Client,
+    /// Where `http` steps may connect, and their clients.
+    pub(crate) egress: crate::egress::Egress,
+    /// Where `publish` steps may publish.
+    pub(crate) publish: drover_core::PublishPolicy,
     pub(crate) handlers: Handlers,
     /// Whether a stream stores a subject, and when that was asked.
     pub(crate) streams_by_subject:
@@ -405,9 +408,9 @@ async fn execute(
             Ok(Ran::output(output))
         }
         StepKind::Publish { subject, payload } => {
-            if ctx.bus.subjects().is_reserved(subject) {
+            if let Err(problem) = ctx.publish.check(subject) {
                 return Err(StepError::Permanent(format!(
-                    "step {:?}, field \"subject\": {subject:?} is inside the cluster's own prefix",
+                    "step {:?}, field \"subject\": {problem}",
                     step.id
                 )));
             }
@@ -441,6 +444,11 @@ async fn execute(
     }
 }
 
+/// Redirects an `http` step follows before it fails.
+const MAX_REDIRECTS: usize = 10;
+
+/// Calls `url`, following redirects itself so that every hop passes the egress policy
+/// (see [`crate::egress`]) as the first did. A refused destination fails the step for good.
 async fn http_call(
     ctx: &StepContext,
     step: &Step,
@@ -450,24 +458,90 @@ async fn http_call(
     headers: &[(String, String)],
     body: Option<Map<String, Value>>,
 ) -> Result<Value, StepError> {
-    let method = reqwest::Method::from_bytes(method.as_bytes())
+    use reqwest::{Method, StatusCode, header};
+
+    let mut method = Method::from_bytes(method.as_bytes())
         .map_err(|e| StepError::Permanent(format!("method: {e}")))?;
-    let mut request = ctx
-        .http
-        .request(method, url)
-        .timeout(step.timeout)
-        .header("Idempotency-Key", idempotency_key(claimed))
-        .header("traceparent", traceparent(claimed));
-    for (name, value) in headers {
-        request = request.header(name.as_str(), value.as_str());
-    }
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.map_err(|e| {
-        let e = e.without_url();
-        StepError::Retryable(format!("http {url}: {e}"))
-    })?;
+    let mut url: reqwest::Url = url
+        .parse()
+        .map_err(|e| StepError::Permanent(format!("http {url}: {e}")))?;
+    let mut headers = headers.to_vec();
+    let mut body = match body {
+        Some(body) => Some(
+            serde_json::to_vec(&body).map_err(|e| StepError::Permanent(format!("body: {e}")))?,
+        ),
+        None => None,
+    };
+    let refused = |refusal: &crate::egress::Refusal| {
+        StepError::Permanent(format!("http step {:?}: {refusal}", step.id))
+    };
+    let mut redirects = 0;
+    let response = loop {
+        let client = ctx.egress.client_for(&url).map_err(|e| match e {
+            crate::egress::EgressError::Refused(refusal) => refused(&refusal),
+            crate::egress::EgressError::Url(e) => StepError::Permanent(format!("http {e}")),
+            e @ crate::egress::EgressError::Client(_) => {
+                StepError::Retryable(format!("http {url}: {e}"))
+            }
+        })?;
+        let mut request = client
+            .request(method.clone(), url.clone())
+            .timeout(step.timeout)
+            .header("Idempotency-Key", idempotency_key(claimed))
+            .header("traceparent", traceparent(claimed));
+        for (name, value) in &headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        if let Some(body) = &body {
+            if !headers
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+            {
+                request = request.header(header::CONTENT_TYPE, "application/json");
+            }
+            request = request.body(body.clone());
+        }
+        let response = request.send().await.map_err(|e| {
+            if let Some(refusal) = crate::egress::refusal_in(&e) {
+                return refused(refusal);
+            }
+            StepError::Retryable(format!("http {url}: {}", e.without_url()))
+        })?;
+        let status = response.status();
+        let next = status
+            .is_redirection()
+            .then(|| response.headers().get(header::LOCATION))
+            .flatten()
+            .and_then(|location| location.to_str().ok())
+            .and_then(|location| url.join(location).ok())
+            .filter(|next| matches!(next.scheme(), "http" | "https"));
+        let Some(next) = next.filter(|_| status != StatusCode::NOT_MODIFIED) else {
+            break response;
+        };
+        if redirects == MAX_REDIRECTS {
+            return Err(StepError::Permanent(format!(
+                "http {url}: more than {MAX_REDIRECTS} redirects"
+            )));
+        }
+        redirects += 1;
+        // As browsers and reqwest do: 303 becomes a GET, and so do 301/302 after a POST.
+        if (status == StatusCode::SEE_OTHER && method != Method::HEAD)
+            || (matches!(status, StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND)
+                && method == Method::POST)
+        {
+            method = Method::GET;
+            body = None;
+        }
+        // Credentials stay with the origin they were written for.
+        if next.origin() != url.origin() {
+            headers.retain(|(name, _)| {
+                !["authorization", "cookie", "proxy-authorization"]
+                    .iter()
+                    .any(|sensitive| name.eq_ignore_ascii_case(sensitive))
+            });
+        }
+        url = next;
+    };
     let status = response.status();
     if response
         .content_length()

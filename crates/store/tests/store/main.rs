@@ -5,4 +5,5 @@ mod continuing;
 mod lifecycle;
 mod semaphore;
 mod support;
+mod tls;
 mod waiting;
