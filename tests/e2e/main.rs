@@ -8,6 +8,7 @@ mod execution;
 mod fencing;
 mod lifecycle;
 mod nats_auth;
+mod nats_login;
 mod operator;
 mod recovery;
 mod security;

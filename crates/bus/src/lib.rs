@@ -97,15 +97,32 @@ impl BusConfig {
 
     /// Connects a plain client as this configuration says (servers, credentials, TLS, inbox
     /// prefix), provisioning nothing: what [`Bus::connect`] uses, and what a program reading
-    /// events or sending signals needs. Waits for the first connection (retrying), so wrong
-    /// credentials show as warnings from the server and, later, timeouts.
+    /// events or sending signals needs. A server that does not answer yet (it may be
+    /// starting alongside) is retried for [`CONNECT_WAIT`]; a refusal no retry mends (a
+    /// login the server rejects, a certificate either side does not trust) fails at once,
+    /// saying why. Once connected, the client reconnects by itself.
     pub async fn connect_client(&self) -> Result<async_nats::Client> {
         let servers = server_addrs(&self.url)?;
-        self.connect_options()
-            .await?
-            .connect(servers)
-            .await
-            .map_err(|e| Error::Connect(e.to_string()))
+        let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let err = match self.connect_options().await?.connect(servers.clone()).await {
+                Ok(client) => return Ok(client),
+                Err(err) => err,
+            };
+            if !unreachable(&err) {
+                return Err(Error::Connect(err.to_string()));
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(Error::Connect(format!(
+                    "no server of {} answered within {CONNECT_WAIT:?}: {err}",
+                    redact_url(&self.url)
+                )));
+            }
+            tracing::warn!(%err, "no NATS server answers yet; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
     }
 
     /// The options [`BusConfig::connect_client`] connects with (servers aside: see
@@ -122,7 +139,6 @@ impl BusConfig {
         let mut options = async_nats::ConnectOptions::new()
             .name(&self.name)
             .custom_inbox_prefix(self.subjects().inbox_prefix(user))
-            .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .event_callback(|event| async move {
                 match event {
@@ -189,6 +205,30 @@ impl BusConfig {
             options = options.require_tls(true);
         }
         Ok(options)
+    }
+}
+
+/// How long [`BusConfig::connect_client`] waits for a server that does not answer.
+pub const CONNECT_WAIT: Duration = Duration::from_secs(30);
+
+/// Is `err` a server not (yet) answering, rather than a refusal? TLS failures reported as
+/// I/O (a client certificate the server requires or rejects shows as an alert after the
+/// handshake) carry invalid data; a server not listening refuses, resets or times out.
+fn unreachable(err: &async_nats::ConnectError) -> bool {
+    use async_nats::ConnectErrorKind as Kind;
+    match err.kind() {
+        Kind::Io => {
+            let mut source = std::error::Error::source(err);
+            while let Some(cause) = source {
+                if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                    return io.kind() != std::io::ErrorKind::InvalidData;
+                }
+                source = cause.source();
+            }
+            true
+        }
+        Kind::Dns | Kind::TimedOut => true,
+        _ => false,
     }
 }
 
@@ -558,5 +598,23 @@ impl Bus {
 impl PermitEvents for Bus {
     fn build(&self, event: &PermitEvent<'_>) -> OutboxEvent {
         self.permit_event(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_not_listening_is_unreachable_not_a_refusal() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let err = async_nats::ConnectOptions::new()
+            .connect(format!("nats://127.0.0.1:{port}"))
+            .await
+            .expect_err("nothing listens");
+        assert!(unreachable(&err), "{err}");
     }
 }
