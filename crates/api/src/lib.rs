@@ -45,7 +45,7 @@ use utoipa::OpenApi;
 pub use campaigns::{CreateCampaign, LimitChanged, SetLimit};
 pub use client::{ApiClient, ClientError};
 pub use diagnosis::{Diagnosis, LIVE_WITHIN_MS, diagnose};
-pub use dto::ListQuery;
+pub use dto::{JournalQuery, ListInclude, ListQuery};
 pub use error::{ApiError, ErrorBody, ErrorDetail, Result};
 pub use lifecycle::{
     Cascaded, LIFECYCLE_BATCH, LifecycleCommand, LifecycleFilterRequest, LifecycleRequest,
