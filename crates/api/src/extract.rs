@@ -77,8 +77,9 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
 /// Decodes a JSON body into `T`: 400 `invalid_json` when it is not JSON or not a `T` (naming
 /// the field), 422 `invalid_request` when a string or key in it holds a NUL character.
 pub(crate) fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|err| ApiError::bad_request("invalid_json", format!("invalid JSON body: {err}")))?;
+    let value: Value = serde_json::from_slice(body).map_err(|err| {
+        ApiError::bad_request("invalid_json", format!("invalid JSON body: {err}"))
+    })?;
     check_storable(&value, "")?;
     serde_path_to_error::deserialize(value).map_err(|err| {
         let path = err.path().to_string();
@@ -86,7 +87,10 @@ pub(crate) fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiErro
         if path == "." {
             ApiError::bad_request("invalid_json", format!("invalid JSON body: {inner}"))
         } else {
-            ApiError::bad_request("invalid_json", format!("invalid JSON body: {path}: {inner}"))
+            ApiError::bad_request(
+                "invalid_json",
+                format!("invalid JSON body: {path}: {inner}"),
+            )
         }
     })
 }
@@ -143,10 +147,7 @@ fn find_nul(value: &Value, path: &mut String) -> Option<(String, String)> {
             let len = path.len();
             push_key(path, key);
             let found = if key.contains('\0') {
-                Some((
-                    field_name(path),
-                    format!("the key {NUL_PROBLEM}"),
-                ))
+                Some((field_name(path), format!("the key {NUL_PROBLEM}")))
             } else {
                 find_nul(item, path)
             };
@@ -287,13 +288,10 @@ where
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|r| bytes_rejection(&r))?;
-        let source = String::from_utf8(bytes.into()).map_err(|err| {
-            source_error(&format!("not UTF-8 text: {}", err.utf8_error()))
-        })?;
+        let source = String::from_utf8(bytes.into())
+            .map_err(|err| source_error(&format!("not UTF-8 text: {}", err.utf8_error())))?;
         if let Some(at) = source.find('\0') {
-            return Err(source_error(&format!(
-                "{NUL_PROBLEM} (at byte {at})"
-            )));
+            return Err(source_error(&format!("{NUL_PROBLEM} (at byte {at})")));
         }
         Ok(Self(source))
     }
@@ -342,7 +340,10 @@ mod tests {
             unstorable(&json!("\u{0}"), "").map(|(field, _)| field),
             Some("body".to_owned())
         );
-        assert_eq!(unstorable(&json!({"a": ["b", 1.5, null, {"c": true}]}), ""), None);
+        assert_eq!(
+            unstorable(&json!({"a": ["b", 1.5, null, {"c": true}]}), ""),
+            None
+        );
     }
 
     #[test]

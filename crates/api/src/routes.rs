@@ -552,8 +552,7 @@ fn storable_only(schema: &mut Object) {
     if is(Type::String) && schema.pattern.is_none() && schema.enum_values.is_none() {
         schema.pattern = Some(NO_NUL_PATTERN.to_owned());
     }
-    if is(Type::Object) && schema.properties.is_empty() && schema.additional_properties.is_none()
-    {
+    if is(Type::Object) && schema.properties.is_empty() && schema.additional_properties.is_none() {
         schema.additional_properties = Some(Box::new(AdditionalProperties::RefOr(
             Ref::from_schema_name("StorableJson").into(),
         )));

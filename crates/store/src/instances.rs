@@ -482,7 +482,11 @@ impl Store {
         limit: i64,
         vars: bool,
     ) -> Result<Vec<SummaryRow>> {
-        let vars = if vars { "i.vars" } else { "NULL::jsonb AS vars" };
+        let vars = if vars {
+            "i.vars"
+        } else {
+            "NULL::jsonb AS vars"
+        };
         Ok(sqlx::query_as(&format!(
             "SELECT {SUMMARY_COLUMNS}, {vars} \
              FROM instance i JOIN campaign c ON c.id = i.campaign_id \

@@ -160,7 +160,11 @@ pub(super) async fn commit(
                 ..Completion::of(
                     claimed,
                     Utc::now(),
-                    if error.is_some() { "failed" } else { "completed" },
+                    if error.is_some() {
+                        "failed"
+                    } else {
+                        "completed"
+                    },
                     transition,
                 )
             }],

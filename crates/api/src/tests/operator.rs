@@ -134,7 +134,11 @@ async fn run_step(
                 ..Completion::of(
                     claimed,
                     Utc::now(),
-                    if error.is_some() { "failed" } else { "completed" },
+                    if error.is_some() {
+                        "failed"
+                    } else {
+                        "completed"
+                    },
                     transition,
                 )
             }],
