@@ -74,12 +74,43 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
                 .is_some_and(|suffix| suffix.eq_ignore_ascii_case("+json")))
 }
 
-/// Decodes a JSON body into `T`: 400 `invalid_json` when it is not JSON or not a `T` (naming
-/// the field), 422 `invalid_request` when a string or key in it holds a NUL character.
+/// Decodes a JSON body into `T`: 400 `invalid_json` when it is not a JSON object or not a `T`
+/// (naming the field), 422 `invalid_request` when a string or key in it holds a NUL character.
 pub(crate) fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|err| {
-        ApiError::bad_request("invalid_json", format!("invalid JSON body: {err}"))
-    })?;
+    decode_object(parse_json(body)?)
+}
+
+/// A JSON body that may be absent: an empty (or blank) body, or JSON `null`, is
+/// `T::default()`; anything else is decoded as [`decode_json`] does, whatever the content
+/// type.
+pub(crate) fn decode_optional_json<T: DeserializeOwned + Default>(
+    body: &[u8],
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    match parse_json(body)? {
+        Value::Null => Ok(T::default()),
+        value => decode_object(value),
+    }
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|err| ApiError::bad_request("invalid_json", format!("invalid JSON body: {err}")))
+}
+
+/// Every JSON request body is an object; serde would also fill a struct from an array.
+fn decode_object<T: DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            format!(
+                "invalid JSON body: expected an object, not {}",
+                kind(&value)
+            ),
+        ));
+    }
     check_storable(&value, "")?;
     serde_path_to_error::deserialize(value).map_err(|err| {
         let path = err.path().to_string();
@@ -95,25 +126,15 @@ pub(crate) fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiErro
     })
 }
 
-/// A JSON body that may be absent: an empty (or blank) body, or JSON `null`, is
-/// `T::default()`; anything else is decoded as [`decode_json`] does, whatever the content
-/// type.
-pub(crate) fn decode_optional_json<T: DeserializeOwned + Default>(
-    body: &[u8],
-) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
-    let value: Value = decode_json(body)?;
-    if value.is_null() {
-        return Ok(T::default());
-    }
-    serde_path_to_error::deserialize(value).map_err(|err| {
-        ApiError::bad_request(
-            "invalid_json",
-            format!("invalid JSON body: {}: {}", err.path(), err.inner()),
-        )
-    })
 }
 
 /// 422 `invalid_request` naming the first string or object key under `value` that Postgres

@@ -536,8 +536,15 @@ impl Modify for CommonResponses {
 }
 
 /// `actor` once trimmed is 1 to 200 characters ([`crate::operator::actor_of`]), none of them
-/// NUL.
-const ACTOR_PATTERN: &str = r"^\s*[^\s\u0000]([^\u0000]{0,198}[^\s\u0000])?\s*$";
+/// NUL. Whitespace is Rust's (Unicode `White_Space`), which differs from ECMA's `\s` (U+0085
+/// is whitespace, U+FEFF is not), so it is spelled out.
+const ACTOR_PATTERN: &str = concat!(
+    r"^[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*",
+    r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\u0000]",
+    r"([^\u0000]{0,198}",
+    r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\u0000])?",
+    r"[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$",
+);
 /// A string without NUL characters: what Postgres can store.
 const NO_NUL_PATTERN: &str = r"^[^\u0000]*$";
 

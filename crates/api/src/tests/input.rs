@@ -209,6 +209,20 @@ async fn a_json_body_without_a_json_content_type_is_415() {
         assert_eq!(status, StatusCode::CREATED, "{content_type}: {answer}");
         assert_eq!(answer["ids"].as_array().map(Vec::len), Some(2), "{answer}");
     }
+    // Every JSON body is an object, even an optional one (serde alone fills a struct from
+    // an array).
+    for uri in [
+        format!("/v1/instances/{some_id}/restart"),
+        "/v1/instances/pause".to_owned(),
+        "/v1/instances".to_owned(),
+    ] {
+        let (status, answer) = env.post_json(&uri, &json!([])).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {answer}");
+        assert!(
+            assert_error(&answer, "invalid_json").contains("object"),
+            "{answer}"
+        );
+    }
     let (status, answer) = env
         .post_json(
             "/v1/instances",
