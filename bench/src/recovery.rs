@@ -189,7 +189,8 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
             limit: 10,
             ..Default::default()
         })
-        .await?;
+        .await?
+        .instances;
     anyhow::ensure!(
         stuck.is_empty(),
         "instances ended in_error: {:?}",

@@ -20,22 +20,28 @@ use crate::ApiState;
 use crate::auth::Principal;
 use crate::dto::Campaign;
 use crate::error::{ApiError, ErrorBody, Result};
-use crate::extract::{ApiJson, ApiPath};
+use crate::extract::{ApiJson, ApiPath, Slug};
 
 /// Create a campaign.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCampaign {
     /// A slug (`[a-z0-9][a-z0-9_-]{0,62}`): it appears in event subjects.
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub name: String,
     /// How many of its instances may run at once (1 to 100000); unlimited when absent. A
     /// campaign created without a limit can never get one (its instances hold no permits).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::dto::optional_integral"
+    )]
     #[schema(minimum = 1, maximum = 100000)]
     pub max_running: Option<i64>,
     /// What an instance that goes `in_error` does with its permit: `release` (the default:
     /// the next queued instance starts; the instance re-queues when resumed) or `hold`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::dto::OnErrorPermitName>)]
     pub on_error_permit: Option<String>,
 }
 
@@ -45,6 +51,7 @@ pub struct CreateCampaign {
 pub struct SetLimit {
     /// The new limit (1 to 100000). Raising it admits queued instances at once; lowering it
     /// preempts nobody: no instance is admitted until fewer than the new limit run.
+    #[serde(deserialize_with = "crate::dto::integral")]
     #[schema(minimum = 1, maximum = 100000)]
     pub max_running: i64,
 }
@@ -70,6 +77,7 @@ pub struct LimitChanged {
         (status = 201, description = "Created", body = Campaign),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 409, description = "`campaign_exists`", body = ErrorBody),
+        (status = 415, description = "No `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "A name that is not a slug, a limit out of range, or an \
             unknown `on_error_permit`", body = ErrorBody),
     )
@@ -121,7 +129,7 @@ pub(crate) async fn create(
     get,
     path = "/v1/campaigns/{name}",
     tag = "cluster",
-    params(("name" = String, Path, description = "The campaign's name")),
+    params(("name" = String, Path, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$", description = "The campaign's name")),
     responses(
         (status = 200, body = Campaign),
         (status = 404, description = "`unknown_campaign`", body = ErrorBody),
@@ -129,7 +137,7 @@ pub(crate) async fn create(
 )]
 pub(crate) async fn show(
     State(state): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    ApiPath(Slug(name)): ApiPath<Slug>,
 ) -> Result<Json<Campaign>> {
     match state.store.campaign_status(&name).await? {
         Some(status) => Ok(Json(status.into())),
@@ -142,20 +150,21 @@ pub(crate) async fn show(
     put,
     path = "/v1/campaigns/{name}/limit",
     tag = "cluster",
-    params(("name" = String, Path, description = "The campaign's name")),
+    params(("name" = String, Path, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$", description = "The campaign's name")),
     request_body = SetLimit,
     responses(
         (status = 200, description = "Changed; a raised limit admitted queued instances", body = LimitChanged),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 404, description = "`unknown_campaign`", body = ErrorBody),
         (status = 409, description = "`unlimited_campaign`: created without a limit", body = ErrorBody),
+        (status = 415, description = "No `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "A limit out of range", body = ErrorBody),
     )
 )]
 pub(crate) async fn set_limit(
     State(state): State<ApiState>,
     Extension(Principal { name: actor, .. }): Extension<Principal>,
-    ApiPath(name): ApiPath<String>,
+    ApiPath(Slug(name)): ApiPath<Slug>,
     ApiJson(request): ApiJson<SetLimit>,
 ) -> Result<Json<LimitChanged>> {
     let max_running = limit(request.max_running)?;

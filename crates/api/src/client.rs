@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::auth::Secret;
 use crate::campaigns::{CreateCampaign, SetLimit};
-use crate::dto::{ListQuery, VersionQuery};
+use crate::dto::{JournalQuery, ListQuery, VersionQuery};
 use crate::error::ErrorBody;
 use crate::lifecycle::{LifecycleCommand, LifecycleFilterRequest, LifecycleRequest};
 use crate::operator::ResumeRequest;
@@ -169,7 +169,7 @@ impl ApiClient {
         self.send(builder, &url).await
     }
 
-    /// `GET /v1/instances`.
+    /// `GET /v1/instances`: one page; its `next`, when present, is the `before` of the next.
     pub async fn instances(&self, query: &ListQuery) -> Result<Value, ClientError> {
         self.get(&["v1", "instances"], Some(query)).await
     }
@@ -179,9 +179,32 @@ impl ApiClient {
         self.get(&["v1", "instances", id], None::<&()>).await
     }
 
-    /// `GET /v1/instances/{id}/journal`.
+    /// The whole journal of an instance: `GET /v1/instances/{id}/journal` page after page,
+    /// answered as one `{"instance", "entries"}`.
     pub async fn journal(&self, id: &str) -> Result<Value, ClientError> {
-        self.get(&["v1", "instances", id, "journal"], None::<&()>)
+        let mut query = JournalQuery::default();
+        let mut journal = self.journal_page(id, &query).await?;
+        let mut next = journal.as_object_mut().and_then(|j| j.remove("next"));
+        while let Some(after) = next.as_ref().and_then(Value::as_i64) {
+            query.after = Some(after);
+            let mut page = self.journal_page(id, &query).await?;
+            next = page.as_object_mut().and_then(|p| p.remove("next"));
+            let entries = match page.get_mut("entries").map(Value::take) {
+                Some(Value::Array(entries)) if !entries.is_empty() => entries,
+                // A page without entries cannot have a next one: stop rather than loop.
+                _ => break,
+            };
+            if let Some(Value::Array(all)) = journal.get_mut("entries") {
+                all.extend(entries);
+            }
+        }
+        Ok(journal)
+    }
+
+    /// One page of `GET /v1/instances/{id}/journal`: its `next`, when present, is the `after`
+    /// of the next page.
+    pub async fn journal_page(&self, id: &str, query: &JournalQuery) -> Result<Value, ClientError> {
+        self.get(&["v1", "instances", id, "journal"], Some(query))
             .await
     }
 

@@ -31,11 +31,15 @@ impl From<drover_store::Deployed> for Deployment {
     }
 }
 
+/// The pattern of every name: workflows, campaigns, events.
+pub const SLUG_PATTERN: &str = "^[a-z0-9][a-z0-9_-]{0,62}$";
+
 /// The latest version of a workflow.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct WorkflowSummary {
     pub name: String,
     pub version: i32,
+    /// Its first 200 characters (`GET /v1/workflows/{name}` shows the definition whole).
     pub description: Option<String>,
     /// How many steps the definition has.
     pub steps: i64,
@@ -90,6 +94,7 @@ impl From<drover_store::StoredDefinition> for Workflow {
 pub struct VersionQuery {
     /// A version number; the latest when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(nullable = false)]
     pub version: Option<i32>,
 }
 
@@ -195,34 +200,145 @@ impl From<drover_store::Instance> for Instance {
     }
 }
 
+/// A workflow instance as listings show it: no `vars` unless asked for (`include=vars`),
+/// `error` cut to its first 1000 characters.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct InstanceSummary {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: InstanceId,
+    pub workflow: String,
+    /// The definition version the instance is pinned to.
+    pub version: i32,
+    pub campaign: String,
+    #[schema(value_type = InstanceStateSchema)]
+    pub state: InstanceState,
+    pub current_step: String,
+    /// The checkpoint: +1 at every journaled transition; 0 at start.
+    #[schema(value_type = i64)]
+    pub step_seq: StepSeq,
+    /// Attempt of the current step, from 1.
+    pub step_attempt: i32,
+    /// Only with `include=vars`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, nullable = false)]
+    pub vars: Option<Value>,
+    /// The first 1000 characters of the error (`GET /v1/instances/{id}` shows it whole).
+    pub error: Option<String>,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub parent_instance_id: Option<InstanceId>,
+    pub call_depth: i32,
+    /// The node running the current step, while `running`.
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub owner_node: Option<NodeId>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// What a `waiting` instance waits for; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub waiting_for: Option<WaitingFor>,
+    /// Whether it holds one of its campaign's permits.
+    pub holds_permit: bool,
+    /// A `queued` instance's place in its campaign's queue, 1 = admitted next; absent
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub queue_position: Option<i64>,
+}
+
+impl From<drover_store::InstanceSummary> for InstanceSummary {
+    fn from(i: drover_store::InstanceSummary) -> Self {
+        let waiting_for = (i.state == InstanceState::Waiting).then(|| WaitingFor {
+            wake_at: i.wake_at,
+            event: i.wait_event.clone(),
+            child: i.wait_child,
+        });
+        Self {
+            id: i.id,
+            workflow: i.workflow,
+            version: i.version,
+            campaign: i.campaign,
+            state: i.state,
+            current_step: i.current_step,
+            step_seq: i.step_seq,
+            step_attempt: i.step_attempt,
+            vars: i.vars,
+            error: i.error,
+            parent_instance_id: i.parent_instance_id,
+            call_depth: i.call_depth,
+            owner_node: i.owner_node,
+            created_at: i.created_at,
+            updated_at: i.updated_at,
+            finished_at: i.finished_at,
+            waiting_for,
+            holds_permit: i.holds_permit,
+            queue_position: i.queue_position,
+        }
+    }
+}
+
+/// A page of instances.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct InstanceList {
     /// Newest first.
-    pub instances: Vec<Instance>,
+    pub instances: Vec<InstanceSummary>,
+    /// Present when more instances match: pass it as `before` for the next page. A page ends
+    /// at `limit` instances or, with `include=vars`, once their vars reach 4 MiB of JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Uuid, nullable = false)]
+    pub next: Option<InstanceId>,
+}
+
+/// What `GET /v1/instances` adds to each instance's summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ListInclude {
+    /// Each instance's variables.
+    Vars,
 }
 
 /// Which instances `GET /v1/instances` lists, newest first.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Only instances in this state (`queued`, `ready`, `running`, `waiting`, `paused`,
-    /// `in_error`, `completed`, `failed`, `stopped`).
+    /// Only instances in this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<InstanceStateSchema>, nullable = false)]
     pub state: Option<String>,
     /// Only instances of this campaign (by name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(pattern = "^[a-z0-9][a-z0-9_-]{0,62}$", nullable = false)]
     pub campaign: Option<String>,
     /// Only instances of this workflow (by name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(pattern = "^[a-z0-9][a-z0-9_-]{0,62}$", nullable = false)]
     pub workflow: Option<String>,
-    /// At most this many (default 100, at most 1000).
+    /// At most this many: 100 when absent; a larger value than 1000 lists 1000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[param(minimum = 1, maximum = 1000)]
+    #[param(minimum = 1, nullable = false)]
     pub limit: Option<i64>,
-    /// Only instances created before this one (the last id of the previous page).
+    /// Only instances created before this one: the `next` of the previous page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[param(format = Uuid)]
+    #[param(format = Uuid, nullable = false)]
     pub before: Option<String>,
+    /// `vars`: list each instance's variables too (a page then stops at 4 MiB of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(nullable = false)]
+    pub include: Option<ListInclude>,
+}
+
+/// Which entries `GET /v1/instances/{id}/journal` gives, in checkpoint order.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JournalQuery {
+    /// At most this many: 100 when absent; a larger value than 1000 gives 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(minimum = 1, nullable = false)]
+    pub limit: Option<i64>,
+    /// Only entries after this checkpoint: the `next` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(minimum = 0, nullable = false)]
+    pub after: Option<i64>,
 }
 
 /// One journaled transition of an instance.
@@ -242,7 +358,8 @@ pub struct JournalEntry {
     pub actor: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
-    #[schema(value_type = Option<Object>)]
+    /// Any JSON: what the step returned (an event's payload, a handler's result, …).
+    #[schema(value_type = Option<serde_json::Value>)]
     pub output: Option<Value>,
     pub error: Option<String>,
 }
@@ -265,12 +382,18 @@ impl From<drover_store::JournalEntry> for JournalEntry {
     }
 }
 
+/// A page of an instance's journal.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Journal {
     #[schema(value_type = String, format = Uuid)]
     pub instance: InstanceId,
     /// In checkpoint order, entry 0 (`started`) first.
     pub entries: Vec<JournalEntry>,
+    /// Present when more entries follow: pass it as `after` for the next page. A page ends
+    /// at `limit` entries or once their outputs and errors reach 4 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<i64>, nullable = false)]
+    pub next: Option<StepSeq>,
 }
 
 #[derive(Clone, Debug, Serialize, ToSchema)]
@@ -319,6 +442,27 @@ pub struct CampaignList {
     pub campaigns: Vec<Campaign>,
 }
 
+/// What an instance that goes `in_error` does with its campaign permit.
+#[derive(Clone, Copy, Debug, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // documentation only: the wire form is a string, parsed by the store
+pub(crate) enum OnErrorPermitName {
+    /// Give it back: the next queued instance starts; the instance re-queues when resumed.
+    Release,
+    /// Keep it while `in_error`.
+    Hold,
+}
+
+/// The status of a node.
+#[derive(Clone, Copy, Debug, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // documentation only: the wire form is the store's string
+pub(crate) enum NodeStatusName {
+    Alive,
+    Draining,
+    Dead,
+}
+
 /// A node process of the cluster.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Node {
@@ -328,6 +472,7 @@ pub struct Node {
     pub host: String,
     pub version: String,
     /// `alive`, `draining` or `dead`.
+    #[schema(value_type = NodeStatusName)]
     pub status: String,
     pub heartbeat_at: DateTime<Utc>,
     pub started_at: DateTime<Utc>,
@@ -397,4 +542,42 @@ pub struct Readiness {
 pub struct ReadinessChecks {
     pub postgres: String,
     pub nats: String,
+}
+
+/// For `#[serde(deserialize_with)]`: an integer JSON may write as `3` or `3.0` (JSON Schema's
+/// `integer` takes both); `3.5` and values out of `T`'s range are refused.
+pub(crate) fn integral<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    let number = serde_json::Number::deserialize(deserializer)?;
+    integer_of(&number)
+}
+
+/// [`integral`] for an optional field (use with `#[serde(default)]`).
+pub(crate) fn optional_integral<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    match Option::<serde_json::Number>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(number) => integer_of(&number).map(Some),
+    }
+}
+
+fn integer_of<E: serde::de::Error, T: TryFrom<i64>>(number: &serde_json::Number) -> Result<T, E> {
+    let integer = match number.as_i64() {
+        Some(integer) => Some(integer),
+        None => number
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && (i64::MIN as f64..i64::MAX as f64).contains(f))
+            // Exact: the value is integral and within range.
+            .map(|f| f as i64),
+    };
+    let Some(integer) = integer else {
+        return Err(E::custom(format!("expected an integer, not {number}")));
+    };
+    T::try_from(integer).map_err(|_| E::custom(format!("{integer} is out of range")))
 }

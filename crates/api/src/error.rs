@@ -17,8 +17,13 @@ pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// 400: the request is malformed (bad JSON, a malformed id, a bad query parameter).
+    /// `details`, when present, names the field: `[{field, message}]`.
     #[error("{message}")]
-    BadRequest { code: &'static str, message: String },
+    BadRequest {
+        code: &'static str,
+        message: String,
+        details: Option<Value>,
+    },
     /// 401: no token, or one that is unknown, revoked or expired.
     #[error("{message}")]
     Unauthorized { message: String },
@@ -37,6 +42,9 @@ pub enum ApiError {
     /// 413: the body exceeds `limit` bytes.
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// 415: a JSON body without a JSON content type (`application/json` or `…+json`).
+    #[error("{message}")]
+    UnsupportedMediaType { message: String },
     /// 422: well-formed but invalid (a definition that does not validate, a count out of
     /// range). `details` is machine-readable, e.g. one `{step, field, message}` per problem.
     #[error("{message}")]
@@ -62,6 +70,27 @@ impl ApiError {
         Self::BadRequest {
             code,
             message: message.into(),
+            details: None,
+        }
+    }
+
+    /// 400 `code` for a path or query parameter (`location`) whose value cannot be used: the
+    /// message names it, and `details: [{field, message}]` has its name as `field`.
+    pub fn bad_parameter(code: &'static str, location: &str, name: &str, problem: &str) -> Self {
+        Self::BadRequest {
+            code,
+            message: format!("{location} parameter {name:?}: {problem}"),
+            details: Some(field_details(name, problem)),
+        }
+    }
+
+    /// 422 `code` for a request field whose value is well-formed but invalid: the message and
+    /// `details: [{field, message}]` name it.
+    pub fn invalid_field(code: &'static str, field: &str, problem: &str) -> Self {
+        Self::Invalid {
+            code,
+            message: format!("{field}: {problem}"),
+            details: Some(field_details(field, problem)),
         }
     }
 
@@ -110,6 +139,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Store(err) => Self::infra_status(err.is_transient()),
             Self::Bus(err) => Self::infra_status(err.is_transient()),
@@ -136,6 +166,7 @@ impl ApiError {
             Self::Forbidden { .. } => "forbidden",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::Store(drover_store::Error::UnknownCampaign(_)) => "unknown_campaign",
             Self::Store(drover_store::Error::UnknownWorkflow(_)) => "unknown_workflow",
             Self::Store(drover_store::Error::UnknownInstance(_)) => "not_found",
@@ -169,7 +200,7 @@ impl ApiError {
 
     fn details(&self) -> Option<&Value> {
         match self {
-            Self::Invalid { details, .. } => details.as_ref(),
+            Self::BadRequest { details, .. } | Self::Invalid { details, .. } => details.as_ref(),
             _ => None,
         }
     }
@@ -184,6 +215,10 @@ impl ApiError {
             },
         }
     }
+}
+
+fn field_details(field: &str, problem: &str) -> Value {
+    serde_json::json!([{ "field": field, "message": problem }])
 }
 
 impl IntoResponse for ApiError {
@@ -219,24 +254,30 @@ pub struct ErrorDetail {
     /// `forbidden`; 404 `not_found`,
     /// `unknown_workflow`, `unknown_campaign`; 405 `method_not_allowed`; 409 `not_in_error`,
     /// `not_deepest`, `end_step`, `no_transition`, `transition_error`, `conflict`,
-    /// `instance_finished`, `token_exists`; 413 `payload_too_large`; 422 `invalid_request`,
+    /// `instance_finished`, `token_exists`, `bootstrap_token`, `campaign_exists`, `unlimited_campaign`, `not_finished`,
+    /// `child_instance`, `in_error`, `stopping`, `finished`, `running`; 413
+    /// `payload_too_large`; 415 `unsupported_media_type`; 422 `invalid_request`,
     /// `invalid_definition`; 500 `internal`; 503 `unavailable`.
     pub code: String,
     /// For people; an invalid definition has one problem per line.
     pub message: String,
-    /// For `invalid_definition`: `[{step, field, message}, …]`.
+    /// The fields at fault, when known: `[{field, message}]`, and `step` for
+    /// `invalid_definition`. A field is a path into the request (`vars.customer.name`,
+    /// `vars.items[2]`) or the name of a path or query parameter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<DefinitionProblem>>)]
     pub details: Option<Value>,
 }
 
-/// One problem in a definition (schema of `drover_core::DefinitionError`).
+/// One problem with a request field, or in a definition (then the schema of
+/// `drover_core::DefinitionError`).
 #[derive(ToSchema)]
-#[allow(dead_code)] // documentation only: the wire form is DefinitionError's
+#[allow(dead_code)] // documentation only: the wire form is built where the error is
 pub(crate) struct DefinitionProblem {
-    /// The step's id, when the step has one.
+    /// A definition's step, by id, when the problem is in a step that has one.
+    #[schema(required = false)]
     step: Option<String>,
-    /// The field, or `steps[N].field` for a step without a usable id.
+    /// The field: a path into the request body or definition, or a parameter's name.
     field: String,
     message: String,
 }

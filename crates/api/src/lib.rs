@@ -51,7 +51,7 @@ pub use auth::{AuthMode, Authenticator, Principal, Secret};
 pub use campaigns::{CreateCampaign, LimitChanged, SetLimit};
 pub use client::{ApiClient, ClientError};
 pub use diagnosis::{Diagnosis, LIVE_WITHIN_MS, diagnose};
-pub use dto::ListQuery;
+pub use dto::{JournalQuery, ListInclude, ListQuery};
 pub use error::{ApiError, ErrorBody, ErrorDetail, Result};
 pub use lifecycle::{
     Cascaded, LIFECYCLE_BATCH, LifecycleCommand, LifecycleFilterRequest, LifecycleRequest,

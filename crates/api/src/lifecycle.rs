@@ -33,7 +33,7 @@ use crate::ApiState;
 use crate::auth::Principal;
 use crate::dto::{Instance, InstanceStateSchema};
 use crate::error::{ApiError, ErrorBody, Result};
-use crate::extract::ApiPath;
+use crate::extract::{ApiPath, decode_optional_json};
 use crate::operator::definition_of;
 use crate::routes::{parse_id, unknown_instance};
 
@@ -63,6 +63,7 @@ pub struct LifecycleFilterRequest {
     pub workflow: Option<String>,
     /// Only instances in this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<InstanceStateSchema>)]
     pub state: Option<String>,
 }
 
@@ -311,13 +312,10 @@ filter_route!(
     "Restart the finished instances of a filter."
 );
 
-/// A JSON body that may be empty (then `T::default()`).
+/// A JSON body that may be empty or `null` (then `T::default()`), checked as every body is
+/// ([`decode_optional_json`]).
 fn optional_json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body)
-        .map_err(|err| ApiError::bad_request("invalid_json", format!("invalid JSON body: {err}")))
+    decode_optional_json(body)
 }
 
 async fn one(

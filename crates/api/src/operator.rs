@@ -106,6 +106,7 @@ impl From<drover_store::Lease> for Leader {
         (status = 409, description = "`not_in_error`; `not_deepest` (a descendant is in_error: \
             resume it first); `end_step`, `no_transition` or `transition_error` (next_step \
             cannot choose a step); `conflict` (the instance moved on meanwhile)", body = ErrorBody),
+        (status = 415, description = "No `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "`set` is not an object", body = ErrorBody),
     )
 )]

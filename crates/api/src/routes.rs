@@ -3,21 +3,42 @@
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri};
 use axum::{Extension, Json};
-use drover_core::{Definition, InstanceId, InstanceState};
+use drover_core::ids::is_slug;
+use drover_core::{
+    Definition, DefinitionError, DefinitionErrors, InstanceId, InstanceState, StepSeq,
+};
 use drover_store::InstanceFilter;
-use utoipa::OpenApi;
+use utoipa::openapi::path::Operation;
+use utoipa::openapi::response::{Response, ResponseBuilder};
+use utoipa::openapi::schema::{
+    AdditionalProperties, AllOfBuilder, AnyOfBuilder, ArrayBuilder, Object, ObjectBuilder, Schema,
+    SchemaType, Type,
+};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr};
+use utoipa::{Modify, OpenApi};
 
 use crate::ApiState;
 use crate::auth::{BearerSecurity, Principal};
 use crate::dto::*;
 use crate::error::{ApiError, ErrorBody, Result};
-use crate::extract::{ApiJson, ApiPath, ApiQuery, Source};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Slug, Source, unstorable};
 use crate::start::{StartRequest, Started, start_instances};
 
 /// Instances listed when the query gives no `limit`.
 const DEFAULT_LIST_LIMIT: i64 = 100;
 /// The most instances one listing returns; a larger `limit` is capped.
 const MAX_LIST_LIMIT: i64 = 1_000;
+/// With `include=vars`, a listing stops before its instances' vars exceed this many bytes of
+/// JSON (the first instance is listed whatever its size): a page of 1000 instances with 1 MB
+/// of vars each would be a 1 GB response.
+pub(crate) const MAX_LIST_VARS_BYTES: usize = 4 * 1024 * 1024;
+/// Journal entries given when the query gives no `limit`.
+const DEFAULT_JOURNAL_LIMIT: i64 = 100;
+/// The most journal entries one page gives; a larger `limit` is capped.
+const MAX_JOURNAL_LIMIT: i64 = 1_000;
+/// A journal page stops before its entries' outputs and errors exceed this many bytes (the
+/// first entry is given whatever its size).
+pub(crate) const MAX_JOURNAL_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -69,6 +90,8 @@ const MAX_LIST_LIMIT: i64 = 1_000;
         StartRequest,
         Started,
         InstanceList,
+        InstanceSummary,
+        ListInclude,
         Instance,
         InstanceStateSchema,
         Journal,
@@ -99,7 +122,7 @@ const MAX_LIST_LIMIT: i64 = 1_000;
         Readiness,
         ReadinessChecks
     )),
-    modifiers(&BearerSecurity),
+    modifiers(&CommonResponses, &BearerSecurity),
     tags(
         (name = "workflows", description = "Workflow definitions and their versions"),
         (name = "instances", description = "Starting and inspecting workflow instances"),
@@ -136,9 +159,20 @@ pub(crate) async fn deploy(
     definition
         .check_publish(&state.publish)
         .map_err(|errors| ApiError::invalid_definition(&errors))?;
+    let body = definition.to_json();
+    // A YAML `"\0"` or JSON `"\u0000"` escape decodes to a NUL, which `jsonb` refuses.
+    if let Some((field, message)) = unstorable(&body, "") {
+        return Err(ApiError::invalid_definition(&DefinitionErrors(vec![
+            DefinitionError {
+                step: None,
+                field,
+                message,
+            },
+        ])));
+    }
     let deployed = state
         .store
-        .deploy_definition(&definition.name, &definition.to_json(), &source)
+        .deploy_definition(&definition.name, &body, &source)
         .await?;
     let status = if deployed.created {
         tracing::info!(workflow = %deployed.name, version = deployed.version, "workflow deployed");
@@ -168,7 +202,10 @@ pub(crate) async fn list_workflows(State(state): State<ApiState>) -> Result<Json
     get,
     path = "/v1/workflows/{name}",
     tag = "workflows",
-    params(("name" = String, Path, description = "The workflow's name"), VersionQuery),
+    params(
+        ("name" = String, Path, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$", description = "The workflow's name"),
+        VersionQuery
+    ),
     responses(
         (status = 200, body = Workflow),
         (status = 404, description = "Unknown workflow or version", body = ErrorBody),
@@ -176,7 +213,7 @@ pub(crate) async fn list_workflows(State(state): State<ApiState>) -> Result<Json
 )]
 pub(crate) async fn show_workflow(
     State(state): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    ApiPath(Slug(name)): ApiPath<Slug>,
     ApiQuery(query): ApiQuery<VersionQuery>,
 ) -> Result<Json<Workflow>> {
     match state.store.get_definition(&name, query.version).await? {
@@ -204,6 +241,7 @@ pub(crate) async fn show_workflow(
         (status = 201, description = "The instances were created and their jobs dispatched", body = Started),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 404, description = "Unknown workflow, version or campaign", body = ErrorBody),
+        (status = 415, description = "No `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "Count out of range, or vars not an object", body = ErrorBody),
     )
 )]
@@ -223,7 +261,11 @@ pub(crate) async fn start(
     Ok((StatusCode::CREATED, Json(started)))
 }
 
-/// List instances, newest first.
+/// List instances, newest first, as summaries.
+///
+/// Without `include=vars` no instance's `vars` are listed (nor read). A page holds at most
+/// `limit` instances and, with `include=vars`, stops once their vars reach 4 MiB of JSON
+/// (at least one instance is listed); `next` is then the `before` of the next page.
 #[utoipa::path(
     get,
     path = "/v1/instances",
@@ -231,7 +273,7 @@ pub(crate) async fn start(
     params(ListQuery),
     responses(
         (status = 200, body = InstanceList),
-        (status = 400, description = "An unknown state, a malformed `before` or a bad `limit`", body = ErrorBody),
+        (status = 400, description = "`invalid_query`: an unknown state or `include`, a name that is not a slug, a bad `limit`; `invalid_id`: a malformed `before`", body = ErrorBody),
     )
 )]
 pub(crate) async fn list_instances(
@@ -239,9 +281,15 @@ pub(crate) async fn list_instances(
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<InstanceList>> {
     let filter = instance_filter(query)?;
-    let instances = state.store.list_instances(&filter).await?;
+    let page = state.store.list_instances(&filter).await?;
+    let next = if page.more {
+        page.instances.last().map(|i| i.id)
+    } else {
+        None
+    };
     Ok(Json(InstanceList {
-        instances: instances.into_iter().map(Into::into).collect(),
+        instances: page.instances.into_iter().map(Into::into).collect(),
+        next,
     }))
 }
 
@@ -252,16 +300,19 @@ fn instance_filter(query: ListQuery) -> Result<InstanceFilter> {
         .map(str::parse::<InstanceState>)
         .transpose()
         .map_err(|err| ApiError::bad_request("invalid_query", err.to_string()))?;
-    let limit = match query.limit {
-        None => DEFAULT_LIST_LIMIT,
-        Some(limit) if limit < 1 => {
-            return Err(ApiError::bad_request(
+    let limit = page_limit(query.limit, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?;
+    for (parameter, name) in [("campaign", &query.campaign), ("workflow", &query.workflow)] {
+        if let Some(name) = name
+            && !is_slug(name)
+        {
+            return Err(ApiError::bad_parameter(
                 "invalid_query",
-                format!("limit must be at least 1, not {limit}"),
+                "query",
+                parameter,
+                &format!("{name:?} is not a slug ([a-z0-9][a-z0-9_-], at most 63 characters)"),
             ));
         }
-        Some(limit) => limit.min(MAX_LIST_LIMIT),
-    };
+    }
     let before = query.before.as_deref().map(parse_id).transpose()?;
     Ok(InstanceFilter {
         state,
@@ -269,7 +320,20 @@ fn instance_filter(query: ListQuery) -> Result<InstanceFilter> {
         workflow: query.workflow,
         before,
         limit,
+        vars_budget: (query.include == Some(ListInclude::Vars)).then_some(MAX_LIST_VARS_BYTES),
     })
+}
+
+/// A page size from `limit`: `default` when absent, at most `max`, 400 below 1.
+fn page_limit(limit: Option<i64>, default: i64, max: i64) -> Result<i64> {
+    match limit {
+        None => Ok(default),
+        Some(limit) if limit < 1 => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be at least 1, not {limit}"),
+        )),
+        Some(limit) => Ok(limit.min(max)),
+    }
 }
 
 pub(crate) fn parse_id(id: &str) -> Result<InstanceId> {
@@ -305,28 +369,54 @@ pub(crate) async fn show_instance(
     }
 }
 
-/// An instance's journal: every transition in checkpoint order.
+/// A page of an instance's journal: its transitions in checkpoint order.
+///
+/// A page holds at most `limit` entries and stops once their outputs and errors reach 4 MiB
+/// (at least one entry is given); `next` is then the `after` of the next page.
 #[utoipa::path(
     get,
     path = "/v1/instances/{id}/journal",
     tag = "instances",
-    params(("id" = String, Path, format = Uuid, description = "The instance id")),
+    params(("id" = String, Path, format = Uuid, description = "The instance id"), JournalQuery),
     responses(
         (status = 200, body = Journal),
-        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 400, description = "`invalid_id`: a malformed id; `invalid_query`: a bad `limit` or `after`", body = ErrorBody),
         (status = 404, description = "Unknown instance", body = ErrorBody),
     )
 )]
 pub(crate) async fn journal(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<JournalQuery>,
 ) -> Result<Json<Journal>> {
     let id = parse_id(&id)?;
-    match state.store.journal(id).await? {
-        Some(entries) => Ok(Json(Journal {
-            instance: id,
-            entries: entries.into_iter().map(Into::into).collect(),
-        })),
+    let limit = page_limit(query.limit, DEFAULT_JOURNAL_LIMIT, MAX_JOURNAL_LIMIT)?;
+    let after = match query.after {
+        Some(after) if after < 0 => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("after must be a checkpoint (0 or more), not {after}"),
+            ));
+        }
+        after => after.map(StepSeq),
+    };
+    match state
+        .store
+        .journal_page(id, after, limit, MAX_JOURNAL_PAGE_BYTES)
+        .await?
+    {
+        Some(page) => {
+            let next = if page.more {
+                page.entries.last().map(|e| e.step_seq)
+            } else {
+                None
+            };
+            Ok(Json(Journal {
+                instance: id,
+                entries: page.entries.into_iter().map(Into::into).collect(),
+                next,
+            }))
+        }
         None => Err(unknown_instance(id)),
     }
 }
@@ -441,4 +531,213 @@ pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed {
         message: format!("{} does not support {method}", uri.path()),
     }
+}
+
+/// Completes the document with what every route shares, so each route's own description need
+/// not repeat it and none can forget it:
+///
+/// - 500 `internal` and 503 `unavailable` on every route that reads the store;
+/// - 400 on every route with path or query parameters (`invalid_path`, `invalid_query`,
+///   `invalid_id`: a malformed value, or one holding a NUL character);
+/// - 413 and 422 (`invalid_request`: a string holding a NUL character, named in `details`) on
+///   every route with a body;
+/// - the rule of a lifecycle filter: at least one of `campaign`, `workflow` and `state`.
+pub(crate) struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let mut request_schemas = Vec::new();
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let local = matches!(path.as_str(), "/healthz" | "/readyz" | "/v1/openapi.json");
+            for operation in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                complete_operation(operation, local);
+                request_schemas.extend(request_schema_names(operation));
+            }
+        }
+        if let Some(components) = openapi.components.as_mut() {
+            for name in &request_schemas {
+                if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(name) {
+                    for property in object.properties.values_mut() {
+                        if let RefOr::T(Schema::Object(property)) = property {
+                            storable_only(property);
+                        }
+                    }
+                }
+            }
+            components
+                .schemas
+                .insert("StorableJson".to_owned(), RefOr::T(storable_json()));
+            if let Some(filter) = components.schemas.get_mut("LifecycleFilterRequest") {
+                let original = std::mem::replace(filter, RefOr::T(Schema::default()));
+                let one_of_them = ["campaign", "workflow", "state"]
+                    .into_iter()
+                    .fold(AnyOfBuilder::new(), |any, field| {
+                        any.item(
+                            ObjectBuilder::new()
+                                .required(field)
+                                .property(field, ObjectBuilder::new().schema_type(Type::String)),
+                        )
+                    })
+                    .build();
+                *filter = RefOr::T(Schema::AllOf(
+                    AllOfBuilder::new()
+                        .item(original)
+                        .item(RefOr::T(Schema::AnyOf(one_of_them)))
+                        .description(Some(
+                            "At least one of `campaign`, `workflow` and `state` (not null).",
+                        ))
+                        .build(),
+                ));
+            }
+        }
+    }
+}
+
+/// A string without NUL characters: what Postgres can store.
+const NO_NUL_PATTERN: &str = r"^[^\u0000]*$";
+
+/// Narrows a request schema to what can be stored: strings without NUL characters; free-form
+/// JSON objects (`vars`, `set`) to [`storable_json`] members under keys without NUL.
+fn storable_only(schema: &mut Object) {
+    let is = |wanted: Type| match &schema.schema_type {
+        SchemaType::Type(t) => *t == wanted,
+        SchemaType::Array(types) => types.contains(&wanted),
+        SchemaType::AnyValue => false,
+    };
+    if is(Type::String) && schema.pattern.is_none() && schema.enum_values.is_none() {
+        schema.pattern = Some(NO_NUL_PATTERN.to_owned());
+    }
+    if is(Type::Object) && schema.properties.is_empty() && schema.additional_properties.is_none() {
+        schema.additional_properties = Some(Box::new(AdditionalProperties::RefOr(
+            Ref::from_schema_name("StorableJson").into(),
+        )));
+        schema.property_names = Some(Box::new(no_nul_string().into()));
+    }
+}
+
+fn no_nul_string() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(NO_NUL_PATTERN))
+        .build()
+}
+
+/// Any JSON Postgres can store: no string or key holds a NUL character.
+fn storable_json() -> Schema {
+    let json = || RefOr::Ref(Ref::from_schema_name("StorableJson"));
+    Schema::AnyOf(
+        AnyOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(SchemaType::Array(vec![
+                Type::Null,
+                Type::Boolean,
+                Type::Number,
+            ])))
+            .item(no_nul_string())
+            .item(ArrayBuilder::new().items(json()))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Object)
+                    .additional_properties(Some(json()))
+                    .property_names(Some(no_nul_string())),
+            )
+            .description(Some(
+                "Any JSON whose strings and keys hold no NUL character (U+0000): Postgres \
+                 cannot store one.",
+            ))
+            .build(),
+    )
+}
+
+fn complete_operation(operation: &mut Operation, local: bool) {
+    let responses = &mut operation.responses.responses;
+    let mut add = |status: &str, description: &str| {
+        responses
+            .entry(status.to_owned())
+            .or_insert_with(|| error_response(description));
+    };
+    if local {
+        return;
+    }
+    let has_params = operation
+        .parameters
+        .as_ref()
+        .is_some_and(|params| !params.is_empty());
+    if has_params {
+        add(
+            "400",
+            "A malformed path or query parameter, or one holding a NUL character \
+             (`invalid_path`, `invalid_query`, `invalid_id`)",
+        );
+    }
+    if let Some(body) = operation.request_body.as_mut() {
+        for content in body.content.values_mut() {
+            match &mut content.schema {
+                // Free-form JSON (an event's payload): what can be stored.
+                Some(RefOr::T(Schema::Object(object)))
+                    if object.schema_type == SchemaType::AnyValue =>
+                {
+                    content.schema = Some(RefOr::Ref(Ref::from_schema_name("StorableJson")));
+                }
+                Some(RefOr::T(Schema::Object(object))) => storable_only(object),
+                _ => {}
+            }
+        }
+        add("413", "Body over 1 MiB (`payload_too_large`)");
+        add(
+            "422",
+            "A string in the body holds a NUL character, which cannot be stored \
+             (`invalid_request`; `details` names the field)",
+        );
+    }
+    add("500", "A bug or corrupt stored data (`internal`)");
+    add(
+        "503",
+        "The database or message bus is unavailable; try again (`unavailable`)",
+    );
+}
+
+/// The component schemas an operation's request body refers to (`T` or `T | null`).
+fn request_schema_names(operation: &Operation) -> Vec<String> {
+    let Some(body) = &operation.request_body else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    let mut push = |schema: &RefOr<Schema>| {
+        if let RefOr::Ref(reference) = schema
+            && let Some(name) = reference.ref_location.strip_prefix("#/components/schemas/")
+        {
+            names.push(name.to_owned());
+        }
+    };
+    for content in body.content.values() {
+        match &content.schema {
+            Some(RefOr::T(Schema::OneOf(one_of))) => one_of.items.iter().for_each(&mut push),
+            Some(schema) => push(schema),
+            None => {}
+        }
+    }
+    names
+}
+
+fn error_response(description: &str) -> RefOr<Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build(),
+    )
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorBody, Result};
-use crate::extract::ApiPath;
+use crate::extract::{ApiPath, check_storable};
 use crate::{ApiState, MAX_BODY_BYTES};
 
 /// What became of a delivered event.
@@ -41,8 +41,9 @@ pub struct EventDelivered {
 /// Delivers the event `name` with `payload` to `instance`, then publishes the job of an
 /// instance it woke (a failed publish is logged: the stale-READY sweeper re-dispatches).
 ///
-/// Errors: 400 `invalid_event_name` (not a slug), 404 `not_found`, 409 `instance_finished`,
-/// store errors (503 when transient).
+/// Errors: 400 `invalid_event_name` (not a slug), 422 `invalid_request` (a string in the
+/// payload holds a NUL character, which Postgres cannot store; the field is named from
+/// `payload`), 404 `not_found`, 409 `instance_finished`, store errors (503 when transient).
 pub async fn deliver_event(
     store: &Store,
     bus: &Bus,
@@ -53,6 +54,7 @@ pub async fn deliver_event(
     if !is_slug(name) {
         return Err(invalid_name(name));
     }
+    check_storable(payload, "payload")?;
     let events = |w: &Woken| {
         vec![bus.woken_event(
             &InstanceRef {
@@ -128,11 +130,13 @@ fn parse_payload(body: &[u8]) -> Result<Value> {
     tag = "instances",
     params(
         ("id" = String, Path, format = Uuid, description = "The instance id"),
-        ("name" = String, Path, description = "The event's name, a slug: what a `wait_event` step's `name` waits for"),
+        ("name" = String, Path, pattern = "^[a-z0-9][a-z0-9_-]{0,62}$", description = "The event's name, a slug: what a `wait_event` step's `name` waits for"),
     ),
     request_body(
-        description = "The event's payload, any JSON (the `wait_event` step's output). Optional: no body is `null`.",
-        content((Object = "application/json"))
+        description = "The event's payload, any JSON (the `wait_event` step's output), whatever \
+            the content type. Optional: no body is `null`.",
+        content = Option<serde_json::Value>,
+        content_type = "application/json"
     ),
     responses(
         (status = 202, description = "Stored; `woke` if the instance was waiting for it", body = EventDelivered),

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, Result};
+use crate::extract::check_storable;
 
 /// The campaign instances join when the request names none.
 pub const DEFAULT_CAMPAIGN: &str = "default";
@@ -35,7 +36,11 @@ pub struct StartRequest {
     /// The workflow's name.
     pub workflow: String,
     /// A version number; the latest when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::dto::optional_integral"
+    )]
     pub version: Option<i32>,
     /// A campaign name; `default` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -45,7 +50,11 @@ pub struct StartRequest {
     #[schema(value_type = Option<Object>)]
     pub vars: Option<Value>,
     /// How many instances to start (1 to 10000); 1 when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::dto::optional_integral"
+    )]
     #[schema(minimum = 1, maximum = 10000)]
     pub count: Option<u32>,
 }
@@ -102,7 +111,8 @@ impl DefinitionCache {
 
 /// Starts the instances `request` asks for, as `actor` (`api`, `scheduler`, …).
 ///
-/// Errors: 422 `invalid_request` for a count out of range or non-object `vars`; 404
+/// Errors: 422 `invalid_request` for a count out of range, non-object `vars`, or a string
+/// Postgres cannot store (a NUL character) in any field; 404
 /// `unknown_workflow` / `unknown_campaign`; store errors (503 when transient). If a later
 /// chunk fails, the instances of earlier chunks exist and will run (logged at warn).
 pub async fn start_instances(
@@ -112,6 +122,22 @@ pub async fn start_instances(
     actor: &str,
     request: StartRequest,
 ) -> Result<Started> {
+    // The API's extractor checked this already; other callers (a NATS start) may not have.
+    for (field, text) in [
+        ("workflow", Some(&request.workflow)),
+        ("campaign", request.campaign.as_ref()),
+    ] {
+        if text.is_some_and(|text| text.contains('\0')) {
+            return Err(ApiError::invalid_field(
+                "invalid_request",
+                field,
+                crate::extract::NUL_PROBLEM,
+            ));
+        }
+    }
+    if let Some(vars) = &request.vars {
+        check_storable(vars, "vars")?;
+    }
     let count = request.count.unwrap_or(1);
     if !(1..=MAX_START_COUNT).contains(&count) {
         return Err(ApiError::invalid(

@@ -264,6 +264,7 @@ pub async fn run(
                 workflow,
                 limit: Some(limit),
                 before,
+                include: None,
             };
             (client.instances(&query).await?, View::Instances)
         }
@@ -424,25 +425,31 @@ fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
             .as_array()
             .map(|ids| ids.iter().map(|id| format!("{}\n", text(id))).collect())
             .unwrap_or_default(),
-        View::Instances => list(
-            &answer["instances"],
-            "no instances",
-            &[
-                "ID", "WORKFLOW", "VERSION", "CAMPAIGN", "STATE", "STEP", "SEQ", "CREATED",
-            ],
-            |i| {
-                vec![
-                    text(&i["id"]),
-                    text(&i["workflow"]),
-                    text(&i["version"]),
-                    text(&i["campaign"]),
-                    text(&i["state"]),
-                    text(&i["current_step"]),
-                    text(&i["step_seq"]),
-                    time(&i["created_at"]),
-                ]
-            },
-        ),
+        View::Instances => {
+            let mut out = list(
+                &answer["instances"],
+                "no instances",
+                &[
+                    "ID", "WORKFLOW", "VERSION", "CAMPAIGN", "STATE", "STEP", "SEQ", "CREATED",
+                ],
+                |i| {
+                    vec![
+                        text(&i["id"]),
+                        text(&i["workflow"]),
+                        text(&i["version"]),
+                        text(&i["campaign"]),
+                        text(&i["state"]),
+                        text(&i["current_step"]),
+                        text(&i["step_seq"]),
+                        time(&i["created_at"]),
+                    ]
+                },
+            );
+            if let Some(next) = answer["next"].as_str() {
+                out.push_str(&format!("(more: add --before {next})\n"));
+            }
+            out
+        }
         View::Instance => match answer.as_object() {
             Some(fields) => {
                 let rows: Vec<(&str, String)> = fields

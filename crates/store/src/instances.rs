@@ -94,6 +94,94 @@ const INSTANCE_COLUMNS: &str = "i.id, i.workflow, i.version, c.name AS campaign,
          WHERE q.campaign_id = i.campaign_id AND q.state = 'queued' AND q.queue_seq <= i.queue_seq) \
     END AS queue_position";
 
+/// The columns of an [`InstanceSummary`]: no `outputs`, no `fence`, `error` cut, and `vars`
+/// appended by the query (`i.vars` or `NULL::jsonb`).
+const SUMMARY_COLUMNS: &str = "i.id, i.workflow, i.version, c.name AS campaign, i.state, \
+    i.current_step, i.step_seq, i.step_attempt, i.owner_node, \
+    left(i.error, $6) AS error, i.parent_instance_id, i.call_depth, \
+    i.created_at, i.updated_at, i.finished_at, i.wake_at, i.wait_event, i.wait_child, \
+    i.holds_permit, \
+    CASE WHEN i.state = 'queued' THEN \
+        (SELECT count(*) FROM instance q \
+         WHERE q.campaign_id = i.campaign_id AND q.state = 'queued' AND q.queue_seq <= i.queue_seq) \
+    END AS queue_position";
+
+#[derive(sqlx::FromRow)]
+struct SummaryRow {
+    id: Uuid,
+    workflow: String,
+    version: i32,
+    campaign: String,
+    state: String,
+    current_step: String,
+    step_seq: i64,
+    step_attempt: i32,
+    owner_node: Option<Uuid>,
+    vars: Option<Value>,
+    error: Option<String>,
+    parent_instance_id: Option<Uuid>,
+    call_depth: i32,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+    wake_at: Option<DateTime<Utc>>,
+    wait_event: Option<String>,
+    wait_child: Option<Uuid>,
+    holds_permit: bool,
+    queue_position: Option<i64>,
+}
+
+impl TryFrom<SummaryRow> for InstanceSummary {
+    type Error = Error;
+    fn try_from(r: SummaryRow) -> Result<Self> {
+        Ok(InstanceSummary {
+            id: InstanceId(r.id),
+            workflow: r.workflow,
+            version: r.version,
+            campaign: r.campaign,
+            state: parse_state(&r.state)?,
+            current_step: r.current_step,
+            step_seq: StepSeq(r.step_seq),
+            step_attempt: r.step_attempt,
+            owner_node: r.owner_node.map(NodeId),
+            vars: r.vars,
+            error: r.error,
+            parent_instance_id: r.parent_instance_id.map(InstanceId),
+            call_depth: r.call_depth,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            finished_at: r.finished_at,
+            wake_at: r.wake_at,
+            wait_event: r.wait_event,
+            wait_child: r.wait_child.map(InstanceId),
+            holds_permit: r.holds_permit,
+            queue_position: r.queue_position,
+        })
+    }
+}
+
+/// Rows read per statement while a listing or journal page fills a byte budget: what it may
+/// read past the budget.
+const BUDGET_BATCH: i64 = 8;
+
+/// The length of `value` as compact JSON, without building the text.
+fn json_len(value: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a `Value` to a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
 #[derive(sqlx::FromRow)]
 struct CampaignRow {
     id: i64,
@@ -133,6 +221,25 @@ struct JournalRow {
     finished_at: DateTime<Utc>,
     output: Option<Value>,
     error: Option<String>,
+}
+
+impl From<JournalRow> for JournalEntry {
+    fn from(r: JournalRow) -> Self {
+        JournalEntry {
+            step_seq: StepSeq(r.step_seq),
+            step_id: r.step_id,
+            outcome: r.outcome,
+            transition: r.transition,
+            fence: Fence(r.fence),
+            attempt: r.attempt,
+            node_id: r.node_id.map(NodeId),
+            actor: r.actor,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            output: r.output,
+            error: r.error,
+        }
+    }
 }
 
 impl Store {
@@ -184,13 +291,15 @@ impl Store {
         }
     }
 
-    /// The latest version of every workflow, by name.
+    /// The latest version of every workflow, by name: no source, no body, the description's
+    /// first [`SUMMARY_DESCRIPTION_CHARS`] characters.
     pub async fn list_definitions(&self) -> Result<Vec<DefinitionSummary>> {
         Ok(sqlx::query_as(
-            "SELECT DISTINCT ON (name) name, version, body->>'description' AS description,
+            "SELECT DISTINCT ON (name) name, version, left(body->>'description', $1) AS description,
                     coalesce(jsonb_array_length(body->'steps'), 0)::bigint AS steps, created_at
              FROM workflow_definition ORDER BY name, version DESC",
         )
+        .bind(SUMMARY_DESCRIPTION_CHARS)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -322,10 +431,65 @@ impl Store {
         row.map(Instance::try_from).transpose()
     }
 
-    /// Instances matching `filter`, newest first.
-    pub async fn list_instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>> {
-        let rows: Vec<InstanceRow> = sqlx::query_as(&format!(
-            "SELECT {INSTANCE_COLUMNS} FROM instance i JOIN campaign c ON c.id = i.campaign_id \
+    /// A page of the instances matching `filter`, newest first: at most `filter.limit`, and
+    /// with `filter.vars_budget`, no more than fit it. Reads `vars` only with a budget, and
+    /// then in batches of [`BUDGET_BATCH`] rows, so a page of large vars is never read whole.
+    pub async fn list_instances(&self, filter: &InstanceFilter) -> Result<InstancePage> {
+        let limit = filter.limit.max(1);
+        let Some(budget) = filter.vars_budget else {
+            let mut rows = self
+                .summary_rows(filter, filter.before, limit + 1, false)
+                .await?;
+            let more = rows.len() as i64 > limit;
+            rows.truncate(limit as usize);
+            return Ok(InstancePage {
+                instances: rows
+                    .into_iter()
+                    .map(InstanceSummary::try_from)
+                    .collect::<Result<_>>()?,
+                more,
+            });
+        };
+        let mut page = InstancePage::default();
+        let mut bytes = 0;
+        let mut before = filter.before;
+        loop {
+            let want = (limit + 1 - page.instances.len() as i64).min(BUDGET_BATCH);
+            let rows = self.summary_rows(filter, before, want, true).await?;
+            let fetched = rows.len() as i64;
+            for row in rows {
+                let size = row.vars.as_ref().map_or(0, json_len);
+                let full = page.instances.len() as i64 == limit
+                    || (!page.instances.is_empty() && bytes + size > budget);
+                if full {
+                    page.more = true;
+                    return Ok(page);
+                }
+                bytes += size;
+                before = Some(InstanceId(row.id));
+                page.instances.push(row.try_into()?);
+            }
+            if fetched < want {
+                return Ok(page);
+            }
+        }
+    }
+
+    async fn summary_rows(
+        &self,
+        filter: &InstanceFilter,
+        before: Option<InstanceId>,
+        limit: i64,
+        vars: bool,
+    ) -> Result<Vec<SummaryRow>> {
+        let vars = if vars {
+            "i.vars"
+        } else {
+            "NULL::jsonb AS vars"
+        };
+        Ok(sqlx::query_as(&format!(
+            "SELECT {SUMMARY_COLUMNS}, {vars} \
+             FROM instance i JOIN campaign c ON c.id = i.campaign_id \
              WHERE ($1::text IS NULL OR i.state = $1) \
                AND ($2::text IS NULL OR c.name = $2) \
                AND ($3::text IS NULL OR i.workflow = $3) \
@@ -335,11 +499,11 @@ impl Store {
         .bind(filter.state.map(|s| s.as_str()))
         .bind(filter.campaign.as_deref())
         .bind(filter.workflow.as_deref())
-        .bind(filter.before.map(|id| id.0))
-        .bind(filter.limit)
+        .bind(before.map(|id| id.0))
+        .bind(limit)
+        .bind(SUMMARY_ERROR_CHARS)
         .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(Instance::try_from).collect()
+        .await?)
     }
 
     /// Counts instances by state (all states, zeros included).
@@ -361,35 +525,81 @@ impl Store {
 
     /// The instance's journal in checkpoint order; `None` for an unknown instance.
     pub async fn journal(&self, id: InstanceId) -> Result<Option<Vec<JournalEntry>>> {
-        let rows: Vec<JournalRow> = sqlx::query_as(
-            "SELECT step_seq, step_id, outcome, transition, fence, attempt, node_id, actor,
-                    started_at, finished_at, output, error
-             FROM journal WHERE instance_id = $1 ORDER BY step_seq",
-        )
-        .bind(id.0)
-        .fetch_all(&self.pool)
-        .await?;
-        if rows.is_empty() && self.get_instance(id).await?.is_none() {
+        let rows = self.journal_rows(id, None, None).await?;
+        if rows.is_empty() && !self.instance_exists(id).await? {
             return Ok(None);
         }
-        Ok(Some(
-            rows.into_iter()
-                .map(|r| JournalEntry {
-                    step_seq: StepSeq(r.step_seq),
-                    step_id: r.step_id,
-                    outcome: r.outcome,
-                    transition: r.transition,
-                    fence: Fence(r.fence),
-                    attempt: r.attempt,
-                    node_id: r.node_id.map(NodeId),
-                    actor: r.actor,
-                    started_at: r.started_at,
-                    finished_at: r.finished_at,
-                    output: r.output,
-                    error: r.error,
-                })
-                .collect(),
-        ))
+        Ok(Some(rows.into_iter().map(JournalEntry::from).collect()))
+    }
+
+    /// A page of the instance's journal in checkpoint order: the entries after `after`, at
+    /// most `limit`, and no more than fit `budget` bytes of `output` and `error` (the first
+    /// entry is given whatever its size). Reads in batches of [`BUDGET_BATCH`] entries.
+    /// `None` for an unknown instance.
+    pub async fn journal_page(
+        &self,
+        id: InstanceId,
+        after: Option<StepSeq>,
+        limit: i64,
+        budget: usize,
+    ) -> Result<Option<JournalPage>> {
+        let limit = limit.max(1);
+        let mut page = JournalPage::default();
+        let mut bytes = 0;
+        let mut after = after;
+        loop {
+            let want = (limit + 1 - page.entries.len() as i64).min(BUDGET_BATCH);
+            let rows = self.journal_rows(id, after, Some(want)).await?;
+            let fetched = rows.len() as i64;
+            for row in rows {
+                let size = row.output.as_ref().map_or(0, json_len)
+                    + row.error.as_ref().map_or(0, String::len);
+                let full = page.entries.len() as i64 == limit
+                    || (!page.entries.is_empty() && bytes + size > budget);
+                if full {
+                    page.more = true;
+                    return Ok(Some(page));
+                }
+                bytes += size;
+                after = Some(StepSeq(row.step_seq));
+                page.entries.push(row.into());
+            }
+            if fetched < want {
+                break;
+            }
+        }
+        if page.entries.is_empty() && !self.instance_exists(id).await? {
+            return Ok(None);
+        }
+        Ok(Some(page))
+    }
+
+    async fn journal_rows(
+        &self,
+        id: InstanceId,
+        after: Option<StepSeq>,
+        limit: Option<i64>,
+    ) -> Result<Vec<JournalRow>> {
+        Ok(sqlx::query_as(
+            "SELECT step_seq, step_id, outcome, transition, fence, attempt, node_id, actor,
+                    started_at, finished_at, output, error
+             FROM journal WHERE instance_id = $1 AND ($2::bigint IS NULL OR step_seq > $2)
+             ORDER BY step_seq LIMIT $3",
+        )
+        .bind(id.0)
+        .bind(after.map(|seq| seq.0))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn instance_exists(&self, id: InstanceId) -> Result<bool> {
+        let (exists,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM instance WHERE id = $1)")
+                .bind(id.0)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(exists)
     }
 
     /// Claims the instances of a batch of delivered jobs for `node`, in one statement.

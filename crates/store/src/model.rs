@@ -21,11 +21,15 @@ pub struct StoredDefinition {
     pub created_at: DateTime<Utc>,
 }
 
+/// How much of a definition's `description` a listing shows.
+pub const SUMMARY_DESCRIPTION_CHARS: i32 = 200;
+
 /// The latest version of a workflow, for listings.
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct DefinitionSummary {
     pub name: String,
     pub version: i32,
+    /// Its first [`SUMMARY_DESCRIPTION_CHARS`] characters.
     pub description: Option<String>,
     pub steps: i64,
     pub created_at: DateTime<Utc>,
@@ -119,6 +123,59 @@ pub struct InstanceFilter {
     /// Only instances created before this one (keyset pagination).
     pub before: Option<InstanceId>,
     pub limit: i64,
+    /// List each instance's `vars` too, stopping before the vars listed exceed this many
+    /// bytes of JSON (the first instance is listed whatever its size); `None` lists no vars,
+    /// and reads none.
+    pub vars_budget: Option<usize>,
+}
+
+/// An instance as listings show it: no `outputs`, `vars` only when asked for, `error` cut to
+/// [`SUMMARY_ERROR_CHARS`].
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceSummary {
+    pub id: InstanceId,
+    pub workflow: String,
+    pub version: i32,
+    pub campaign: String,
+    pub state: InstanceState,
+    pub current_step: String,
+    pub step_seq: StepSeq,
+    pub step_attempt: i32,
+    pub owner_node: Option<NodeId>,
+    /// Present when the filter has a `vars_budget`.
+    pub vars: Option<Value>,
+    /// Its first [`SUMMARY_ERROR_CHARS`] characters.
+    pub error: Option<String>,
+    pub parent_instance_id: Option<InstanceId>,
+    pub call_depth: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub wake_at: Option<DateTime<Utc>>,
+    pub wait_event: Option<String>,
+    pub wait_child: Option<InstanceId>,
+    pub holds_permit: bool,
+    pub queue_position: Option<i64>,
+}
+
+/// How much of an instance's `error` a listing shows.
+pub const SUMMARY_ERROR_CHARS: i32 = 1_000;
+
+/// A page of a listing, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct InstancePage {
+    pub instances: Vec<InstanceSummary>,
+    /// Whether more instances match past the last one listed (it was cut by `limit` or by
+    /// `vars_budget`).
+    pub more: bool,
+}
+
+/// A page of a journal, in checkpoint order.
+#[derive(Clone, Debug, Default)]
+pub struct JournalPage {
+    pub entries: Vec<JournalEntry>,
+    /// Whether entries follow the last one given (it was cut by the limit or the byte budget).
+    pub more: bool,
 }
 
 /// One journaled transition.

@@ -231,6 +231,19 @@ async fn the_signal_listener_answers_requests_and_survives_garbage() {
     let subject = bus.subjects().signal(&id.to_string(), "approved");
     let answer = ask(subject.clone(), "{garbage").await.expect("answers");
     assert_eq!(answer["error"]["code"], "invalid_json", "{answer}");
+    let answer = ask(subject.clone(), r#"{"via":"n\u0000ts"}"#)
+        .await
+        .expect("answers");
+    assert_eq!(answer["error"]["code"], "invalid_request", "{answer}");
+    assert_eq!(
+        answer["error"]["details"][0]["field"], "payload.via",
+        "{answer}"
+    );
+    assert_eq!(
+        state(&env, id).await,
+        InstanceState::Waiting,
+        "nothing delivered"
+    );
     let answer = ask(subject, r#"{"via":"nats"}"#).await.expect("answers");
     assert_eq!(answer, json!({ "delivered": "woke" }));
     assert_eq!(state(&env, id).await, InstanceState::Ready);
