@@ -5,6 +5,7 @@ mod bad_input;
 mod events;
 mod execution;
 mod fencing;
+mod infra;
 mod lifecycle;
 mod operator;
 mod recovery;

@@ -1,6 +1,10 @@
 //! The end-to-end harness: a [`TestEnv`] with its own database and subject prefix, nodes as
 //! real OS processes (so they can be killed), a recording HTTP server, and `wait_until`.
 
+mod node_log;
+mod pgserver;
+mod proxy;
+mod reaper;
 mod recorder;
 
 use std::future::Future;
@@ -16,6 +20,8 @@ use rand::Rng;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+pub use pgserver::PgServer;
+pub use proxy::Proxy;
 pub use recorder::{Recorded, Recorder};
 
 const UNSET: &str = "the end-to-end tests need real services: set DATABASE_URL (e.g. \
@@ -32,6 +38,8 @@ pub struct TestEnv {
     pub prefix: String,
     pub store: Store,
     pub bus: Bus,
+    /// The nodes it spawned: stopped by [`TestEnv::cleanup`] before it deletes the streams.
+    spawned: reaper::Spawned,
     #[cfg(feature = "testcontainers")]
     _containers: Option<containers::Containers>,
 }
@@ -106,6 +114,7 @@ impl TestEnv {
             prefix,
             store,
             bus,
+            spawned: reaper::Spawned::default(),
             #[cfg(feature = "testcontainers")]
             _containers: containers,
         })
@@ -138,6 +147,9 @@ impl TestEnv {
             .kill_on_drop(true)
             .spawn()
             .context("spawning drover-test-node")?;
+        if let Some(pid) = child.id() {
+            self.spawned.add(pid);
+        }
         let stdout = child.stdout.take().context("node stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let wants_api = roles.split(',').any(|r| r == "api");
@@ -201,8 +213,9 @@ impl TestEnv {
             .await?)
     }
 
-    /// Drops the database and the streams (best effort).
+    /// Stops the nodes it spawned, then drops the database and the streams (best effort).
     pub async fn cleanup(self) {
+        self.spawned.kill_all(&self.prefix).await;
         self.bus.delete_streams().await;
         self.store.pool().close().await;
         if let Ok(admin) = sqlx::PgPool::connect(&self.admin_url).await {

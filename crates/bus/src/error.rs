@@ -8,6 +8,10 @@ pub enum Error {
     Connect(String),
     #[error("provisioning jetstream: {0}")]
     Provision(String),
+    /// A stream or consumer this cluster needs is not on the server (deleted by hand, or the
+    /// server lost its state): run [`Bus::provision`](crate::Bus::provision) again, then retry.
+    #[error("missing on the server: {0}")]
+    Missing(String),
     #[error("publishing: {0}")]
     Publish(String),
     #[error("subscribing: {0}")]
@@ -15,11 +19,17 @@ pub enum Error {
 }
 
 impl Error {
-    /// Would the same call likely succeed if tried again later?
+    /// Would the same call likely succeed if tried again later? (For [`Error::Missing`]: once
+    /// provisioned again.)
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Connect(_) | Error::Publish(_) | Error::Subscribe(_)
+            Error::Connect(_) | Error::Publish(_) | Error::Subscribe(_) | Error::Missing(_)
         )
+    }
+
+    /// Is a stream or consumer gone, so that provisioning again is what fixes it?
+    pub fn needs_provisioning(&self) -> bool {
+        matches!(self, Error::Missing(_))
     }
 }

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod cli;
+mod health;
 mod node;
 mod telemetry;
 
@@ -22,6 +23,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use drover_worker::{HandlerInput, Handlers, StepError, WorkerConfig};
+pub use health::{Health, Readiness};
 pub use node::{NodeArgs, Role};
 
 /// Drover: durable workflows on Postgres and NATS JetStream.
