@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_nats::jetstream::{AckKind, Message};
 use drover_bus::{Bus, RecoveryTask, StepJob};
 use drover_core::InstanceState;
-use drover_core::backoff::Backoff;
+use drover_core::backoff::{Backoff, SharedOutage};
 use drover_store::Store;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,8 @@ pub struct RecoveryConsumer {
     store: Store,
     bus: Bus,
     config: CoordinatorConfig,
+    /// Failing tasks (Postgres or NATS away) are logged once per outage.
+    failing: SharedOutage,
 }
 
 impl RecoveryConsumer {
@@ -48,6 +50,7 @@ impl RecoveryConsumer {
             store,
             bus,
             config,
+            failing: SharedOutage::default(),
         }
     }
 
@@ -136,15 +139,21 @@ impl RecoveryConsumer {
             }
         };
         match self.requeue_all(&task, &msg).await {
-            Ok(0) => {
-                let _ = msg.ack().await;
-            }
             Ok(count) => {
-                tracing::info!(node.id = %task.node, count, "recovered the instances of a dead node");
+                if let Some(recovered) = self.failing.succeeded() {
+                    tracing::info!(after = ?recovered.after, failures = recovered.failures, "recovery tasks succeed again");
+                }
+                if count > 0 {
+                    tracing::info!(node.id = %task.node, count, "recovered the instances of a dead node");
+                }
                 let _ = msg.ack().await;
             }
             Err(err) => {
-                tracing::warn!(node.id = %task.node, %err, "recovery task failed; it will be redelivered");
+                if self.failing.failed() || !err.is_transient() {
+                    tracing::warn!(node.id = %task.node, %err, "recovery task failed; it will be redelivered");
+                } else {
+                    tracing::debug!(node.id = %task.node, %err, "recovery task failed again");
+                }
                 let _ = msg
                     .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
                     .await;

@@ -102,6 +102,27 @@ pub(crate) fn postgres_failed(postgres: &SharedOutage, err: &drover_store::Error
     }
 }
 
+/// A publish of the worker failed: logs the trouble if this began it (the jobs it could not
+/// publish are re-dispatched from Postgres).
+pub(crate) fn nats_failed(nats: &SharedOutage, err: &drover_bus::Error, what: &str) {
+    if nats.failed() {
+        tracing::warn!(%err, what, "publishing jobs fails; the stale-READY sweeper re-dispatches what is not published");
+    } else {
+        tracing::debug!(%err, what, "publishing jobs failed again");
+    }
+}
+
+/// A publish of the worker succeeded: logs the end of its trouble if this ended it.
+pub(crate) fn nats_ok(nats: &SharedOutage) {
+    if let Some(recovered) = nats.succeeded() {
+        tracing::info!(
+            after = ?recovered.after,
+            failures = recovered.failures,
+            "publishing jobs works again"
+        );
+    }
+}
+
 /// A store call of the worker succeeded: logs the end of an outage if this ended it.
 pub(crate) fn postgres_ok(postgres: &SharedOutage) {
     if let Some(recovered) = postgres.succeeded() {
@@ -132,6 +153,8 @@ pub(crate) struct Committer {
     /// once the worker drains.
     pub(crate) done_tx: mpsc::WeakSender<Done>,
     pub(crate) postgres: Arc<SharedOutage>,
+    /// NATS as this worker's publishes see it: trouble is logged once.
+    pub(crate) nats: Arc<SharedOutage>,
 }
 
 impl Committer {
@@ -294,12 +317,14 @@ impl Committer {
         // publish, ack), and its permits bound how many batches are on their way.
         let bus = self.bus.clone();
         let stats = Arc::clone(&self.stats);
+        let nats = Arc::clone(&self.nats);
         self.delayed.spawn(async move {
-            if !next_jobs.is_empty()
-                && let Err(err) = bus.publish_jobs(&next_jobs).await
-            {
+            if !next_jobs.is_empty() {
                 // Committed READY rows are re-dispatched by the stale-READY sweeper.
-                tracing::warn!(%err, "publishing next jobs failed; the sweeper will re-dispatch");
+                match bus.publish_jobs(&next_jobs).await {
+                    Ok(()) => nats_ok(&nats),
+                    Err(err) => nats_failed(&nats, &err, "publishing next jobs"),
+                }
             }
             for (msg, permit) in finished {
                 stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -351,12 +376,14 @@ impl Committer {
     fn publish_later(&self, job: StepJob, delay_ms: u64, shutdown: &CancellationToken) {
         let bus = self.bus.clone();
         let shutdown = shutdown.clone();
+        let nats = Arc::clone(&self.nats);
         self.delayed.spawn(async move {
             tokio::select! {
                 () = shutdown.cancelled() => {}
                 () = tokio::time::sleep(Duration::from_millis(delay_ms)) => {
-                    if let Err(err) = bus.publish_jobs(&[job]).await {
-                        tracing::warn!(instance.id = %job.instance, %err, "delayed retry publish failed; the sweeper will re-dispatch");
+                    match bus.publish_jobs(&[job]).await {
+                        Ok(()) => nats_ok(&nats),
+                        Err(err) => nats_failed(&nats, &err, "publishing a delayed retry"),
                     }
                 }
             }

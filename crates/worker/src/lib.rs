@@ -145,6 +145,7 @@ impl WorkerBuilder {
             relay_wakeup: Arc::new(tokio::sync::Notify::new()),
             gate: self.gate,
             postgres: Arc::new(SharedOutage::default()),
+            nats: Arc::new(SharedOutage::default()),
         }
     }
 }
@@ -163,6 +164,8 @@ pub struct Worker {
     gate: ClaimGate,
     /// Postgres as this worker's claims, commits and loads see it: an outage is logged once.
     postgres: Arc<SharedOutage>,
+    /// NATS as this worker's publishes see it.
+    nats: Arc<SharedOutage>,
 }
 
 impl Worker {
@@ -210,6 +213,7 @@ impl Worker {
             runner: runner.clone(),
             done_tx: done_tx.downgrade(),
             postgres: Arc::clone(&self.postgres),
+            nats: Arc::clone(&self.nats),
         };
         let committer = tokio::spawn(committer.run(done_rx, shutdown.clone()));
         tracing::info!(node.id = %self.node, "worker pulling jobs");
@@ -345,9 +349,11 @@ impl Worker {
     }
 }
 
+/// Acks a delivery. A failed ack only means a redelivery (whose claim then fails), so it is
+/// not worth more than a debug line: during a NATS outage every ack fails.
 async fn ack(msg: &Message) {
     if let Err(err) = msg.ack().await {
-        tracing::warn!(%err, "ack failed");
+        tracing::debug!(%err, "ack failed");
     }
 }
 
@@ -356,7 +362,8 @@ async fn nak(msg: &Message) {
         .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
         .await
     {
-        tracing::warn!(%err, "nak failed");
+        // Redelivered after the ack wait instead.
+        tracing::debug!(%err, "nak failed");
     }
 }
 
@@ -466,7 +473,7 @@ async fn run_one(
                         if let Some(msg) = &msg
                             && let Err(err) = msg.ack_with(AckKind::Progress).await
                         {
-                            tracing::warn!(%err, "progress ack failed");
+                            tracing::debug!(%err, "progress ack failed");
                         }
                     }
                 }
