@@ -155,6 +155,7 @@ pub(crate) struct Committer {
     pub(crate) postgres: Arc<SharedOutage>,
     /// NATS as this worker's publishes see it: trouble is logged once.
     pub(crate) nats: Arc<SharedOutage>,
+    pub(crate) gate: crate::ClaimGate,
 }
 
 impl Committer {
@@ -202,8 +203,9 @@ impl Committer {
     async fn commit_batch(&self, batch: Vec<Done>, shutdown: &CancellationToken) {
         let completions: Vec<Completion> = batch.iter().map(|d| d.completion.clone()).collect();
         // Instances going on to their next step stay on this node, claimed in the commit
-        // itself: no job round trip through NATS, no claim statement. Not while draining.
-        let done_tx = if shutdown.is_cancelled() {
+        // itself: no job round trip through NATS, no claim statement. Not while draining, nor
+        // while the node cannot heartbeat (that is claiming too).
+        let done_tx = if shutdown.is_cancelled() || !self.gate.is_open() {
             None
         } else {
             self.done_tx.upgrade()

@@ -11,11 +11,12 @@
 //! is published again by the stale-READY sweeper). A stale or duplicate delivery fails its
 //! claim's compare-and-set and is acked and dropped.
 //!
-//! Infrastructure trouble is waited out, never a reason to stop: a deleted or purged jobs
-//! stream or consumer is provisioned again (and the READY instances re-dispatched), and
-//! Postgres or NATS being away makes claims, commits and the relay retry with capped back-off,
-//! logging an outage once when it begins and once when it ends. While the node cannot
-//! heartbeat, its [`ClaimGate`] is closed and nothing new is claimed.
+//! Infrastructure trouble is waited out, never a reason to stop: a deleted jobs stream or
+//! consumer is provisioned again and the READY instances re-dispatched at once (the jobs of a
+//! purged one are re-dispatched by the leader's stale-READY sweeper); Postgres or NATS being
+//! away makes claims, commits and the relay retry with capped back-off, logging an outage once
+//! when it begins and once when it ends. While the node cannot heartbeat, its [`ClaimGate`] is
+//! closed and nothing new is claimed, not even a next step in the commit of the last.
 
 mod commit;
 mod error;
@@ -214,6 +215,7 @@ impl Worker {
             done_tx: done_tx.downgrade(),
             postgres: Arc::clone(&self.postgres),
             nats: Arc::clone(&self.nats),
+            gate: self.gate.clone(),
         };
         let committer = tokio::spawn(committer.run(done_rx, shutdown.clone()));
         tracing::info!(node.id = %self.node, "worker pulling jobs");
