@@ -6,6 +6,7 @@ mod egress;
 mod events;
 mod execution;
 mod fencing;
+mod infra;
 mod lifecycle;
 mod nats_auth;
 mod nats_login;

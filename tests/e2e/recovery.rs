@@ -139,8 +139,8 @@ async fn a_killed_workers_instances_resume_at_their_last_checkpoint_within_secon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_worker_is_fenced_out_and_leaves_the_cluster_when_it_wakes() -> anyhow::Result<()>
-{
+async fn a_paused_worker_is_fenced_out_and_rejoins_under_a_new_id_when_it_wakes()
+-> anyhow::Result<()> {
     let env = TestEnv::new().await?;
     let coordinator = env.spawn_node("coordinator,api").await?;
     let mut sleeper = env.spawn_node("worker").await?;
@@ -175,13 +175,30 @@ async fn a_paused_worker_is_fenced_out_and_leaves_the_cluster_when_it_wakes() ->
             .await?;
 
     sleeper.resume()?;
-    let status = tokio::time::timeout(Duration::from_secs(20), sleeper.child.wait())
-        .await
-        .context("the woken node did not leave")??;
-    assert!(
-        !status.success(),
-        "a node declared dead exits with an error: {status}"
+    // It finds itself declared dead, drops what it held and registers again under a new id,
+    // without exiting.
+    let rejoined = wait_until(
+        "the woken node to register under a new id",
+        Duration::from_secs(30),
+        || async {
+            let ids = sleeper.registrations();
+            let Some(new) = ids.last().copied().filter(|id| *id != sleeper.id) else {
+                return Ok(None);
+            };
+            let nodes = env.store.list_nodes().await?;
+            Ok(nodes
+                .into_iter()
+                .any(|n| n.id == new && n.status == "alive")
+                .then_some(new))
+        },
+    )
+    .await?;
+    assert_eq!(
+        sleeper.registrations(),
+        vec![sleeper.id, rejoined],
+        "one re-registration"
     );
+    assert!(sleeper.is_running(), "a node declared dead does not exit");
     let after: Vec<(Uuid, i64)> =
         sqlx::query_as("SELECT instance_id, step_seq FROM journal ORDER BY 1, 2")
             .fetch_all(env.store.pool())

@@ -2,6 +2,10 @@
 //! real OS processes (so they can be killed), a recording HTTP server, and `wait_until`.
 
 mod nats_server;
+mod node_log;
+mod pgserver;
+mod proxy;
+mod reaper;
 mod recorder;
 
 use std::future::Future;
@@ -18,6 +22,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub use nats_server::{NatsServer, ServerOptions, ServerTls, nats_server_bin};
+pub use pgserver::PgServer;
+pub use proxy::Proxy;
 pub use recorder::{Recorded, Recorder};
 
 const UNSET: &str = "the end-to-end tests need real services: set DATABASE_URL (e.g. \
@@ -36,6 +42,8 @@ pub struct TestEnv {
     pub bus: Bus,
     /// How `bus` connected: [`TestEnv::nats_client`] connects alike.
     pub bus_config: BusConfig,
+    /// The nodes it spawned: stopped by [`TestEnv::cleanup`] before it deletes the streams.
+    spawned: reaper::Spawned,
     #[cfg(feature = "testcontainers")]
     _containers: Option<containers::Containers>,
 }
@@ -119,6 +127,7 @@ impl TestEnv {
             store,
             bus,
             bus_config,
+            spawned: reaper::Spawned::default(),
             #[cfg(feature = "testcontainers")]
             _containers: containers,
         })
@@ -157,6 +166,7 @@ impl TestEnv {
             store,
             bus,
             bus_config,
+            spawned: reaper::Spawned::default(),
             #[cfg(feature = "testcontainers")]
             _containers: None,
         })
@@ -187,6 +197,9 @@ impl TestEnv {
     ) -> anyhow::Result<NodeProcess> {
         let (mut command, log) = self.node_command(roles, args, envs)?;
         let mut child = command.spawn().context("spawning drover-test-node")?;
+        if let Some(pid) = child.id() {
+            self.spawned.add(pid);
+        }
         let stdout = child.stdout.take().context("node stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let wants_api = roles.split(',').any(|r| r == "api");
@@ -313,8 +326,9 @@ impl TestEnv {
             .await?)
     }
 
-    /// Drops the database and the streams (best effort).
+    /// Stops the nodes it spawned, then drops the database and the streams (best effort).
     pub async fn cleanup(self) {
+        self.spawned.kill_all(&self.prefix).await;
         self.bus.delete_streams().await;
         self.store.pool().close().await;
         if let Ok(admin) = sqlx::PgPool::connect(&self.admin_url).await {

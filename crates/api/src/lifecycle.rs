@@ -81,7 +81,9 @@ pub struct LifecycleResult {
     pub outcome: String,
     /// False for a no-op.
     pub changed: bool,
-    /// The state of the instance afterwards (for a restart: the new instance's).
+    /// The state the command left the instance in (for a restart: the new instance's). It
+    /// may have moved on since (a worker claims an unpaused instance at once): `instance` is
+    /// as read after the command.
     #[schema(value_type = InstanceStateSchema)]
     pub state: InstanceState,
     /// For a restart: the new instance (the one started now, or by an earlier restart).
@@ -329,13 +331,13 @@ async fn one(
         return restart_one(state, id, actor).await;
     };
     let batch = apply(state, action, &[id], actor).await?;
-    let (outcome, changed) = match batch.results.first().map(|(_, acted)| acted) {
+    let (outcome, changed, left_in) = match batch.results.first().map(|(_, acted)| acted) {
         None | Some(Acted::Unknown) => return Err(unknown_instance(id)),
         Some(Acted::Refused { state, refusal }) => {
             return Err(refused(command, id, *state, refusal));
         }
-        Some(Acted::Unchanged(_)) => ("unchanged".to_owned(), false),
-        Some(Acted::Changed(change)) => (change.outcome.as_str().to_owned(), true),
+        Some(Acted::Unchanged(state)) => ("unchanged".to_owned(), false, *state),
+        Some(Acted::Changed(change)) => (change.outcome.as_str().to_owned(), true, change.to),
     };
     if changed {
         tracing::info!(
@@ -358,7 +360,7 @@ async fn one(
         action: action.as_str().to_owned(),
         outcome,
         changed,
-        state: instance.state,
+        state: left_in,
         restarted_as: None,
         cascaded: batch.cascaded.iter().map(cascaded).collect(),
         admitted: batch.admitted.iter().map(|a| a.id).collect(),

@@ -186,13 +186,35 @@ impl SignalListener {
         Self { store, bus }
     }
 
-    /// Delivers signals until `shutdown`. Fails only if the subscription cannot be made or
-    /// ends (the NATS client is gone); a failed delivery is answered and logged.
+    /// Delivers signals until `shutdown`; a failed delivery is answered and logged. Never
+    /// fails: a subscription that cannot be made or that ends is made again with capped
+    /// back-off (logged once), and the NATS client itself re-subscribes after a reconnect.
     pub async fn run(
         self,
         shutdown: CancellationToken,
     ) -> std::result::Result<(), drover_bus::Error> {
-        let mut signals = self.bus.subscribe_signals().await?;
+        let mut backoff = drover_core::backoff::Backoff::new(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(5),
+        );
+        let mut signals = loop {
+            match self.bus.subscribe_signals().await {
+                Ok(signals) => break signals,
+                Err(err) => {
+                    let failure = backoff.failed();
+                    if failure.first {
+                        tracing::warn!(%err, "cannot subscribe to signals; retrying with back-off");
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(failure.delay) => {}
+                    }
+                }
+            }
+        };
+        if let Some(recovered) = backoff.succeeded() {
+            tracing::info!(after = ?recovered.after, "subscribed to signals");
+        }
         tracing::info!(subject = %self.bus.subjects().signal_filter(), "listening for signals");
         loop {
             let message = tokio::select! {
@@ -200,9 +222,24 @@ impl SignalListener {
                 message = signals.next() => message,
             };
             let Some(message) = message else {
-                return Err(drover_bus::Error::Subscribe(
-                    "the signal subscription ended".to_owned(),
-                ));
+                let failure = backoff.failed();
+                if failure.first {
+                    tracing::warn!("the signal subscription ended; subscribing again");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(failure.delay) => {}
+                }
+                match self.bus.subscribe_signals().await {
+                    Ok(again) => {
+                        signals = again;
+                        if let Some(recovered) = backoff.succeeded() {
+                            tracing::info!(after = ?recovered.after, "subscribed to signals again");
+                        }
+                    }
+                    Err(err) => tracing::debug!(%err, "subscribing to signals failed again"),
+                }
+                continue;
             };
             let answer = match self.handle(&message.subject, &message.payload).await {
                 Ok(delivered) => json!(EventDelivered { delivered }),

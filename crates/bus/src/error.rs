@@ -6,8 +6,16 @@ pub enum Error {
     Config(String),
     #[error("connecting to nats: {0}")]
     Connect(String),
+    /// The server answered and refused us (a login or certificate it rejects, or one we do not
+    /// trust): no retry mends it.
+    #[error("nats refused the connection: {0}")]
+    Refused(String),
     #[error("provisioning jetstream: {0}")]
     Provision(String),
+    /// A stream or consumer this cluster needs is not on the server (deleted by hand, or the
+    /// server lost its state): run [`Bus::provision`](crate::Bus::provision) again, then retry.
+    #[error("missing on the server: {0}")]
+    Missing(String),
     #[error("publishing: {0}")]
     Publish(String),
     #[error("subscribing: {0}")]
@@ -15,11 +23,17 @@ pub enum Error {
 }
 
 impl Error {
-    /// Would the same call likely succeed if tried again later?
+    /// Would the same call likely succeed if tried again later? (For [`Error::Missing`]: once
+    /// provisioned again.)
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Connect(_) | Error::Publish(_) | Error::Subscribe(_)
+            Error::Connect(_) | Error::Publish(_) | Error::Subscribe(_) | Error::Missing(_)
         )
+    }
+
+    /// Is a stream or consumer gone, so that provisioning again is what fixes it?
+    pub fn needs_provisioning(&self) -> bool {
+        matches!(self, Error::Missing(_))
     }
 }

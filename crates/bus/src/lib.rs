@@ -11,6 +11,10 @@ mod subjects;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{
+    ConsumerInfoError, ConsumerInfoErrorKind, GetStreamErrorKind, PublishError, PublishErrorKind,
+};
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use drover_core::event::{PermitEvent, PermitEvents};
@@ -111,7 +115,7 @@ impl BusConfig {
                 Err(err) => err,
             };
             if !unreachable(&err) {
-                return Err(Error::Connect(err.to_string()));
+                return Err(Error::Refused(err.to_string()));
             }
             if tokio::time::Instant::now() + pause > deadline {
                 return Err(Error::Connect(format!(
@@ -268,7 +272,12 @@ impl Bus {
         Ok(bus)
     }
 
-    async fn provision(&self) -> Result<()> {
+    /// Creates the streams and consumers, or updates them to this configuration: idempotent,
+    /// and safe while other nodes do the same. A node calls it at start and again whenever it
+    /// finds a stream or consumer gone ([`Error::needs_provisioning`], or a consumer's message
+    /// stream ending): an operator may delete or purge them by hand, and Postgres re-dispatches
+    /// whatever jobs went with them.
+    pub async fn provision(&self) -> Result<()> {
         let s = &self.subjects;
         let roles = &self.config.roles;
         if !roles.iter().any(|r| r.is_node_role()) {
@@ -362,11 +371,6 @@ impl Bus {
         &self.client
     }
 
-    /// Is the connection to NATS up right now? (It reconnects by itself when it is not.)
-    pub fn is_connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
-    }
-
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
     }
@@ -379,17 +383,69 @@ impl Bus {
         &self.config
     }
 
-    /// The shared worker consumer.
+    /// Is the connection to NATS up right now? (No I/O: the client's own view, which it keeps
+    /// current while it reconnects.)
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The shared worker consumer ([`Error::Missing`] if it or its stream is gone).
     pub async fn worker_consumer(&self) -> Result<consumer::PullConsumer> {
-        let stream = self
-            .js
-            .get_stream(self.subjects.jobs_stream())
+        self.consumer(self.subjects.jobs_stream(), WORKER_CONSUMER)
             .await
-            .map_err(|e| Error::Provision(e.to_string()))?;
-        stream
-            .get_consumer(WORKER_CONSUMER)
+    }
+
+    /// The worker consumer, provisioned again first if it or its stream is gone; the flag
+    /// says whether that was needed (the jobs the stream held are then lost: re-dispatch).
+    pub async fn ensure_worker_consumer(&self) -> Result<(consumer::PullConsumer, bool)> {
+        self.ensure_consumer(self.subjects.jobs_stream(), WORKER_CONSUMER)
             .await
-            .map_err(|e| Error::Provision(e.to_string()))
+    }
+
+    /// The recovery consumer, provisioned again first if it or its stream is gone; the flag
+    /// says whether that was needed.
+    pub async fn ensure_recovery_consumer(&self) -> Result<(consumer::PullConsumer, bool)> {
+        self.ensure_consumer(self.subjects.recovery_stream(), RECOVERY_CONSUMER)
+            .await
+    }
+
+    async fn ensure_consumer(
+        &self,
+        stream: String,
+        name: &str,
+    ) -> Result<(consumer::PullConsumer, bool)> {
+        match self.consumer(stream.clone(), name).await {
+            Ok(consumer) => Ok((consumer, false)),
+            Err(err) if err.needs_provisioning() => {
+                self.provision().await?;
+                Ok((self.consumer(stream, name).await?, true))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn consumer(&self, stream: String, name: &str) -> Result<consumer::PullConsumer> {
+        let handle = self.js.get_stream(&stream).await.map_err(|e| {
+            let missing = matches!(e.kind(), GetStreamErrorKind::JetStream(js) if js.error_code() == ErrorCode::STREAM_NOT_FOUND);
+            if missing {
+                Error::Missing(format!("stream {stream}"))
+            } else {
+                Error::Provision(format!("stream {stream}: {e}"))
+            }
+        })?;
+        handle.get_consumer(name).await.map_err(|e| {
+            let missing = e.downcast_ref::<ConsumerInfoError>().is_some_and(|e| {
+                matches!(
+                    e.kind(),
+                    ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+                )
+            });
+            if missing {
+                Error::Missing(format!("consumer {name} of stream {stream}"))
+            } else {
+                Error::Provision(format!("consumer {name} of stream {stream}: {e}"))
+            }
+        })
     }
 
     /// The durable pull consumer `name` on the EVENTS stream (every event, from the oldest
@@ -422,17 +478,10 @@ impl Bus {
         }
     }
 
-    /// The shared recovery-task consumer.
+    /// The shared recovery-task consumer ([`Error::Missing`] if it or its stream is gone).
     pub async fn recovery_consumer(&self) -> Result<consumer::PullConsumer> {
-        let stream = self
-            .js
-            .get_stream(self.subjects.recovery_stream())
+        self.consumer(self.subjects.recovery_stream(), RECOVERY_CONSUMER)
             .await
-            .map_err(|e| Error::Provision(e.to_string()))?;
-        stream
-            .get_consumer(RECOVERY_CONSUMER)
-            .await
-            .map_err(|e| Error::Provision(e.to_string()))
     }
 
     /// Publishes a recovery task; `dedup` keys the `Nats-Msg-Id` (the same key within the
@@ -444,9 +493,9 @@ impl Bus {
         self.js
             .send_publish(self.subjects.recovery(), publish)
             .await
-            .map_err(|e| Error::Publish(e.to_string()))?
+            .map_err(publish_error)?
             .await
-            .map_err(|e| Error::Publish(e.to_string()))?;
+            .map_err(publish_error)?;
         Ok(())
     }
 
@@ -490,13 +539,19 @@ impl Bus {
                 .js
                 .send_publish(self.subjects.job(), publish)
                 .await
-                .map_err(|e| Error::Publish(e.to_string()))?;
+                .map_err(publish_error)?;
             acks.push(ack);
         }
+        // Every ack is awaited (none left dangling), the first failure reported.
+        let mut failure = None;
         for ack in acks {
-            ack.await.map_err(|e| Error::Publish(e.to_string()))?;
+            if let Err(err) = ack.await
+                && failure.is_none()
+            {
+                failure = Some(publish_error(err));
+            }
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 
     /// Builds the event of a permit change (or an honoured operator request) the store
@@ -557,8 +612,10 @@ impl Bus {
     }
 
     /// Publishes outbox events pipelined, each with `Nats-Msg-Id` = event id. Returns the ids
-    /// that the server acknowledged (the rest are relayed again later).
-    pub async fn relay(&self, events: &[OutboxEvent]) -> Vec<uuid::Uuid> {
+    /// that the server acknowledged (the rest are relayed again later) and the first failure,
+    /// if any (not logged here: the relay logs an outage once).
+    pub async fn relay(&self, events: &[OutboxEvent]) -> Relayed {
+        let mut failure = None;
         let mut pending = Vec::with_capacity(events.len());
         for event in events {
             let mut headers = HeaderMap::new();
@@ -566,7 +623,8 @@ impl Bus {
             let payload = match serde_json::to_vec(&event.payload) {
                 Ok(payload) => Bytes::from(payload),
                 Err(err) => {
-                    tracing::error!(event.id = %event.id, %err, "unencodable event dropped");
+                    // Left unrelayed (not marked sent), so it stays in the outbox to inspect.
+                    tracing::error!(event.id = %event.id, %err, "unencodable event not relayed");
                     continue;
                 }
             };
@@ -577,19 +635,44 @@ impl Bus {
             match self.js.send_publish(event.subject.clone(), publish).await {
                 Ok(ack) => pending.push((event.id, ack)),
                 Err(err) => {
-                    tracing::warn!(subject = %event.subject, %err, "event publish failed");
+                    failure = Some(publish_error(err));
                     break;
                 }
             }
         }
-        let mut relayed = Vec::with_capacity(pending.len());
+        let mut ids = Vec::with_capacity(pending.len());
         for (id, ack) in pending {
             match ack.await {
-                Ok(_) => relayed.push(id),
-                Err(err) => tracing::warn!(event.id = %id, %err, "event not acknowledged"),
+                Ok(_) => ids.push(id),
+                Err(err) => {
+                    if failure.is_none() {
+                        failure = Some(publish_error(err));
+                    }
+                }
             }
         }
-        relayed
+        Relayed { ids, failure }
+    }
+}
+
+/// What [`Bus::relay`] got through.
+#[derive(Debug, Default)]
+pub struct Relayed {
+    /// The events the server acknowledged.
+    pub ids: Vec<uuid::Uuid>,
+    /// The first publish that failed ([`Error::Missing`] when no stream stores the subject:
+    /// the events stream is gone).
+    pub failure: Option<Error>,
+}
+
+/// A JetStream publish error: "no stream stores this subject" (the server answers "no
+/// responders") means the stream is gone.
+fn publish_error(err: PublishError) -> Error {
+    match err.kind() {
+        PublishErrorKind::StreamNotFound => {
+            Error::Missing(format!("stream for the subject: {err}"))
+        }
+        _ => Error::Publish(err.to_string()),
     }
 }
 

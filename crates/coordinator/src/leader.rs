@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use drover_bus::{Bus, EventKind, InstanceRef, RecoveryTask, StepJob};
 use drover_core::NodeId;
+use drover_core::backoff::Backoff;
 use drover_store::{Admitted, COORDINATOR_LEASE, Drift, LeaderTerm, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +22,10 @@ pub struct LeaderLoop {
     last_orphan_scan: Option<Instant>,
     last_stale_scan: Option<Instant>,
     last_reconcile: Option<Instant>,
+    /// No node is declared dead before this: after an outage of this loop's own (Postgres
+    /// away, most likely for everyone), the others get `dead_after` to heartbeat again
+    /// before their silence counts.
+    declare_after: Option<Instant>,
 }
 
 impl LeaderLoop {
@@ -34,19 +39,45 @@ impl LeaderLoop {
             last_orphan_scan: None,
             last_stale_scan: None,
             last_reconcile: None,
+            declare_after: None,
         }
     }
 
+    /// Leads (or waits to) until `shutdown`. Never fails: a tick that fails (Postgres or
+    /// NATS away, a stream gone) is tried again with capped back-off — short of the lease TTL,
+    /// so a leader keeps its lease through a NATS outage — and the outage is logged once.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
-        let mut ticker = tokio::time::interval(self.config.tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cap = (self.config.lease_ttl / 4).max(self.config.tick);
+        let mut backoff = Backoff::new(self.config.tick, cap);
+        let mut delay = Duration::ZERO;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                _ = ticker.tick() => {}
+                () = tokio::time::sleep(delay) => {}
             }
-            if let Err(err) = self.tick().await {
-                tracing::warn!(%err, leader.term = ?self.term, "leader tick failed");
+            delay = self.config.tick;
+            match self.tick().await {
+                Ok(()) => {
+                    if let Some(recovered) = backoff.succeeded() {
+                        tracing::info!(after = ?recovered.after, failures = recovered.failures, leader.term = ?self.term, "coordinator working again");
+                        self.declare_after = Some(Instant::now() + self.config.dead_after);
+                    }
+                }
+                Err(err) => {
+                    let failure = backoff.failed();
+                    if failure.first {
+                        tracing::warn!(%err, leader.term = ?self.term, "coordinator tick failed; retrying with back-off");
+                    } else {
+                        tracing::debug!(%err, leader.term = ?self.term, "coordinator tick failed again");
+                    }
+                    if let crate::Error::Bus(err) = &err
+                        && err.needs_provisioning()
+                        && let Err(err) = self.bus.provision().await
+                    {
+                        tracing::debug!(%err, "provisioning again failed");
+                    }
+                    delay = failure.delay.max(self.config.tick);
+                }
             }
         }
         if let Some(term) = self.term.take() {
@@ -99,6 +130,9 @@ impl LeaderLoop {
 
     /// Nodes silent past the deadline become DEAD; each gets a recovery task.
     async fn declare_dead(&self, term: LeaderTerm) -> Result<()> {
+        if self.declare_after.is_some_and(|at| Instant::now() < at) {
+            return Ok(());
+        }
         let dead = self
             .store
             .declare_dead_nodes(self.node, term, millis(self.config.dead_after))

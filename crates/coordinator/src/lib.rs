@@ -31,8 +31,16 @@ pub enum Error {
     Store(#[from] drover_store::Error),
     #[error(transparent)]
     Bus(#[from] drover_bus::Error),
-    #[error("recovery consumer: {0}")]
-    Consumer(String),
+}
+
+impl Error {
+    /// Would the same call likely succeed later (Postgres or NATS away, a stream gone)?
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Store(err) => err.is_transient(),
+            Error::Bus(err) => err.is_transient(),
+        }
+    }
 }
 
 /// Coordinator timing. If unsure, keep the defaults: they give orphan-to-redispatch well

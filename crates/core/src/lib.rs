@@ -1,6 +1,8 @@
 //! Drover's pure domain: identifiers, workflow definitions and their validation, CEL
-//! expressions, and the instance state machine. Nothing here does I/O.
+//! expressions, the instance state machine, and the back-off bookkeeping every long-running
+//! loop shares. Nothing here does I/O.
 
+pub mod backoff;
 pub mod definition;
 pub mod event;
 pub mod expr;

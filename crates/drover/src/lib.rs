@@ -14,6 +14,7 @@
 //! ```
 
 pub mod cli;
+mod health;
 mod nats;
 mod node;
 mod telemetry;
@@ -23,6 +24,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use drover_worker::{HandlerInput, Handlers, StepError, WorkerConfig};
+pub use health::{Health, Readiness};
 pub use nats::{NatsArgs, NatsConfigArgs};
 pub use node::{NodeArgs, Role};
 

@@ -1,6 +1,7 @@
 //! `drover node`: one process running the roles it is given, sharing one root shutdown token.
-//! The first role to stop stops the node.
+//! The first role to stop stops the node; infrastructure trouble does not (see [`run`]).
 
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,13 +12,16 @@ use drover_bus::{Bus, NatsRole};
 use drover_coordinator::{Coordinator, CoordinatorConfig};
 use drover_core::NodeId;
 use drover_core::SubjectAllowList;
+use drover_core::backoff::Backoff;
 use drover_store::{Heartbeat, Store, StoreConfig};
 use drover_worker::{
-    DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Handlers, OutboxRelay, RelayConfig,
-    Worker, WorkerConfig,
+    ClaimGate, DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Handlers, OutboxRelay,
+    RelayConfig, Worker, WorkerConfig,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
 
 /// A role a node can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,28 +172,69 @@ fn egress_policy(
     })
 }
 
-/// How long a node may fail to heartbeat before it stops itself (it may have been declared dead).
-const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(10);
+/// How long one heartbeat may take before it counts as failed (a Postgres that does not
+/// answer, say behind a partition, would otherwise hold it for minutes). Under the leader's
+/// `dead_after`, so a node stops claiming before it can be declared dead.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long the roles of one registration get to drain before the node moves on.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// Runs the node until SIGTERM/SIGINT or a role fails for good.
+///
+/// Infrastructure trouble never stops it: Postgres or NATS away at start is waited for; while
+/// running, each role waits out outages itself. A node declared dead (it could not heartbeat
+/// in time: a partition, a long pause) re-registers under a new id once Postgres answers
+/// again and restarts its worker, relay and coordinator roles (the api keeps serving; it holds
+/// nothing of the old id). While it cannot heartbeat, its worker claims nothing.
 pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()> {
     let auth = if args.roles.contains(&Role::Api) {
         Some(args.auth_mode()?)
     } else {
         None
     };
-    let store = Store::connect(&StoreConfig {
-        url: args.database_url.clone(),
-        max_connections: args.db_pool,
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    // The readiness state; `/readyz` reads `health.readiness()`.
+    let health = Health::default();
+
+    let Some(store) = wait_for("Postgres", &shutdown, || async {
+        Store::connect(&StoreConfig {
+            url: args.database_url.clone(),
+            max_connections: args.db_pool,
+        })
+        .await
+        .map_err(|err| (err.is_transient(), anyhow::Error::new(err)))
     })
     .await
-    .context("connecting to Postgres")?;
+    .context("connecting to Postgres")?
+    else {
+        return Ok(());
+    };
     if args.migrate {
         store.migrate().await.context("applying migrations")?;
     }
-    let bus_roles = args.roles.iter().map(|r| r.nats_role()).collect();
-    let bus = Bus::connect(args.nats.bus_config(&args.prefix, bus_roles))
-        .await
-        .context("connecting to NATS")?;
+    let Some(bus) = wait_for("NATS", &shutdown, || async {
+        let bus_roles = args.roles.iter().map(|r| r.nats_role()).collect();
+        Bus::connect(args.nats.bus_config(&args.prefix, bus_roles))
+            .await
+            // A node may start before NATS: connecting and provisioning are waited for.
+            .map_err(|err| {
+                (
+                    !matches!(
+                        err,
+                        drover_bus::Error::Config(_) | drover_bus::Error::Refused(_)
+                    ),
+                    anyhow::Error::new(err),
+                )
+            })
+    })
+    .await
+    .context("connecting to NATS")?
+    else {
+        return Ok(());
+    };
+    health.set_bus(&bus);
 
     if let Some(addr) = args.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -198,84 +243,20 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
             .with_context(|| format!("serving metrics on {addr}"))?;
         tracing::info!(%addr, "metrics served");
     }
-    let node = NodeId::new();
-    let roles: Vec<String> = args.roles.iter().map(|r| r.as_str().to_owned()).collect();
-    let host = hostname();
-    store
-        .register_node(node, &roles, &host, env!("CARGO_PKG_VERSION"))
-        .await
-        .context("registering the node")?;
-    tracing::info!(node.id = %node, roles = ?roles, %host, "node started");
-    // Scripts and tests read this line to learn the node's id.
-    println!("drover node {node} started");
 
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
-    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-
+    // The api serves for the life of the process, whatever id the node runs under.
+    let mut serving: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     // Bound before the worker starts: its http steps must not reach this address.
-    let api_listener = if args.roles.contains(&Role::Api) {
+    let mut egress = egress_policy(&args, None)?;
+    if let Some(auth) = auth {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding the api to {}", args.listen))?;
-        Some(listener)
-    } else {
-        None
-    };
-    let relay_wakeup = Arc::new(tokio::sync::Notify::new());
-    let mut in_flight = None;
-    if args.roles.contains(&Role::Worker) {
-        let worker = Worker::builder()
-            .handlers(handlers)
-            .config(WorkerConfig {
-                concurrency: args.concurrency,
-                batch_size: args.batch_size,
-                egress: egress_policy(&args, api_listener.as_ref())?,
-                publish_allow: args.publish_allow.clone(),
-                ..Default::default()
-            })
-            .build(node, store.clone(), bus.clone());
-        in_flight = Some(worker.stats());
-        let wakeup = worker.relay_wakeup();
-        let relay = OutboxRelay::new(store.clone(), bus.clone(), RelayConfig::default(), wakeup);
-        let token = shutdown.clone();
-        tasks.spawn(async move { ("relay", relay.run(token).await.map_err(Into::into)) });
-        let token = shutdown.clone();
-        tasks.spawn(async move { ("worker", worker.run(token).await.map_err(Into::into)) });
-    } else {
-        let relay = OutboxRelay::new(
-            store.clone(),
-            bus.clone(),
-            RelayConfig::default(),
-            relay_wakeup,
-        );
-        let token = shutdown.clone();
-        tasks.spawn(async move { ("relay", relay.run(token).await.map_err(Into::into)) });
-    }
-    if args.roles.contains(&Role::Coordinator) {
-        let coordinator = Coordinator {
-            node,
-            store: store.clone(),
-            bus: bus.clone(),
-            config: CoordinatorConfig {
-                stale_ready_after: Duration::from_millis(args.stale_ready_after_ms),
-                ..Default::default()
-            },
-        };
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            (
-                "coordinator",
-                coordinator.run(token).await.map_err(Into::into),
-            )
-        });
-    }
-    if let Some(listener) = api_listener {
+        egress = egress_policy(&args, Some(&listener))?;
         let addr = listener.local_addr().context("reading the api address")?;
         // Scripts and tests read this line to find the api.
         println!("drover api listening on http://{addr}");
         tracing::info!(%addr, "api listening");
-        let auth = auth.context("invariant: the api role has an auth mode")?;
         match &auth {
             drover_api::AuthMode::Off => tracing::warn!(
                 "API authentication is OFF (--auth off): anyone who reaches {addr} is an admin; \
@@ -291,32 +272,78 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
             .with_auth(auth)
             .with_publish_allow(args.publish_allow.clone());
         let token = shutdown.clone();
-        tasks.spawn(async move {
-            (
-                "api",
-                drover_api::serve(listener, state, token)
-                    .await
-                    .map_err(Into::into),
-            )
+        serving.spawn(async move {
+            let result = drover_api::serve(listener, state, token.clone()).await;
+            // The first role to stop stops the node.
+            token.cancel();
+            ("api", result.map_err(Into::into))
         });
         let signals = drover_api::SignalListener::new(store.clone(), bus.clone());
         let token = shutdown.clone();
-        tasks.spawn(async move { ("signals", signals.run(token).await.map_err(Into::into)) });
-    }
-    {
-        let store = store.clone();
-        let token = shutdown.clone();
-        tasks.spawn(async move { ("heartbeat", heartbeat(store, node, in_flight, token).await) });
+        serving.spawn(async move {
+            let result = signals.run(token.clone()).await;
+            token.cancel();
+            ("signals", result.map_err(Into::into))
+        });
     }
 
-    // The first role to stop stops the node; the rest drain.
+    let roles: Vec<String> = args.roles.iter().map(|r| r.as_str().to_owned()).collect();
+    let host = hostname();
     let mut result = Ok(());
-    if let Some(joined) = tasks.join_next().await {
-        result = finished(joined);
-        shutdown.cancel();
+    loop {
+        let node = NodeId::new();
+        let registered = wait_for("Postgres", &shutdown, || async {
+            store
+                .register_node(node, &roles, &host, env!("CARGO_PKG_VERSION"))
+                .await
+                .map_err(|err| (err.is_transient(), anyhow::Error::new(err)))
+        })
+        .await;
+        match registered {
+            Ok(Some(())) => {}
+            Ok(None) => break,
+            Err(err) => {
+                result = Err(err.context("registering the node"));
+                shutdown.cancel();
+                break;
+            }
+        }
+        health.registered(node);
+        tracing::info!(node.id = %node, roles = ?roles, %host, "node started");
+        // Scripts and tests read this line to learn the node's id (again after a re-registration).
+        println!("drover node {node} started");
+
+        let life = Life {
+            node,
+            args: &args,
+            handlers: &handlers,
+            store: &store,
+            bus: &bus,
+            health: &health,
+            egress: &egress,
+        };
+        match life.run(&shutdown).await {
+            LifeEnd::DeclaredDead => {
+                tracing::warn!(node.id = %node, "node was declared dead: its instances went to others; registering again under a new id");
+                continue;
+            }
+            LifeEnd::Stopped => {}
+            LifeEnd::Failed(err) => {
+                result = Err(err);
+                shutdown.cancel();
+            }
+        }
+        if let Err(err) = store.set_node_status(node, "dead").await {
+            tracing::warn!(%err, "could not mark the node gone");
+        }
+        tracing::info!(node.id = %node, "node stopped");
+        break;
     }
+
+    health.set_draining();
+    shutdown.cancel();
     let drain = async {
-        while let Some(joined) = tasks.join_next().await {
+        while let Some(joined) = serving.join_next().await {
             if let Err(err) = finished(joined)
                 && result.is_ok()
             {
@@ -324,17 +351,172 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
             }
         }
     };
-    if tokio::time::timeout(Duration::from_secs(25), drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!("roles did not drain in time");
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        tracing::warn!("the api did not stop in time");
     }
-    if let Err(err) = store.set_node_status(node, "dead").await {
-        tracing::warn!(%err, "could not mark the node gone");
-    }
-    tracing::info!(node.id = %node, "node stopped");
     result
+}
+
+/// Calls `connect` until it succeeds, fails for good (`(false, err)`), or `shutdown` (`None`);
+/// a transient failure (`(true, err)`) is retried with capped back-off and logged once.
+async fn wait_for<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut connect: F,
+) -> anyhow::Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, (bool, anyhow::Error)>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match connect().await {
+            Ok(value) => {
+                if let Some(recovered) = backoff.succeeded() {
+                    tracing::info!(after = ?recovered.after, "{what} available");
+                }
+                return Ok(Some(value));
+            }
+            Err((true, err)) => {
+                let failure = backoff.failed();
+                if failure.first {
+                    tracing::warn!(
+                        err = format!("{err:#}"),
+                        "{what} unavailable; waiting for it"
+                    );
+                } else {
+                    tracing::debug!(err = format!("{err:#}"), "{what} still unavailable");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(None),
+                    () = tokio::time::sleep(failure.delay) => {}
+                }
+            }
+            Err((false, err)) => return Err(err),
+        }
+    }
+}
+
+/// How one registration of the node ended.
+enum LifeEnd {
+    /// Shutdown was asked for.
+    Stopped,
+    /// Its heartbeat found it declared dead: register again under a new id.
+    DeclaredDead,
+    /// A role failed for good: the node stops.
+    Failed(anyhow::Error),
+}
+
+/// The roles that run under one node id: worker (with the outbox relay), or the relay alone,
+/// coordinator, and the heartbeat that watches over them.
+struct Life<'a> {
+    node: NodeId,
+    args: &'a NodeArgs,
+    handlers: &'a Handlers,
+    store: &'a Store,
+    bus: &'a Bus,
+    health: &'a Health,
+    /// Where the worker's http steps may not go.
+    egress: &'a EgressPolicy,
+}
+
+impl Life<'_> {
+    async fn run(self, shutdown: &CancellationToken) -> LifeEnd {
+        let Life {
+            node,
+            args,
+            handlers,
+            store,
+            bus,
+            health,
+            egress,
+        } = self;
+        let life = shutdown.child_token();
+        let gate = ClaimGate::default();
+        let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+        let mut in_flight = None;
+        let relay_wakeup = if args.roles.contains(&Role::Worker) {
+            let worker = Worker::builder()
+                .handlers(handlers.clone())
+                .config(WorkerConfig {
+                    concurrency: args.concurrency,
+                    batch_size: args.batch_size,
+                    egress: egress.clone(),
+                    publish_allow: args.publish_allow.clone(),
+                    ..Default::default()
+                })
+                .claim_gate(gate.clone())
+                .build(node, store.clone(), bus.clone());
+            in_flight = Some(worker.stats());
+            let wakeup = worker.relay_wakeup();
+            let token = life.clone();
+            tasks.spawn(async move { ("worker", worker.run(token).await.map_err(Into::into)) });
+            wakeup
+        } else {
+            Arc::new(tokio::sync::Notify::new())
+        };
+        let relay = OutboxRelay::new(
+            store.clone(),
+            bus.clone(),
+            RelayConfig::default(),
+            relay_wakeup,
+        );
+        let token = life.clone();
+        tasks.spawn(async move { ("relay", relay.run(token).await.map_err(Into::into)) });
+        if args.roles.contains(&Role::Coordinator) {
+            let coordinator = Coordinator {
+                node,
+                store: store.clone(),
+                bus: bus.clone(),
+                config: CoordinatorConfig {
+                    stale_ready_after: Duration::from_millis(args.stale_ready_after_ms),
+                    ..Default::default()
+                },
+            };
+            let token = life.clone();
+            tasks.spawn(async move {
+                (
+                    "coordinator",
+                    Box::pin(coordinator.run(token)).await.map_err(Into::into),
+                )
+            });
+        }
+        health.set_roles_running(true);
+
+        let beat = heartbeat(store, node, in_flight, &gate, health, &life);
+        let end = tokio::select! {
+            beat = beat => match beat {
+                Beat::DeclaredDead => LifeEnd::DeclaredDead,
+                Beat::Stopped => LifeEnd::Stopped,
+            },
+            Some(joined) = tasks.join_next() => match finished(joined) {
+                Ok(()) if shutdown.is_cancelled() => LifeEnd::Stopped,
+                Ok(()) => LifeEnd::Failed(anyhow::anyhow!("a role stopped on its own")),
+                Err(err) => LifeEnd::Failed(err),
+            },
+        };
+
+        // The first role to stop stops the rest; they drain.
+        if shutdown.is_cancelled() {
+            health.set_draining();
+        }
+        health.set_roles_running(false);
+        life.cancel();
+        let mut end = end;
+        let drain = async {
+            while let Some(joined) = tasks.join_next().await {
+                if let Err(err) = finished(joined)
+                    && !matches!(end, LifeEnd::Failed(_))
+                {
+                    end = LifeEnd::Failed(err);
+                }
+            }
+        };
+        if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+            tracing::warn!(node.id = %node, "roles did not drain in time");
+        }
+        end
+    }
 }
 
 fn finished(
@@ -353,34 +535,66 @@ fn finished(
     }
 }
 
-/// Renews the node row every second. A node that finds itself declared dead, or that cannot
-/// heartbeat for longer than its deadline, stops: its instances are someone else's now.
+/// How a heartbeat loop ended.
+enum Beat {
+    /// Its registration was cancelled (shutdown, or a role failed).
+    Stopped,
+    /// The node row says dead (or is gone): its instances are someone else's now.
+    DeclaredDead,
+}
+
+/// Renews the node row every second. A heartbeat that fails (or hangs past
+/// [`HEARTBEAT_TIMEOUT`]) closes the claim gate until one succeeds again: a node that cannot
+/// heartbeat may be declared dead meanwhile, and must not take more work. Returns once the
+/// node finds itself declared dead, or `life` is cancelled.
 async fn heartbeat(
-    store: Store,
+    store: &Store,
     node: NodeId,
     stats: Option<Arc<drover_worker::WorkerStats>>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let mut last_ok = tokio::time::Instant::now();
+    gate: &ClaimGate,
+    health: &Health,
+    life: &CancellationToken,
+) -> Beat {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut outage = Backoff::default();
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = life.cancelled() => return Beat::Stopped,
             _ = ticker.tick() => {}
         }
         let in_flight = stats
             .as_ref()
             .map(|s| i32::try_from(s.in_flight.load(Ordering::Relaxed)).unwrap_or(i32::MAX))
             .unwrap_or(0);
-        match store.heartbeat(node, in_flight, rss_bytes()).await {
-            Ok(Heartbeat::Alive) => last_ok = tokio::time::Instant::now(),
-            Ok(Heartbeat::Dead) => anyhow::bail!("node {node} was declared dead; stopping"),
-            Err(err) => {
-                tracing::warn!(%err, "heartbeat failed");
-                if last_ok.elapsed() > HEARTBEAT_DEADLINE {
-                    anyhow::bail!("no heartbeat for {HEARTBEAT_DEADLINE:?}; stopping");
+        let beat = tokio::time::timeout(
+            HEARTBEAT_TIMEOUT,
+            store.heartbeat(node, in_flight, rss_bytes()),
+        )
+        .await;
+        let err = match beat {
+            Ok(Ok(Heartbeat::Alive)) => {
+                health.set_postgres(true);
+                gate.open();
+                if let Some(recovered) = outage.succeeded() {
+                    tracing::info!(node.id = %node, after = ?recovered.after, "heartbeating again");
                 }
+                continue;
             }
+            Ok(Ok(Heartbeat::Dead)) => {
+                health.set_postgres(true);
+                gate.close();
+                return Beat::DeclaredDead;
+            }
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!("no answer within {HEARTBEAT_TIMEOUT:?}"),
+        };
+        health.set_postgres(false);
+        gate.close();
+        if outage.failed().first {
+            tracing::warn!(node.id = %node, %err, "heartbeat failed; claiming nothing until one succeeds");
+        } else {
+            tracing::debug!(node.id = %node, %err, "heartbeat failed again");
         }
     }
 }

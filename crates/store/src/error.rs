@@ -57,12 +57,18 @@ impl Error {
                 | sqlx::Error::PoolClosed
                 | sqlx::Error::WorkerCrashed
                 | sqlx::Error::Protocol(_) => true,
-                sqlx::Error::Database(db) => matches!(
-                    db.code().as_deref(),
+                sqlx::Error::Database(db) => {
+                    let code = db.code();
+                    let code = code.as_deref().unwrap_or_default();
+                    // connection_exception (08…: the server went away mid-session),
                     // serialization_failure, deadlock_detected, admin/crash shutdown,
-                    // cannot_connect_now, too_many_connections
-                    Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
-                ),
+                    // cannot_connect_now (starting up or shutting down), too_many_connections
+                    code.starts_with("08")
+                        || matches!(
+                            code,
+                            "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300"
+                        )
+                }
                 _ => false,
             },
             _ => false,

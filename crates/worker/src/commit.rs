@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream::Message;
 use backon::{ExponentialBuilder, Retryable};
 use drover_bus::{Bus, StepJob};
+use drover_core::backoff::{Backoff, SharedOutage};
 use drover_core::{InstanceState, NodeId};
 use drover_store::{ClaimRequest, Claimed, Commit, Completion, Store, Transition};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -29,7 +30,7 @@ pub(crate) struct Done {
 }
 
 /// Retries a store call on transient errors (connection loss, deadlock, failover) for up to
-/// about half a minute.
+/// about half a minute. Each retry is logged at debug only: the caller logs what it gives up.
 pub(crate) async fn with_retries<T, F, Fut>(f: F) -> drover_store::Result<T>
 where
     F: FnMut() -> Fut,
@@ -43,8 +44,94 @@ where
             .with_jitter(),
     )
     .when(drover_store::Error::is_transient)
-    .notify(|err, after| tracing::warn!(%err, ?after, "transient store error; retrying"))
+    .notify(|err, after| tracing::debug!(%err, ?after, "transient store error; retrying"))
     .await
+}
+
+/// Attempts after `stop` before [`until_done`] gives up on a transient error: a draining
+/// worker still tries to commit what finished, but does not wait out a long outage.
+const ATTEMPTS_AFTER_STOP: u32 = 5;
+
+/// Retries a store call on transient errors with capped back-off until it succeeds or fails
+/// for good — however long Postgres is away — or until `stop` is cancelled (then after a few
+/// more attempts: the last transient error is returned). The outage is logged once, in
+/// `postgres`, which the worker's tasks share.
+pub(crate) async fn until_done<T, F, Fut>(
+    mut f: F,
+    stop: &CancellationToken,
+    postgres: &SharedOutage,
+    what: &str,
+) -> drover_store::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = drover_store::Result<T>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
+    let mut after_stop = 0;
+    loop {
+        match f().await {
+            Ok(value) => {
+                postgres_ok(postgres);
+                return Ok(value);
+            }
+            Err(err) if err.is_transient() => {
+                postgres_failed(postgres, &err, what);
+                if stop.is_cancelled() {
+                    after_stop += 1;
+                    if after_stop > ATTEMPTS_AFTER_STOP {
+                        return Err(err);
+                    }
+                }
+                let delay = backoff.failed().delay;
+                tracing::debug!(%err, ?delay, what, "transient store error; retrying");
+                tokio::select! {
+                    // Cancelled mid-wait: one more attempt at once, then the count above.
+                    () = stop.cancelled(), if !stop.is_cancelled() => {}
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// A store call of the worker failed transiently: logs the outage if this began it.
+pub(crate) fn postgres_failed(postgres: &SharedOutage, err: &drover_store::Error, what: &str) {
+    if postgres.failed() {
+        tracing::warn!(%err, what, "Postgres unavailable; the worker waits it out, retrying with back-off");
+    }
+}
+
+/// A publish of the worker failed: logs the trouble if this began it (the jobs it could not
+/// publish are re-dispatched from Postgres).
+pub(crate) fn nats_failed(nats: &SharedOutage, err: &drover_bus::Error, what: &str) {
+    if nats.failed() {
+        tracing::warn!(%err, what, "publishing jobs fails; the stale-READY sweeper re-dispatches what is not published");
+    } else {
+        tracing::debug!(%err, what, "publishing jobs failed again");
+    }
+}
+
+/// A publish of the worker succeeded: logs the end of its trouble if this ended it.
+pub(crate) fn nats_ok(nats: &SharedOutage) {
+    if let Some(recovered) = nats.succeeded() {
+        tracing::info!(
+            after = ?recovered.after,
+            failures = recovered.failures,
+            "publishing jobs works again"
+        );
+    }
+}
+
+/// A store call of the worker succeeded: logs the end of an outage if this ended it.
+pub(crate) fn postgres_ok(postgres: &SharedOutage) {
+    if let Some(recovered) = postgres.succeeded() {
+        tracing::info!(
+            after = ?recovered.after,
+            failures = recovered.failures,
+            "Postgres available again"
+        );
+    }
 }
 
 /// Group commits on their way to Postgres at once, per node.
@@ -65,6 +152,10 @@ pub(crate) struct Committer {
     /// Where continued steps report; weak, so the committer does not keep the channel open
     /// once the worker drains.
     pub(crate) done_tx: mpsc::WeakSender<Done>,
+    pub(crate) postgres: Arc<SharedOutage>,
+    /// NATS as this worker's publishes see it: trouble is logged once.
+    pub(crate) nats: Arc<SharedOutage>,
+    pub(crate) gate: crate::ClaimGate,
 }
 
 impl Committer {
@@ -112,26 +203,35 @@ impl Committer {
     async fn commit_batch(&self, batch: Vec<Done>, shutdown: &CancellationToken) {
         let completions: Vec<Completion> = batch.iter().map(|d| d.completion.clone()).collect();
         // Instances going on to their next step stay on this node, claimed in the commit
-        // itself: no job round trip through NATS, no claim statement. Not while draining.
-        let done_tx = if shutdown.is_cancelled() {
+        // itself: no job round trip through NATS, no claim statement. Not while draining, nor
+        // while the node cannot heartbeat (that is claiming too).
+        let done_tx = if shutdown.is_cancelled() || !self.gate.is_open() {
             None
         } else {
             self.done_tx.upgrade()
         };
         let continuing = done_tx.is_some();
-        let (results, also_ready, continued) = match with_retries(|| async {
-            if continuing {
-                self.store
-                    .commit_continuing(self.node, &completions, &self.bus)
-                    .await
-            } else {
-                self.store
-                    .commit_waking(self.node, &completions, &self.bus)
-                    .await
-            }
-        })
-        .await
-        {
+        // A commit waits out a Postgres outage (holding its steps' permits, so the worker
+        // takes no new work meanwhile): its steps ran, and giving up would leave their
+        // instances RUNNING until the node is declared dead or their deadline passes.
+        let commit = until_done(
+            || async {
+                if continuing {
+                    self.store
+                        .commit_continuing(self.node, &completions, &self.bus)
+                        .await
+                } else {
+                    self.store
+                        .commit_waking(self.node, &completions, &self.bus)
+                        .await
+                }
+            },
+            shutdown,
+            &self.postgres,
+            "committing checkpoints",
+        )
+        .await;
+        let (results, also_ready, continued) = match commit {
             Ok(done) => (done.results, done.ready, done.continued),
             Err(err) if !err.is_transient() => {
                 // One bad completion (say, a value Postgres refuses) must not sink the
@@ -148,7 +248,7 @@ impl Committer {
                 (results, ready, Vec::new())
             }
             Err(err) => {
-                tracing::error!(%err, "group commit failed; steps will be recovered");
+                tracing::warn!(%err, count = batch.len(), "group commit given up while stopping; its steps will be recovered");
                 for done in &batch {
                     self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                     if let Some(msg) = &done.msg {
@@ -203,10 +303,11 @@ impl Committer {
                     self.stats.fenced.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("drover_worker_fenced_commits_total").increment(1);
                     tracing::info!(
+                        node.id = %self.node,
                         instance.id = %done.completion.instance,
                         step.id = %done.completion.step_id,
                         ?result,
-                        "checkpoint not committed: the instance moved on"
+                        "checkpoint not committed: the instance moved on (fenced)"
                     );
                 }
             }
@@ -218,12 +319,14 @@ impl Committer {
         // publish, ack), and its permits bound how many batches are on their way.
         let bus = self.bus.clone();
         let stats = Arc::clone(&self.stats);
+        let nats = Arc::clone(&self.nats);
         self.delayed.spawn(async move {
-            if !next_jobs.is_empty()
-                && let Err(err) = bus.publish_jobs(&next_jobs).await
-            {
+            if !next_jobs.is_empty() {
                 // Committed READY rows are re-dispatched by the stale-READY sweeper.
-                tracing::warn!(%err, "publishing next jobs failed; the sweeper will re-dispatch");
+                match bus.publish_jobs(&next_jobs).await {
+                    Ok(()) => nats_ok(&nats),
+                    Err(err) => nats_failed(&nats, &err, "publishing next jobs"),
+                }
             }
             for (msg, permit) in finished {
                 stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -275,12 +378,14 @@ impl Committer {
     fn publish_later(&self, job: StepJob, delay_ms: u64, shutdown: &CancellationToken) {
         let bus = self.bus.clone();
         let shutdown = shutdown.clone();
+        let nats = Arc::clone(&self.nats);
         self.delayed.spawn(async move {
             tokio::select! {
                 () = shutdown.cancelled() => {}
                 () = tokio::time::sleep(Duration::from_millis(delay_ms)) => {
-                    if let Err(err) = bus.publish_jobs(&[job]).await {
-                        tracing::warn!(instance.id = %job.instance, %err, "delayed retry publish failed; the sweeper will re-dispatch");
+                    match bus.publish_jobs(&[job]).await {
+                        Ok(()) => nats_ok(&nats),
+                        Err(err) => nats_failed(&nats, &err, "publishing a delayed retry"),
                     }
                 }
             }

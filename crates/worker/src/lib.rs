@@ -10,10 +10,19 @@
 //! at its old checkpoint (the job is redelivered or recovered) or at its new one (the next job
 //! is published again by the stale-READY sweeper). A stale or duplicate delivery fails its
 //! claim's compare-and-set and is acked and dropped.
+//!
+//! Infrastructure trouble is waited out, never a reason to stop: a deleted jobs stream or
+//! consumer is provisioned again and the READY instances re-dispatched at once (the jobs of a
+//! purged one are re-dispatched by the leader's stale-READY sweeper); Postgres or NATS being
+//! away makes claims, commits and the relay retry with capped back-off, logging an outage once
+//! when it begins and once when it ends. While the node cannot heartbeat, its [`ClaimGate`] is
+//! closed and nothing new is claimed, not even a next step in the commit of the last.
 
 mod commit;
 mod egress;
 mod error;
+mod feed;
+mod gate;
 mod handler;
 mod relay;
 mod step;
@@ -28,19 +37,21 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::Message;
 use chrono::Utc;
 use drover_bus::{Bus, StepJob};
+use drover_core::backoff::SharedOutage;
 use drover_core::{Definition, NodeId, PublishPolicy, SubjectAllowList};
 use drover_store::{ClaimRequest, Claimed, Store};
-use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use egress::{DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Refusal};
 pub use error::{Error, Result};
+pub use gate::ClaimGate;
 pub use handler::{HandlerInput, Handlers, StepError};
 pub use relay::{OutboxRelay, RelayConfig};
 
 use commit::{Committer, Done};
+use feed::JobFeed;
 use step::StepContext;
 
 /// Worker tuning. If unsure, keep the defaults.
@@ -94,6 +105,7 @@ pub struct WorkerStats {
 pub struct WorkerBuilder {
     handlers: Handlers,
     config: WorkerConfig,
+    gate: ClaimGate,
 }
 
 impl WorkerBuilder {
@@ -114,6 +126,12 @@ impl WorkerBuilder {
 
     pub fn config(mut self, config: WorkerConfig) -> Self {
         self.config = config;
+        self
+    }
+
+    /// The gate its node closes while it cannot heartbeat (open by default).
+    pub fn claim_gate(mut self, gate: ClaimGate) -> Self {
+        self.gate = gate;
         self
     }
 
@@ -138,6 +156,9 @@ impl WorkerBuilder {
                 streams_by_subject: Default::default(),
             }),
             relay_wakeup: Arc::new(tokio::sync::Notify::new()),
+            gate: self.gate,
+            postgres: Arc::new(SharedOutage::default()),
+            nats: Arc::new(SharedOutage::default()),
         }
     }
 }
@@ -153,6 +174,11 @@ pub struct Worker {
     definitions: DefinitionCache,
     ctx: Arc<StepContext>,
     relay_wakeup: Arc<tokio::sync::Notify>,
+    gate: ClaimGate,
+    /// Postgres as this worker's claims, commits and loads see it: an outage is logged once.
+    postgres: Arc<SharedOutage>,
+    /// NATS as this worker's publishes see it.
+    nats: Arc<SharedOutage>,
 }
 
 impl Worker {
@@ -169,17 +195,14 @@ impl Worker {
         Arc::clone(&self.relay_wakeup)
     }
 
-    /// Pulls and runs jobs until `shutdown`, then drains in-flight steps.
+    /// Pulls and runs jobs until `shutdown`, then drains in-flight steps. Infrastructure
+    /// trouble is waited out (see the crate docs); it returns an error only if its commit
+    /// task died.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
-        let consumer = self.ctx.bus.worker_consumer().await?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(self.config.batch_size)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| Error::Consumer(e.to_string()))?;
+        // A batch waits for a permit per job: one larger than the concurrency would never get
+        // them all.
+        let pull_batch = self.config.batch_size.min(self.config.concurrency).max(1);
+        let mut jobs = JobFeed::new(self.ctx.bus.clone(), self.store.clone(), pull_batch);
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let tasks = TaskTracker::new();
         let (done_tx, done_rx) = mpsc::channel::<Done>(self.config.concurrency.max(1));
@@ -189,6 +212,8 @@ impl Worker {
             definitions: Arc::clone(&self.definitions),
             stats: Arc::clone(&self.stats),
             tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+            postgres: Arc::clone(&self.postgres),
         };
         let committer = Committer {
             node: self.node,
@@ -200,30 +225,39 @@ impl Worker {
             delayed: tasks.clone(),
             runner: runner.clone(),
             done_tx: done_tx.downgrade(),
+            postgres: Arc::clone(&self.postgres),
+            nats: Arc::clone(&self.nats),
+            gate: self.gate.clone(),
         };
         let committer = tokio::spawn(committer.run(done_rx, shutdown.clone()));
         tracing::info!(node.id = %self.node, "worker pulling jobs");
 
         loop {
-            let first = tokio::select! {
-                () = shutdown.cancelled() => break,
-                next = messages.next() => next,
-            };
-            let first = match first {
-                Some(Ok(msg)) => msg,
-                Some(Err(err)) => {
-                    tracing::warn!(%err, "job stream error; continuing");
-                    continue;
+            if !self.gate.is_open() {
+                tracing::warn!(node.id = %self.node, "not claiming: the node cannot heartbeat");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = self.gate.opened() => {}
                 }
-                None => return Err(Error::Consumer("job stream ended".to_owned())),
+                tracing::info!(node.id = %self.node, "claiming again: the node heartbeats");
+            }
+            let Some(first) = jobs.next(&shutdown).await else {
+                break;
             };
             let mut batch = vec![first];
-            while batch.len() < self.config.batch_size {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(msg))) => batch.push(msg),
-                    Some(Some(Err(err))) => tracing::warn!(%err, "job stream error"),
-                    _ => break,
+            while batch.len() < pull_batch {
+                match jobs.next_now() {
+                    Some(msg) => batch.push(msg),
+                    None => break,
                 }
+            }
+            if !self.gate.is_open() {
+                // Its heartbeat failed while these came: give them back (they go to another
+                // node, or come back here once the node heartbeats again).
+                for msg in &batch {
+                    nak(msg).await;
+                }
+                continue;
             }
             let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
             let permit = tokio::select! {
@@ -291,9 +325,16 @@ impl Worker {
             })
             .collect();
         let claimed = match commit::with_retries(|| self.store.claim(self.node, &requests)).await {
-            Ok(claimed) => claimed,
+            Ok(claimed) => {
+                commit::postgres_ok(&self.postgres);
+                claimed
+            }
             Err(err) => {
-                tracing::error!(%err, "claim failed; jobs will be redelivered");
+                if err.is_transient() {
+                    commit::postgres_failed(&self.postgres, &err, "claiming");
+                } else {
+                    tracing::error!(%err, "claim failed; jobs will be redelivered");
+                }
                 for (_, msg) in &jobs {
                     nak(msg).await;
                 }
@@ -322,9 +363,11 @@ impl Worker {
     }
 }
 
+/// Acks a delivery. A failed ack only means a redelivery (whose claim then fails), so it is
+/// not worth more than a debug line: during a NATS outage every ack fails.
 async fn ack(msg: &Message) {
     if let Err(err) = msg.ack().await {
-        tracing::warn!(%err, "ack failed");
+        tracing::debug!(%err, "ack failed");
     }
 }
 
@@ -333,28 +376,55 @@ async fn nak(msg: &Message) {
         .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
         .await
     {
-        tracing::warn!(%err, "nak failed");
+        // Redelivered after the ack wait instead.
+        tracing::debug!(%err, "nak failed");
     }
 }
 
+/// Why a claimed step's definition is not at hand.
+enum LoadError {
+    /// It cannot run (not deployed, invalid): the instance goes `in_error` with this.
+    Broken(String),
+    /// Postgres stayed away until the worker stopped: leave the step to recovery.
+    Unavailable,
+}
+
 async fn load_definition(
-    store: &Store,
-    cache: &DefinitionCache,
+    runner: &Runner,
     workflow: &str,
     version: i32,
-) -> Result<Arc<Definition>, String> {
+) -> Result<Arc<Definition>, LoadError> {
     let key = (workflow.to_owned(), version);
-    if let Some(def) = cache.read().ok().and_then(|c| c.get(&key).cloned()) {
+    if let Some(def) = runner
+        .definitions
+        .read()
+        .ok()
+        .and_then(|c| c.get(&key).cloned())
+    {
         return Ok(def);
     }
-    let stored = commit::with_retries(|| store.get_definition(workflow, Some(version)))
-        .await
-        .map_err(|e| format!("loading {workflow} v{version}: {e}"))?
-        .ok_or_else(|| format!("workflow {workflow} v{version} is not deployed"))?;
-    let def = Definition::from_json(&stored.body)
-        .map_err(|e| format!("stored definition {workflow} v{version} is invalid: {e}"))?;
+    let stored = commit::until_done(
+        || runner.store.get_definition(workflow, Some(version)),
+        &runner.shutdown,
+        &runner.postgres,
+        "loading a workflow definition",
+    )
+    .await
+    .map_err(|e| {
+        if e.is_transient() {
+            LoadError::Unavailable
+        } else {
+            LoadError::Broken(format!("loading {workflow} v{version}: {e}"))
+        }
+    })?
+    .ok_or_else(|| LoadError::Broken(format!("workflow {workflow} v{version} is not deployed")))?;
+    let def = Definition::from_json(&stored.body).map_err(|e| {
+        LoadError::Broken(format!(
+            "stored definition {workflow} v{version} is invalid: {e}"
+        ))
+    })?;
     let def = Arc::new(def);
-    if let Ok(mut cache) = cache.write() {
+    if let Ok(mut cache) = runner.definitions.write() {
         cache.insert(key, Arc::clone(&def));
     }
     Ok(def)
@@ -369,6 +439,9 @@ pub(crate) struct Runner {
     definitions: DefinitionCache,
     stats: Arc<WorkerStats>,
     tasks: TaskTracker,
+    /// The worker's shutdown: a step whose definition cannot be loaded before it is given up.
+    shutdown: CancellationToken,
+    postgres: Arc<SharedOutage>,
 }
 
 impl Runner {
@@ -382,55 +455,60 @@ impl Runner {
         done_tx: mpsc::Sender<Done>,
     ) {
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.tasks.spawn(run_one(
-            Arc::clone(&self.ctx),
-            self.store.clone(),
-            Arc::clone(&self.definitions),
-            claimed,
-            msg,
-            permit,
-            done_tx,
-        ));
+        self.tasks
+            .spawn(run_one(self.clone(), claimed, msg, permit, done_tx));
     }
 }
 
 /// Runs one claimed step, sending progress acks while it takes long, and hands the result to
 /// the committer.
 async fn run_one(
-    ctx: Arc<StepContext>,
-    store: Store,
-    definitions: DefinitionCache,
+    runner: Runner,
     claimed: Claimed,
     msg: Option<Message>,
     permit: OwnedSemaphorePermit,
     done_tx: mpsc::Sender<Done>,
 ) {
+    let ctx = Arc::clone(&runner.ctx);
     let started_at = Utc::now();
-    let completion =
-        match load_definition(&store, &definitions, &claimed.workflow, claimed.version).await {
-            Ok(def) => {
-                let progress_every = ctx.bus.config().ack_wait / 3;
-                let step = step::run(Arc::clone(&ctx), def, &claimed, started_at);
-                tokio::pin!(step);
-                let mut ticker = tokio::time::interval_at(
-                    tokio::time::Instant::now() + progress_every,
-                    progress_every,
-                );
-                loop {
-                    tokio::select! {
-                        completion = &mut step => break completion,
-                        _ = ticker.tick() => {
-                            if let Some(msg) = &msg
-                                && let Err(err) = msg.ack_with(AckKind::Progress).await
-                            {
-                                tracing::warn!(%err, "progress ack failed");
-                            }
+    let completion = match load_definition(&runner, &claimed.workflow, claimed.version).await {
+        Ok(def) => {
+            let progress_every = ctx.bus.config().ack_wait / 3;
+            let step = step::run(Arc::clone(&ctx), def, &claimed, started_at);
+            tokio::pin!(step);
+            let mut ticker = tokio::time::interval_at(
+                tokio::time::Instant::now() + progress_every,
+                progress_every,
+            );
+            loop {
+                tokio::select! {
+                    completion = &mut step => break completion,
+                    _ = ticker.tick() => {
+                        if let Some(msg) = &msg
+                            && let Err(err) = msg.ack_with(AckKind::Progress).await
+                        {
+                            tracing::debug!(%err, "progress ack failed");
                         }
                     }
                 }
             }
-            Err(error) => step::stop_in_error(&ctx.bus, &claimed, started_at, "error", error),
-        };
+        }
+        Err(LoadError::Broken(error)) => {
+            step::stop_in_error(&ctx.bus, &claimed, started_at, "error", error)
+        }
+        Err(LoadError::Unavailable) => {
+            // The worker is stopping and Postgres is away: nothing ran, nothing is
+            // committed. The instance stays RUNNING on this node, and is taken back
+            // when the node is declared dead or leaves.
+            tracing::warn!(instance.id = %claimed.id, "step abandoned: its definition could not be loaded before the worker stopped");
+            runner.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            if let Some(msg) = &msg {
+                nak(msg).await;
+            }
+            drop(permit);
+            return;
+        }
+    };
     // The committer never goes away before the steps it serves.
     let _ = done_tx
         .send(Done {

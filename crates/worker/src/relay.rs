@@ -1,10 +1,14 @@
 //! The outbox relay: sends committed events to NATS, oldest first, without ever holding a
-//! transaction across a publish.
+//! transaction across a publish. Postgres or NATS away, or the events stream deleted, only
+//! delay events: the relay retries with capped back-off (provisioning the stream again if it
+//! is gone) and logs the outage once.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use drover_bus::Bus;
+use drover_core::backoff::Backoff;
 use drover_core::definition::millis;
 use drover_store::Store;
 use tokio::sync::Notify;
@@ -57,14 +61,40 @@ impl OutboxRelay {
         }
     }
 
+    /// Relays until `shutdown`. Never fails: trouble is waited out.
     pub async fn run(self, shutdown: CancellationToken) -> crate::Result<()> {
         let mut last_purge = tokio::time::Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let sent = match self.round().await {
-                Ok(sent) => sent,
+                Ok(sent) => {
+                    if let Some(recovered) = backoff.succeeded() {
+                        tracing::info!(after = ?recovered.after, failures = recovered.failures, "outbox relay sending again");
+                    }
+                    sent
+                }
                 Err(err) => {
-                    tracing::warn!(%err, "outbox relay round failed");
-                    0
+                    let failure = backoff.failed();
+                    if failure.first {
+                        tracing::warn!(%err, "outbox relay cannot send; retrying with back-off");
+                    } else {
+                        tracing::debug!(%err, "outbox relay round failed again");
+                    }
+                    if let crate::Error::Bus(err) = &err
+                        && err.needs_provisioning()
+                    {
+                        match self.bus.provision().await {
+                            Ok(()) => {
+                                tracing::warn!("the events stream was gone: provisioned it again")
+                            }
+                            Err(err) => tracing::debug!(%err, "provisioning again failed"),
+                        }
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(failure.delay) => {}
+                    }
+                    continue;
                 }
             };
             if last_purge.elapsed() > Duration::from_secs(60) {
@@ -74,6 +104,7 @@ impl OutboxRelay {
                     .purge_relayed(millis(self.config.retention))
                     .await
                 {
+                    // Tried again in a minute.
                     tracing::warn!(%err, "outbox purge failed");
                 }
             }
@@ -100,8 +131,8 @@ impl OutboxRelay {
         }
     }
 
-    /// Relays one batch; returns how many were sent.
-    async fn round(&self) -> Result<usize, drover_store::Error> {
+    /// Relays one batch; returns how many were sent, or why not all could be.
+    async fn round(&self) -> crate::Result<usize> {
         let pending = self
             .store
             .claim_events(self.config.batch, millis(self.config.claim))
@@ -111,15 +142,19 @@ impl OutboxRelay {
         }
         let events: Vec<_> = pending.into_iter().map(|p| p.event).collect();
         let relayed = self.bus.relay(&events).await;
-        self.store.mark_relayed(&relayed).await?;
-        if relayed.len() < events.len() {
+        self.store.mark_relayed(&relayed.ids).await?;
+        if relayed.ids.len() < events.len() {
+            let sent: HashSet<_> = relayed.ids.iter().collect();
             let failed: Vec<_> = events
                 .iter()
                 .map(|e| e.id)
-                .filter(|id| !relayed.contains(id))
+                .filter(|id| !sent.contains(id))
                 .collect();
             self.store.release_events(&failed).await?;
         }
-        Ok(relayed.len())
+        match relayed.failure {
+            Some(err) => Err(err.into()),
+            None => Ok(relayed.ids.len()),
+        }
     }
 }
