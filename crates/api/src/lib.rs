@@ -4,15 +4,16 @@
 //! Every `/v1` route but `/v1/openapi.json` needs a bearer token whose scope allows it
 //! ([`auth`]). Every route answers JSON; every error is one [`ApiError`] rendered as
 //! `{"error": {"code", "message", "details"?}}` and logged once, where it is mapped (4xx at
-//! debug, 5xx at error).
+//! debug, 5xx at error). Input Postgres cannot store (a NUL character in any string) is
+//! refused by the extractors, naming the field; every listing is bounded in size.
 //!
 //! | route | |
 //! | --- | --- |
 //! | `POST /v1/workflows` | deploy a definition (raw YAML/JSON body) |
 //! | `GET /v1/workflows`, `GET /v1/workflows/{name}?version=N` | list, show |
 //! | `POST /v1/instances` | start instances ([`start_instances`]) |
-//! | `GET /v1/instances?state=&campaign=&workflow=&limit=&before=` | list, newest first |
-//! | `GET /v1/instances/{id}`, `GET /v1/instances/{id}/journal` | show, journal |
+//! | `GET /v1/instances?state=&campaign=&workflow=&limit=&before=&include=vars` | list summaries, newest first, a page at a time (`next`) |
+//! | `GET /v1/instances/{id}`, `GET /v1/instances/{id}/journal?limit=&after=` | show, journal (a page at a time) |
 //! | `POST /v1/instances/{id}/resume` | resume an `in_error` instance ([`ResumeRequest`]) |
 //! | `POST /v1/instances/{id}/{pause,unpause,stop,kill,restart}` | lifecycle commands ([`LifecycleRequest`]) |
 //! | `POST /v1/instances/{pause,unpause,stop,kill,restart}` | the same by filter ([`LifecycleFilterRequest`]) |
