@@ -48,6 +48,11 @@ pub struct TestEnv {
     _containers: Option<containers::Containers>,
 }
 
+/// The EVENTS stream bound of the tests' clusters (and nodes): NATS reserves a stream's max
+/// bytes of its storage, so the default 10 GiB would let only a few tests' streams exist on a
+/// server at once.
+pub const TEST_EVENTS_MAX_BYTES: i64 = 16 << 20;
+
 /// The bootstrap admin token every node of this test process accepts (random per process);
 /// the CLI and the API helpers send it.
 pub fn admin_token() -> &'static str {
@@ -113,6 +118,7 @@ impl TestEnv {
         let bus_config = BusConfig {
             url: nats_url.clone(),
             prefix: prefix.clone(),
+            events_max_bytes: TEST_EVENTS_MAX_BYTES,
             ..Default::default()
         };
         let bus = Bus::connect(bus_config.clone())
@@ -287,6 +293,7 @@ impl TestEnv {
             .env("NATS_URL", &self.nats_url)
             .env("DROVER_PREFIX", &self.prefix)
             .env("DROVER_DB_POOL", "4")
+            .env("DROVER_EVENTS_MAX_BYTES", TEST_EVENTS_MAX_BYTES.to_string())
             .env("DROVER_STALE_READY_AFTER_MS", "3000")
             .env("DROVER_ADMIN_TOKEN", admin_token())
             .env(

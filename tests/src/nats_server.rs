@@ -242,6 +242,7 @@ impl NatsServer {
                 password: self.password(user)?.clone(),
             },
             tls: self.client_tls.clone(),
+            events_max_bytes: crate::TEST_EVENTS_MAX_BYTES,
             ..Default::default()
         })
     }
@@ -256,6 +257,7 @@ impl NatsServer {
                 password: self.password("admin")?.clone(),
             },
             tls: self.client_tls.clone(),
+            events_max_bytes: crate::TEST_EVENTS_MAX_BYTES,
             ..Default::default()
         })
     }

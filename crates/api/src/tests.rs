@@ -73,6 +73,8 @@ impl TestEnv {
         let bus = Bus::connect(BusConfig {
             url: nats_url,
             prefix: format!("t{tag}"),
+            // NATS reserves the stream's max bytes: keep it small so many tests fit.
+            events_max_bytes: 16 << 20,
             ..Default::default()
         })
         .await

@@ -13,7 +13,8 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::{
-    ConsumerInfoError, ConsumerInfoErrorKind, GetStreamErrorKind, PublishError, PublishErrorKind,
+    ConsumerInfoError, ConsumerInfoErrorKind, CreateStreamErrorKind, GetStreamErrorKind,
+    PublishError, PublishErrorKind,
 };
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
@@ -46,8 +47,19 @@ pub struct BusConfig {
     pub tls: TlsConfig,
     /// The connection's name, shown by the server's monitoring. If unsure: `drover`.
     pub name: String,
-    /// How long the EVENTS stream keeps events. If unsure: a day.
+    /// How long the EVENTS stream keeps events (`drover node --events-max-age`). If unsure:
+    /// a week, time enough for a reader to come back from an outage.
     pub events_max_age: Duration,
+    /// The most bytes the EVENTS stream keeps (`--events-max-bytes`); past it the oldest
+    /// events are discarded, whatever their age. NATS sets this much of its JetStream storage
+    /// (`max_file_store`) aside for the stream and refuses a stream it has no room for. If
+    /// unsure: 10 GiB.
+    pub events_max_bytes: i64,
+    /// Copies of every stream Drover provisions (JOBS, EVENTS, RECOVERY) kept by a NATS
+    /// cluster (`--stream-replicas`, 1 to 5). If unsure: 1 on a single server, 3 on a
+    /// cluster of three or more. Give every node the same value: each applies its own at
+    /// start.
+    pub stream_replicas: usize,
     /// Job messages larger than this are garbage: terminated, never decoded. Real jobs are
     /// under 100 bytes.
     pub max_job_bytes: usize,
@@ -67,7 +79,9 @@ impl Default for BusConfig {
             auth: NatsAuth::None,
             tls: TlsConfig::default(),
             name: "drover".to_owned(),
-            events_max_age: Duration::from_secs(24 * 3600),
+            events_max_age: DEFAULT_EVENTS_MAX_AGE,
+            events_max_bytes: DEFAULT_EVENTS_MAX_BYTES,
+            stream_replicas: 1,
             max_job_bytes: 4096,
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
@@ -86,6 +100,8 @@ impl std::fmt::Debug for BusConfig {
             .field("tls", &self.tls)
             .field("name", &self.name)
             .field("events_max_age", &self.events_max_age)
+            .field("events_max_bytes", &self.events_max_bytes)
+            .field("stream_replicas", &self.stream_replicas)
             .field("max_job_bytes", &self.max_job_bytes)
             .field("ack_wait", &self.ack_wait)
             .field("max_deliver", &self.max_deliver)
@@ -212,8 +228,39 @@ impl BusConfig {
     }
 }
 
+/// How long the EVENTS stream keeps events unless told otherwise: a week.
+pub const DEFAULT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The most bytes the EVENTS stream keeps unless told otherwise: 10 GiB.
+pub const DEFAULT_EVENTS_MAX_BYTES: i64 = 10 << 30;
+/// The most copies of a stream a NATS cluster keeps.
+pub const MAX_STREAM_REPLICAS: usize = 5;
+
 /// How long [`BusConfig::connect_client`] waits for a server that does not answer.
 pub const CONNECT_WAIT: Duration = Duration::from_secs(30);
+
+/// Does a JetStream API error answer a stream create or update with "not this
+/// configuration" (no retry mends it), rather than a passing trouble?
+fn refuses_config(code: ErrorCode) -> bool {
+    [
+        ErrorCode(10052), // the stream configuration is invalid
+        ErrorCode(10047), // insufficient storage resources
+        ErrorCode(10074), // replicas > 1 on a server that is not clustered
+        ErrorCode(10113), // the account requires a max bytes
+        ErrorCode(10122), // max bytes above the account's limit
+    ]
+    .contains(&code)
+}
+
+/// `7d`, `1h 30m`: a duration as the flags take it.
+fn humanize(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    for (unit, len) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if secs >= len && secs.is_multiple_of(len) {
+            return format!("{}{unit}", secs / len);
+        }
+    }
+    format!("{duration:?}")
+}
 
 /// Is `err` a server not (yet) answering, rather than a refusal? TLS failures reported as
 /// I/O (a client certificate the server requires or rejects shows as an alert after the
@@ -283,30 +330,31 @@ impl Bus {
         if !roles.iter().any(|r| r.is_node_role()) {
             return Ok(());
         }
-        self.js
-            .create_or_update_stream(stream::Config {
-                name: s.jobs_stream(),
-                subjects: vec![s.job_filter()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(120),
-                discard: stream::DiscardPolicy::Old,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::Provision(format!("stream {}: {e}", s.jobs_stream())))?;
-        self.js
-            .create_or_update_stream(stream::Config {
-                name: s.events_stream(),
-                subjects: vec![s.event_filter()],
-                retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
-                max_age: self.config.events_max_age,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::Provision(format!("stream {}: {e}", s.events_stream())))?;
+        self.check_stream_limits()?;
+        self.create_or_update_stream(stream::Config {
+            name: s.jobs_stream(),
+            subjects: vec![s.job_filter()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            discard: stream::DiscardPolicy::Old,
+            num_replicas: self.config.stream_replicas,
+            ..Default::default()
+        })
+        .await?;
+        self.create_or_update_stream(stream::Config {
+            name: s.events_stream(),
+            subjects: vec![s.event_filter()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: self.config.events_max_age,
+            max_bytes: self.config.events_max_bytes,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: Duration::from_secs(120),
+            num_replicas: self.config.stream_replicas,
+            ..Default::default()
+        })
+        .await?;
         if roles.contains(&NatsRole::Coordinator) {
             self.provision_recovery().await?;
         }
@@ -325,17 +373,16 @@ impl Bus {
 
     async fn provision_recovery(&self) -> Result<()> {
         let s = &self.subjects;
-        self.js
-            .create_or_update_stream(stream::Config {
-                name: s.recovery_stream(),
-                subjects: vec![s.recovery_filter()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::Provision(format!("stream {}: {e}", s.recovery_stream())))?;
+        self.create_or_update_stream(stream::Config {
+            name: s.recovery_stream(),
+            subjects: vec![s.recovery_filter()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            num_replicas: self.config.stream_replicas,
+            ..Default::default()
+        })
+        .await?;
         let recovery = self
             .js
             .get_stream(s.recovery_stream())
@@ -353,6 +400,60 @@ impl Bus {
             .await
             .map_err(|e| Error::Provision(format!("consumer {RECOVERY_CONSUMER}: {e}")))?;
         Ok(())
+    }
+
+    /// Refuses retention and replica settings no server accepts, before asking one.
+    fn check_stream_limits(&self) -> Result<()> {
+        let c = &self.config;
+        if !(1..=MAX_STREAM_REPLICAS).contains(&c.stream_replicas) {
+            return Err(Error::Config(format!(
+                "stream replicas {} (--stream-replicas): use 1 to {MAX_STREAM_REPLICAS}",
+                c.stream_replicas
+            )));
+        }
+        if c.events_max_bytes < 1 {
+            return Err(Error::Config(format!(
+                "events max bytes {} (--events-max-bytes): must be positive",
+                c.events_max_bytes
+            )));
+        }
+        if c.events_max_age.is_zero() {
+            return Err(Error::Config(
+                "events max age 0 (--events-max-age): must be positive (0 would keep events \
+                 forever)"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates `config`'s stream, or updates it to `config` (a changed setting takes effect
+    /// on a stream that exists). A configuration the server refuses is an [`Error::Config`]
+    /// naming the settings and their flags: no retry mends it.
+    async fn create_or_update_stream(&self, config: stream::Config) -> Result<()> {
+        let name = config.name.clone();
+        let mut settings = format!("replicas {} (--stream-replicas)", config.num_replicas);
+        if name == self.subjects.events_stream() {
+            settings.push_str(&format!(
+                ", max age {} (--events-max-age), max bytes {} (--events-max-bytes)",
+                humanize(config.max_age),
+                config.max_bytes
+            ));
+        }
+        let err = match self.js.create_or_update_stream(config).await {
+            Ok(_) => return Ok(()),
+            Err(err) => err,
+        };
+        match err.kind() {
+            CreateStreamErrorKind::JetStream(js) if refuses_config(js.error_code()) => {
+                Err(Error::Config(format!(
+                    "the NATS server refused stream {name} with {settings}: {js}"
+                )))
+            }
+            _ => Err(Error::Provision(format!(
+                "stream {name} ({settings}): {err}"
+            ))),
+        }
     }
 
     fn worker_consumer_config(&self) -> consumer::pull::Config {

@@ -12,6 +12,8 @@ async fn bus() -> Bus {
     Bus::connect(BusConfig {
         url,
         prefix,
+        // NATS reserves the stream's max bytes: keep it small so many tests fit.
+        events_max_bytes: 16 << 20,
         ..Default::default()
     })
     .await

@@ -2,6 +2,7 @@
 //! TLS), and `drover nats-config`, which prints the least-privilege users of a cluster.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use drover_bus::permissions::{self, AuthorizationConfig, NODE_USER, NatsRole};
@@ -58,6 +59,62 @@ pub struct NatsArgs {
     /// Refuse a NATS server that does not offer TLS.
     #[arg(long, env = "NATS_TLS_REQUIRED")]
     pub nats_tls_required: bool,
+    /// How long the EVENTS stream keeps events (`36h`, `7d`). If unsure: the default, time
+    /// for an events reader to come back from a long outage.
+    #[arg(long, env = "DROVER_EVENTS_MAX_AGE", default_value = "7d", value_parser = parse_max_age)]
+    pub events_max_age: Duration,
+    /// The most the EVENTS stream keeps (`512MiB`, `10GiB`, `1TB`; plain bytes too); past it
+    /// the oldest events go first. NATS sets this much of its storage aside for the stream.
+    /// If unsure: the default, and at least a day of events (about 1 KiB each).
+    #[arg(long, env = "DROVER_EVENTS_MAX_BYTES", default_value = "10GiB", value_parser = parse_bytes)]
+    pub events_max_bytes: i64,
+    /// Copies of each stream (jobs, events, recovery) a NATS cluster keeps, 1 to 5. If unsure:
+    /// 1 on a single server, 3 on a cluster of three or more. Every node should be given the
+    /// same value: each applies its own at start, to existing streams too.
+    #[arg(
+        long,
+        env = "DROVER_STREAM_REPLICAS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=drover_bus::MAX_STREAM_REPLICAS as i64)
+    )]
+    pub stream_replicas: u8,
+}
+
+/// A positive humantime duration (`7d`, `36h`).
+pub(crate) fn parse_max_age(text: &str) -> Result<Duration, String> {
+    let age = humantime::parse_duration(text).map_err(|err| format!("{err} (e.g. `7d`, `36h`)"))?;
+    if age.is_zero() {
+        return Err("must be more than 0".to_owned());
+    }
+    Ok(age)
+}
+
+/// A positive size: bytes, or a number with a unit, binary (`KiB`, `MiB`, `GiB`, `TiB`) or
+/// decimal (`KB`, `MB`, `GB`, `TB`), case-insensitive, optionally spaced (`10 GiB`).
+pub(crate) fn parse_bytes(text: &str) -> Result<i64, String> {
+    const UNITS: [(&str, i64); 9] = [
+        ("kib", 1 << 10),
+        ("mib", 1 << 20),
+        ("gib", 1 << 30),
+        ("tib", 1 << 40),
+        ("kb", 1_000),
+        ("mb", 1_000_000),
+        ("gb", 1_000_000_000),
+        ("tb", 1_000_000_000_000),
+        ("b", 1),
+    ];
+    let lower = text.trim().to_ascii_lowercase();
+    let (number, scale) = UNITS
+        .iter()
+        .find_map(|(unit, scale)| lower.strip_suffix(unit).map(|n| (n.trim_end(), *scale)))
+        .unwrap_or((lower.as_str(), 1));
+    let bad = || format!("{text:?} is not a size (e.g. `10GiB`, `512MiB`, `1000000`)");
+    let number: i64 = number.parse().map_err(|_| bad())?;
+    let bytes = number.checked_mul(scale).ok_or_else(bad)?;
+    if bytes < 1 {
+        return Err("must be more than 0 bytes".to_owned());
+    }
+    Ok(bytes)
 }
 
 impl NatsArgs {
@@ -88,6 +145,9 @@ impl NatsArgs {
                 key_file: self.nats_tls_key.clone(),
                 required: self.nats_tls_required,
             },
+            events_max_age: self.events_max_age,
+            events_max_bytes: self.events_max_bytes,
+            stream_replicas: usize::from(self.stream_replicas),
             ..Default::default()
         }
     }
@@ -237,6 +297,75 @@ mod tests {
              `drover nats-config --prefix drover --publish-allow 'demo.>' > deploy/nats/drover-auth.conf`"
         );
         assert!(vars.contains(&"DROVER_NATS_WORKER_PASSWORD".to_owned()));
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_bytes("512 mib"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1TB"), Ok(1_000_000_000_000));
+        assert_eq!(parse_bytes("2kb"), Ok(2_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("4096B"), Ok(4096));
+        for bad in [
+            "",
+            "GiB",
+            "1.5GiB",
+            "-1GiB",
+            "0",
+            "ten",
+            "10PiB",
+            "9999999999TiB",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn max_ages_parse_as_humantime_and_are_positive() {
+        assert_eq!(parse_max_age("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_max_age("36h"), Ok(Duration::from_secs(36 * 3_600)));
+        assert!(parse_max_age("0s").is_err());
+        assert!(parse_max_age("a week").is_err());
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        nats: NatsArgs,
+    }
+
+    #[test]
+    fn retention_flags_reach_the_bus_config_with_week_and_ten_gib_defaults() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["drover"]).expect("defaults parse");
+        let config = cli.nats.bus_config("drover", NatsRole::NODE.to_vec());
+        let defaults = BusConfig::default();
+        assert_eq!(config.events_max_age, defaults.events_max_age);
+        assert_eq!(config.events_max_age, Duration::from_secs(7 * 86_400));
+        assert_eq!(config.events_max_bytes, 10 << 30);
+        assert_eq!(config.stream_replicas, 1);
+
+        let cli = Cli::try_parse_from([
+            "drover",
+            "--events-max-age",
+            "2d",
+            "--events-max-bytes",
+            "1GiB",
+            "--stream-replicas",
+            "3",
+        ])
+        .expect("flags parse");
+        let config = cli.nats.bus_config("drover", NatsRole::NODE.to_vec());
+        assert_eq!(config.events_max_age, Duration::from_secs(2 * 86_400));
+        assert_eq!(config.events_max_bytes, 1 << 30);
+        assert_eq!(config.stream_replicas, 3);
+
+        for replicas in ["0", "6"] {
+            let err = Cli::try_parse_from(["drover", "--stream-replicas", replicas])
+                .expect_err("out of range");
+            assert!(err.to_string().contains("--stream-replicas"), "{err}");
+        }
     }
 
     #[test]

@@ -100,6 +100,16 @@ pub struct NodeArgs {
     /// Serve Prometheus metrics (`drover_*`) on this address; off when unset.
     #[arg(long, env = "DROVER_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long relayed events stay in the Postgres outbox before they are purged (`30m`,
+    /// `1h`): events a crashed NATS server lost can be sent again from there meanwhile. The
+    /// events stream keeps them far longer (--events-max-age). If unsure: the default.
+    #[arg(
+        long,
+        env = "DROVER_OUTBOX_REPLAY_WINDOW",
+        default_value = "1h",
+        value_parser = humantime::parse_duration
+    )]
+    pub outbox_replay_window: Duration,
     /// Apply migrations before starting.
     #[arg(long, env = "DROVER_MIGRATE")]
     pub migrate: bool,
@@ -458,7 +468,10 @@ impl Life<'_> {
         let relay = OutboxRelay::new(
             store.clone(),
             bus.clone(),
-            RelayConfig::default(),
+            RelayConfig {
+                replay_window: args.outbox_replay_window,
+                ..Default::default()
+            },
             relay_wakeup,
         );
         let token = life.clone();

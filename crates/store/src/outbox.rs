@@ -67,13 +67,20 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes relayed events older than the replay window; returns how many.
-    pub async fn purge_relayed(&self, older_than_ms: i64) -> Result<u64> {
+    /// Deletes up to `limit` relayed events older than the replay window, oldest first;
+    /// returns how many (`limit`: there may be more). Rows another purge is deleting are
+    /// skipped, not waited for, so relays of several nodes purge side by side.
+    pub async fn purge_relayed(&self, older_than_ms: i64, limit: i64) -> Result<u64> {
         let done = sqlx::query(
-            "DELETE FROM event_outbox
-             WHERE relayed_at < clock_timestamp() - $1 * interval '1 millisecond'",
+            "DELETE FROM event_outbox WHERE id IN (
+                SELECT id FROM event_outbox
+                WHERE relayed_at IS NOT NULL
+                  AND relayed_at < clock_timestamp() - $1 * interval '1 millisecond'
+                ORDER BY relayed_at LIMIT $2
+                FOR UPDATE SKIP LOCKED)",
         )
         .bind(older_than_ms)
+        .bind(limit)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())

@@ -28,8 +28,13 @@ pub struct RelayConfig {
     /// How long a woken relay waits for more commits before it sends: one round then carries
     /// the events of many commits (two statements per round, not per commit).
     pub linger: Duration,
-    /// How long relayed events are kept for replay.
-    pub retention: Duration,
+    /// How long relayed events stay in the outbox (for replay by hand) before they are
+    /// purged (`drover node --outbox-replay-window`).
+    pub replay_window: Duration,
+    /// Most relayed events deleted per statement. The relay purges one batch between its
+    /// rounds, every minute or, while old events remain, every round: a backlog never
+    /// holds up relaying.
+    pub purge_batch: i64,
 }
 
 impl Default for RelayConfig {
@@ -39,10 +44,14 @@ impl Default for RelayConfig {
             claim: Duration::from_secs(5),
             idle_poll: Duration::from_millis(200),
             linger: Duration::from_millis(10),
-            retention: Duration::from_secs(3600),
+            replay_window: Duration::from_secs(3600),
+            purge_batch: 5000,
         }
     }
 }
+
+/// How often the relay purges relayed events past the replay window (with no backlog).
+const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 pub struct OutboxRelay {
     store: Store,
@@ -63,7 +72,7 @@ impl OutboxRelay {
 
     /// Relays until `shutdown`. Never fails: trouble is waited out.
     pub async fn run(self, shutdown: CancellationToken) -> crate::Result<()> {
-        let mut last_purge = tokio::time::Instant::now();
+        let mut next_purge = tokio::time::Instant::now() + PURGE_EVERY;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let sent = match self.round().await {
@@ -97,15 +106,20 @@ impl OutboxRelay {
                     continue;
                 }
             };
-            if last_purge.elapsed() > Duration::from_secs(60) {
-                last_purge = tokio::time::Instant::now();
-                if let Err(err) = self
+            if tokio::time::Instant::now() >= next_purge {
+                next_purge = tokio::time::Instant::now() + PURGE_EVERY;
+                match self
                     .store
-                    .purge_relayed(millis(self.config.retention))
+                    .purge_relayed(millis(self.config.replay_window), self.config.purge_batch)
                     .await
                 {
+                    // A full batch: more are due, purged next round.
+                    Ok(purged) if purged as i64 >= self.config.purge_batch => {
+                        next_purge = tokio::time::Instant::now();
+                    }
+                    Ok(_) => {}
                     // Tried again in a minute.
-                    tracing::warn!(%err, "outbox purge failed");
+                    Err(err) => tracing::warn!(%err, "outbox purge failed"),
                 }
             }
             if sent as i64 >= self.config.batch {

@@ -3,6 +3,7 @@
 
 mod continuing;
 mod lifecycle;
+mod outbox;
 mod semaphore;
 mod support;
 mod tls;
