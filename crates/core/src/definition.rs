@@ -178,19 +178,25 @@ impl Definition {
             yaml.apply_merge()
                 .map_err(|e| DefinitionErrors::one("source", e.to_string()))?;
             let value = yaml_to_json(yaml, "").map_err(|e| DefinitionErrors(vec![e]))?;
-            Self::check(&value)
+            Self::check(&value, true)
         })
         .unwrap_or_else(|message| Err(DefinitionErrors::one("source", message)))
     }
 
-    /// Validates an already-parsed document, as [`Definition::parse`] does after parsing.
+    /// Loads a stored definition (its canonical JSON), validating it as [`Definition::parse`]
+    /// does, except for the rules added since versions were first deployed: that CEL names
+    /// only what is in scope and that every step can reach an `end`. A version deployed
+    /// before them keeps running; a new deployment goes through [`Definition::parse`].
     pub fn from_json(value: &Value) -> Result<Definition, DefinitionErrors> {
-        on_parse_stack(|| Self::check(value))
+        on_parse_stack(|| Self::check(value, false))
             .unwrap_or_else(|message| Err(DefinitionErrors::one("source", message)))
     }
 
-    fn check(value: &Value) -> Result<Definition, DefinitionErrors> {
-        let mut checker = Checker::default();
+    fn check(value: &Value, deploying: bool) -> Result<Definition, DefinitionErrors> {
+        let mut checker = Checker {
+            errors: Vec::new(),
+            deploying,
+        };
         match checker.definition(value) {
             Some(definition) if checker.errors.is_empty() => Ok(definition),
             _ if checker.errors.is_empty() => {
@@ -530,9 +536,10 @@ impl Loc {
 
 /// Walks a document, recording every problem. Its methods return what they could read;
 /// after any error the result is discarded, so they fall back freely.
-#[derive(Default)]
 struct Checker {
     errors: Vec<DefinitionError>,
+    /// Whether the deploy-time rules apply (see [`Definition::from_json`]).
+    deploying: bool,
 }
 
 impl Checker {
@@ -671,6 +678,9 @@ impl Checker {
         };
         match Expr::compile(source) {
             Ok(expr) => {
+                if !self.deploying {
+                    return Some(expr);
+                }
                 let mut undeclared = expr.undeclared();
                 if !output_in_scope && expr.uses_output() {
                     undeclared.push("output".to_owned());
@@ -848,7 +858,9 @@ impl Checker {
                 });
             }
         }
-        self.end_reachable(items, &ids, &duplicate, &edges);
+        if self.deploying {
+            self.end_reachable(items, &ids, &duplicate, &edges);
+        }
         steps.into_iter().collect()
     }
 
@@ -1804,6 +1816,24 @@ steps:                        # the first step is the entry point
             "{errors:#?}"
         );
         assert_error(source, Some("b"), "next", "no `end` is reachable");
+    }
+
+    #[test]
+    fn a_stored_definition_from_before_the_deploy_time_rules_still_loads() {
+        let source = "name: w\nsteps:\n  - id: a\n    kind: assign\n    set: {n: 'foo'}\n    \
+                      next: [{to: a, when: 'output.ok'}, {to: a}]\n";
+        assert_error(source, Some("a"), "set.n", "names `foo`");
+        assert_error(source, Some("a"), "next", "no `end` is reachable");
+        let body = json!({"name": "w", "steps": [
+            {"id": "a", "kind": "assign", "set": {"n": "foo"}, "next": [{"to": "a"}]}
+        ]});
+        let loaded = Definition::from_json(&body);
+        assert!(loaded.is_ok(), "{loaded:?}");
+        // The rules that always held still hold.
+        let body = json!({"name": "w", "steps": [
+            {"id": "a", "kind": "assign", "set": {"n": "foo +"}, "next": [{"to": "a"}]}
+        ]});
+        assert!(Definition::from_json(&body).is_err());
     }
 
     #[test]
