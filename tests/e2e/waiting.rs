@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use drover_core::InstanceId;
+use drover_core::{Definition, InstanceId};
 use drover_tests::{TestEnv, wait_until};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -519,9 +519,19 @@ async fn a_failing_child_fails_the_parents_step_after_its_retries() -> anyhow::R
     let env = TestEnv::new().await?;
     let node = env.spawn_node("worker,api").await?;
     let api = node.api();
-    for source in [FAILING_CHILD, RETRYING_CALLER, LOST_CALLER, RECURSE] {
+    for source in [FAILING_CHILD, RETRYING_CALLER, RECURSE] {
         deploy(api, source).await?;
     }
+    // The API refuses a call to a workflow that is not deployed; one stored before that check
+    // existed still fails at run time, below.
+    let (status, body) = post_text(&format!("{api}/v1/workflows"), LOST_CALLER).await?;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["details"][0]["step"], "call", "{body}");
+    assert_eq!(body["error"]["details"][0]["field"], "workflow", "{body}");
+    let lost = Definition::parse(LOST_CALLER).map_err(|e| anyhow::anyhow!("{e}"))?;
+    env.store
+        .deploy_definition(&lost.name, &lost.to_json(), LOST_CALLER)
+        .await?;
     let id = start(api, "retrying-caller", json!({}), 1).await?.remove(0);
     let failed = wait_state(api, &id, "in_error", Duration::from_secs(30)).await?;
     let error = failed["error"].as_str().unwrap_or_default();

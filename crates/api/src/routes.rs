@@ -159,6 +159,7 @@ pub(crate) async fn deploy(
     definition
         .check_publish(&state.publish)
         .map_err(|errors| ApiError::invalid_definition(&errors))?;
+    check_subworkflows(&state, &definition).await?;
     let body = definition.to_json();
     // A YAML `"\0"` or JSON `"\u0000"` escape decodes to a NUL, which `jsonb` refuses.
     if let Some((field, message)) = unstorable(&body, "") {
@@ -181,6 +182,46 @@ pub(crate) async fn deploy(
         StatusCode::OK
     };
     Ok((status, Json(deployed.into())))
+}
+
+/// Every `subworkflow` must name a deployed workflow (and version, when it gives one); a
+/// definition may name itself, its recursion bounded by the call depth.
+async fn check_subworkflows(state: &ApiState, definition: &Definition) -> Result<()> {
+    let mut errors = Vec::new();
+    for (step, workflow, version) in definition.subworkflows() {
+        if workflow == definition.name {
+            continue;
+        }
+        let (field, message) = if state.store.get_definition(workflow, None).await?.is_none() {
+            (
+                "workflow",
+                format!("no workflow named {workflow:?} is deployed; deploy it first"),
+            )
+        } else if let Some(version) = version
+            && state
+                .store
+                .get_definition(workflow, Some(version))
+                .await?
+                .is_none()
+        {
+            (
+                "version",
+                format!("workflow {workflow:?} has no version {version}"),
+            )
+        } else {
+            continue;
+        };
+        errors.push(DefinitionError {
+            step: Some(step.to_owned()),
+            field: field.to_owned(),
+            message,
+        });
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_definition(&DefinitionErrors(errors)))
+    }
 }
 
 /// List workflows (the latest version of each).

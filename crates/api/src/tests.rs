@@ -399,6 +399,78 @@ steps:
     env.cleanup().await;
 }
 
+fn calling(workflow: &str, version: Option<i32>) -> String {
+    let version = version.map_or(String::new(), |v| format!("\n    version: {v}"));
+    format!(
+        "name: caller\nsteps:\n  - id: call\n    kind: subworkflow\n    workflow: {workflow}{version}\n    \
+         next:\n      - to: done\n  - id: done\n    kind: end\n    status: completed\n"
+    )
+}
+
+#[tokio::test]
+async fn a_subworkflow_naming_no_deployed_workflow_is_rejected_naming_step_and_field() {
+    let env = TestEnv::new().await;
+    let (status, body) = env.deploy(&calling("greeting", None)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_error(&body, "invalid_definition");
+    assert_eq!(body["error"]["details"][0]["step"], "call", "{body}");
+    assert_eq!(body["error"]["details"][0]["field"], "workflow", "{body}");
+    let message = body["error"]["details"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("\"greeting\""), "{body}");
+
+    deployed(&env).await;
+    let (status, body) = env.deploy(&calling("greeting", Some(2))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["details"][0]["step"], "call", "{body}");
+    assert_eq!(body["error"]["details"][0]["field"], "version", "{body}");
+
+    for source in [calling("greeting", None), calling("greeting", Some(1))] {
+        let (status, body) = env.deploy(&source).await;
+        assert!(status.is_success(), "{status} {body}");
+    }
+    // A workflow may call itself: the call depth bounds the recursion.
+    let (status, body) = env.deploy(&calling("caller", None)).await;
+    assert!(status.is_success(), "{status} {body}");
+
+    let (_, body) = env.get("/v1/workflows").await;
+    let versions: Vec<(&str, i64)> = body["workflows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| Some((w["name"].as_str()?, w["version"].as_i64()?)))
+        .collect();
+    assert_eq!(versions, [("caller", 3), ("greeting", 1)], "{body}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn cel_naming_undeclared_variables_and_endless_loops_are_rejected_at_deploy() {
+    let env = TestEnv::new().await;
+    let source = GREETING.replace("\"vars.n + 1\"", "\"var_n + 1\"");
+    let (status, body) = env.deploy(&source).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_error(&body, "invalid_definition");
+    assert_eq!(body["error"]["details"][0]["step"], "count", "{body}");
+    assert_eq!(body["error"]["details"][0]["field"], "set.n", "{body}");
+
+    let source = GREETING.replace("to: done", "to: count");
+    let (status, body) = env.deploy(&source).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let details = body["error"]["details"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        details
+            .iter()
+            .any(|d| d["step"] == "count" && d["field"] == "next"),
+        "{body}"
+    );
+    env.cleanup().await;
+}
+
 fn publishing(subject: &str) -> String {
     format!(
         r#"

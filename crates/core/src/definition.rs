@@ -178,19 +178,25 @@ impl Definition {
             yaml.apply_merge()
                 .map_err(|e| DefinitionErrors::one("source", e.to_string()))?;
             let value = yaml_to_json(yaml, "").map_err(|e| DefinitionErrors(vec![e]))?;
-            Self::check(&value)
+            Self::check(&value, true)
         })
         .unwrap_or_else(|message| Err(DefinitionErrors::one("source", message)))
     }
 
-    /// Validates an already-parsed document, as [`Definition::parse`] does after parsing.
+    /// Loads a stored definition (its canonical JSON), validating it as [`Definition::parse`]
+    /// does, except for the rules added since versions were first deployed: that CEL names
+    /// only what is in scope and that every step can reach an `end`. A version deployed
+    /// before them keeps running; a new deployment goes through [`Definition::parse`].
     pub fn from_json(value: &Value) -> Result<Definition, DefinitionErrors> {
-        on_parse_stack(|| Self::check(value))
+        on_parse_stack(|| Self::check(value, false))
             .unwrap_or_else(|message| Err(DefinitionErrors::one("source", message)))
     }
 
-    fn check(value: &Value) -> Result<Definition, DefinitionErrors> {
-        let mut checker = Checker::default();
+    fn check(value: &Value, deploying: bool) -> Result<Definition, DefinitionErrors> {
+        let mut checker = Checker {
+            errors: Vec::new(),
+            deploying,
+        };
         match checker.definition(value) {
             Some(definition) if checker.errors.is_empty() => Ok(definition),
             _ if checker.errors.is_empty() => {
@@ -220,6 +226,16 @@ impl Definition {
         self.steps
             .first()
             .expect("invariant: a validated definition has at least one step")
+    }
+
+    /// The `subworkflow` steps: `(step id, workflow, version)` each, in order.
+    pub fn subworkflows(&self) -> impl Iterator<Item = (&str, &str, Option<i32>)> {
+        self.steps.iter().filter_map(|step| match &step.kind {
+            StepKind::Subworkflow {
+                workflow, version, ..
+            } => Some((step.id.as_str(), workflow.as_str(), *version)),
+            _ => None,
+        })
     }
 
     pub fn step(&self, id: &str) -> Option<&Step> {
@@ -520,9 +536,10 @@ impl Loc {
 
 /// Walks a document, recording every problem. Its methods return what they could read;
 /// after any error the result is discarded, so they fall back freely.
-#[derive(Default)]
 struct Checker {
     errors: Vec<DefinitionError>,
+    /// Whether the deploy-time rules apply (see [`Definition::from_json`]).
+    deploying: bool,
 }
 
 impl Checker {
@@ -640,7 +657,19 @@ impl Checker {
         }
     }
 
+    /// An expression outside a `next`, where `output` is not in scope.
     fn expr(&mut self, at: &Loc, field: &str, value: &Value) -> Option<Expr> {
+        self.scoped_expr(at, field, value, false)
+    }
+
+    /// An expression reading only `vars`, `steps`, `instance` and, in a `next`, `output`.
+    fn scoped_expr(
+        &mut self,
+        at: &Loc,
+        field: &str,
+        value: &Value,
+        output_in_scope: bool,
+    ) -> Option<Expr> {
         let Some(source) = value.as_str() else {
             let expected =
                 "a CEL expression as a string (a literal is an expression too: \"1\", \"'text'\")";
@@ -648,7 +677,37 @@ impl Checker {
             return None;
         };
         match Expr::compile(source) {
-            Ok(expr) => Some(expr),
+            Ok(expr) => {
+                if !self.deploying {
+                    return Some(expr);
+                }
+                let mut undeclared = expr.undeclared();
+                if !output_in_scope && expr.uses_output() {
+                    undeclared.push("output".to_owned());
+                }
+                if undeclared.is_empty() {
+                    return Some(expr);
+                }
+                let names = undeclared
+                    .iter()
+                    .map(|name| format!("`{name}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let outside = if output_in_scope {
+                    ""
+                } else {
+                    " (`output` only in the step's own `next`)"
+                };
+                self.error(
+                    at,
+                    field,
+                    format!(
+                        "expression `{source}` names {names}; it can only read `vars`, `steps`, \
+                         `instance`, `output`{outside} and CEL's standard functions"
+                    ),
+                );
+                None
+            }
             Err(e) => {
                 self.error(at, field, e.to_string());
                 None
@@ -799,7 +858,60 @@ impl Checker {
                 });
             }
         }
+        if self.deploying {
+            self.end_reachable(items, &ids, &duplicate, &edges);
+        }
         steps.into_iter().collect()
+    }
+
+    /// Every step must have a way to an `end`: a loop may go round, but not for ever. Steps
+    /// with no usable `next` at all have their own error already.
+    fn end_reachable(
+        &mut self,
+        items: &[Value],
+        ids: &[Option<&str>],
+        duplicate: &[bool],
+        edges: &[Vec<usize>],
+    ) {
+        let mut incoming = vec![Vec::new(); items.len()];
+        for (from, targets) in edges.iter().enumerate() {
+            for &to in targets {
+                incoming[to].push(from);
+            }
+        }
+        let is_end = |item: &Value| item.get("kind").and_then(Value::as_str) == Some("end");
+        let mut ends = vec![false; items.len()];
+        let mut queue: VecDeque<usize> = VecDeque::new();
+        for (i, item) in items.iter().enumerate() {
+            if is_end(item) && !duplicate[i] {
+                ends[i] = true;
+                queue.push_back(i);
+            }
+        }
+        while let Some(i) = queue.pop_front() {
+            for &from in &incoming[i] {
+                if !ends[from] {
+                    ends[from] = true;
+                    queue.push_back(from);
+                }
+            }
+        }
+        for i in 0..items.len() {
+            if ends[i] || duplicate[i] || edges[i].is_empty() {
+                continue;
+            }
+            let (step, field) = match ids[i] {
+                Some(id) => (Some(id.to_owned()), "next".to_owned()),
+                None => (None, format!("steps[{i}].next")),
+            };
+            self.errors.push(DefinitionError {
+                step,
+                field,
+                message:
+                    "no `end` is reachable from here: every path through `next` loops for ever"
+                        .into(),
+            });
+        }
     }
 
     fn step(
@@ -944,7 +1056,7 @@ impl Checker {
                     "the last entry must have no `when`, so the step always has a way forward";
                 self.error(at, &format!("{path}.when"), message);
             }
-            let when = when.and_then(|w| self.expr(at, &format!("{path}.when"), w));
+            let when = when.and_then(|w| self.scoped_expr(at, &format!("{path}.when"), w, true));
             if let Some(to) = to {
                 transitions.push(Transition {
                     to: to.to_owned(),
@@ -1631,6 +1743,100 @@ steps:                        # the first step is the entry point
     }
 
     #[test]
+    fn cel_naming_undeclared_variables_names_the_step_field_and_names() {
+        let source = with_first_step(
+            "    kind: assign\n    set: {n: 'var.n', m: 'input.x + vars.n'}\n    next: [{to: b}]",
+        );
+        assert_error(&source, Some("a"), "set.m", "names `input`");
+        let source = with_first_step(
+            "    kind: handler\n    handler: h\n    input: {k: 'foo + bar'}\n    next: [{to: b}]",
+        );
+        assert_error(&source, Some("a"), "input.k", "names `bar`, `foo`");
+        let source = with_first_step(
+            "    kind: assign\n    set: {}\n    next: [{to: b, when: 'outptu.ok'}, {to: b}]",
+        );
+        assert_error(&source, Some("a"), "next[0].when", "names `outptu`");
+        let source = "name: w\nsteps:\n  - id: e\n    kind: end\n    status: failed\n    \
+                      reason: 'x.all(y, y) ? reason : \"\"'\n";
+        assert_error(source, Some("e"), "reason", "names `reason`, `x`");
+    }
+
+    #[test]
+    fn output_is_only_in_scope_in_the_steps_own_next() {
+        let source = with_first_step(
+            "    kind: assign\n    set: {n: 'output.n'}\n    next: [{to: b, when: 'output.ok'}, {to: b}]",
+        );
+        let errors = errors_of(&source);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert_error(&source, Some("a"), "set.n", "names `output`");
+    }
+
+    #[test]
+    fn macro_variables_types_and_standard_functions_are_declared() {
+        let source = with_first_step(
+            "    kind: assign\n    set:\n      a: 'vars.items.all(x, x > 0) && vars.items.exists(y, y == 1)'\n      \
+             b: 'vars.items.map(i, i * 2).filter(j, j > size(vars.items))'\n      \
+             c: 'type(vars.n) == int && optional.of(1).hasValue() && has(steps.a)'\n      \
+             d: 'duration(\"1s\") + timestamp(instance.started_at)'\n    \
+             next: [{to: b, when: 'output.n.exists_one(z, z == 2)'}, {to: b}]",
+        );
+        assert_eq!(errors_of(&source), Vec::new());
+    }
+
+    #[test]
+    fn a_loop_with_no_way_to_an_end_names_each_of_its_steps() {
+        let source = "name: w\nsteps:\n  - id: a\n    kind: assign\n    set: {}\n    \
+                      next: [{to: b}]\n  - id: b\n    kind: assign\n    set: {}\n    \
+                      next: [{to: a, when: 'vars.n < 3'}, {to: c}]\n  - id: c\n    \
+                      kind: assign\n    set: {}\n    next: [{to: b}]\n  - id: e\n    \
+                      kind: end\n    status: completed\n";
+        let errors = errors_of(source);
+        for step in ["a", "b", "c"] {
+            assert_error(source, Some(step), "next", "no `end` is reachable");
+        }
+        // `e` is also unreachable; that is its own error.
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+    }
+
+    #[test]
+    fn a_loop_with_an_exit_is_accepted() {
+        let source = "name: w\nsteps:\n  - id: a\n    kind: assign\n    set: {}\n    \
+                      next: [{to: b}]\n  - id: b\n    kind: assign\n    set: {}\n    \
+                      next: [{to: a, when: 'vars.n < 3'}, {to: e}]\n  - id: e\n    \
+                      kind: end\n    status: completed\n";
+        assert_eq!(errors_of(source), Vec::new());
+        // A self-loop whose only exit leads into a closed loop has no end either.
+        let source = "name: w\nsteps:\n  - id: a\n    kind: assign\n    set: {}\n    \
+                      next: [{to: a, when: 'vars.n < 3'}, {to: b}, {to: e}]\n  - id: b\n    \
+                      kind: assign\n    set: {}\n    next: [{to: b}]\n  - id: e\n    \
+                      kind: end\n    status: completed\n";
+        let errors = errors_of(source);
+        assert!(
+            errors.iter().all(|e| e.step.as_deref() != Some("a")),
+            "{errors:#?}"
+        );
+        assert_error(source, Some("b"), "next", "no `end` is reachable");
+    }
+
+    #[test]
+    fn a_stored_definition_from_before_the_deploy_time_rules_still_loads() {
+        let source = "name: w\nsteps:\n  - id: a\n    kind: assign\n    set: {n: 'foo'}\n    \
+                      next: [{to: a, when: 'output.ok'}, {to: a}]\n";
+        assert_error(source, Some("a"), "set.n", "names `foo`");
+        assert_error(source, Some("a"), "next", "no `end` is reachable");
+        let body = json!({"name": "w", "steps": [
+            {"id": "a", "kind": "assign", "set": {"n": "foo"}, "next": [{"to": "a"}]}
+        ]});
+        let loaded = Definition::from_json(&body);
+        assert!(loaded.is_ok(), "{loaded:?}");
+        // The rules that always held still hold.
+        let body = json!({"name": "w", "steps": [
+            {"id": "a", "kind": "assign", "set": {"n": "foo +"}, "next": [{"to": "a"}]}
+        ]});
+        assert!(Definition::from_json(&body).is_err());
+    }
+
+    #[test]
     fn an_oversized_expression_is_rejected() {
         let long = format!(
             "    kind: assign\n    set: {{n: '{}'}}\n    next: [{{to: b}}]",
@@ -1997,6 +2203,16 @@ steps:                        # the first step is the entry point
         })
     }
 
+    /// Steps `s0..sN` with random transitions, some of them `end` steps.
+    fn random_graph() -> impl Strategy<Value = (Vec<bool>, Vec<Vec<usize>>)> {
+        (2usize..8).prop_flat_map(|n| {
+            (
+                prop::collection::vec(prop::bool::weighted(0.2), n),
+                prop::collection::vec(prop::collection::vec(0..n, 1..4), n),
+            )
+        })
+    }
+
     proptest! {
         #[test]
         fn garbage_never_panics(source in any::<String>(), bytes in prop::collection::vec(any::<u8>(), 0..256)) {
@@ -2022,6 +2238,39 @@ steps:                        # the first step is the entry point
             let yaml = serde_yaml_ng::to_string(&document).unwrap_or_default();
             let from_yaml = Definition::parse(&yaml).map(|d| d.to_json()).ok();
             prop_assert_eq!(from_yaml.as_ref(), Some(&canonical));
+        }
+
+        #[test]
+        fn exactly_the_steps_with_no_way_to_an_end_are_rejected((ends, targets) in random_graph()) {
+            let steps: Vec<Value> = ends.iter().zip(&targets).enumerate().map(|(i, (end, to))| {
+                if *end {
+                    json!({"id": format!("s{i}"), "kind": "end", "status": "completed"})
+                } else {
+                    let mut next: Vec<Value> = to.iter().map(|t| json!({"to": format!("s{t}"), "when": "vars.n > 0"})).collect();
+                    if let Some(last) = next.last_mut().and_then(Value::as_object_mut) { last.remove("when"); }
+                    json!({"id": format!("s{i}"), "kind": "assign", "set": {}, "next": next})
+                }
+            }).collect();
+            // The oracle: grow the set of steps that reach an end until it stops growing.
+            let mut reaches = ends.clone();
+            let mut grew = true;
+            while grew {
+                grew = false;
+                for i in 0..ends.len() {
+                    if !reaches[i] && targets[i].iter().any(|&t| reaches[t]) {
+                        reaches[i] = true;
+                        grew = true;
+                    }
+                }
+            }
+            let source = json!({"name": "g", "vars": {"n": 0}, "steps": steps}).to_string();
+            let mut flagged: Vec<String> = errors_of(&source).into_iter()
+                .filter(|e| e.message.contains("no `end` is reachable"))
+                .filter_map(|e| e.step).collect();
+            flagged.sort();
+            let mut expected: Vec<String> = (0..ends.len()).filter(|&i| !reaches[i]).map(|i| format!("s{i}")).collect();
+            expected.sort();
+            prop_assert_eq!(flagged, expected);
         }
     }
 }

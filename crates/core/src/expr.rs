@@ -37,6 +37,10 @@ const PARSE_STACK_BYTES: usize = 64 * 1024 * 1024;
 /// The names an expression can see, in the order they are documented.
 const ROOTS: [&str; 4] = ["vars", "steps", "instance", "output"];
 
+/// Namespaces of the standard library's qualified functions (`optional.of(1)`): a call on one
+/// of these names calls a function, it does not read a variable.
+const FUNCTION_NAMESPACES: [&str; 1] = ["optional"];
+
 /// One standard environment for compiling and running, so the macros a program was compiled
 /// with are the ones it runs with, and the standard library is built once.
 static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
@@ -109,6 +113,27 @@ impl Expr {
 
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The free identifiers the expression reads that are not variables of the scope (`vars`,
+    /// `steps`, `instance`, `output`), a standard type (`int`, `string`, …) or a standard
+    /// function namespace; names bound by a macro (`x` in `l.all(x, x > 0)`) are not free.
+    /// Sorted, without repeats; each would fail as an undeclared reference when it runs.
+    pub fn undeclared(&self) -> Vec<String> {
+        let mut names: Vec<String> = free_identifiers(&self.program)
+            .into_iter()
+            .filter(|name| !ROOTS.contains(&name.as_str()))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Whether the expression reads `output`, which only a step's own `next` can see.
+    pub fn uses_output(&self) -> bool {
+        free_identifiers(&self.program)
+            .iter()
+            .any(|name| name == "output")
     }
 
     /// Evaluates to JSON; an error (a missing key, a type mismatch, a result JSON cannot hold)
@@ -279,6 +304,93 @@ fn depth(root: &Expression) -> usize {
         pending.extend(children.into_iter().map(|child| (child, depth + 1)));
     }
     deepest
+}
+
+/// The identifiers read free, outside any macro binding them, that are neither a standard type
+/// nor a function namespace; walked without recursion.
+fn free_identifiers(root: &Expression) -> Vec<String> {
+    let is_type = |name: &str| ENV.types().find_type(name).is_some();
+    let mut free = Vec::new();
+    // Each node with the names the macros around it bind.
+    let mut pending: Vec<(&Expression, Arc<Vec<&str>>)> = vec![(root, Arc::new(Vec::new()))];
+    while let Some((node, bound)) = pending.pop() {
+        match &node.expr {
+            Node::Unspecified | Node::Literal(_) => {}
+            Node::Ident(name) => {
+                // Macro accumulators (`@result`) cannot be written by hand.
+                if !name.starts_with('@') && !bound.contains(&name.as_str()) && !is_type(name) {
+                    free.push(name.clone());
+                }
+            }
+            Node::Select(select) => {
+                // A qualified type name such as `google.protobuf.Duration`.
+                let qualified = qualified_name(node);
+                if !qualified
+                    .as_deref()
+                    .is_some_and(|name| !bound.contains(&root_of(name)) && is_type(name))
+                {
+                    pending.push((&select.operand, bound));
+                }
+            }
+            Node::Call(call) => {
+                if let Some(target) = call.target.as_deref() {
+                    let namespaced = qualified_name(target).is_some_and(|name| {
+                        let root = root_of(&name);
+                        !bound.contains(&root) && FUNCTION_NAMESPACES.contains(&root)
+                    });
+                    if !namespaced {
+                        pending.push((target, Arc::clone(&bound)));
+                    }
+                }
+                pending.extend(call.args.iter().map(|arg| (arg, Arc::clone(&bound))));
+            }
+            Node::Comprehension(c) => {
+                pending.push((&c.iter_range, Arc::clone(&bound)));
+                pending.push((&c.accu_init, Arc::clone(&bound)));
+                let mut inner = (*bound).clone();
+                inner.push(&c.iter_var);
+                inner.extend(c.iter_var2.as_deref());
+                inner.push(&c.accu_var);
+                let inner = Arc::new(inner);
+                for child in [&c.loop_cond, &c.loop_step, &c.result] {
+                    pending.push((child, Arc::clone(&inner)));
+                }
+            }
+            Node::List(list) => {
+                pending.extend(list.elements.iter().map(|e| (e, Arc::clone(&bound))));
+            }
+            Node::Map(map) => pending.extend(
+                map.entries
+                    .iter()
+                    .flat_map(|e| entry_children(&e.expr))
+                    .map(|e| (e, Arc::clone(&bound))),
+            ),
+            Node::Struct(s) => pending.extend(
+                s.entries
+                    .iter()
+                    .flat_map(|e| entry_children(&e.expr))
+                    .map(|e| (e, Arc::clone(&bound))),
+            ),
+        }
+    }
+    free
+}
+
+/// `a.b.c` for a chain of field selections on an identifier; `None` for anything else.
+fn qualified_name(node: &Expression) -> Option<String> {
+    match &node.expr {
+        Node::Ident(name) => Some(name.clone()),
+        Node::Select(select) if !select.test => Some(format!(
+            "{}.{}",
+            qualified_name(&select.operand)?,
+            select.field
+        )),
+        _ => None,
+    }
+}
+
+fn root_of(name: &str) -> &str {
+    name.split('.').next().unwrap_or(name)
 }
 
 fn entry_children(entry: &EntryExpr) -> Vec<&Expression> {
@@ -534,6 +646,73 @@ mod tests {
             eval_map(&entries, &fixture.scope()).err().map(|(k, _)| k),
             Some("b".to_owned())
         );
+    }
+
+    fn undeclared(source: &str) -> Vec<String> {
+        Expr::compile(source)
+            .map(|e| e.undeclared())
+            .unwrap_or_else(|e| vec![format!("does not compile: {e}")])
+    }
+
+    #[test]
+    fn only_the_scope_types_and_macro_bindings_are_declared() {
+        for source in [
+            "vars.n + steps.x.status + size(instance.id)",
+            "output.status == 200",
+            "vars.items.all(x, x > 0) && vars.items.exists(y, y == vars.n)",
+            "vars.items.exists_one(x, x == 1) || has(vars.n)",
+            "vars.items.map(x, x * 2).filter(y, y > 2)",
+            "vars.items.map(x, x > 1, x * 2)",
+            "vars.items.map(x, vars.items.filter(y, y < x)).size()",
+            "type(vars.n) == int && type(vars.name) == string && type(null) == null_type",
+            "optional.of(1).hasValue() && optional.none().orValue(2) == 2",
+            "duration('1s') < duration('2s') && timestamp('2024-01-01T00:00:00Z').getFullYear() == 2024",
+            "int('1') + uint(1u) > 0u && double(1) == 1.0 && string(1) == '1'",
+        ] {
+            assert_eq!(undeclared(source), Vec::<String>::new(), "{source}");
+        }
+    }
+
+    #[test]
+    fn every_undeclared_name_is_reported_once() {
+        assert_eq!(undeclared("foo + 1"), ["foo"]);
+        assert_eq!(undeclared("vs.n == input.n && vs.m"), ["input", "vs"]);
+        assert_eq!(undeclared("[x, {'k': y}, z.f]"), ["x", "y", "z"]);
+        // A macro binds its variable only inside its own body.
+        assert_eq!(undeclared("vars.l.all(x, x > 0) && x == 1"), ["x"]);
+        assert_eq!(undeclared("vars.l.map(x, x + y)"), ["y"]);
+        assert_eq!(undeclared("[x].all(x, x > 0)"), ["x"]);
+        assert_eq!(undeclared("other.of(1)"), ["other"]);
+        assert_eq!(
+            undeclared("vars.l.all(optional, optional.of > 0)"),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn output_is_detected_only_where_it_is_read_free() {
+        let uses = |s: &str| Expr::compile(s).is_ok_and(|e| e.uses_output());
+        assert!(uses("output.status == 200"));
+        assert!(uses("vars.l.all(x, x == output)"));
+        assert!(!uses("vars.l.all(output, output > 0)"));
+        assert!(!uses("steps.output.ok"));
+    }
+
+    #[test]
+    fn expressions_the_check_accepts_find_their_names_when_they_run() {
+        let fixture = Fixture::new();
+        for source in [
+            "vars.n == 0 && type(vars.n) == int",
+            "[1, 2].all(x, x > 0) && [1, 2].map(x, x * vars.n) == [0, 0]",
+            "optional.of(1).hasValue()",
+            "{'a': 1}.all(k, k == 'a')",
+        ] {
+            assert!(undeclared(source).is_empty(), "{source}");
+            assert!(
+                Expr::compile(source).is_ok_and(|e| e.eval_bool(&fixture.scope()) == Ok(true)),
+                "{source}"
+            );
+        }
     }
 
     #[test]
