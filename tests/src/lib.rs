@@ -67,6 +67,30 @@ pub(crate) fn random_hex(n: usize) -> String {
         .collect()
 }
 
+/// Creates `database` on the server of `admin_url` and migrates it; answers its URL and a
+/// store on it.
+pub(crate) async fn create_database(
+    admin_url: &str,
+    database: &str,
+) -> anyhow::Result<(String, Store)> {
+    let admin = sqlx::PgPool::connect(admin_url)
+        .await
+        .context("connecting to Postgres")?;
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(&admin)
+        .await
+        .context("creating the test database")?;
+    admin.close().await;
+    let database_url = with_database(admin_url, database)?;
+    let store = Store::connect(&StoreConfig {
+        url: database_url.clone(),
+        max_connections: 5,
+    })
+    .await?;
+    store.migrate().await?;
+    Ok((database_url, store))
+}
+
 /// `url` with its database name replaced by `database`.
 fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
     let scheme_end = url.find("://").context("DATABASE_URL has no scheme")? + 3;
@@ -99,21 +123,9 @@ impl TestEnv {
             _ => bail!(UNSET),
         };
         let database = format!("drover_t_{}", random_hex(12));
-        let admin = sqlx::PgPool::connect(&admin_url)
+        let (database_url, store) = create_database(&admin_url, &database)
             .await
-            .with_context(|| format!("connecting to DATABASE_URL ({UNSET})"))?;
-        sqlx::query(&format!("CREATE DATABASE {database}"))
-            .execute(&admin)
-            .await
-            .context("creating the test database")?;
-        admin.close().await;
-        let database_url = with_database(&admin_url, &database)?;
-        let store = Store::connect(&StoreConfig {
-            url: database_url.clone(),
-            max_connections: 5,
-        })
-        .await?;
-        store.migrate().await?;
+            .with_context(|| format!("on DATABASE_URL ({UNSET})"))?;
         let prefix = format!("t{}", random_hex(10));
         let bus_config = BusConfig {
             url: nats_url.clone(),
@@ -144,21 +156,9 @@ impl TestEnv {
     pub async fn with_nats(nats: &NatsServer) -> anyhow::Result<Self> {
         let admin_url = std::env::var("DATABASE_URL").map_err(|_| anyhow::anyhow!(UNSET))?;
         let database = format!("drover_t_{}", random_hex(12));
-        let admin = sqlx::PgPool::connect(&admin_url)
+        let (database_url, store) = create_database(&admin_url, &database)
             .await
-            .with_context(|| format!("connecting to DATABASE_URL ({UNSET})"))?;
-        sqlx::query(&format!("CREATE DATABASE {database}"))
-            .execute(&admin)
-            .await
-            .context("creating the test database")?;
-        admin.close().await;
-        let database_url = with_database(&admin_url, &database)?;
-        let store = Store::connect(&StoreConfig {
-            url: database_url.clone(),
-            max_connections: 5,
-        })
-        .await?;
-        store.migrate().await?;
+            .with_context(|| format!("on DATABASE_URL ({UNSET})"))?;
         let bus_config = nats.admin_bus_config()?;
         let bus = Bus::connect(bus_config.clone())
             .await

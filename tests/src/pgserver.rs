@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::{Context, bail};
-use drover_store::{Store, StoreConfig};
 use tokio::process::Command;
 
 use crate::TestEnv;
@@ -190,21 +189,9 @@ impl TestEnv {
     /// the shared server is dropped). The nodes it spawns afterwards use it.
     pub async fn on_postgres(mut self, server: &PgServer) -> anyhow::Result<Self> {
         let admin_url = server.url();
-        let admin = sqlx::PgPool::connect(&admin_url)
+        let (database_url, store) = crate::create_database(&admin_url, &self.database)
             .await
-            .context("connecting to the private Postgres")?;
-        sqlx::query(&format!("CREATE DATABASE {}", self.database))
-            .execute(&admin)
-            .await
-            .context("creating the test database")?;
-        admin.close().await;
-        let database_url = crate::with_database(&admin_url, &self.database)?;
-        let store = Store::connect(&StoreConfig {
-            url: database_url.clone(),
-            max_connections: 5,
-        })
-        .await?;
-        store.migrate().await?;
+            .context("on the private Postgres")?;
         // Drop the database on the shared server.
         self.store.pool().close().await;
         if let Ok(shared) = sqlx::PgPool::connect(&self.admin_url).await {
