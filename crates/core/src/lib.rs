@@ -7,6 +7,7 @@ pub mod definition;
 pub mod event;
 pub mod expr;
 pub mod ids;
+pub mod list;
 pub mod scope;
 pub mod state;
 pub mod subject;

@@ -111,24 +111,13 @@ impl FromStr for SubjectAllowList {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        text.split(',')
-            .map(str::trim)
-            .filter(|entry| !entry.is_empty())
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .map(Self)
+        crate::list::parse_comma_list(text).map(Self)
     }
 }
 
 impl fmt::Display for SubjectAllowList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, pattern) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            f.write_str(pattern.as_str())?;
-        }
-        Ok(())
+        crate::list::write_comma_list(f, self.0.iter().map(SubjectPattern::as_str))
     }
 }
 

@@ -189,24 +189,13 @@ impl FromStr for EgressRules {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        text.split(',')
-            .map(str::trim)
-            .filter(|entry| !entry.is_empty())
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .map(Self)
+        drover_core::list::parse_comma_list(text).map(Self)
     }
 }
 
 impl fmt::Display for EgressRules {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, rule) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            write!(f, "{rule}")?;
-        }
-        Ok(())
+        drover_core::list::write_comma_list(f, &self.0)
     }
 }
 
