@@ -5,11 +5,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use drover_bus::{Bus, BusConfig, EventKind, InstanceRef, StepJob};
-use drover_core::{CampaignId, Definition, InstanceId, OutboxEvent};
+use drover_bus::{Bus, BusConfig, StepJob};
+use drover_core::{CampaignId, Definition, InstanceId};
 use drover_store::{ClaimRequest, NewInstance, Store, StoreConfig};
 use rand::Rng;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::process::{Child, Command};
 
 pub(crate) struct BenchEnv {
@@ -185,23 +185,7 @@ impl BenchEnv {
                     vars: Value::Object(def.vars.clone()),
                 })
                 .collect();
-            let events: Vec<OutboxEvent> = chunk
-                .iter()
-                .map(|id| {
-                    let r = InstanceRef {
-                        id: *id,
-                        campaign: campaign.1,
-                        workflow: &def.name,
-                        version,
-                    };
-                    self.bus
-                        .event(&r, EventKind::Started, json!({ "step": def.entry().id }))
-                })
-                .collect();
-            let created = self
-                .store
-                .create_instances(&rows, "bench", &events, &self.bus)
-                .await?;
+            let created = self.store.create_instances(&rows, "bench").await?;
             queued += created.queued.len();
             if dispatch {
                 let jobs: Vec<StepJob> = created

@@ -5,8 +5,7 @@
 use std::time::Instant;
 
 use chrono::Utc;
-use drover_bus::{EventKind, InstanceRef};
-use drover_core::{CampaignId, InstanceState, NodeId, OutboxEvent};
+use drover_core::{CampaignId, InstanceState, NodeId};
 use drover_store::{ClaimRequest, Commit, Completion, Transition};
 use serde_json::{Value, json};
 
@@ -88,7 +87,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         // Each level starts from the same footing: the previous level's dead row versions
         // vacuumed and its writes checkpointed, as autovacuum and the checkpointer would
         // have done by then.
-        sqlx::query("VACUUM (ANALYZE) instance, journal, event_outbox")
+        sqlx::query("VACUUM (ANALYZE) instance, journal, event_fact")
             .execute(env.store.pool())
             .await?;
         sqlx::query("CHECKPOINT").execute(env.store.pool()).await?;
@@ -291,12 +290,6 @@ async fn probe_store(
             let completions: Vec<Completion> = claimed
                 .iter()
                 .map(|c| {
-                    let instance = InstanceRef {
-                        id: c.id,
-                        campaign: &c.campaign,
-                        workflow: &c.workflow,
-                        version: c.version,
-                    };
                     let transition = match step {
                         "a" => Transition::next(&probe.def, "b"),
                         "b" => Transition::next(&probe.def, "c"),
@@ -304,21 +297,15 @@ async fn probe_store(
                             state: InstanceState::Completed,
                         },
                     };
-                    let event: OutboxEvent = env.bus.event(
-                        &instance,
-                        EventKind::StepCompleted,
-                        json!({ "step_id": step, "step_seq": c.step_seq.0 + 1 }),
-                    );
                     Completion {
                         vars: Some(json!({ "x": 1 })),
                         output: Some(json!({ "x": 1 })),
-                        events: vec![event],
                         ..Completion::of(c, Utc::now(), "completed", transition)
                     }
                 })
                 .collect();
             let t = Instant::now();
-            let results = env.store.commit(node, &completions, &env.bus).await?;
+            let results = env.store.commit(node, &completions).await?;
             commits.push(t.elapsed().as_secs_f64() * 1000.0);
             anyhow::ensure!(
                 results.iter().all(|r| *r == Commit::Committed),

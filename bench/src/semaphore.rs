@@ -100,7 +100,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         queued == n as usize - 10,
         "{queued} of {n} queued behind 10 permits"
     );
-    sqlx::query("DELETE FROM event_outbox")
+    sqlx::query("DELETE FROM event_fact")
         .execute(env.store.pool())
         .await?;
     sqlx::query("DELETE FROM instance")

@@ -85,8 +85,6 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
                 vars: json!({ "x": 0 }),
             }],
             "test",
-            &[],
-            &env.bus,
         )
         .await?;
     let node = NodeId::new();
@@ -123,23 +121,18 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
         vars: Some(json!({ "x": 1 })),
         output: Some(json!({ "x": 1 })),
         error: None,
-        events: vec![],
         consumes: None,
-        parent_events: vec![],
     };
-    let events = env.bus.clone();
     let other = NodeId::new();
     store
         .register_node(other, &["worker".into()], "test", "0")
         .await?;
     assert_eq!(
-        store.commit(node, &[completion(Fence(0))], &events).await?,
+        store.commit(node, &[completion(Fence(0))]).await?,
         vec![Commit::Fenced]
     );
     assert_eq!(
-        store
-            .commit(other, &[completion(Fence(1))], &events)
-            .await?,
+        store.commit(other, &[completion(Fence(1))]).await?,
         vec![Commit::Fenced],
         "only the owner commits"
     );
@@ -152,11 +145,11 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
     );
 
     assert_eq!(
-        store.commit(node, &[completion(Fence(1))], &events).await?,
+        store.commit(node, &[completion(Fence(1))]).await?,
         vec![Commit::Committed]
     );
     assert_eq!(
-        store.commit(node, &[completion(Fence(1))], &events).await?,
+        store.commit(node, &[completion(Fence(1))]).await?,
         vec![Commit::AlreadyCommitted]
     );
     let journal = store.journal(id).await?.context("journal")?;

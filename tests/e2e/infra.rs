@@ -144,7 +144,7 @@ async fn deleting_the_streams_and_the_worker_consumer_under_load_stops_no_node_a
     env.bus.worker_consumer().await?;
     let unrelayed = wait_until("the outbox to drain", Duration::from_secs(30), || async {
         let (n,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM event_outbox WHERE relayed_at IS NULL")
+            sqlx::query_as("SELECT count(*) FROM event_fact WHERE relayed_at IS NULL")
                 .fetch_one(env.store.pool())
                 .await?;
         Ok((n == 0).then_some(n))

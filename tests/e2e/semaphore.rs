@@ -516,7 +516,7 @@ async fn an_in_error_instance_releases_or_holds_its_permit_per_policy_and_resume
     assert_eq!(assert_counters_match(&env, "hold").await?, (0, 0));
 
     let released: (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM event_outbox WHERE subject LIKE '%.evt.rel.%.permit_released'",
+        "SELECT count(*) FROM event_fact WHERE campaign = 'rel' AND kind = 'permit_released'",
     )
     .fetch_one(env.store.pool())
     .await?;

@@ -170,7 +170,7 @@ pub(crate) async fn set_limit(
     let max_running = limit(request.max_running)?;
     let set = state
         .store
-        .set_campaign_limit(&name, max_running, &actor, &state.bus)
+        .set_campaign_limit(&name, max_running, &actor)
         .await
         .map_err(campaign_error)?;
     tracing::info!(

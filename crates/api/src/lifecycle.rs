@@ -18,15 +18,14 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::{Extension, Json};
-use drover_bus::{Bus, EventKind, InstanceRef, StepJob};
-use drover_core::{Definition, InstanceId, InstanceState, OutboxEvent};
+use drover_bus::{Bus, StepJob};
+use drover_core::{Definition, InstanceId, InstanceState};
 use drover_store::{
-    Acted, LifecycleAction, LifecycleBatch, LifecycleChange, LifecycleFilter, LifecycleOutcome,
-    Refusal, Restart, Restarted,
+    Acted, LifecycleAction, LifecycleBatch, LifecycleChange, LifecycleFilter, Refusal, Restart,
+    Restarted,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::ApiState;
@@ -607,10 +606,7 @@ async fn restart_all(
     restarts: &[Restart],
     actor: &str,
 ) -> Result<Vec<(InstanceId, Restarted)>> {
-    let results = state
-        .store
-        .restart(restarts, actor, &lifecycle_events(&state.bus), &state.bus)
-        .await?;
+    let results = state.store.restart(restarts, actor).await?;
     let jobs = results
         .iter()
         .filter_map(|(_, restarted)| match restarted {
@@ -629,16 +625,7 @@ async fn apply(
     ids: &[InstanceId],
     actor: &str,
 ) -> Result<LifecycleBatch> {
-    let batch = state
-        .store
-        .apply_lifecycle(
-            action,
-            ids,
-            actor,
-            &lifecycle_events(&state.bus),
-            &state.bus,
-        )
-        .await?;
+    let batch = state.store.apply_lifecycle(action, ids, actor).await?;
     publish(&state.bus, batch.jobs()).await;
     Ok(batch)
 }
@@ -666,86 +653,6 @@ fn cascaded(change: &LifecycleChange) -> Cascaded {
         outcome: change.outcome.as_str().to_owned(),
         state: change.to,
     }
-}
-
-/// The events of a lifecycle change: one per change, on the instance's subjects.
-fn lifecycle_events(bus: &Bus) -> impl Fn(&LifecycleChange) -> Vec<OutboxEvent> + Send + Sync {
-    let bus = bus.clone();
-    move |change: &LifecycleChange| {
-        let instance = InstanceRef {
-            id: change.id,
-            campaign: &change.campaign,
-            workflow: &change.workflow,
-            version: change.version,
-        };
-        let data = json!({
-            "step_id": change.current_step,
-            "step_seq": change.step_seq,
-            "from": change.from,
-            "state": change.to,
-            "outcome": change.outcome.as_str(),
-            "actor": change.actor,
-        });
-        let kind = match change.outcome {
-            LifecycleOutcome::Paused => EventKind::Paused,
-            LifecycleOutcome::PauseRequested => EventKind::PauseRequested,
-            LifecycleOutcome::Unpaused | LifecycleOutcome::PauseWithdrawn => EventKind::Unpaused,
-            LifecycleOutcome::StopRequested => EventKind::StopRequested,
-            LifecycleOutcome::Stopped | LifecycleOutcome::Killed => {
-                return vec![bus.event(
-                    &instance,
-                    EventKind::Stopped,
-                    with(
-                        data,
-                        json!({
-                            "mode": if change.outcome == LifecycleOutcome::Killed {
-                                "kill"
-                            } else {
-                                "graceful"
-                            },
-                            "stopped_with": change.related,
-                        }),
-                    ),
-                )];
-            }
-            LifecycleOutcome::Woken => {
-                return vec![bus.woken_event(
-                    &instance,
-                    &change.current_step,
-                    change.step_seq,
-                    "child",
-                    json!({ "child": change.related, "child_state": InstanceState::Stopped }),
-                )];
-            }
-            LifecycleOutcome::Restarted => {
-                return vec![bus.event(
-                    &instance,
-                    EventKind::Restarted,
-                    with(data, json!({ "restarted_as": change.related })),
-                )];
-            }
-            LifecycleOutcome::Started => {
-                return vec![bus.event(
-                    &instance,
-                    EventKind::Started,
-                    json!({
-                        "state": change.to,
-                        "step": change.current_step,
-                        "restarted_from": change.related,
-                    }),
-                )];
-            }
-        };
-        vec![bus.event(&instance, kind, data)]
-    }
-}
-
-/// `data` with the fields of `more` (both objects) added.
-fn with(mut data: Value, more: Value) -> Value {
-    if let (Some(data), Value::Object(more)) = (data.as_object_mut(), more) {
-        data.extend(more);
-    }
-    data
 }
 
 /// The 409 of a command the instance's state does not allow.

@@ -10,7 +10,7 @@
 use axum::extract::State;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
-use drover_bus::{EventKind, InstanceRef, StepJob};
+use drover_bus::StepJob;
 use drover_core::definition::StepKind;
 use drover_core::expr::Scope;
 use drover_core::{Definition, InstanceId, InstanceState, NodeId, Step};
@@ -154,52 +154,19 @@ pub(crate) async fn resume(
         ResumeMode::NextStep => next_step(&definition, current, &instance, &set)?,
     };
 
-    let step_seq = instance.step_seq.next();
-    // One that gave its permit back needs a new one: the store decides READY or QUEUED (and
-    // says which in an `admitted` or `queued` event).
-    let limited = state
-        .store
-        .campaign_by_name(&instance.campaign)
-        .await?
-        .is_some_and(|c| c.max_running.is_some());
-    let needs_permit = limited && !instance.holds_permit && instance.parent_instance_id.is_none();
-    let mut data = json!({
-        "step_id": instance.current_step,
-        "step_seq": step_seq,
-        "mode": request.mode.as_str(),
-        "next_step": target.id,
-        "actor": actor,
-    });
-    if !needs_permit && let Some(data) = data.as_object_mut() {
-        data.insert("state".to_owned(), json!(InstanceState::Ready));
-    }
-    let event = state.bus.event(
-        &InstanceRef {
-            id,
-            campaign: &instance.campaign,
-            workflow: &instance.workflow,
-            version: instance.version,
-        },
-        EventKind::Resumed,
-        data,
-    );
     let resumed = state
         .store
-        .resume(
-            &Resume {
-                instance: id,
-                fence: instance.fence,
-                step_seq: instance.step_seq,
-                step: target.id.clone(),
-                allow_retry: target.allow_retry,
-                timeout_ms: target.timeout_ms(),
-                set,
-                actor: actor.clone(),
-                mode: request.mode.as_str().to_owned(),
-                events: vec![event],
-            },
-            &state.bus,
-        )
+        .resume(&Resume {
+            instance: id,
+            fence: instance.fence,
+            step_seq: instance.step_seq,
+            step: target.id.clone(),
+            allow_retry: target.allow_retry,
+            timeout_ms: target.timeout_ms(),
+            set,
+            actor: actor.clone(),
+            mode: request.mode.as_str().to_owned(),
+        })
         .await?;
     let job = match resumed {
         Resumed::Resumed { job } => Some(StepJob::new(job.instance, job.step_seq, job.fence)),

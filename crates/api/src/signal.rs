@@ -8,10 +8,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
-use drover_bus::{Bus, InstanceRef, StepJob};
+use drover_bus::{Bus, StepJob};
 use drover_core::InstanceId;
 use drover_core::ids::is_slug;
-use drover_store::{Delivery, Store, Woken};
+use drover_store::{Delivery, Store};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -55,22 +55,8 @@ pub async fn deliver_event(
         return Err(invalid_name(name));
     }
     check_storable(payload, "payload")?;
-    let events = |w: &Woken| {
-        vec![bus.woken_event(
-            &InstanceRef {
-                id: w.id,
-                campaign: &w.campaign,
-                workflow: &w.workflow,
-                version: w.version,
-            },
-            &w.current_step,
-            w.step_seq,
-            "signal",
-            json!({ "event": name }),
-        )]
-    };
     let delivery = store
-        .deliver_signal(instance, name, payload, events)
+        .deliver_signal(instance, name, payload)
         .await
         .map_err(|err| match err {
             drover_store::Error::UnknownInstance(id) => {

@@ -12,11 +12,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use drover_bus::{Bus, EventKind, InstanceRef, StepJob};
+use drover_bus::{Bus, StepJob};
 use drover_core::{Definition, InstanceId};
 use drover_store::{NewInstance, Store};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, Result};
@@ -206,7 +206,6 @@ pub async fn start_instances(
     while ids.len() < count {
         let n = (count - ids.len()).min(START_CHUNK);
         let mut instances = Vec::with_capacity(n);
-        let mut events = Vec::with_capacity(n);
         for _ in 0..n {
             let id = InstanceId::new();
             instances.push(NewInstance {
@@ -219,25 +218,8 @@ pub async fn start_instances(
                 timeout_ms: definition.entry().timeout_ms(),
                 vars: vars.clone(),
             });
-            let instance = InstanceRef {
-                id,
-                campaign: &campaign.name,
-                workflow: &stored.name,
-                version: stored.version,
-            };
-            // In a limited campaign the store decides READY or QUEUED (and says so in a
-            // `queued` event); an unlimited one's instances are READY.
-            let data = if campaign.max_running.is_none() {
-                json!({ "state": "ready", "step": entry })
-            } else {
-                json!({ "step": entry })
-            };
-            events.push(bus.event(&instance, EventKind::Started, data));
         }
-        let created = match store
-            .create_instances(&instances, actor, &events, bus)
-            .await
-        {
+        let created = match store.create_instances(&instances, actor).await {
             Ok(created) => created,
             Err(err) => {
                 if !ids.is_empty() {

@@ -18,12 +18,10 @@ use async_nats::jetstream::context::{
 };
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
-use drover_core::event::{PermitEvent, PermitEvents};
-use drover_core::{OutboxEvent, StepSeq};
 
 pub use auth::{NatsAuth, Secret, TlsConfig, redact_url, server_addrs};
 pub use error::{Error, Result};
-pub use event::{EventKind, InstanceRef};
+pub use event::{EventKind, Rendered, dataschema, render};
 pub use job::{DecodeError, RecoveryTask, StepJob};
 pub use permissions::NatsRole;
 pub use subjects::{Subjects, is_valid_prefix};
@@ -655,97 +653,48 @@ impl Bus {
         failure.map_or(Ok(()), Err)
     }
 
-    /// Builds the event of a permit change (or an honoured operator request) the store
-    /// decided: `queued`, `admitted`, `permit_released`, `stopped`, `paused`.
-    pub fn permit_event(&self, event: &PermitEvent<'_>) -> OutboxEvent {
-        let instance = InstanceRef {
-            id: event.instance,
-            campaign: event.campaign,
-            workflow: event.workflow,
-            version: event.version,
-        };
-        self.event(&instance, event.kind.into(), event.data.clone())
-    }
-
-    /// Builds the CloudEvent for a transition of `instance` (written to the outbox, relayed
-    /// later by [`Bus::relay`]).
-    pub fn event(
-        &self,
-        instance: &InstanceRef<'_>,
-        kind: EventKind,
-        data: serde_json::Value,
-    ) -> OutboxEvent {
-        event::build(&self.subjects, instance, kind, data)
-    }
-
-    /// Builds the CloudEvent of something that happened to `campaign` itself (type
-    /// `drover.campaign.<kind>`, subject [`Subjects::campaign_event`]).
-    pub fn campaign_event(
-        &self,
-        campaign: &str,
-        kind: EventKind,
-        data: serde_json::Value,
-    ) -> OutboxEvent {
-        event::build_campaign(&self.subjects, campaign, kind, data)
-    }
-
-    /// The `woken` event of a WAITING instance made READY again at `step` (`step_seq` is the
-    /// checkpoint after the wake). `by` names what woke it (`timer`, `signal`, `child`);
-    /// `detail` (an object) adds fields.
-    pub fn woken_event(
-        &self,
-        instance: &InstanceRef<'_>,
-        step: &str,
-        step_seq: StepSeq,
-        by: &str,
-        detail: serde_json::Value,
-    ) -> OutboxEvent {
-        let mut data = serde_json::json!({
-            "step_id": step,
-            "step_seq": step_seq,
-            "state": "ready",
-            "by": by,
-        });
-        if let (Some(data), serde_json::Value::Object(detail)) = (data.as_object_mut(), detail) {
-            data.extend(detail);
-        }
-        self.event(instance, EventKind::Woken, data)
-    }
-
-    /// Publishes outbox events pipelined, each with `Nats-Msg-Id` = event id. Returns the ids
-    /// that the server acknowledged (the rest are relayed again later) and the first failure,
-    /// if any (not logged here: the relay logs an outage once).
-    pub async fn relay(&self, events: &[OutboxEvent]) -> Relayed {
+    /// Publishes `facts` as CloudEvents (see [`event::render`]), pipelined and in the given
+    /// order, each with `Nats-Msg-Id` = its id. Stops at the first publish that fails, so a
+    /// later event of an instance never goes out before an earlier one. Returns the ids that
+    /// the server acknowledged (the rest are relayed again later) and the first failure, if
+    /// any (not logged here: the relay logs an outage once).
+    pub async fn relay(&self, facts: &[drover_core::Fact]) -> Relayed {
         let mut failure = None;
-        let mut pending = Vec::with_capacity(events.len());
-        for event in events {
+        let mut pending = Vec::with_capacity(facts.len());
+        for fact in facts {
+            let rendered = event::render(&self.subjects, fact);
             let mut headers = HeaderMap::new();
             headers.insert("Content-Type", "application/cloudevents+json");
-            let payload = match serde_json::to_vec(&event.payload) {
+            let payload = match serde_json::to_vec(&rendered.cloudevent) {
                 Ok(payload) => Bytes::from(payload),
                 Err(err) => {
-                    // Left unrelayed (not marked sent), so it stays in the outbox to inspect.
-                    tracing::error!(event.id = %event.id, %err, "unencodable event not relayed");
-                    continue;
+                    // Not sent, nor anything after it: it stays in the outbox to inspect.
+                    failure = Some(Error::Publish(format!("event {}: {err}", fact.id)));
+                    break;
                 }
             };
             let publish = jetstream::message::PublishMessage::build()
                 .payload(payload)
                 .headers(headers)
-                .message_id(event.id.to_string());
-            match self.js.send_publish(event.subject.clone(), publish).await {
-                Ok(ack) => pending.push((event.id, ack)),
+                .message_id(fact.id.to_string());
+            match self.js.send_publish(rendered.subject, publish).await {
+                Ok(ack) => pending.push((fact.id, ack)),
                 Err(err) => {
                     failure = Some(publish_error(err));
                     break;
                 }
             }
         }
+        // Only the acknowledged events before the first failure count as sent: the rest go
+        // again, in order (a copy the server has already is dropped by its id).
         let mut ids = Vec::with_capacity(pending.len());
+        let mut failed = false;
         for (id, ack) in pending {
             match ack.await {
-                Ok(_) => ids.push(id),
+                Ok(_) if !failed => ids.push(id),
+                Ok(_) => {}
                 Err(err) => {
+                    failed = true;
                     if failure.is_none() {
                         failure = Some(publish_error(err));
                     }
@@ -774,14 +723,6 @@ fn publish_error(err: PublishError) -> Error {
             Error::Missing(format!("stream for the subject: {err}"))
         }
         _ => Error::Publish(err.to_string()),
-    }
-}
-
-/// A bus builds the events of the permit changes the store decides: pass `&bus` where the
-/// store asks for [`PermitEvents`].
-impl PermitEvents for Bus {
-    fn build(&self, event: &PermitEvent<'_>) -> OutboxEvent {
-        self.permit_event(event)
     }
 }
 

@@ -80,16 +80,19 @@ async fn a_deleted_consumer_is_provisioned_again_on_its_stream() {
 #[tokio::test]
 async fn relaying_to_a_deleted_events_stream_reports_it_missing() {
     let bus = bus().await;
-    let event = bus.event(
-        &drover_bus::InstanceRef {
+    let event = drover_core::Fact {
+        id: uuid::Uuid::now_v7(),
+        subject: drover_core::event::FactSubject::Instance {
             id: InstanceId::new(),
-            campaign: "default",
-            workflow: "w",
+            workflow: "w".into(),
             version: 1,
         },
-        drover_bus::EventKind::Started,
-        serde_json::json!({}),
-    );
+        campaign: "default".into(),
+        seq: 1,
+        kind: drover_bus::EventKind::Started,
+        data: serde_json::json!({ "state": "ready", "step": "a" }),
+        time: chrono::Utc::now(),
+    };
     let relayed = bus.relay(std::slice::from_ref(&event)).await;
     assert_eq!(relayed.ids, vec![event.id]);
     assert!(relayed.failure.is_none());

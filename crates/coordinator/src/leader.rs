@@ -2,15 +2,15 @@
 
 use std::time::{Duration, Instant};
 
-use drover_bus::{Bus, EventKind, InstanceRef, RecoveryTask, StepJob};
+use drover_bus::{Bus, RecoveryTask, StepJob};
 use drover_core::NodeId;
 use drover_core::backoff::Backoff;
-use drover_store::{Admitted, COORDINATOR_LEASE, Drift, LeaderTerm, Store};
+use drover_store::{Admitted, COORDINATOR_LEASE, LeaderTerm, Store};
 use tokio_util::sync::CancellationToken;
 
 use drover_core::definition::millis;
 
-use crate::{CoordinatorConfig, Result, orphan_events};
+use crate::{CoordinatorConfig, Result};
 
 /// Holds (or waits for) the leader lease and, while leading, does the leader's work.
 pub struct LeaderLoop {
@@ -170,16 +170,9 @@ impl LeaderLoop {
 
     /// RUNNING past the step deadline on a live node: a stuck worker. Take them back.
     async fn requeue_overdue(&self, term: LeaderTerm) -> Result<()> {
-        let bus = &self.bus;
         let requeued = self
             .store
-            .requeue_overdue(
-                self.node,
-                term,
-                self.config.requeue_batch,
-                |o| orphan_events(bus, o),
-                bus,
-            )
+            .requeue_overdue(self.node, term, self.config.requeue_batch)
             .await?;
         let orphans = requeued.orphans;
         let jobs: Vec<StepJob> = orphans
@@ -202,25 +195,10 @@ impl LeaderLoop {
 
     /// Timers that have come (sleeps, wait_event timeouts): WAITING → READY, then dispatch.
     async fn wake_due(&self, term: LeaderTerm) -> Result<()> {
-        let bus = &self.bus;
         loop {
             let woken = self
                 .store
-                .wake_due(self.node, term, self.config.requeue_batch, |w| {
-                    let instance = InstanceRef {
-                        id: w.id,
-                        campaign: &w.campaign,
-                        workflow: &w.workflow,
-                        version: w.version,
-                    };
-                    vec![bus.woken_event(
-                        &instance,
-                        &w.current_step,
-                        w.step_seq,
-                        "timer",
-                        serde_json::json!({}),
-                    )]
-                })
+                .wake_due(self.node, term, self.config.requeue_batch)
                 .await?;
             let jobs: Vec<StepJob> = woken
                 .iter()
@@ -246,22 +224,7 @@ impl LeaderLoop {
             return Ok(());
         }
         self.last_reconcile = Some(Instant::now());
-        let bus = &self.bus;
-        let reconciled = self
-            .store
-            .reconcile_permits(self.node, term, bus, |drift: &Drift| {
-                bus.campaign_event(
-                    &drift.campaign,
-                    EventKind::PermitDrift,
-                    serde_json::json!({
-                        "kind": drift.kind,
-                        "detail": drift.detail,
-                        "repaired": drift.repaired,
-                        "leader_term": term.0,
-                    }),
-                )
-            })
-            .await?;
+        let reconciled = self.store.reconcile_permits(self.node, term).await?;
         for drift in &reconciled.drift {
             metrics::counter!(
                 "drover_semaphore_drift_total",

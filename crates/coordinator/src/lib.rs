@@ -15,9 +15,9 @@ mod recovery;
 
 use std::time::Duration;
 
-use drover_bus::{Bus, EventKind, InstanceRef};
-use drover_core::{InstanceState, NodeId, OutboxEvent};
-use drover_store::{Orphan, Store};
+use drover_bus::Bus;
+use drover_core::NodeId;
+use drover_store::Store;
 use tokio_util::sync::CancellationToken;
 
 pub use leader::LeaderLoop;
@@ -100,28 +100,4 @@ impl Coordinator {
         });
         a.and(b)
     }
-}
-
-/// The events of a requeue: `requeued`, or `in_error` for an interrupted non-retryable step.
-pub(crate) fn orphan_events(bus: &Bus, orphan: &Orphan) -> Vec<OutboxEvent> {
-    let instance = InstanceRef {
-        id: orphan.id,
-        campaign: &orphan.campaign,
-        workflow: &orphan.workflow,
-        version: orphan.version,
-    };
-    let kind = if orphan.state == InstanceState::InError {
-        EventKind::InError
-    } else {
-        EventKind::Requeued
-    };
-    vec![bus.event(
-        &instance,
-        kind,
-        serde_json::json!({
-            "step_id": orphan.current_step,
-            "step_seq": orphan.step_seq,
-            "state": orphan.state,
-        }),
-    )]
 }

@@ -10,7 +10,7 @@ use drover_store::Store;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CoordinatorConfig, Result, orphan_events};
+use crate::{CoordinatorConfig, Result};
 
 /// Recovery tasks stopped flowing: log it once per outage.
 fn lose(lost: &mut Option<String>, why: String) {
@@ -180,18 +180,11 @@ impl RecoveryConsumer {
     }
 
     async fn requeue_running(&self, task: &RecoveryTask, msg: &Message) -> Result<usize> {
-        let bus = &self.bus;
         let mut total = 0;
         loop {
             let requeued = self
                 .store
-                .requeue_orphans(
-                    task.node,
-                    self.node,
-                    self.config.requeue_batch,
-                    |o| orphan_events(bus, o),
-                    bus,
-                )
+                .requeue_orphans(task.node, self.node, self.config.requeue_batch)
                 .await?;
             let orphans = requeued.orphans;
             if orphans.is_empty() {

@@ -13,7 +13,7 @@ pub mod state;
 pub mod subject;
 
 pub use definition::{Definition, DefinitionError, DefinitionErrors, Step, StepKind};
-pub use event::OutboxEvent;
+pub use event::{EventKind, Fact};
 pub use ids::{CampaignId, Fence, InstanceId, NodeId, SignalId, StepSeq};
 pub use scope::Scope;
 pub use state::InstanceState;

@@ -1,14 +1,15 @@
 //! Definitions, campaigns, instances and the journal: creation, fenced claim, group commit.
 
 use chrono::{DateTime, Utc};
-use drover_core::{CampaignId, Fence, InstanceId, InstanceState, NodeId, OutboxEvent, StepSeq};
+use drover_core::event::EventKind;
+use drover_core::{CampaignId, Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::facts::{NewFact, completion_facts, facts_json, insert_facts};
 use crate::model::*;
 use crate::semaphore::{
-    Admission, Admitted, LockedCampaign, PermitEvent, PermitEventKind, PermitEvents, admit_new,
-    insert_events, lock_limited_campaigns, release_permits,
+    Admission, Admitted, LockedCampaign, admit_new, lock_limited_campaigns, release_permits,
 };
 use crate::{Error, Result, Store};
 
@@ -16,15 +17,6 @@ fn parse_state(state: &str) -> Result<InstanceState> {
     state
         .parse()
         .map_err(|_| Error::Corrupt(format!("unknown instance state {state:?}")))
-}
-
-fn events_json(events: &[OutboxEvent]) -> Value {
-    Value::Array(
-        events
-            .iter()
-            .map(|e| json!({ "id": e.id, "subject": e.subject, "payload": e.payload }))
-            .collect(),
-    )
 }
 
 #[derive(sqlx::FromRow)]
@@ -343,20 +335,18 @@ impl Store {
     }
 
     /// Creates instances at their entry step, each with its journal entry 0 (`started`) and
-    /// its events, in one transaction.
+    /// its `started` event (actor `actor`), in one transaction.
     ///
     /// An instance of an unlimited campaign is READY (no permit, no campaign lock). One of a
     /// limited campaign is admitted under the campaign's row lock (ARCHITECTURE.md,
     /// "Semaphore"): READY with a permit while `running < max_running` and nobody queues, else
-    /// QUEUED with its place taken under the lock (in input order) and a `queued` event from
-    /// `permit_events`. Returns the READY instances' jobs (publish them after this returns) and
+    /// QUEUED with its place taken under the lock (in input order) and a `queued` event.
+    /// Returns the READY instances' jobs (publish them after this returns) and
     /// the queued ones.
     pub async fn create_instances(
         &self,
         instances: &[NewInstance],
         actor: &str,
-        events: &[OutboxEvent],
-        permit_events: &dyn PermitEvents,
     ) -> Result<Created> {
         if instances.is_empty() {
             return Ok(Created::default());
@@ -374,48 +364,14 @@ impl Store {
         if limited.is_empty() {
             let admissions = vec![Admission::Free; instances.len()];
             let mut conn = self.pool.acquire().await?;
-            insert_instances(
-                &mut conn,
-                instances,
-                &admissions,
-                actor,
-                events.to_vec(),
-                &[],
-            )
-            .await?;
+            insert_instances(&mut conn, instances, &admissions, actor, &[]).await?;
             return Ok(created(instances, &admissions));
         }
         let mut tx = self.pool.begin().await?;
         let mut campaigns = lock_limited_campaigns(&mut tx, &campaign_ids).await?;
         let batch: Vec<i64> = instances.iter().map(|i| i.campaign.0).collect();
         let admissions = admit_new(&mut tx, &mut campaigns, &batch).await?;
-        let mut all_events = events.to_vec();
-        for (instance, admission) in instances.iter().zip(&admissions) {
-            if let Admission::Queued(place) = admission {
-                let campaign = campaigns
-                    .iter()
-                    .find(|c| c.id == instance.campaign.0)
-                    .map(|c| c.name.as_str())
-                    .unwrap_or_default();
-                all_events.push(permit_events.build(&PermitEvent {
-                    kind: PermitEventKind::Queued,
-                    instance: instance.id,
-                    workflow: &instance.workflow,
-                    version: instance.version,
-                    campaign,
-                    data: json!({ "state": "queued", "queue_seq": place, "step_id": instance.entry_step }),
-                }));
-            }
-        }
-        insert_instances(
-            &mut tx,
-            instances,
-            &admissions,
-            actor,
-            all_events,
-            &campaigns,
-        )
-        .await?;
+        insert_instances(&mut tx, instances, &admissions, actor, &campaigns).await?;
         tx.commit().await?;
         Ok(created(instances, &admissions))
     }
@@ -657,16 +613,8 @@ impl Store {
     /// Instances this commit makes READY besides the completions' own (children started,
     /// parents woken, queued instances admitted) are re-dispatched by the stale-READY sweeper
     /// only: workers call [`Store::commit_waking`], which returns their jobs.
-    pub async fn commit(
-        &self,
-        node: NodeId,
-        completions: &[Completion],
-        permit_events: &dyn PermitEvents,
-    ) -> Result<Vec<Commit>> {
-        Ok(self
-            .commit_waking(node, completions, permit_events)
-            .await?
-            .results)
+    pub async fn commit(&self, node: NodeId, completions: &[Completion]) -> Result<Vec<Commit>> {
+        Ok(self.commit_waking(node, completions).await?.results)
     }
 
     /// [`Store::commit`], also returning the jobs of the other instances the commit made READY.
@@ -680,13 +628,13 @@ impl Store {
     ///   it).
     /// - A completion that `consumes` a signal marks it consumed.
     /// - A child reaching `completed`, `failed` or `stopped` wakes its WAITING parent (READY
-    ///   at the same step, `step_seq + 1`, journal `woken` by `child:<id>`,
-    ///   `parent_events`). Any other transition leaves the current step's wait behind.
+    ///   at the same step, `step_seq + 1`, journal `woken` by `child:<id>`, a `woken`
+    ///   event). Any other transition leaves the current step's wait behind.
     /// - Operator requests are honoured: with `stop_requested_by` set, an instance that would
     ///   go on (READY, WAITING or IN_ERROR) is STOPPED instead (journal outcome `stopped`,
     ///   actor the operator); with `pause_requested_by` set, one that would be READY is PAUSED
     ///   (keeping its permit; `paused_by`/`paused_at` set, the request cleared). Each gets a
-    ///   `stopped`/`paused` event from `permit_events`.
+    ///   `stopped`/`paused` event.
     /// - A permit holder that finishes (or goes IN_ERROR under `on_error_permit: release`)
     ///   releases its permit, which passes to its campaign's oldest QUEUED instances
     ///   (ARCHITECTURE.md, "Semaphore"), with `permit_released` and `admitted` events.
@@ -698,10 +646,8 @@ impl Store {
         &self,
         node: NodeId,
         completions: &[Completion],
-        permit_events: &dyn PermitEvents,
     ) -> Result<GroupCommit> {
-        self.group_commit(node, completions, permit_events, false)
-            .await
+        self.group_commit(node, completions, false).await
     }
 
     /// [`Store::commit_waking`], where each completion that moves on to its next step and
@@ -715,17 +661,14 @@ impl Store {
         &self,
         node: NodeId,
         completions: &[Completion],
-        permit_events: &dyn PermitEvents,
     ) -> Result<GroupCommit> {
-        self.group_commit(node, completions, permit_events, true)
-            .await
+        self.group_commit(node, completions, true).await
     }
 
     async fn group_commit(
         &self,
         node: NodeId,
         completions: &[Completion],
-        permit_events: &dyn PermitEvents,
         continuing: bool,
     ) -> Result<GroupCommit> {
         if completions.is_empty() {
@@ -761,14 +704,7 @@ impl Store {
         let mut admitted = Vec::new();
         if !deferred.is_empty() {
             let (second, also) = self
-                .commit_with_permits(
-                    node,
-                    completions,
-                    &rows,
-                    &deferred,
-                    permit_events,
-                    continuing,
-                )
+                .commit_with_permits(node, completions, &rows, &deferred, continuing)
                 .await?;
             for row in second {
                 let slot = usize::try_from(row.idx)
@@ -843,7 +779,6 @@ impl Store {
         completions: &[Completion],
         rows: &[Value],
         deferred: &[usize],
-        permit_events: &dyn PermitEvents,
         continuing: bool,
     ) -> Result<(Vec<CommitRow>, Vec<Admitted>)> {
         let mut ids: Vec<Uuid> = deferred
@@ -860,15 +795,11 @@ impl Store {
         struct Locked {
             id: Uuid,
             holds_permit: bool,
-            workflow: String,
-            version: i32,
-            campaign: String,
         }
         let mut tx = self.pool.begin().await?;
         let locked: Vec<Locked> = sqlx::query_as(
-            "SELECT i.id, i.holds_permit, i.workflow, i.version, c.name AS campaign
-             FROM instance i JOIN campaign c ON c.id = i.campaign_id
-             WHERE i.id = ANY($1) ORDER BY i.id FOR NO KEY UPDATE OF i",
+            "SELECT id, holds_permit FROM instance
+             WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
@@ -881,7 +812,7 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
         let mut released = Vec::new();
-        let mut events = Vec::new();
+        let mut facts = Vec::new();
         for row in results.iter().filter(|r| r.committed) {
             let Some(completion) = usize::try_from(row.idx)
                 .ok()
@@ -904,29 +835,26 @@ impl Store {
                 {
                     None
                 }
-                (Some("stopped"), _) => Some((PermitEventKind::Stopped, &row.stop_requested_by)),
-                (Some("paused"), _) => Some((PermitEventKind::Paused, &row.paused_by)),
+                (Some("stopped"), _) => Some((EventKind::Stopped, &row.stop_requested_by)),
+                (Some("paused"), _) => Some((EventKind::Paused, &row.paused_by)),
                 _ => None,
             };
             if let Some((kind, actor)) = honoured {
-                events.push(permit_events.build(&PermitEvent {
+                facts.push(NewFact::new(
+                    completion.instance,
                     kind,
-                    instance: completion.instance,
-                    workflow: &before.workflow,
-                    version: before.version,
-                    campaign: &before.campaign,
-                    data: json!({
+                    json!({
                         "state": row.state,
-                        "step_id": row.current_step,
+                        "step": row.current_step,
                         "step_seq": row.step_seq,
                         "actor": actor,
                         "requested": true,
                     }),
-                }));
+                ));
             }
         }
-        insert_events(&mut tx, &events).await?;
-        let admitted = release_permits(&mut tx, &released, &[], "commit", permit_events).await?;
+        insert_facts(&mut tx, &facts).await?;
+        let admitted = release_permits(&mut tx, &released, &[], "commit").await?;
         tx.commit().await?;
         Ok((results, admitted))
     }
@@ -971,14 +899,14 @@ fn created(instances: &[NewInstance], admissions: &[Admission]) -> Created {
     created
 }
 
-/// Inserts a batch of new instances as `admissions` decided, their journal entries 0, `events`
-/// and the counters of the (locked) limited `campaigns`, in one statement.
+/// Inserts a batch of new instances as `admissions` decided, their journal entries 0, their
+/// `started` (and `queued`) events and the counters of the (locked) limited `campaigns`, in
+/// one statement.
 async fn insert_instances(
     conn: &mut sqlx::PgConnection,
     instances: &[NewInstance],
     admissions: &[Admission],
     actor: &str,
-    events: Vec<OutboxEvent>,
     campaigns: &[LockedCampaign],
 ) -> Result<()> {
     let rows = Value::Array(
@@ -1019,13 +947,15 @@ async fn insert_instances(
          ), ins AS (
             INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
                                   step_retryable, step_timeout_ms, ready_at, vars,
-                                  initial_vars, holds_permit, queue_seq, queued_at)
+                                  initial_vars, holds_permit, queue_seq, queued_at, event_seq)
             SELECT id, campaign_id, workflow, version, state, entry_step, allow_retry,
                    timeout_ms, CASE WHEN state = 'ready' THEN clock_timestamp() END, vars, vars,
                    holds_permit, queue_seq,
-                   CASE WHEN state = 'queued' THEN clock_timestamp() END
+                   CASE WHEN state = 'queued' THEN clock_timestamp() END,
+                   CASE WHEN state = 'queued' THEN 2 ELSE 1 END
             FROM n
-            RETURNING id, current_step, created_at, state
+            RETURNING id, current_step, created_at, state, campaign_id, workflow, version,
+                      queue_seq
          ), j AS (
             INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                                  attempt, actor, started_at, finished_at)
@@ -1033,16 +963,24 @@ async fn insert_instances(
             FROM ins
          ), cnt AS (
             UPDATE campaign c SET running = d.running, queued = d.queued
-            FROM unnest($4::bigint[], $5::int[], $6::int[]) AS d(id, running, queued)
+            FROM unnest($3::bigint[], $4::int[], $5::int[]) AS d(id, running, queued)
             WHERE c.id = d.id
          )
-         INSERT INTO event_outbox (id, subject, payload)
-         SELECT e.id, e.subject, e.payload
-         FROM jsonb_to_recordset($3::jsonb) AS e(id uuid, subject text, payload jsonb)",
+         INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
+         SELECT gen_random_uuid(), ins.id, c.name, ins.workflow, ins.version, e.seq, e.kind,
+                e.data
+         FROM ins JOIN campaign c ON c.id = ins.campaign_id,
+              LATERAL (VALUES
+                  (1, 'started', jsonb_build_object('state', ins.state,
+                                                    'step', ins.current_step, 'actor', $2::text)),
+                  (2, 'queued', jsonb_build_object('state', 'queued', 'step', ins.current_step,
+                                                   'queue_seq', ins.queue_seq))
+              ) AS e(seq, kind, data)
+         WHERE e.seq = 1 OR ins.state = 'queued'
+         ORDER BY ins.id, e.seq",
     )
     .bind(rows)
     .bind(actor)
-    .bind(events_json(&events))
     .bind(&ids)
     .bind(&running)
     .bind(&queued)
@@ -1099,7 +1037,7 @@ fn completion_rows(completions: &[Completion]) -> Vec<Value> {
                 "vars": c.vars,
                 "output": c.output,
                 "error": c.error,
-                "events": events_json(&c.events),
+                "events": facts_json(&completion_facts(c)),
                 "wait": wait,
             });
             // The rest only when present (absent keys read as NULL): most completions are
@@ -1113,9 +1051,6 @@ fn completion_rows(completions: &[Completion]) -> Vec<Value> {
                 put("wake_at_ms", json!(wake_at_ms));
                 put("wait_event", json!(wait_event));
                 put("signal_id", json!(c.consumes));
-                if !c.parent_events.is_empty() {
-                    put("parent_events", events_json(&c.parent_events));
-                }
                 if let Some(k) = child {
                     put("child_id", json!(k.id));
                     put("child_workflow", json!(k.workflow));
@@ -1294,7 +1229,7 @@ const COMMIT: &str = concat!(
             next_state text, next_step text, allow_retry bool, timeout_ms bigint,
             retry bool, delay_ms bigint, vars jsonb, output jsonb, error text,
             events jsonb, wait bool, wake_at_ms bigint, wait_event text, signal_id bigint,
-            parent_events jsonb, child_id uuid, child_workflow text, child_version int,
+            child_id uuid, child_workflow text, child_version int,
             child_entry text, child_allow_retry bool, child_timeout_ms bigint,
             child_vars jsonb)
      ), t AS (
@@ -1320,6 +1255,7 @@ const COMMIT: &str = concat!(
     continues!(),
     ",
             step_seq = i.step_seq + 1,
+            event_seq = i.event_seq + jsonb_array_length(c.events),
             current_step = coalesce(c.next_step, i.current_step),
             step_entered_seq = CASE WHEN c.next_step IS NOT NULL THEN i.step_seq + 1
                                     ELSE i.step_entered_seq END,
@@ -1400,7 +1336,8 @@ const COMMIT: &str = concat!(
     ")))
         RETURNING c.idx, i.id, i.state, i.step_seq, i.fence, i.campaign_id, i.call_depth,
                   i.parent_instance_id, i.wake_at, i.wait_child, i.current_step,
-                  i.holds_permit, i.stop_requested_by, i.paused_by,
+                  i.holds_permit, i.stop_requested_by, i.paused_by, i.event_seq,
+                  i.workflow, i.version,
                   CASE WHEN i.state = 'running' THEN jsonb_build_object(
                       'id', i.id, 'workflow', i.workflow, 'version', i.version,
                       'campaign', (SELECT name FROM campaign WHERE id = i.campaign_id),
@@ -1433,10 +1370,11 @@ const COMMIT: &str = concat!(
                c.error
         FROM c JOIN upd ON upd.idx = c.idx
      ), ev AS (
-        INSERT INTO event_outbox (id, subject, payload)
-        SELECT e.id, e.subject, e.payload
-        FROM c JOIN upd ON upd.idx = c.idx,
-             jsonb_to_recordset(c.events) AS e(id uuid, subject text, payload jsonb)
+        INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
+        SELECT e.id, upd.id, cp.name, upd.workflow, upd.version,
+               upd.event_seq - jsonb_array_length(c.events) + e.ord, e.kind, e.data
+        FROM c JOIN upd ON upd.idx = c.idx JOIN campaign cp ON cp.id = upd.campaign_id,
+             jsonb_to_recordset(c.events) AS e(ord int, id uuid, kind text, data jsonb)
      ), sig AS (
         UPDATE instance_signal s SET consumed_at = clock_timestamp(),
                                      consumed_seq = c.step_seq + 1
@@ -1446,13 +1384,22 @@ const COMMIT: &str = concat!(
      ), child AS (
         INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
                               step_retryable, step_timeout_ms, ready_at, vars, initial_vars,
-                              parent_instance_id, call_depth)
+                              parent_instance_id, call_depth, event_seq)
         SELECT c.child_id, upd.campaign_id, c.child_workflow, c.child_version, 'ready',
                c.child_entry, c.child_allow_retry, c.child_timeout_ms, clock_timestamp(),
-               c.child_vars, c.child_vars, upd.id, upd.call_depth + 1
+               c.child_vars, c.child_vars, upd.id, upd.call_depth + 1, 1
         FROM c JOIN upd ON upd.idx = c.idx
         WHERE c.child_id IS NOT NULL AND upd.state = 'waiting'
-        RETURNING id, current_step, created_at, parent_instance_id
+        RETURNING id, current_step, created_at, parent_instance_id, campaign_id, workflow,
+                  version
+     ), child_ev AS (
+        INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
+        SELECT gen_random_uuid(), child.id, cp.name, child.workflow, child.version, 1,
+               'started',
+               jsonb_build_object('state', 'ready', 'step', child.current_step,
+                                  'parent', child.parent_instance_id,
+                                  'actor', 'parent:' || child.parent_instance_id)
+        FROM child JOIN campaign cp ON cp.id = child.campaign_id
      ), child_j AS (
         INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                              attempt, actor, started_at, finished_at)
@@ -1467,14 +1414,14 @@ const COMMIT: &str = concat!(
         FOR UPDATE OF p
      ), pw AS (
         UPDATE instance p SET
-            state = 'ready', step_seq = p.step_seq + 1,
+            state = 'ready', step_seq = p.step_seq + 1, event_seq = p.event_seq + 1,
             pending_children = greatest(p.pending_children - 1, 0),
             wake_at = NULL, wait_event = NULL, ready_at = clock_timestamp(),
             updated_at = clock_timestamp()
         FROM pl
         WHERE p.id = pl.id AND pl.state = 'waiting' AND pl.wait_child = pl.child_id
         RETURNING p.id, p.step_seq, p.fence, p.current_step, p.step_attempt, pl.child_id,
-                  pl.child_state, pl.idx
+                  pl.child_state, pl.idx, p.event_seq, p.workflow, p.version, p.campaign_id
      ), pdec AS (
         UPDATE instance p SET pending_children = greatest(p.pending_children - 1, 0),
                               updated_at = clock_timestamp()
@@ -1488,10 +1435,13 @@ const COMMIT: &str = concat!(
                jsonb_build_object('child', child_id, 'status', child_state)
         FROM pw
      ), pev AS (
-        INSERT INTO event_outbox (id, subject, payload)
-        SELECT e.id, e.subject, e.payload
-        FROM pw JOIN c ON c.idx = pw.idx,
-             jsonb_to_recordset(c.parent_events) AS e(id uuid, subject text, payload jsonb)
+        INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
+        SELECT gen_random_uuid(), pw.id, cp.name, pw.workflow, pw.version, pw.event_seq,
+               'woken',
+               jsonb_build_object('state', 'ready', 'step', pw.current_step,
+                                  'step_seq', pw.step_seq, 'by', 'child',
+                                  'child', pw.child_id, 'child_state', pw.child_state)
+        FROM pw JOIN campaign cp ON cp.id = pw.campaign_id
      )
      SELECT c.idx, upd.idx IS NOT NULL AS committed,
             coalesce(ex.existed, false) AS existed,

@@ -8,17 +8,18 @@
 //! the same `step_seq`, state `running` and the committing node as owner. A paused, partitioned
 //! or duplicate worker that wakes up finds 0 rows and its write does nothing. The journal's
 //! primary key `(instance_id, step_seq)` makes a double commit impossible even if the CAS were
-//! wrong. Events go to `event_outbox` in the same statement as the transition they describe.
+//! wrong. Events are written to `event_fact` in the transaction of the transition they describe
+//! (see the `facts` module).
 
 mod diagnosis;
 mod error;
+mod facts;
 mod instances;
 mod lease;
 mod lifecycle;
 mod model;
 mod nodes;
 mod operator;
-mod outbox;
 mod recovery;
 mod semaphore;
 mod tokens;
@@ -34,10 +35,11 @@ pub use diagnosis::{
     ChildFacts, DiagnosedInstance, DiagnosisFacts, MAX_LISTED_HOLDERS, PermitHolder,
 };
 pub use error::{Error, Result};
+pub use facts::{RELAY_LEASE, RELAY_PARTS};
 pub use lease::LeaderTerm;
 pub use lifecycle::{
-    Acted, LifecycleAction, LifecycleBatch, LifecycleChange, LifecycleEvents, LifecycleFilter,
-    LifecycleOutcome, Refusal, Restart, Restarted,
+    Acted, LifecycleAction, LifecycleBatch, LifecycleChange, LifecycleFilter, LifecycleOutcome,
+    Refusal, Restart, Restarted,
 };
 pub use model::*;
 pub use nodes::Heartbeat;
@@ -45,7 +47,7 @@ pub use operator::{Resume, Resumed};
 pub use recovery::{COORDINATOR_LEASE, Requeued};
 pub use semaphore::{
     Admitted, CampaignStatus, Drift, DriftKind, LIMIT_RANGE, LimitSet, NewCampaign, OnErrorPermit,
-    PermitEvent, PermitEventKind, PermitEvents, Reconciled, SEMAPHORE_ACTOR,
+    Reconciled, SEMAPHORE_ACTOR,
 };
 pub use tokens::{ApiToken, BOOTSTRAP_TOKEN, NewToken};
 

@@ -42,13 +42,15 @@
 //! stop), since they run under its permit.
 
 use chrono::{DateTime, Utc};
-use drover_core::{Fence, InstanceId, InstanceState, OutboxEvent, StepSeq};
+use drover_core::event::EventKind;
+use drover_core::{Fence, InstanceId, InstanceState, StepSeq};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::diagnosis::parse_state;
+use crate::facts::{NewFact, insert_facts};
 use crate::model::ClaimRequest;
-use crate::semaphore::{self, Admission, Admitted, PermitEvent, PermitEventKind, PermitEvents};
+use crate::semaphore::{self, Admission, Admitted};
 use crate::{Error, Result, Store};
 
 /// How many times a command's transaction is tried when Postgres breaks a deadlock (another
@@ -260,19 +262,67 @@ pub struct Restart {
     pub timeout_ms: i64,
 }
 
-/// Builds the outbox events of a [`LifecycleChange`] (the bus crate knows subjects; the store
-/// does not). Any `Fn(&LifecycleChange) -> Vec<OutboxEvent> + Send + Sync` is one.
-pub trait LifecycleEvents: Send + Sync {
-    fn build(&self, change: &LifecycleChange) -> Vec<OutboxEvent>;
-}
-
-impl<F> LifecycleEvents for F
-where
-    F: Fn(&LifecycleChange) -> Vec<OutboxEvent> + Send + Sync,
-{
-    fn build(&self, change: &LifecycleChange) -> Vec<OutboxEvent> {
-        self(change)
-    }
+/// The events of a [`LifecycleChange`].
+fn change_facts(change: &LifecycleChange) -> Vec<NewFact> {
+    use LifecycleOutcome as O;
+    let common = || {
+        json!({
+            "step": change.current_step,
+            "step_seq": change.step_seq,
+            "from": change.from,
+            "state": change.to,
+            "outcome": change.outcome.as_str(),
+            "actor": change.actor,
+        })
+    };
+    let with = |kind, more: Value| {
+        let mut data = common();
+        if let (Some(data), Value::Object(more)) = (data.as_object_mut(), more) {
+            data.extend(more);
+        }
+        NewFact::new(change.id, kind, data)
+    };
+    let fact = match change.outcome {
+        O::Paused => with(EventKind::Paused, json!({})),
+        O::PauseRequested => with(EventKind::PauseRequested, json!({})),
+        O::Unpaused | O::PauseWithdrawn => with(EventKind::Unpaused, json!({})),
+        O::StopRequested => with(EventKind::StopRequested, json!({})),
+        O::Stopped | O::Killed => with(
+            EventKind::Stopped,
+            json!({
+                "mode": if change.outcome == O::Killed { "kill" } else { "graceful" },
+                "stopped_with": change.related,
+            }),
+        ),
+        O::Restarted => with(
+            EventKind::Restarted,
+            json!({ "restarted_as": change.related }),
+        ),
+        O::Woken => NewFact::new(
+            change.id,
+            EventKind::Woken,
+            json!({
+                "state": change.to,
+                "step": change.current_step,
+                "step_seq": change.step_seq,
+                "by": "child",
+                "child": change.related,
+                "child_state": InstanceState::Stopped,
+                "actor": change.actor,
+            }),
+        ),
+        O::Started => NewFact::new(
+            change.id,
+            EventKind::Started,
+            json!({
+                "state": change.to,
+                "step": change.current_step,
+                "restarted_from": change.related,
+                "actor": change.actor,
+            }),
+        ),
+    };
+    vec![fact]
 }
 
 impl Store {
@@ -284,15 +334,10 @@ impl Store {
         action: LifecycleAction,
         ids: &[InstanceId],
         actor: &str,
-        events: &dyn LifecycleEvents,
-        permit_events: &dyn PermitEvents,
     ) -> Result<LifecycleBatch> {
         let mut attempt = 1;
         loop {
-            match self
-                .try_apply_lifecycle(action, ids, actor, events, permit_events)
-                .await
-            {
+            match self.try_apply_lifecycle(action, ids, actor).await {
                 Err(err) if attempt < ATTEMPTS && is_lock_conflict(&err) => {
                     tracing::debug!(%err, attempt, action = action.as_str(), "retrying");
                     attempt += 1;
@@ -307,32 +352,22 @@ impl Store {
         action: LifecycleAction,
         ids: &[InstanceId],
         actor: &str,
-        events: &dyn LifecycleEvents,
-        permit_events: &dyn PermitEvents,
     ) -> Result<LifecycleBatch> {
         let mut tx = self.pool.begin().await?;
         lock_in_id_order(&mut tx, ids, Some(action)).await?;
         let mut run = Run {
             action,
             actor,
-            events,
             batch: LifecycleBatch::default(),
             released: Vec::new(),
             dequeued: Vec::new(),
-            permit_events,
         };
         for &id in ids {
             let acted = run.act(&mut tx, id).await?;
             run.batch.results.push((id, acted));
         }
-        let mut admitted = crate::semaphore::release_permits(
-            &mut tx,
-            &run.released,
-            &run.dequeued,
-            actor,
-            permit_events,
-        )
-        .await?;
+        let mut admitted =
+            crate::semaphore::release_permits(&mut tx, &run.released, &run.dequeued, actor).await?;
         admitted.sort_by_key(|a| a.id);
         run.batch.admitted = admitted;
         tx.commit().await?;
@@ -384,15 +419,10 @@ impl Store {
         &self,
         restarts: &[Restart],
         actor: &str,
-        events: &dyn LifecycleEvents,
-        permit_events: &dyn PermitEvents,
     ) -> Result<Vec<(InstanceId, Restarted)>> {
         let mut attempt = 1;
         loop {
-            match self
-                .try_restart(restarts, actor, events, permit_events)
-                .await
-            {
+            match self.try_restart(restarts, actor).await {
                 Err(err) if attempt < ATTEMPTS && is_lock_conflict(&err) => attempt += 1,
                 done => return done,
             }
@@ -403,15 +433,13 @@ impl Store {
         &self,
         restarts: &[Restart],
         actor: &str,
-        events: &dyn LifecycleEvents,
-        permit_events: &dyn PermitEvents,
     ) -> Result<Vec<(InstanceId, Restarted)>> {
         let mut tx = self.pool.begin().await?;
         let ids: Vec<InstanceId> = restarts.iter().map(|r| r.from).collect();
         lock_in_id_order(&mut tx, &ids, None).await?;
         let mut results = Vec::with_capacity(restarts.len());
         for restart in restarts {
-            let acted = restart_one(&mut tx, restart, actor, events, permit_events).await?;
+            let acted = restart_one(&mut tx, restart, actor).await?;
             results.push((restart.from, acted));
         }
         tx.commit().await?;
@@ -505,13 +533,11 @@ async fn lock(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<Option<(Locked, I
 struct Run<'a> {
     action: LifecycleAction,
     actor: &'a str,
-    events: &'a dyn LifecycleEvents,
     batch: LifecycleBatch,
     /// Instances whose permit this transaction took back.
     released: Vec<InstanceId>,
     /// Instances this transaction took out of QUEUED.
     dequeued: Vec<InstanceId>,
-    permit_events: &'a dyn PermitEvents,
 }
 
 impl Run<'_> {
@@ -670,7 +696,7 @@ impl Run<'_> {
         } else if needs_permit {
             // Every instance of this transaction is locked already: the campaign lock comes
             // after them, as the semaphore's lock order wants.
-            admit_unpaused(tx, row, self.permit_events).await?
+            admit_unpaused(tx, row).await?
         } else {
             InstanceState::Ready
         };
@@ -860,7 +886,7 @@ impl Run<'_> {
         change: LifecycleChange,
         node: Option<Uuid>,
     ) -> Result<LifecycleChange> {
-        write_change(tx, self.action.as_str(), &change, node, self.events).await?;
+        write_change(tx, self.action.as_str(), &change, node).await?;
         Ok(change)
     }
 }
@@ -871,7 +897,6 @@ async fn write_change(
     action: &str,
     change: &LifecycleChange,
     node: Option<Uuid>,
-    events: &dyn LifecycleEvents,
 ) -> Result<()> {
     use LifecycleOutcome as O;
     let journaled = !matches!(
@@ -888,13 +913,6 @@ async fn write_change(
         "fence": change.fence,
         "related": change.related,
     });
-    let events = Value::Array(
-        events
-            .build(change)
-            .iter()
-            .map(|e| json!({ "id": e.id, "subject": e.subject, "payload": e.payload }))
-            .collect(),
-    );
     sqlx::query(
         "WITH j AS (
             INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
@@ -902,13 +920,9 @@ async fn write_change(
             SELECT $1, $2, current_step, $3, $4, $5, step_attempt, $6, $7,
                    clock_timestamp(), clock_timestamp(), $8
             FROM instance WHERE id = $1 AND $9
-         ), a AS (
-            INSERT INTO audit (actor, action, target, details)
-            SELECT $7, $10, $1::text, $8 WHERE $11
          )
-         INSERT INTO event_outbox (id, subject, payload)
-         SELECT e.id, e.subject, e.payload
-         FROM jsonb_to_recordset($12::jsonb) AS e(id uuid, subject text, payload jsonb)",
+         INSERT INTO audit (actor, action, target, details)
+         SELECT $7, $10, $1::text, $8 WHERE $11",
     )
     .bind(change.id.0)
     .bind(change.step_seq.0)
@@ -921,10 +935,9 @@ async fn write_change(
     .bind(journaled)
     .bind(action)
     .bind(audited)
-    .bind(events)
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    insert_facts(tx, &change_facts(change)).await
 }
 
 fn change_of(
@@ -980,11 +993,7 @@ async fn admission(tx: &mut sqlx::PgConnection, campaign: i64) -> Result<Admissi
 
 /// Admits a paused instance being unpaused: gives it a permit (it will be READY) or a queue
 /// place (QUEUED), with the permit event. Returns the state it goes to.
-async fn admit_unpaused(
-    tx: &mut sqlx::PgConnection,
-    row: &Locked,
-    permit_events: &dyn PermitEvents,
-) -> Result<InstanceState> {
+async fn admit_unpaused(tx: &mut sqlx::PgConnection, row: &Locked) -> Result<InstanceState> {
     let (state, kind, data) = match admission(tx, row.campaign_id).await? {
         Admission::Free => return Ok(InstanceState::Ready),
         Admission::Permit => {
@@ -994,8 +1003,8 @@ async fn admit_unpaused(
                 .await?;
             (
                 InstanceState::Ready,
-                PermitEventKind::Admitted,
-                json!({ "state": "ready", "step_id": row.current_step, "step_seq": row.step_seq + 1 }),
+                EventKind::Admitted,
+                json!({ "state": "ready", "step": row.current_step, "step_seq": row.step_seq + 1 }),
             )
         }
         Admission::Queued(seq) => {
@@ -1008,20 +1017,12 @@ async fn admit_unpaused(
             .await?;
             (
                 InstanceState::Queued,
-                PermitEventKind::Queued,
-                json!({ "state": "queued", "queue_seq": seq }),
+                EventKind::Queued,
+                json!({ "state": "queued", "step": row.current_step, "queue_seq": seq }),
             )
         }
     };
-    let event = permit_events.build(&PermitEvent {
-        kind,
-        instance: InstanceId(row.id),
-        workflow: &row.workflow,
-        version: row.version,
-        campaign: &row.campaign,
-        data,
-    });
-    semaphore::insert_events(tx, &[event]).await?;
+    insert_facts(tx, &[NewFact::new(InstanceId(row.id), kind, data)]).await?;
     Ok(state)
 }
 
@@ -1030,8 +1031,6 @@ async fn restart_one(
     tx: &mut sqlx::PgConnection,
     restart: &Restart,
     actor: &str,
-    events: &dyn LifecycleEvents,
-    permit_events: &dyn PermitEvents,
 ) -> Result<Restarted> {
     let Some((row, state)) = lock(tx, restart.from.0).await? else {
         return Ok(Restarted::Unknown);
@@ -1098,17 +1097,6 @@ async fn restart_one(
     .bind(json!({ "restarted_from": restart.from }))
     .execute(&mut *tx)
     .await?;
-    if let Some(seq) = queue_seq {
-        let event = permit_events.build(&PermitEvent {
-            kind: PermitEventKind::Queued,
-            instance: restart.id,
-            workflow: &row.workflow,
-            version: row.version,
-            campaign: &row.campaign,
-            data: json!({ "state": "queued", "queue_seq": seq }),
-        });
-        semaphore::insert_events(tx, &[event]).await?;
-    }
     let started = LifecycleChange {
         id: restart.id,
         workflow: row.workflow.clone(),
@@ -1123,7 +1111,15 @@ async fn restart_one(
         actor: actor.to_owned(),
         related: Some(restart.from),
     };
-    semaphore::insert_events(tx, &events.build(&started)).await?;
+    let mut facts = change_facts(&started);
+    if let Some(seq) = queue_seq {
+        facts.push(NewFact::new(
+            restart.id,
+            EventKind::Queued,
+            json!({ "state": "queued", "step": restart.entry_step, "queue_seq": seq }),
+        ));
+    }
+    insert_facts(tx, &facts).await?;
     let restarted = change_of(
         &row,
         state,
@@ -1133,6 +1129,6 @@ async fn restart_one(
         actor,
         Some(restart.id),
     );
-    write_change(tx, "restart", &restarted, None, events).await?;
+    write_change(tx, "restart", &restarted, None).await?;
     Ok(Restarted::Started(started))
 }

@@ -3,8 +3,7 @@
 use chrono::{DateTime, Utc};
 use drover_core::definition::{DEFAULT_TIMEOUT, millis};
 use drover_core::{
-    CampaignId, Definition, Fence, InstanceId, InstanceState, NodeId, OutboxEvent, SignalId, Step,
-    StepSeq,
+    CampaignId, Definition, Fence, InstanceId, InstanceState, NodeId, SignalId, Step, StepSeq,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -310,19 +309,14 @@ pub struct Completion {
     /// The step's output, recorded as `steps.<step_id>`.
     pub output: Option<Value>,
     pub error: Option<String>,
-    /// Events describing this transition, written in the same transaction.
-    pub events: Vec<OutboxEvent>,
     /// The signal a `wait_event` step consumed: marked consumed only if this commit lands.
     pub consumes: Option<SignalId>,
-    /// Events for the parent of a child instance, written only if this (terminal) commit wakes
-    /// the parent.
-    pub parent_events: Vec<OutboxEvent>,
 }
 
 impl Completion {
     /// The completion of `claimed`'s current step, started at `started_at`, that ended with
-    /// `outcome` and moves on by `transition`; nothing else recorded (no vars, output, error
-    /// or events): set the fields that apply.
+    /// `outcome` and moves on by `transition`; nothing else recorded (no vars, output or
+    /// error): set the fields that apply.
     pub fn of(
         claimed: &Claimed,
         started_at: DateTime<Utc>,
@@ -341,9 +335,7 @@ impl Completion {
             vars: None,
             output: None,
             error: None,
-            events: Vec::new(),
             consumes: None,
-            parent_events: Vec::new(),
         }
     }
 }
@@ -371,13 +363,6 @@ pub enum Commit {
     AlreadyCommitted,
     /// The instance has moved on: fence, state or owner no longer match.
     Fenced,
-}
-
-/// An outbox event claimed for relay.
-#[derive(Clone, Debug)]
-pub struct PendingEvent {
-    pub event: OutboxEvent,
-    pub created_at: DateTime<Utc>,
 }
 
 /// A node row.

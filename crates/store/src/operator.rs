@@ -3,15 +3,14 @@
 //! change makes the action refuse instead of acting on stale facts. Each writes its journal
 //! row, an `audit` row and its events in that same transaction.
 
-use drover_core::{Fence, InstanceId, InstanceState, OutboxEvent, StepSeq};
+use drover_core::event::EventKind;
+use drover_core::{Fence, InstanceId, InstanceState, StepSeq};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
+use crate::facts::{NewFact, insert_facts};
 use crate::model::ClaimRequest;
-use crate::semaphore::{
-    Admission, PermitEvent, PermitEventKind, PermitEvents, admit_one, lock_limited_campaigns,
-    save_counters,
-};
+use crate::semaphore::{Admission, admit_one, lock_limited_campaigns, save_counters};
 use crate::{Error, Result, Store};
 
 /// How deep a call chain is followed looking for failed descendants: far deeper than any real
@@ -38,10 +37,8 @@ pub struct Resume {
     pub set: Map<String, Value>,
     /// Who resumes: the journal's and the audit row's `actor`.
     pub actor: String,
-    /// Recorded in the audit row (`current_step` or `next_step`).
+    /// Recorded in the audit row and the `resumed` event (`current_step` or `next_step`).
     pub mode: String,
-    /// The events describing the resume, written to the outbox in the same transaction.
-    pub events: Vec<OutboxEvent>,
 }
 
 /// What became of a [`Resume`].
@@ -77,18 +74,14 @@ impl Store {
     /// is `in_error`; then makes it READY at `resume.step` (`fence + 1`, `step_seq + 1`,
     /// attempt 1, variables merged with `resume.set`, error and the step's wait cleared: the
     /// step is entered anew) and writes the journal row (outcome `resumed`), the audit row and
-    /// the events.
+    /// its `resumed` event.
     ///
     /// An instance that gave its permit back when it went `in_error` (`on_error_permit:
     /// release`) needs one again: under its campaign's lock (after its own) it takes a free
-    /// one if nobody queues (an `admitted` event from `permit_events`), else it re-queues
+    /// one if nobody queues (an `admitted` event), else it re-queues
     /// (QUEUED at the back, a `queued` event) and a freed permit admits it later. One that held
     /// its permit keeps it; a child runs under its parent's.
-    pub async fn resume(
-        &self,
-        resume: &Resume,
-        permit_events: &dyn PermitEvents,
-    ) -> Result<Resumed> {
+    pub async fn resume(&self, resume: &Resume) -> Result<Resumed> {
         let mut tx = self.pool.begin().await?;
         #[derive(sqlx::FromRow)]
         struct Row {
@@ -99,15 +92,12 @@ impl Store {
             step_attempt: i32,
             needs_permit: bool,
             campaign_id: i64,
-            campaign: String,
-            workflow: String,
-            version: i32,
         }
         let row: Option<Row> = sqlx::query_as(
             "SELECT i.state, i.fence, i.step_seq, i.current_step, i.step_attempt,
                     NOT i.holds_permit AND i.parent_instance_id IS NULL
                         AND c.max_running IS NOT NULL AS needs_permit,
-                    i.campaign_id, c.name AS campaign, i.workflow, i.version
+                    i.campaign_id
              FROM instance i JOIN campaign c ON c.id = i.campaign_id
              WHERE i.id = $1 FOR UPDATE OF i",
         )
@@ -122,9 +112,6 @@ impl Store {
             step_attempt: from_attempt,
             needs_permit,
             campaign_id,
-            campaign,
-            workflow,
-            version,
         }) = row
         else {
             return Ok(Resumed::Unknown);
@@ -168,43 +155,41 @@ impl Store {
             "step_seq": resume.step_seq.next(),
             "state": to_state,
         });
-        let mut events = resume.events.clone();
-        let permit_event = |kind, data| {
-            permit_events.build(&PermitEvent {
-                kind,
-                instance: resume.instance,
-                workflow: &workflow,
-                version,
-                campaign: &campaign,
-                data,
-            })
-        };
+        let next_seq = resume.step_seq.next();
+        let mut facts = vec![NewFact::new(
+            resume.instance,
+            EventKind::Resumed,
+            json!({
+                "state": to_state,
+                "step": from_step,
+                "step_seq": next_seq,
+                "mode": resume.mode,
+                "next_step": resume.step,
+                "actor": resume.actor,
+            }),
+        )];
         match admission {
             Admission::Free => {}
-            Admission::Permit => events.push(permit_event(
-                PermitEventKind::Admitted,
-                json!({ "state": "ready", "step_id": resume.step,
-                        "step_seq": resume.step_seq.next(), "by": resume.actor }),
+            Admission::Permit => facts.push(NewFact::new(
+                resume.instance,
+                EventKind::Admitted,
+                json!({ "state": "ready", "step": resume.step, "step_seq": next_seq,
+                        "actor": resume.actor }),
             )),
-            Admission::Queued(place) => events.push(permit_event(
-                PermitEventKind::Queued,
-                json!({ "state": "queued", "step_id": resume.step,
-                        "step_seq": resume.step_seq.next(), "queue_seq": place }),
+            Admission::Queued(place) => facts.push(NewFact::new(
+                resume.instance,
+                EventKind::Queued,
+                json!({ "state": "queued", "step": resume.step, "step_seq": next_seq,
+                        "queue_seq": place }),
             )),
         }
-        let events = Value::Array(
-            events
-                .iter()
-                .map(|e| json!({ "id": e.id, "subject": e.subject, "payload": e.payload }))
-                .collect(),
-        );
         let resumed: Option<(i64, i64)> = sqlx::query_as(
             "WITH upd AS (
                 UPDATE instance i SET
-                    state = $13,
-                    holds_permit = i.holds_permit OR $14,
-                    queue_seq = coalesce($15, i.queue_seq),
-                    queued_at = CASE WHEN $13 = 'queued' THEN clock_timestamp()
+                    state = $12,
+                    holds_permit = i.holds_permit OR $13,
+                    queue_seq = coalesce($14, i.queue_seq),
+                    queued_at = CASE WHEN $12 = 'queued' THEN clock_timestamp()
                                      ELSE i.queued_at END,
                     current_step = $4,
                     fence = i.fence + 1,
@@ -223,23 +208,19 @@ impl Store {
                     wait_child = NULL,
                     error = NULL,
                     vars = i.vars || $7::jsonb,
-                    ready_at = CASE WHEN $13 = 'ready' THEN clock_timestamp() END,
+                    ready_at = CASE WHEN $12 = 'ready' THEN clock_timestamp() END,
                     updated_at = clock_timestamp()
                 WHERE i.id = $1 AND i.state = 'in_error' AND i.fence = $2 AND i.step_seq = $3
                 RETURNING i.id, i.step_seq, i.fence
              ), j AS (
                 INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                                      attempt, actor, started_at, finished_at)
-                SELECT id, step_seq, $11, 'resumed', $4, fence, $12, $8,
+                SELECT id, step_seq, $10, 'resumed', $4, fence, $11, $8,
                        clock_timestamp(), clock_timestamp()
                 FROM upd
              ), a AS (
                 INSERT INTO audit (actor, action, target, details)
                 SELECT $8, 'resume', id::text, $9 FROM upd
-             ), ev AS (
-                INSERT INTO event_outbox (id, subject, payload)
-                SELECT e.id, e.subject, e.payload
-                FROM upd, jsonb_to_recordset($10::jsonb) AS e(id uuid, subject text, payload jsonb)
              )
              SELECT step_seq, fence FROM upd",
         )
@@ -252,7 +233,6 @@ impl Store {
         .bind(Value::Object(resume.set.clone()))
         .bind(&resume.actor)
         .bind(details)
-        .bind(events)
         .bind(&from_step)
         .bind(from_attempt)
         .bind(to_state)
@@ -267,6 +247,7 @@ impl Store {
             )));
         };
         save_counters(&mut tx, &locked).await?;
+        insert_facts(&mut tx, &facts).await?;
         if place.is_some() {
             let (position,): (i64,) = sqlx::query_as(
                 "SELECT count(*) FROM instance WHERE campaign_id = $1 AND state = 'queued'",

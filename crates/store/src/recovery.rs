@@ -5,13 +5,13 @@
 //! is safe from any coordinator, leader or not, and doing it twice finds nothing the second
 //! time.
 
-use drover_core::{Fence, InstanceId, InstanceState, NodeId, OutboxEvent, StepSeq};
+use drover_core::{Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::lease::LeaderTerm;
 use crate::model::{ClaimRequest, Orphan};
-use crate::semaphore::{Admitted, PermitEvents, release_permits};
+use crate::semaphore::{Admitted, release_permits};
 use crate::{Error, Result, Store};
 
 /// The lease the coordinators elect their leader with.
@@ -80,25 +80,15 @@ impl Store {
     /// Takes back up to `limit` RUNNING instances of the dead node `node` in one transaction:
     /// each goes to READY with `fence + 1` (to be re-dispatched), or to IN_ERROR if its step
     /// is not safe to run again (`allow_retry: false`). Each is journaled (actor `recovery`)
-    /// with the events `events` builds for it. Returns no orphans once the node has no more.
+    /// with its `requeued` or `in_error` event. Returns no orphans once the node has no more.
     ///
     /// Permits stay with their instances (a permit belongs to the instance, not the node),
     /// except that one going IN_ERROR in a campaign with `on_error_permit: release` gives its
     /// permit back, and the oldest queued instance is admitted in the same transaction
-    /// (`permit_events` builds those events; publish the admitted jobs).
+    /// (with their events; publish the admitted jobs).
     ///
     /// `by` is the coordinator doing it (journaled as actor `recovery:<by>`).
-    pub async fn requeue_orphans<F>(
-        &self,
-        node: NodeId,
-        by: NodeId,
-        limit: i64,
-        events: F,
-        permit_events: &dyn PermitEvents,
-    ) -> Result<Requeued>
-    where
-        F: Fn(&Orphan) -> Vec<OutboxEvent>,
-    {
+    pub async fn requeue_orphans(&self, node: NodeId, by: NodeId, limit: i64) -> Result<Requeued> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<Running> = sqlx::query_as(&format!(
             "SELECT {RUNNING_COLUMNS}
@@ -113,7 +103,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let why = format!("node {node} died");
-        let requeued = requeue(&mut tx, rows, by, "requeued", &why, &events, permit_events).await?;
+        let requeued = requeue(&mut tx, rows, by, "requeued", &why).await?;
         tx.commit().await?;
         Ok(requeued)
     }
@@ -121,17 +111,12 @@ impl Store {
     /// As leader under `term`: RUNNING instances past their run deadline on a node that still
     /// heartbeats (a stuck worker) are taken back like a dead node's, with `fence + 1`, so the
     /// stuck worker's eventual commit is rejected. Permits as in [`Store::requeue_orphans`].
-    pub async fn requeue_overdue<F>(
+    pub async fn requeue_overdue(
         &self,
         holder: NodeId,
         term: LeaderTerm,
         limit: i64,
-        events: F,
-        permit_events: &dyn PermitEvents,
-    ) -> Result<Requeued>
-    where
-        F: Fn(&Orphan) -> Vec<OutboxEvent>,
-    {
+    ) -> Result<Requeued> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<Running> = sqlx::query_as(&format!(
             "SELECT {RUNNING_COLUMNS}
@@ -155,8 +140,6 @@ impl Store {
             holder,
             "overdue",
             "it overran its step timeout",
-            &events,
-            permit_events,
         )
         .await?;
         tx.commit().await?;
@@ -195,19 +178,14 @@ pub struct Requeued {
 
 /// Moves locked RUNNING rows on: READY (fence+1) or, for a non-retryable step, IN_ERROR
 /// (releasing its permit if its campaign says so); journals each (`outcome`, actor
-/// `recovery:<by>`) and writes their events, in `tx`.
-async fn requeue<F>(
+/// `recovery:<by>`) and writes their `requeued` or `in_error` events, in `tx`.
+async fn requeue(
     tx: &mut sqlx::PgConnection,
     rows: Vec<Running>,
     by: NodeId,
     outcome: &str,
     why: &str,
-    events: &F,
-    permit_events: &dyn PermitEvents,
-) -> Result<Requeued>
-where
-    F: Fn(&Orphan) -> Vec<OutboxEvent>,
-{
+) -> Result<Requeued> {
     if rows.is_empty() {
         return Ok(Requeued::default());
     }
@@ -250,13 +228,6 @@ where
             state,
         });
     }
-    let events_json = Value::Array(
-        orphans
-            .iter()
-            .flat_map(events)
-            .map(|e| json!({ "id": e.id, "subject": e.subject, "payload": e.payload }))
-            .collect(),
-    );
     let (updated,): (i64,) = sqlx::query_as(
         "WITH b AS (
             SELECT * FROM jsonb_to_recordset($1::jsonb)
@@ -267,25 +238,37 @@ where
                 fence = i.fence + 1, step_seq = i.step_seq + 1,
                 holds_permit = i.holds_permit AND NOT b.release,
                 ready_at = CASE WHEN b.state = 'ready' THEN clock_timestamp() END,
-                error = coalesce(b.error, i.error), updated_at = clock_timestamp()
+                error = coalesce(b.error, i.error), updated_at = clock_timestamp(),
+                event_seq = i.event_seq + 1
             FROM b WHERE i.id = b.id AND i.state = 'running'
             RETURNING i.id, i.step_seq, i.current_step, i.fence, i.step_attempt, b.owner,
-                      b.outcome, b.state, b.error
+                      b.outcome, b.state, b.error, i.event_seq, i.workflow, i.version,
+                      i.campaign_id
          ), j AS (
             INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                                  attempt, node_id, actor, started_at, finished_at, error)
             SELECT id, step_seq, current_step, outcome, state, fence, step_attempt, owner,
-                   $3, clock_timestamp(), clock_timestamp(), error
+                   $2, clock_timestamp(), clock_timestamp(), error
             FROM upd
          ), ev AS (
-            INSERT INTO event_outbox (id, subject, payload)
-            SELECT e.id, e.subject, e.payload
-            FROM jsonb_to_recordset($2::jsonb) AS e(id uuid, subject text, payload jsonb)
+            INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind,
+                                    data)
+            SELECT gen_random_uuid(), upd.id, c.name, upd.workflow, upd.version, upd.event_seq,
+                   CASE WHEN upd.state = 'ready' THEN 'requeued' ELSE 'in_error' END,
+                   CASE WHEN upd.state = 'ready'
+                        THEN jsonb_build_object('state', upd.state, 'step', upd.current_step,
+                                                'step_seq', upd.step_seq, 'actor', $2::text)
+                        ELSE jsonb_build_object('state', upd.state, 'step', upd.current_step,
+                                                'step_seq', upd.step_seq,
+                                                'attempt', upd.step_attempt,
+                                                'outcome', upd.outcome, 'next_step', NULL,
+                                                'error', upd.error, 'actor', $2::text)
+                   END
+            FROM upd JOIN campaign c ON c.id = upd.campaign_id
          )
          SELECT count(*) FROM upd",
     )
     .bind(Value::Array(batch))
-    .bind(events_json)
     .bind(format!("recovery:{by}"))
     .fetch_one(&mut *tx)
     .await?;
@@ -295,6 +278,6 @@ where
             orphans.len()
         )));
     }
-    let admitted = release_permits(tx, &released, &[], "recovery", permit_events).await?;
+    let admitted = release_permits(tx, &released, &[], "recovery").await?;
     Ok(Requeued { orphans, admitted })
 }

@@ -19,29 +19,28 @@
 //! and their rows are never locked: the common case has no hot row.
 //!
 //! # Events
-//! The store decides admissions the caller cannot foresee (a release admits whoever is oldest
-//! in the queue), but only the bus crate builds subjects. So every function that may admit or
-//! release takes a [`PermitEvents`] builder and asks it for the `queued`, `admitted` and
-//! `permit_released` events, written in the same transaction.
+//! Every function that admits or releases writes the `queued`, `admitted` and
+//! `permit_released` facts in the same transaction.
 //!
 //! # In other modules' transactions
 //! A transaction that moves permits itself (the operator lifecycle, resume, recovery) uses:
 //! [`release_permits`] after taking instances out of their permit or the queue (it admits the
 //! next ones); [`lock_limited_campaigns`] then [`admit_one`] (or [`admit_new`]) and
-//! [`save_counters`] to give an instance a permit or a queue place; [`insert_events`] for the
-//! events it builds itself. All run in the caller's transaction, after its instance locks.
+//! [`save_counters`] to give an instance a permit or a queue place. All run in the caller's transaction, after its instance locks.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
+use drover_core::event::EventKind;
 use drover_core::ids::is_slug;
-use drover_core::{CampaignId, Fence, InstanceId, NodeId, OutboxEvent, StepSeq};
+use drover_core::{CampaignId, Fence, InstanceId, NodeId, StepSeq};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use uuid::Uuid;
 
+use crate::facts::{NewFact, insert_campaign_fact, insert_facts};
 use crate::lease::LeaderTerm;
 use crate::model::{Campaign, ClaimRequest};
 use crate::recovery::COORDINATOR_LEASE;
@@ -53,8 +52,6 @@ pub const LIMIT_RANGE: std::ops::RangeInclusive<i32> = 1..=100_000;
 /// The journal actor of an admission made because a permit was freed (a finished or failed
 /// instance, a stop, a raised limit): the semaphore itself, not the one who freed it.
 pub const SEMAPHORE_ACTOR: &str = "semaphore";
-
-pub use drover_core::event::{PermitEvent, PermitEventKind, PermitEvents};
 
 /// A QUEUED instance given a permit (now READY): publish [`Admitted::job`] after the commit.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,34 +259,6 @@ impl LockedCampaign {
     }
 }
 
-/// Writes `events` to the outbox, in `tx`.
-pub(crate) async fn insert_events(
-    tx: &mut sqlx::PgConnection,
-    events: &[OutboxEvent],
-) -> Result<()> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO event_outbox (id, subject, payload)
-         SELECT e.id, e.subject, e.payload
-         FROM jsonb_to_recordset($1::jsonb) AS e(id uuid, subject text, payload jsonb)",
-    )
-    .bind(events_json(events))
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
-fn events_json(events: &[OutboxEvent]) -> Value {
-    Value::Array(
-        events
-            .iter()
-            .map(|e| json!({ "id": e.id, "subject": e.subject, "payload": e.payload }))
-            .collect(),
-    )
-}
-
 /// Locks the limited campaigns among `ids` (`FOR NO KEY UPDATE`, in id order) and returns them;
 /// unlimited ones are neither locked nor returned.
 pub(crate) async fn lock_limited_campaigns(
@@ -311,7 +280,7 @@ pub(crate) async fn lock_limited_campaigns(
 
 /// Admits up to `campaign.free()` of the campaign's oldest QUEUED instances, in `tx`, under
 /// the campaign lock the caller holds: each becomes READY with its permit (`step_seq + 1`,
-/// journal row `admitted` by `actor`); their `admitted` events are appended to `events_out`
+/// journal row `admitted` by `actor`); their `admitted` facts are appended to `facts`
 /// and `campaign`'s counters updated in memory. The caller writes the counters (see
 /// [`write_counters`]).
 ///
@@ -323,8 +292,7 @@ async fn admit(
     campaign: &mut LockedCampaign,
     actor: &str,
     by: &str,
-    events: &dyn PermitEvents,
-    events_out: &mut Vec<OutboxEvent>,
+    facts: &mut Vec<NewFact>,
 ) -> Result<Vec<Admitted>> {
     let free = campaign.free();
     if free == 0 {
@@ -375,20 +343,17 @@ async fn admit(
     campaign.queued = (campaign.queued - n).max(0);
     let mut admitted = Vec::with_capacity(rows.len());
     for r in rows {
-        events_out.push(events.build(&PermitEvent {
-            kind: PermitEventKind::Admitted,
-            instance: InstanceId(r.id),
-            workflow: &r.workflow,
-            version: r.version,
-            campaign: &campaign.name,
-            data: json!({
+        facts.push(NewFact::new(
+            InstanceId(r.id),
+            EventKind::Admitted,
+            json!({
                 "state": "ready",
-                "step_id": r.current_step,
+                "step": r.current_step,
                 "step_seq": r.step_seq,
                 "queue_seq": r.queue_seq,
-                "by": by,
+                "actor": by,
             }),
-        }));
+        ));
         admitted.push(Admitted {
             id: InstanceId(r.id),
             campaign: CampaignId(campaign.id),
@@ -403,32 +368,26 @@ async fn admit(
     Ok(admitted)
 }
 
-/// Writes the in-memory counters of locked campaigns back, and `events`, in one statement.
+/// Writes the in-memory counters of locked campaigns back, and `facts`.
 async fn write_counters(
     tx: &mut sqlx::PgConnection,
     campaigns: &[LockedCampaign],
-    events: &[OutboxEvent],
+    facts: &[NewFact],
 ) -> Result<()> {
     let ids: Vec<i64> = campaigns.iter().map(|c| c.id).collect();
     let running: Vec<i32> = campaigns.iter().map(|c| c.running.max(0)).collect();
     let queued: Vec<i32> = campaigns.iter().map(|c| c.queued.max(0)).collect();
     sqlx::query(
-        "WITH ev AS (
-            INSERT INTO event_outbox (id, subject, payload)
-            SELECT e.id, e.subject, e.payload
-            FROM jsonb_to_recordset($4::jsonb) AS e(id uuid, subject text, payload jsonb)
-         )
-         UPDATE campaign c SET running = d.running, queued = d.queued
+        "UPDATE campaign c SET running = d.running, queued = d.queued
          FROM unnest($1::bigint[], $2::int[], $3::int[]) AS d(id, running, queued)
          WHERE c.id = d.id",
     )
     .bind(&ids)
     .bind(&running)
     .bind(&queued)
-    .bind(events_json(events))
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    insert_facts(tx, facts).await
 }
 
 /// Releases the permits of `released` and the queue places of `dequeued`, and passes the freed
@@ -448,14 +407,13 @@ async fn write_counters(
 /// locks), this decrements `running` / `queued`, writes a `permit_released` event per released
 /// instance, and then admits the oldest QUEUED instances (by `queue_seq`) while
 /// `running < max_running`: each becomes READY with `holds_permit` (`step_seq + 1`, journal row
-/// `admitted` with actor `actor`, an `admitted` event whose `by` is `actor`). Returns those;
+/// `admitted` with actor `actor`, an `admitted` event whose `actor` is `actor`). Returns those;
 /// publish their [`Admitted::job`]s after `tx` commits.
 pub(crate) async fn release_permits(
     tx: &mut sqlx::PgConnection,
     released: &[InstanceId],
     dequeued: &[InstanceId],
     actor: &str,
-    events: &dyn PermitEvents,
 ) -> Result<Vec<Admitted>> {
     if released.is_empty() && dequeued.is_empty() {
         return Ok(Vec::new());
@@ -465,9 +423,6 @@ pub(crate) async fn release_permits(
         id: Uuid,
         campaign_id: i64,
         limited: bool,
-        workflow: String,
-        version: i32,
-        campaign: String,
         state: String,
         holds_permit: bool,
         released: bool,
@@ -475,8 +430,8 @@ pub(crate) async fn release_permits(
     let released_ids: Vec<Uuid> = released.iter().map(|i| i.0).collect();
     let dequeued_ids: Vec<Uuid> = dequeued.iter().map(|i| i.0).collect();
     let rows: Vec<Leaving> = sqlx::query_as(
-        "SELECT i.id, i.campaign_id, c.max_running IS NOT NULL AS limited, i.workflow,
-                i.version, c.name AS campaign, i.state, i.holds_permit,
+        "SELECT i.id, i.campaign_id, c.max_running IS NOT NULL AS limited, i.state,
+                i.holds_permit,
                 i.id = ANY($1) AS released
          FROM instance i JOIN campaign c ON c.id = i.campaign_id
          WHERE i.id = ANY($1) OR i.id = ANY($2)",
@@ -499,14 +454,11 @@ pub(crate) async fn release_permits(
         let entry = leaving.entry(r.campaign_id).or_default();
         if r.released {
             entry.0 += 1;
-            out.push(events.build(&PermitEvent {
-                kind: PermitEventKind::PermitReleased,
-                instance: InstanceId(r.id),
-                workflow: &r.workflow,
-                version: r.version,
-                campaign: &r.campaign,
-                data: json!({ "state": r.state, "by": actor }),
-            }));
+            out.push(NewFact::new(
+                InstanceId(r.id),
+                EventKind::PermitReleased,
+                json!({ "state": r.state, "actor": actor }),
+            ));
         } else {
             entry.1 += 1;
         }
@@ -521,7 +473,7 @@ pub(crate) async fn release_permits(
         let (permits, places) = leaving.get(&campaign.id).copied().unwrap_or_default();
         campaign.running = (campaign.running - permits).max(0);
         campaign.queued = (campaign.queued - places).max(0);
-        admitted.extend(admit(tx, campaign, SEMAPHORE_ACTOR, actor, events, &mut out).await?);
+        admitted.extend(admit(tx, campaign, SEMAPHORE_ACTOR, actor, &mut out).await?);
     }
     write_counters(tx, &campaigns, &out).await?;
     Ok(admitted)
@@ -671,7 +623,6 @@ impl Store {
         name: &str,
         max_running: i32,
         actor: &str,
-        events: &dyn PermitEvents,
     ) -> Result<LimitSet> {
         if !LIMIT_RANGE.contains(&max_running) {
             return Err(Error::InvalidLimit(i64::from(max_running)));
@@ -706,15 +657,7 @@ impl Store {
         campaign.max_running = Some(max_running);
         let mut out = Vec::new();
         let by = format!("limit:{actor}");
-        let admitted = admit(
-            &mut tx,
-            &mut campaign,
-            SEMAPHORE_ACTOR,
-            &by,
-            events,
-            &mut out,
-        )
-        .await?;
+        let admitted = admit(&mut tx, &mut campaign, SEMAPHORE_ACTOR, &by, &mut out).await?;
         if !admitted.is_empty() {
             write_counters(&mut tx, std::slice::from_ref(&campaign), &out).await?;
         }
@@ -755,8 +698,8 @@ impl Store {
     /// campaign, each in its own short transaction under its campaign lock, and repairs what
     /// can be repaired: `running` and `queued` are recomputed from the rows, and queued
     /// instances are admitted if permits are free (their jobs are returned with the drift:
-    /// publish them). Each finding gets the event `drift_event` builds, written in the same
-    /// transaction; admissions get `events`' `admitted` events. Row-level breaks (a finished
+    /// publish them). Each finding gets a `permit_drift` campaign event, written in the same
+    /// transaction, as admissions get their `admitted` events. Row-level breaks (a finished
     /// or child holder, an unpermitted live instance, an out-of-order admission) are reported,
     /// not repaired: they point at a bug, and a guess could make it worse.
     ///
@@ -764,16 +707,7 @@ impl Store {
     /// in each transaction).
     ///
     /// A campaign over its limit is not drift: it happens when an operator lowers the limit.
-    pub async fn reconcile_permits<D>(
-        &self,
-        holder: NodeId,
-        term: LeaderTerm,
-        events: &dyn PermitEvents,
-        drift_event: D,
-    ) -> Result<Reconciled>
-    where
-        D: Fn(&Drift) -> OutboxEvent + Send + Sync,
-    {
+    pub async fn reconcile_permits(&self, holder: NodeId, term: LeaderTerm) -> Result<Reconciled> {
         let ids: Vec<(i64,)> =
             sqlx::query_as("SELECT id FROM campaign WHERE max_running IS NOT NULL ORDER BY id")
                 .fetch_all(&self.pool)
@@ -897,7 +831,6 @@ impl Store {
                     &mut campaign,
                     SEMAPHORE_ACTOR,
                     "reconciler",
-                    events,
                     &mut out,
                 )
                 .await?;
@@ -911,11 +844,24 @@ impl Store {
                 );
                 repair = true;
             }
-            out.extend(found.iter().map(&drift_event));
+            for drift in &found {
+                insert_campaign_fact(
+                    &mut tx,
+                    &drift.campaign,
+                    EventKind::PermitDrift,
+                    json!({
+                        "kind": drift.kind,
+                        "detail": drift.detail,
+                        "repaired": drift.repaired,
+                        "leader_term": term.0,
+                    }),
+                )
+                .await?;
+            }
             if repair {
                 write_counters(&mut tx, std::slice::from_ref(&campaign), &out).await?;
             } else {
-                insert_events(&mut tx, &out).await?;
+                insert_facts(&mut tx, &out).await?;
             }
             tx.commit().await?;
             done.drift.extend(found);

@@ -7,9 +7,9 @@
 //! and announced in its own transaction; the caller publishes the returned jobs after it.
 
 use chrono::{DateTime, Utc};
-use drover_core::{Fence, InstanceId, InstanceState, OutboxEvent, SignalId, StepSeq};
+use drover_core::{Fence, InstanceId, InstanceState, SignalId, StepSeq};
 use drover_core::{NodeId, ids::is_slug};
-use serde_json::{Value, json};
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::lease::LeaderTerm;
@@ -20,20 +20,16 @@ use crate::{Error, Result, Store};
 impl Store {
     /// As leader under `term`: makes up to `limit` WAITING instances whose `wake_at` has come
     /// (by the database clock) READY, oldest first, each journaled (`woken`, actor `timer`)
-    /// with the events `events` builds for it, in one transaction; returns their jobs to
+    /// with its `woken` event, in one transaction; returns their jobs to
     /// publish. Does nothing unless `holder` still holds the coordinator lease under `term`
     /// (checked in the same statement that picks the rows). Call it until it returns fewer
     /// than `limit`.
-    pub async fn wake_due<F>(
+    pub async fn wake_due(
         &self,
         holder: NodeId,
         term: LeaderTerm,
         limit: i64,
-        events: F,
-    ) -> Result<Vec<ClaimRequest>>
-    where
-        F: Fn(&Woken) -> Vec<OutboxEvent>,
-    {
+    ) -> Result<Vec<ClaimRequest>> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<WaitingRow> = sqlx::query_as(&format!(
             "SELECT {WAITING_COLUMNS}
@@ -52,28 +48,24 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let woken: Vec<Woken> = rows.into_iter().map(Woken::from).collect();
-        wake(&mut tx, &woken, "woken", "timer", &events).await?;
+        wake(&mut tx, &woken, "woken", "timer", None).await?;
         tx.commit().await?;
         Ok(woken.iter().map(Woken::job).collect())
     }
 
     /// Delivers the event `name` with `payload` to `instance`, in one transaction: the signal
     /// is stored; if the instance is WAITING for an event of that name it is made READY
-    /// (journal `signalled`, the events `events` builds) and its job returned to publish;
+    /// (journal `signalled`, a `woken` event) and its job returned to publish;
     /// otherwise the signal is kept for the step that will wait for it.
     ///
     /// Errors: [`Error::UnknownInstance`], [`Error::InstanceFinished`] (a finished instance
     /// takes no events), [`Error::InvalidEventName`] (not a slug: no step could wait for it).
-    pub async fn deliver_signal<F>(
+    pub async fn deliver_signal(
         &self,
         instance: InstanceId,
         name: &str,
         payload: &Value,
-        events: F,
-    ) -> Result<Delivery>
-    where
-        F: Fn(&Woken) -> Vec<OutboxEvent>,
-    {
+    ) -> Result<Delivery> {
         if !is_slug(name) {
             return Err(Error::InvalidEventName(name.to_owned()));
         }
@@ -126,7 +118,7 @@ impl Store {
                 &woken,
                 "signalled",
                 &format!("signal:{name}"),
-                &events,
+                Some(name),
             )
             .await?;
             Delivery::Woke(woken[0].job())
@@ -194,35 +186,27 @@ impl From<WaitingRow> for Woken {
 }
 
 /// Makes the locked WAITING rows `woken` READY (`step_seq + 1`), journals each (`outcome`,
-/// `actor`) and writes their events, in `tx`.
-async fn wake<F>(
+/// `actor`) and writes their `woken` events (by the timer, or by the event `signal`), in `tx`.
+async fn wake(
     tx: &mut sqlx::PgConnection,
     woken: &[Woken],
     outcome: &str,
     actor: &str,
-    events: &F,
-) -> Result<()>
-where
-    F: Fn(&Woken) -> Vec<OutboxEvent>,
-{
+    signal: Option<&str>,
+) -> Result<()> {
     if woken.is_empty() {
         return Ok(());
     }
     let ids: Vec<Uuid> = woken.iter().map(|w| w.id.0).collect();
-    let events = Value::Array(
-        woken
-            .iter()
-            .flat_map(events)
-            .map(|e| json!({ "id": e.id, "subject": e.subject, "payload": e.payload }))
-            .collect(),
-    );
     let (updated,): (i64,) = sqlx::query_as(
         "WITH upd AS (
             UPDATE instance i SET
                 state = 'ready', step_seq = i.step_seq + 1, wake_at = NULL, wait_event = NULL,
-                ready_at = clock_timestamp(), updated_at = clock_timestamp()
+                ready_at = clock_timestamp(), updated_at = clock_timestamp(),
+                event_seq = i.event_seq + 1
             WHERE i.id = ANY($1) AND i.state = 'waiting'
-            RETURNING i.id, i.step_seq, i.current_step, i.fence, i.step_attempt
+            RETURNING i.id, i.step_seq, i.current_step, i.fence, i.step_attempt, i.event_seq,
+                      i.workflow, i.version, i.campaign_id
          ), j AS (
             INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                                  attempt, actor, started_at, finished_at)
@@ -230,16 +214,22 @@ where
                    clock_timestamp(), clock_timestamp()
             FROM upd
          ), ev AS (
-            INSERT INTO event_outbox (id, subject, payload)
-            SELECT e.id, e.subject, e.payload
-            FROM jsonb_to_recordset($4::jsonb) AS e(id uuid, subject text, payload jsonb)
+            INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind,
+                                    data)
+            SELECT gen_random_uuid(), upd.id, c.name, upd.workflow, upd.version, upd.event_seq,
+                   'woken',
+                   jsonb_strip_nulls(jsonb_build_object(
+                       'state', 'ready', 'step', upd.current_step, 'step_seq', upd.step_seq,
+                       'by', CASE WHEN $4::text IS NULL THEN 'timer' ELSE 'signal' END,
+                       'signal', $4::text))
+            FROM upd JOIN campaign c ON c.id = upd.campaign_id
          )
          SELECT count(*) FROM upd",
     )
     .bind(&ids)
     .bind(outcome)
     .bind(actor)
-    .bind(events)
+    .bind(signal)
     .fetch_one(&mut *tx)
     .await?;
     if updated != woken.len() as i64 {

@@ -217,13 +217,9 @@ impl Committer {
         let commit = until_done(
             || async {
                 if continuing {
-                    self.store
-                        .commit_continuing(self.node, &completions, &self.bus)
-                        .await
+                    self.store.commit_continuing(self.node, &completions).await
                 } else {
-                    self.store
-                        .commit_waking(self.node, &completions, &self.bus)
-                        .await
+                    self.store.commit_waking(self.node, &completions).await
                 }
             },
             shutdown,
@@ -340,7 +336,7 @@ impl Committer {
 
     async fn commit_alone(&self, completion: &Completion) -> (Commit, Vec<ClaimRequest>) {
         let single = std::slice::from_ref(completion);
-        match with_retries(|| self.store.commit_waking(self.node, single, &self.bus)).await {
+        match with_retries(|| self.store.commit_waking(self.node, single)).await {
             Ok(done) => (
                 done.results.first().copied().unwrap_or(Commit::Fenced),
                 done.ready,
@@ -355,10 +351,9 @@ impl Committer {
                 fallback.output = None;
                 fallback.error = Some(format!("checkpoint refused by the database: {err}"));
                 fallback.consumes = None;
-                fallback.parent_events = Vec::new();
                 match with_retries(|| {
                     self.store
-                        .commit(self.node, std::slice::from_ref(&fallback), &self.bus)
+                        .commit(self.node, std::slice::from_ref(&fallback))
                 })
                 .await
                 {

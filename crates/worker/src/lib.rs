@@ -493,9 +493,7 @@ async fn run_one(
                 }
             }
         }
-        Err(LoadError::Broken(error)) => {
-            step::stop_in_error(&ctx.bus, &claimed, started_at, "error", error)
-        }
+        Err(LoadError::Broken(error)) => step::stop_in_error(&claimed, started_at, "error", error),
         Err(LoadError::Unavailable) => {
             // The worker is stopping and Postgres is away: nothing ran, nothing is
             // committed. The instance stays RUNNING on this node, and is taken back

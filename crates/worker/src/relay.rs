@@ -1,9 +1,10 @@
-//! The outbox relay: sends committed events to NATS, oldest first, without ever holding a
-//! transaction across a publish. Postgres or NATS away, or the events stream deleted, only
-//! delay events: the relay retries with capped back-off (provisioning the stream again if it
-//! is gone) and logs the outage once.
+//! The outbox relay: sends committed events to NATS, each instance's in sequence order,
+//! without ever holding a transaction across a publish. It sends the events of the outbox
+//! partitions it holds a lease on (a fair share of them; see `drover_store`'s facts module),
+//! so no two relays send one instance's events at once. Postgres or NATS away, or the events
+//! stream deleted, only delay events: the relay retries with capped back-off (provisioning
+//! the stream again if it is gone) and logs the outage once.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,18 +13,20 @@ use drover_core::backoff::Backoff;
 use drover_core::definition::millis;
 use drover_store::Store;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// Relay tuning.
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
-    /// Events claimed per round.
+    /// Events sent per round.
     pub batch: i64,
-    /// How long a claim lasts before another relay may resend the events. A relay killed
-    /// between claim and send delays its batch by this much; a resend after a slow round is
-    /// harmless (JetStream drops it by message id), so it is short.
-    pub claim: Duration,
-    /// Poll interval when nobody wakes the relay.
+    /// How often the relay renews its partition leases (and rebalances them as nodes come
+    /// and go); well inside [`drover_store::RELAY_LEASE`].
+    pub renew: Duration,
+    /// Poll interval when nobody wakes the relay (a commit wakes its own node's relay, whose
+    /// partitions may not hold its events).
     pub idle_poll: Duration,
     /// How long a woken relay waits for more commits before it sends: one round then carries
     /// the events of many commits (two statements per round, not per commit).
@@ -41,8 +44,8 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch: 1000,
-            claim: Duration::from_secs(5),
-            idle_poll: Duration::from_millis(200),
+            renew: Duration::from_secs(1),
+            idle_poll: Duration::from_millis(50),
             linger: Duration::from_millis(10),
             replay_window: Duration::from_secs(3600),
             purge_batch: 5000,
@@ -54,6 +57,8 @@ impl Default for RelayConfig {
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 pub struct OutboxRelay {
+    /// Whose leases these are.
+    id: Uuid,
     store: Store,
     bus: Bus,
     config: RelayConfig,
@@ -63,6 +68,7 @@ pub struct OutboxRelay {
 impl OutboxRelay {
     pub fn new(store: Store, bus: Bus, config: RelayConfig, wakeup: Arc<Notify>) -> Self {
         Self {
+            id: Uuid::now_v7(),
             store,
             bus,
             config,
@@ -74,8 +80,9 @@ impl OutboxRelay {
     pub async fn run(self, shutdown: CancellationToken) -> crate::Result<()> {
         let mut next_purge = tokio::time::Instant::now() + PURGE_EVERY;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut leases = Leases::default();
         loop {
-            let sent = match self.round().await {
+            let sent = match self.round(&mut leases).await {
                 Ok(sent) => {
                     if let Some(recovered) = backoff.succeeded() {
                         tracing::info!(after = ?recovered.after, failures = recovered.failures, "outbox relay sending again");
@@ -100,7 +107,7 @@ impl OutboxRelay {
                         }
                     }
                     tokio::select! {
-                        () = shutdown.cancelled() => return Ok(()),
+                        () = shutdown.cancelled() => return self.stop().await,
                         () = tokio::time::sleep(failure.delay) => {}
                     }
                     continue;
@@ -124,15 +131,15 @@ impl OutboxRelay {
             }
             if sent as i64 >= self.config.batch {
                 if shutdown.is_cancelled() {
-                    return Ok(());
+                    return self.stop().await;
                 }
                 continue;
             }
             tokio::select! {
                 () = shutdown.cancelled() => {
                     // One last round so events of the final commits go out.
-                    let _ = self.round().await;
-                    return Ok(());
+                    let _ = self.round(&mut leases).await;
+                    return self.stop().await;
                 }
                 () = self.wakeup.notified() => {
                     tokio::select! {
@@ -145,30 +152,43 @@ impl OutboxRelay {
         }
     }
 
-    /// Relays one batch; returns how many were sent, or why not all could be.
-    async fn round(&self) -> crate::Result<usize> {
-        let pending = self
+    /// Gives the partitions back so other relays take them at once.
+    async fn stop(&self) -> crate::Result<()> {
+        if let Err(err) = self.store.release_relay_parts(self.id).await {
+            tracing::debug!(%err, "relay partitions not given back; their leases lapse");
+        }
+        Ok(())
+    }
+
+    /// Relays one batch of the partitions it holds; returns how many were sent, or why not
+    /// all could be.
+    async fn round(&self, leases: &mut Leases) -> crate::Result<usize> {
+        if leases
+            .renewed
+            .is_none_or(|at| at.elapsed() >= self.config.renew)
+        {
+            leases.parts = self.store.lease_relay_parts(self.id).await?;
+            leases.renewed = Some(Instant::now());
+        }
+        let facts = self
             .store
-            .claim_events(self.config.batch, millis(self.config.claim))
+            .unrelayed_facts(&leases.parts, self.config.batch)
             .await?;
-        if pending.is_empty() {
+        if facts.is_empty() {
             return Ok(0);
         }
-        let events: Vec<_> = pending.into_iter().map(|p| p.event).collect();
-        let relayed = self.bus.relay(&events).await;
+        let relayed = self.bus.relay(&facts).await;
         self.store.mark_relayed(&relayed.ids).await?;
-        if relayed.ids.len() < events.len() {
-            let sent: HashSet<_> = relayed.ids.iter().collect();
-            let failed: Vec<_> = events
-                .iter()
-                .map(|e| e.id)
-                .filter(|id| !sent.contains(id))
-                .collect();
-            self.store.release_events(&failed).await?;
-        }
         match relayed.failure {
             Some(err) => Err(err.into()),
             None => Ok(relayed.ids.len()),
         }
     }
+}
+
+/// The partitions a relay holds, and when it last renewed them.
+#[derive(Default)]
+struct Leases {
+    parts: Vec<i16>,
+    renewed: Option<Instant>,
 }

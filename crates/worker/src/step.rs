@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use drover_bus::{Bus, EventKind, InstanceRef};
+use drover_bus::Bus;
 use drover_core::definition::{EndStatus, StepKind};
 use drover_core::expr::{Scope, eval_map};
-use drover_core::{Definition, InstanceState, OutboxEvent, SignalId, Step};
+use drover_core::{Definition, InstanceState, SignalId, Step};
 use drover_store::{Claimed, Completion, NewChild, Store, Transition};
 use serde_json::{Map, Value, json};
 
@@ -49,8 +49,6 @@ pub(crate) struct Wait {
     pub(crate) wake_at_ms: Option<i64>,
     pub(crate) event: Option<String>,
     pub(crate) child: Option<Box<NewChild>>,
-    /// Events besides the instance's own `waiting` (a child's `started`).
-    pub(crate) events: Vec<OutboxEvent>,
 }
 
 /// The shared things a step may use.
@@ -97,14 +95,7 @@ pub(crate) async fn run(
     claimed: &Claimed,
     started_at: DateTime<Utc>,
 ) -> Completion {
-    let mut completion = run_step(&ctx, definition, claimed, started_at).await;
-    if let (Some(parent), Transition::Stop { state }) = (claimed.parent, &completion.transition)
-        && state.is_terminal()
-    {
-        completion.parent_events =
-            crate::waiting::parent_woken(&ctx, parent, claimed, *state).await;
-    }
-    completion
+    run_step(&ctx, definition, claimed, started_at).await
 }
 
 async fn run_step(
@@ -118,11 +109,10 @@ async fn run_step(
             "step {:?} does not exist in {} v{}",
             claimed.current_step, claimed.workflow, claimed.version
         );
-        return stop_in_error(&ctx.bus, claimed, started_at, "error", error);
+        return stop_in_error(claimed, started_at, "error", error);
     };
     if !step.allow_retry && claimed.step_claims > 1 {
         return stop_in_error(
-            &ctx.bus,
             claimed,
             started_at,
             "interrupted",
@@ -134,7 +124,6 @@ async fn run_step(
     }
     if claimed.steps_run >= i32::try_from(definition.max_steps).unwrap_or(i32::MAX) {
         return stop_in_error(
-            &ctx.bus,
             claimed,
             started_at,
             "budget_exceeded",
@@ -160,45 +149,32 @@ async fn run_step(
         ))),
     };
     match ran {
-        Ok(Body::Ran(ran)) => advance(
-            &ctx.bus,
-            &definition,
-            step,
-            claimed,
-            started_at,
-            &scope,
-            ran,
-        ),
-        Ok(Body::Wait(wait)) => park(&ctx.bus, claimed, started_at, wait),
+        Ok(Body::Ran(ran)) => advance(&definition, step, claimed, started_at, &scope, ran),
+        Ok(Body::Wait(wait)) => park(claimed, started_at, wait),
         Err(StepError::Retryable(error)) => {
             let attempt = u32::try_from(claimed.step_attempt).unwrap_or(1);
             if attempt < step.retry.max_attempts {
                 let delay = step.retry.delay_after(attempt);
                 let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
                 completion(
-                    &ctx.bus,
                     claimed,
                     started_at,
                     "retry",
                     Transition::Retry { delay_ms },
                     (None, None, Some(error)),
-                    EventKind::StepRetry,
                 )
             } else {
                 let error = format!("{error} (after {attempt} attempts)");
-                stop_in_error(&ctx.bus, claimed, started_at, "failed", error)
+                stop_in_error(claimed, started_at, "failed", error)
             }
         }
-        Err(StepError::Permanent(error)) => {
-            stop_in_error(&ctx.bus, claimed, started_at, "failed", error)
-        }
+        Err(StepError::Permanent(error)) => stop_in_error(claimed, started_at, "failed", error),
     }
 }
 
 /// Parks the instance WAITING at its current step.
-fn park(bus: &Bus, claimed: &Claimed, started_at: DateTime<Utc>, wait: Wait) -> Completion {
-    let mut parked = completion(
-        bus,
+fn park(claimed: &Claimed, started_at: DateTime<Utc>, wait: Wait) -> Completion {
+    completion(
         claimed,
         started_at,
         "waiting",
@@ -208,10 +184,7 @@ fn park(bus: &Bus, claimed: &Claimed, started_at: DateTime<Utc>, wait: Wait) -> 
             child: wait.child,
         },
         (None, None, None),
-        EventKind::Waiting,
-    );
-    parked.events.extend(wait.events);
-    parked
+    )
 }
 
 fn humanize(d: Duration) -> String {
@@ -220,7 +193,6 @@ fn humanize(d: Duration) -> String {
 
 /// After a successful step body: evaluate the transitions (or the `end`).
 fn advance(
-    bus: &Bus,
     definition: &Definition,
     step: &Step,
     claimed: &Claimed,
@@ -241,9 +213,9 @@ fn advance(
             },
             None => None,
         };
-        let (state, kind) = match status {
-            EndStatus::Completed => (InstanceState::Completed, EventKind::Completed),
-            EndStatus::Failed => (InstanceState::Failed, EventKind::Failed),
+        let state = match status {
+            EndStatus::Completed => InstanceState::Completed,
+            EndStatus::Failed => InstanceState::Failed,
         };
         let error = if state == InstanceState::Failed {
             reason.clone()
@@ -252,13 +224,11 @@ fn advance(
         };
         let output = reason.map(|r| json!({ "reason": r }));
         return completion(
-            bus,
             claimed,
             started_at,
             "completed",
             Transition::Stop { state },
             (new_vars, output, error),
-            kind,
         );
     }
     let next_scope = Scope {
@@ -271,24 +241,20 @@ fn advance(
         Ok(Some(to)) => Completion {
             consumes,
             ..completion(
-                bus,
                 claimed,
                 started_at,
                 "completed",
                 Transition::next(definition, to),
                 (new_vars, Some(output), None),
-                EventKind::StepCompleted,
             )
         },
         Ok(None) => stop_in_error(
-            bus,
             claimed,
             started_at,
             "failed",
             format!("step {:?}: no transition matched", step.id),
         ),
         Err(err) => stop_in_error(
-            bus,
             claimed,
             started_at,
             "failed",
@@ -298,14 +264,12 @@ fn advance(
 }
 
 pub(crate) fn stop_in_error(
-    bus: &Bus,
     claimed: &Claimed,
     started_at: DateTime<Utc>,
     outcome: &str,
     error: String,
 ) -> Completion {
     completion(
-        bus,
         claimed,
         started_at,
         outcome,
@@ -313,50 +277,21 @@ pub(crate) fn stop_in_error(
             state: InstanceState::InError,
         },
         (None, None, Some(error)),
-        EventKind::InError,
     )
 }
 
+/// The completion of `claimed`'s step (its events are the store's to write).
 fn completion(
-    bus: &Bus,
     claimed: &Claimed,
     started_at: DateTime<Utc>,
     outcome: &str,
     transition: Transition,
     (vars, output, error): (Option<Value>, Option<Value>, Option<String>),
-    kind: EventKind,
 ) -> Completion {
-    let instance = InstanceRef {
-        id: claimed.id,
-        campaign: &claimed.campaign,
-        workflow: &claimed.workflow,
-        version: claimed.version,
-    };
-    let (next, state) = match &transition {
-        Transition::Next { step, .. } => (Some(step.as_str()), InstanceState::Ready),
-        Transition::Retry { .. } => (Some(claimed.current_step.as_str()), InstanceState::Ready),
-        Transition::Stop { state } => (None, *state),
-        Transition::Wait { .. } => (Some(claimed.current_step.as_str()), InstanceState::Waiting),
-    };
-    let data = json!({
-        "step_id": claimed.current_step,
-        "step_seq": claimed.step_seq.next(),
-        "attempt": claimed.step_attempt,
-        "outcome": outcome,
-        "next_step": next,
-        "state": state,
-        "error": error,
-    });
-    let mut events = vec![];
-    if kind != EventKind::StepCompleted && matches!(transition, Transition::Stop { .. }) {
-        events.push(bus.event(&instance, EventKind::StepCompleted, data.clone()));
-    }
-    events.push(bus.event(&instance, kind, data));
     Completion {
         vars,
         output,
         error,
-        events,
         ..Completion::of(claimed, started_at, outcome, transition)
     }
 }

@@ -14,10 +14,9 @@
 //! first deadline.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use drover_bus::{EventKind, InstanceRef};
 use drover_core::definition::{MAX_CALL_DEPTH, SleepUntil, StepKind};
 use drover_core::expr::Scope;
-use drover_core::{Definition, InstanceId, InstanceState, OutboxEvent, Step};
+use drover_core::{Definition, InstanceId, InstanceState, Step};
 use drover_store::{Claimed, NewChild};
 use serde_json::{Value, json};
 
@@ -57,7 +56,6 @@ fn wait(wake_at_ms: Option<i64>, event: Option<&str>) -> Body {
         wake_at_ms,
         event: event.map(str::to_owned),
         child: None,
-        events: Vec::new(),
     })
 }
 
@@ -196,21 +194,10 @@ async fn subworkflow(
         timeout_ms: entry.timeout_ms(),
         vars: Value::Object(vars),
     };
-    let started = ctx.bus.event(
-        &InstanceRef {
-            id: child.id,
-            campaign: &claimed.campaign,
-            workflow: &child.workflow,
-            version: child.version,
-        },
-        EventKind::Started,
-        json!({ "state": "ready", "step": entry.id, "parent": claimed.id }),
-    );
     Ok(Body::Wait(Wait {
         wake_at_ms: None,
         event: None,
         child: Some(Box::new(child)),
-        events: vec![started],
     }))
 }
 
@@ -245,34 +232,5 @@ async fn child_ended(
         ))),
         // Not over (woken for another reason): wait on.
         _ => Ok(wait(None, None)),
-    }
-}
-
-/// The event announcing that a child's terminal commit woke its parent (written only if it
-/// does). Without it (the parent could not be read) the parent is still woken.
-pub(crate) async fn parent_woken(
-    ctx: &StepContext,
-    parent: InstanceId,
-    child: &Claimed,
-    state: InstanceState,
-) -> Vec<OutboxEvent> {
-    match with_retries(|| ctx.store.get_instance(parent)).await {
-        Ok(Some(p)) => vec![ctx.bus.woken_event(
-            &InstanceRef {
-                id: p.id,
-                campaign: &p.campaign,
-                workflow: &p.workflow,
-                version: p.version,
-            },
-            &p.current_step,
-            p.step_seq.next(),
-            "child",
-            json!({ "child": child.id, "child_state": state }),
-        )],
-        Ok(None) => Vec::new(),
-        Err(err) => {
-            tracing::warn!(instance.id = %child.id, parent = %parent, %err, "cannot read the parent; its wake goes unannounced");
-            Vec::new()
-        }
     }
 }

@@ -156,14 +156,16 @@ async fn starts_beyond_the_limit_queue_with_their_position_and_a_raised_limit_ad
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_error(&body, "unlimited_campaign");
 
-    let (queued_events,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM event_outbox WHERE subject LIKE '%.spring.%.queued'")
-            .fetch_one(&env.pool)
-            .await
-            .expect("counts");
+    let (queued_events,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM event_fact WHERE campaign = 'spring' AND kind = 'queued'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("counts");
     assert_eq!(queued_events, 3);
     let (admitted_events,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM event_outbox WHERE subject LIKE '%.spring.greeting.%.admitted'",
+        "SELECT count(*) FROM event_fact
+         WHERE campaign = 'spring' AND workflow = 'greeting' AND kind = 'admitted'",
     )
     .fetch_one(&env.pool)
     .await

@@ -168,7 +168,6 @@ pub(super) async fn commit(
                     transition,
                 )
             }],
-            &env.state.bus,
         )
         .await
         .expect("commits");
@@ -260,19 +259,17 @@ async fn audit(env: &TestEnv, id: InstanceId) -> Vec<(String, String, Value)> {
         .expect("reads the audit trail")
 }
 
-/// The last token of each event subject of `id`, in order.
+/// The kinds of the events of `id`, in sequence order (numbered without gaps).
 async fn events(env: &TestEnv, id: InstanceId) -> Vec<String> {
-    let subjects: Vec<(String,)> = sqlx::query_as(
-        "SELECT subject FROM event_outbox WHERE subject LIKE $1 ORDER BY created_at, id",
-    )
-    .bind(format!("%.{id}.%"))
-    .fetch_all(&env.pool)
-    .await
-    .expect("reads the outbox");
-    subjects
-        .into_iter()
-        .filter_map(|(s,)| s.rsplit('.').next().map(str::to_owned))
-        .collect()
+    let facts = env
+        .state
+        .store
+        .instance_facts(id)
+        .await
+        .expect("reads the outbox");
+    let seqs: Vec<i64> = facts.iter().map(|f| f.seq).collect();
+    assert_eq!(seqs, (1..=facts.len() as i64).collect::<Vec<_>>(), "{id}");
+    facts.iter().map(|f| f.kind.as_str().to_owned()).collect()
 }
 
 /// `(running, queued)` of a campaign, and its permit holders.

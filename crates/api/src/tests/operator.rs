@@ -142,7 +142,6 @@ async fn run_step(
                     transition,
                 )
             }],
-            &env.state.bus,
         )
         .await
         .expect("commits");
@@ -263,12 +262,23 @@ async fn resuming_the_current_step_retries_it_at_a_new_checkpoint_with_a_job_and
     assert_eq!(details["from_step"], "call");
     assert_eq!(details["to_step"], "call");
 
-    let events: Vec<(String, Value)> =
-        sqlx::query_as("SELECT subject, payload FROM event_outbox WHERE subject LIKE '%.resumed'")
-            .fetch_all(&env.pool)
-            .await
-            .expect("reads the outbox");
-    let [(subject, payload)] = events.as_slice() else {
+    let events: Vec<drover_bus::Rendered> = env
+        .state
+        .store
+        .instance_facts(id)
+        .await
+        .expect("reads the outbox")
+        .iter()
+        .filter(|f| f.kind == drover_bus::EventKind::Resumed)
+        .map(|f| drover_bus::render(env.state.bus.subjects(), f))
+        .collect();
+    let [
+        drover_bus::Rendered {
+            subject,
+            cloudevent: payload,
+        },
+    ] = events.as_slice()
+    else {
         panic!("one resumed event: {events:?}");
     };
     assert!(
@@ -512,7 +522,6 @@ async fn a_resume_decided_on_a_stale_read_changes_nothing() {
         .await
         .expect("reads")
         .expect("exists");
-    let events = env.state.bus.clone();
     let request = |fence| Resume {
         instance: id,
         fence,
@@ -523,24 +532,23 @@ async fn a_resume_decided_on_a_stale_read_changes_nothing() {
         set: serde_json::Map::new(),
         actor: "ada".to_owned(),
         mode: "current_step".to_owned(),
-        events: Vec::new(),
     };
     assert_eq!(
         store
-            .resume(&request(instance.fence.next()), &events)
+            .resume(&request(instance.fence.next()))
             .await
             .expect("answers"),
         Resumed::Conflict,
         "a fence that is not the instance's"
     );
     let resumed = store
-        .resume(&request(instance.fence), &events)
+        .resume(&request(instance.fence))
         .await
         .expect("answers");
     assert!(matches!(resumed, Resumed::Resumed { .. }), "{resumed:?}");
     assert_eq!(
         store
-            .resume(&request(instance.fence), &events)
+            .resume(&request(instance.fence))
             .await
             .expect("answers"),
         Resumed::Conflict,
@@ -548,13 +556,10 @@ async fn a_resume_decided_on_a_stale_read_changes_nothing() {
     );
     assert_eq!(
         store
-            .resume(
-                &Resume {
-                    instance: InstanceId::new(),
-                    ..request(instance.fence)
-                },
-                &events,
-            )
+            .resume(&Resume {
+                instance: InstanceId::new(),
+                ..request(instance.fence)
+            },)
             .await
             .expect("answers"),
         Resumed::Unknown

@@ -56,10 +56,7 @@ async fn instance(env: &TestEnv, park: bool) -> InstanceId {
                 child: None,
             },
         );
-        let commits = store
-            .commit(node, &[parked], &env.state.bus)
-            .await
-            .expect("commits");
+        let commits = store.commit(node, &[parked]).await.expect("commits");
         assert_eq!(commits, [Commit::Committed]);
     }
     id

@@ -2,7 +2,7 @@
 //! (`Store::commit_continuing`), on real Postgres.
 
 use drover_core::{Fence, InstanceState, StepSeq};
-use drover_store::{Commit, LifecycleAction, LifecycleChange, Transition};
+use drover_store::{Commit, LifecycleAction, Transition};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -26,7 +26,7 @@ async fn a_continuing_commit_claims_the_next_step_for_its_node_as_a_claim_would(
     done.output = Some(json!({ "ok": true }));
 
     let commit = store
-        .commit_continuing(node, &[done], &permits)
+        .commit_continuing(node, &[done])
         .await
         .expect("commits");
     assert_eq!(commit.results, vec![Commit::Committed]);
@@ -82,16 +82,13 @@ async fn a_continuing_commit_claims_the_next_step_for_its_node_as_a_claim_would(
     }
     // Its commit is fenced like any claim's: the old fence no longer writes.
     let stale = completion(&first, "completed", next("b"));
-    let results = store
-        .commit(node, &[stale], &permits)
-        .await
-        .expect("commit");
+    let results = store.commit(node, &[stale]).await.expect("commit");
     assert_ne!(results, vec![Commit::Committed]);
     let end = Transition::Stop {
         state: InstanceState::Completed,
     };
     let results = store
-        .commit_continuing(node, &[completion(second, "completed", end)], &permits)
+        .commit_continuing(node, &[completion(second, "completed", end)])
         .await
         .expect("commits");
     assert_eq!(results.results, vec![Commit::Committed]);
@@ -116,15 +113,8 @@ async fn only_a_plain_next_step_on_a_live_node_without_requests_is_continued(poo
         claimed.push(claim(&store, node, job(id, 0, 0)).await);
     }
     // An operator asks the third to pause once its step finishes.
-    let no_changes = |_: &LifecycleChange| Vec::new();
     store
-        .apply_lifecycle(
-            LifecycleAction::Pause,
-            &ids[2..3],
-            "ada",
-            &no_changes,
-            &permits,
-        )
+        .apply_lifecycle(LifecycleAction::Pause, &ids[2..3], "ada")
         .await
         .expect("asks");
     let completions = [
@@ -133,7 +123,7 @@ async fn only_a_plain_next_step_on_a_live_node_without_requests_is_continued(poo
         completion(&claimed[2], "completed", next("b")),
     ];
     let commit = store
-        .commit_continuing(node, &completions, &permits)
+        .commit_continuing(node, &completions)
         .await
         .expect("commits");
     assert_eq!(commit.results, vec![Commit::Committed; 3]);
@@ -148,11 +138,7 @@ async fn only_a_plain_next_step_on_a_live_node_without_requests_is_continued(poo
         .await
         .expect("drains");
     let commit = store
-        .commit_continuing(
-            node,
-            &[completion(&claimed[3], "completed", next("b"))],
-            &permits,
-        )
+        .commit_continuing(node, &[completion(&claimed[3], "completed", next("b"))])
         .await
         .expect("commits");
     assert_eq!(commit.results, vec![Commit::Committed]);

@@ -7,32 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use drover_core::{InstanceId, InstanceState, NodeId, OutboxEvent};
+use drover_core::{InstanceId, InstanceState, NodeId};
 use drover_store::{
-    Acted, ClaimRequest, Completion, LifecycleAction, LifecycleChange, NewCampaign, NewInstance,
-    OnErrorPermit, PermitEvent, Store, Transition,
+    Acted, ClaimRequest, Completion, LifecycleAction, NewCampaign, NewInstance, OnErrorPermit,
+    Store, Transition,
 };
 use serde_json::json;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 const LIMIT: i64 = 3;
-
-fn permits(e: &PermitEvent<'_>) -> OutboxEvent {
-    OutboxEvent {
-        id: Uuid::now_v7(),
-        subject: format!("test.evt.{}.{:?}", e.instance, e.kind),
-        payload: json!({ "data": e.data }),
-    }
-}
-
-fn changes(c: &LifecycleChange) -> Vec<OutboxEvent> {
-    vec![OutboxEvent {
-        id: Uuid::now_v7(),
-        subject: format!("test.evt.{}.{}", c.id, c.outcome.as_str()),
-        payload: json!({ "to": c.to }),
-    }]
-}
 
 /// READY instances' jobs, as the stale-READY sweeper would find them.
 async fn ready_jobs(store: &Store) -> Vec<ClaimRequest> {
@@ -66,10 +49,7 @@ async fn work(store: Store, node: NodeId, done: Arc<AtomicBool>) {
             let completion = Completion::of(&c, Utc::now(), "completed", transition);
             // A deadlock with an operator's transaction is retried, as a real worker does.
             loop {
-                match store
-                    .commit(node, std::slice::from_ref(&completion), &permits)
-                    .await
-                {
+                match store.commit(node, std::slice::from_ref(&completion)).await {
                     Err(err) if err.is_transient() => continue,
                     done => {
                         done.expect("commits");
@@ -125,7 +105,7 @@ async fn operators_racing_workers_never_overshoot_a_limit_nor_leak_a_permit(pool
         })
         .collect();
     store
-        .create_instances(&batch, "test", &[], &permits)
+        .create_instances(&batch, "test")
         .await
         .expect("creates");
     let ids: Vec<InstanceId> = batch.iter().map(|i| i.id).collect();
@@ -162,22 +142,16 @@ async fn operators_racing_workers_never_overshoot_a_limit_nor_leak_a_permit(pool
                 LifecycleAction::Pause
             };
             store
-                .apply_lifecycle(action, &[*id], "ada", &changes, &permits)
+                .apply_lifecycle(action, &[*id], "ada")
                 .await
                 .expect("applies");
         }
         store
-            .apply_lifecycle(
-                LifecycleAction::Stop,
-                &chunk[..1],
-                "ada",
-                &changes,
-                &permits,
-            )
+            .apply_lifecycle(LifecycleAction::Stop, &chunk[..1], "ada")
             .await
             .expect("stops");
         let batch = store
-            .apply_lifecycle(LifecycleAction::Unpause, chunk, "ada", &changes, &permits)
+            .apply_lifecycle(LifecycleAction::Unpause, chunk, "ada")
             .await
             .expect("unpauses");
         assert_eq!(batch.results.len(), chunk.len());
@@ -195,7 +169,7 @@ async fn operators_racing_workers_never_overshoot_a_limit_nor_leak_a_permit(pool
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         store
-            .apply_lifecycle(LifecycleAction::Unpause, &ids, "ada", &changes, &permits)
+            .apply_lifecycle(LifecycleAction::Unpause, &ids, "ada")
             .await
             .expect("unpauses");
         let (live,): (i64,) = sqlx::query_as(

@@ -8,9 +8,10 @@ use sqlx::PgPool;
 /// Adds `n` events relayed `ago` ago (`None`: not relayed).
 async fn events(pool: &PgPool, n: i64, relayed_ago: Option<&str>) {
     sqlx::query(
-        "INSERT INTO event_outbox (id, subject, payload, relayed_at)
-         SELECT gen_random_uuid(), 'test.evt', $2, clock_timestamp() - $3::interval
-         FROM generate_series(1, $1)",
+        "INSERT INTO event_fact (id, campaign, seq, kind, data, relayed_at)
+         SELECT gen_random_uuid(), 'test', s, 'permit_drift', $2,
+                clock_timestamp() - $3::interval
+         FROM generate_series(1, $1) AS s",
     )
     .bind(n)
     .bind(json!({}))
@@ -21,7 +22,7 @@ async fn events(pool: &PgPool, n: i64, relayed_ago: Option<&str>) {
 }
 
 async fn count(pool: &PgPool, filter: &str) -> i64 {
-    let (n,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM event_outbox WHERE {filter}"))
+    let (n,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM event_fact WHERE {filter}"))
         .fetch_one(pool)
         .await
         .expect("counted");
@@ -52,4 +53,106 @@ async fn relayed_events_past_the_window_are_purged_in_bounded_batches(pool: PgPo
         "unrelayed ones stay"
     );
     assert_eq!(store.pending_events().await.expect("counted"), 3);
+}
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn an_instances_events_are_numbered_from_one_in_commit_order(pool: PgPool) {
+    use crate::support::*;
+    use drover_core::{Fence, StepSeq};
+    use drover_store::{ClaimRequest, Transition};
+
+    let (store, node) = setup(pool).await;
+    let id = start(&store, "parent").await;
+    let job = |seq, fence| ClaimRequest {
+        instance: id,
+        step_seq: StepSeq(seq),
+        fence: Fence(fence),
+    };
+    let first = claim(&store, node, job(0, 0)).await;
+    let next = Transition::Next {
+        step: "b".into(),
+        allow_retry: true,
+        timeout_ms: 30_000,
+    };
+    store
+        .commit(
+            node,
+            &[completion(
+                &first,
+                "retry",
+                Transition::Retry { delay_ms: 0 },
+            )],
+        )
+        .await
+        .expect("commit");
+    let second = claim(&store, node, job(1, 1)).await;
+    store
+        .commit(node, &[completion(&second, "completed", next)])
+        .await
+        .expect("commit");
+    let third = claim(&store, node, job(2, 2)).await;
+    let end = Transition::Stop {
+        state: drover_core::InstanceState::Completed,
+    };
+    store
+        .commit(node, &[completion(&third, "completed", end)])
+        .await
+        .expect("commit");
+    assert_eq!(
+        event_kinds(&store, id).await,
+        [
+            "started",
+            "step_retry",
+            "step_completed",
+            "step_completed",
+            "completed"
+        ]
+    );
+    let facts = store.instance_facts(id).await.expect("facts");
+    assert_eq!(facts[2].data["step"], "a");
+    assert_eq!(facts[2].data["next_step"], "b");
+    assert_eq!(facts[4].data["state"], "completed");
+    assert!(facts.windows(2).all(|w| w[0].time <= w[1].time));
+}
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn the_relay_partitions_are_shared_fairly_among_the_alive_nodes(pool: PgPool) {
+    let store = Store::from_pool(pool);
+    for _ in 0..3 {
+        store
+            .register_node(
+                drover_core::NodeId::new(),
+                &["worker".to_owned()],
+                "test",
+                "0",
+            )
+            .await
+            .expect("register");
+    }
+    let relays: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+    let mut held = Vec::new();
+    // Two rounds: the first comers take a share, the last takes what is left.
+    for _ in 0..2 {
+        held.clear();
+        for &relay in &relays {
+            held.push(store.lease_relay_parts(relay).await.expect("leases"));
+        }
+    }
+    let mut all: Vec<i16> = held.iter().flatten().copied().collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..16).collect::<Vec<i16>>(),
+        "each partition held once: {held:?}"
+    );
+    assert!(held.iter().all(|parts| parts.len() <= 6), "{held:?}");
+
+    // A relay that stops gives its partitions back; the others take them up (past their
+    // share only once nobody has held them for two leases).
+    store
+        .release_relay_parts(relays[0])
+        .await
+        .expect("released");
+    let after = store.lease_relay_parts(relays[1]).await.expect("leases");
+    assert!(after.len() >= held[1].len(), "{after:?}");
 }

@@ -5,27 +5,14 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use drover_core::{CampaignId, Fence, InstanceId, InstanceState, NodeId, OutboxEvent, StepSeq};
+use drover_core::{CampaignId, Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use drover_store::{
     COORDINATOR_LEASE, ClaimRequest, Claimed, Commit, Completion, Created, DriftKind, Error,
-    NewCampaign, NewChild, NewInstance, OnErrorPermit, PermitEvent, Resume, Resumed, Store,
-    Transition,
+    NewCampaign, NewChild, NewInstance, OnErrorPermit, Resume, Resumed, Store, Transition,
 };
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
-
-/// Permit events as the bus would build them, minus the bus: the subject names the kind.
-fn permits(e: &PermitEvent<'_>) -> OutboxEvent {
-    OutboxEvent {
-        id: Uuid::now_v7(),
-        subject: format!(
-            "test.evt.{}.{}.{}.{:?}",
-            e.campaign, e.workflow, e.instance, e.kind
-        ),
-        payload: json!({ "data": e.data }),
-    }
-}
 
 async fn setup(pool: PgPool) -> (Store, NodeId) {
     crate::support::setup_with(pool, &["job", "child"]).await
@@ -65,7 +52,7 @@ fn new_instance(campaign: CampaignId) -> NewInstance {
 async fn start(store: &Store, campaign: CampaignId, n: usize) -> (Vec<InstanceId>, Created) {
     let batch: Vec<NewInstance> = (0..n).map(|_| new_instance(campaign)).collect();
     let created = store
-        .create_instances(&batch, "test", &[], &permits)
+        .create_instances(&batch, "test")
         .await
         .expect("creates");
     (batch.iter().map(|i| i.id).collect(), created)
@@ -132,13 +119,12 @@ async fn counters(store: &Store, campaign: CampaignId) -> ((i32, i32), (i64, i64
 }
 
 async fn events_of(store: &Store, kind: &str) -> Vec<String> {
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT subject FROM event_outbox WHERE subject LIKE '%.' || $1 ORDER BY created_at",
-    )
-    .bind(kind)
-    .fetch_all(store.pool())
-    .await
-    .expect("reads the outbox");
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT kind FROM event_fact WHERE kind = $1 ORDER BY pos")
+            .bind(kind)
+            .fetch_all(store.pool())
+            .await
+            .expect("reads the outbox");
     rows.into_iter().map(|(s,)| s).collect()
 }
 
@@ -176,7 +162,7 @@ async fn a_batch_start_admits_up_to_the_limit_and_queues_the_rest_in_order(pool:
         (InstanceState::Queued, false, Some(2))
     );
     assert_eq!(counters(&store, c).await, ((3, 2), (3, 2)));
-    assert_eq!(events_of(&store, "Queued").await.len(), 2);
+    assert_eq!(events_of(&store, "queued").await.len(), 2);
 
     // Someone queues: a later start queues too, even with nobody running any more.
     let (later, created) = start(&store, c, 1).await;
@@ -207,7 +193,6 @@ async fn a_finished_holder_hands_its_permit_to_the_oldest_queued_instance(pool: 
                 completion(&a, stop(InstanceState::Completed)),
                 completion(&b, stop(InstanceState::Failed)),
             ],
-            &permits,
         )
         .await
         .expect("commits");
@@ -235,8 +220,8 @@ async fn a_finished_holder_hands_its_permit_to_the_oldest_queued_instance(pool: 
         (InstanceState::Queued, false, Some(1))
     );
     assert_eq!(counters(&store, c).await, ((2, 1), (2, 1)));
-    assert_eq!(events_of(&store, "PermitReleased").await.len(), 2);
-    assert_eq!(events_of(&store, "Admitted").await.len(), 2);
+    assert_eq!(events_of(&store, "permit_released").await.len(), 2);
+    assert_eq!(events_of(&store, "admitted").await.len(), 2);
 }
 
 #[sqlx::test(migrator = "drover_store::MIGRATOR")]
@@ -269,7 +254,6 @@ async fn steps_that_keep_their_permit_and_unlimited_starts_never_touch_a_campaig
                     completion(&running, next()),
                     completion(&free, stop(InstanceState::Completed)),
                 ],
-                &permits,
             )
             .await
             .expect("commits");
@@ -294,11 +278,7 @@ async fn in_error_releases_or_keeps_the_permit_per_policy_and_resume_requeues(po
         let (a, b) = (ids[0], ids[1]);
         let run = claim(&store, node, created.ready[0]).await;
         let done = store
-            .commit_waking(
-                node,
-                &[completion(&run, stop(InstanceState::InError))],
-                &permits,
-            )
+            .commit_waking(node, &[completion(&run, stop(InstanceState::InError))])
             .await
             .expect("commits");
         let resume = |i: &drover_store::Instance| Resume {
@@ -311,7 +291,6 @@ async fn in_error_releases_or_keeps_the_permit_per_policy_and_resume_requeues(po
             set: serde_json::Map::new(),
             actor: "ada".to_owned(),
             mode: "current_step".to_owned(),
-            events: Vec::new(),
         };
         match policy {
             OnErrorPermit::Release => {
@@ -326,7 +305,7 @@ async fn in_error_releases_or_keeps_the_permit_per_policy_and_resume_requeues(po
                 );
                 // The permit is taken: the resumed instance queues behind the limit.
                 let i = store.get_instance(a).await.expect("get").expect("exists");
-                let resumed = store.resume(&resume(&i), &permits).await.expect("resumes");
+                let resumed = store.resume(&resume(&i)).await.expect("resumes");
                 assert_eq!(resumed, Resumed::Queued { position: 1 });
                 assert_eq!(
                     state(&store, a).await,
@@ -335,11 +314,7 @@ async fn in_error_releases_or_keeps_the_permit_per_policy_and_resume_requeues(po
                 // b finishes: a is admitted again.
                 let run = claim_now(&store, node, b).await;
                 let done = store
-                    .commit_waking(
-                        node,
-                        &[completion(&run, stop(InstanceState::Completed))],
-                        &permits,
-                    )
+                    .commit_waking(node, &[completion(&run, stop(InstanceState::Completed))])
                     .await
                     .expect("commits");
                 assert_eq!(
@@ -356,7 +331,7 @@ async fn in_error_releases_or_keeps_the_permit_per_policy_and_resume_requeues(po
                 assert_eq!(state(&store, a).await, (InstanceState::InError, true, None));
                 assert_eq!(state(&store, b).await.0, InstanceState::Queued);
                 let i = store.get_instance(a).await.expect("get").expect("exists");
-                let resumed = store.resume(&resume(&i), &permits).await.expect("resumes");
+                let resumed = store.resume(&resume(&i)).await.expect("resumes");
                 assert!(matches!(resumed, Resumed::Resumed { .. }), "{resumed:?}");
                 assert_eq!(state(&store, a).await, (InstanceState::Ready, true, None));
             }
@@ -374,7 +349,7 @@ async fn raising_the_limit_admits_at_once_and_lowering_it_admits_nothing_until_b
     let (ids, created) = start(&store, c, 6).await;
 
     let raised = store
-        .set_campaign_limit("spring", 4, "ada", &permits)
+        .set_campaign_limit("spring", 4, "ada")
         .await
         .expect("raises");
     assert_eq!(raised.previous, 2);
@@ -385,7 +360,7 @@ async fn raising_the_limit_admits_at_once_and_lowering_it_admits_nothing_until_b
     assert_eq!(counters(&store, c).await, ((4, 2), (4, 2)));
 
     let lowered = store
-        .set_campaign_limit("spring", 1, "ada", &permits)
+        .set_campaign_limit("spring", 1, "ada")
         .await
         .expect("lowers");
     assert!(lowered.admitted.is_empty());
@@ -393,32 +368,20 @@ async fn raising_the_limit_admits_at_once_and_lowering_it_admits_nothing_until_b
     for job in created.ready.iter().take(2) {
         let run = claim(&store, node, *job).await;
         let done = store
-            .commit_waking(
-                node,
-                &[completion(&run, stop(InstanceState::Completed))],
-                &permits,
-            )
+            .commit_waking(node, &[completion(&run, stop(InstanceState::Completed))])
             .await
             .expect("commits");
         assert!(done.ready.is_empty());
     }
     let run = claim_now(&store, node, ids[2]).await;
     let done = store
-        .commit_waking(
-            node,
-            &[completion(&run, stop(InstanceState::Completed))],
-            &permits,
-        )
+        .commit_waking(node, &[completion(&run, stop(InstanceState::Completed))])
         .await
         .expect("commits");
     assert!(done.ready.is_empty(), "one holder left: at the limit of 1");
     let run = claim_now(&store, node, ids[3]).await;
     let done = store
-        .commit_waking(
-            node,
-            &[completion(&run, stop(InstanceState::Completed))],
-            &permits,
-        )
+        .commit_waking(node, &[completion(&run, stop(InstanceState::Completed))])
         .await
         .expect("commits");
     assert_eq!(
@@ -428,17 +391,15 @@ async fn raising_the_limit_admits_at_once_and_lowering_it_admits_nothing_until_b
     );
 
     assert!(matches!(
-        store
-            .set_campaign_limit("default", 3, "ada", &permits)
-            .await,
+        store.set_campaign_limit("default", 3, "ada").await,
         Err(Error::UnlimitedCampaign(_))
     ));
     assert!(matches!(
-        store.set_campaign_limit("nope", 3, "ada", &permits).await,
+        store.set_campaign_limit("nope", 3, "ada").await,
         Err(Error::UnknownCampaign(_))
     ));
     assert!(matches!(
-        store.set_campaign_limit("spring", 0, "ada", &permits).await,
+        store.set_campaign_limit("spring", 0, "ada").await,
         Err(Error::InvalidLimit(0))
     ));
     let audited: (i64,) =
@@ -502,7 +463,6 @@ async fn a_requested_stop_or_pause_is_honoured_by_the_next_commit(pool: PgPool) 
         .commit_waking(
             node,
             &[completion(&stopping, next()), completion(&pausing, next())],
-            &permits,
         )
         .await
         .expect("commits");
@@ -542,8 +502,8 @@ async fn a_requested_stop_or_pause_is_honoured_by_the_next_commit(pool: PgPool) 
     .await
     .expect("reads");
     assert_eq!(paused, (None, Some("bob".to_owned()), "b".to_owned()));
-    assert_eq!(events_of(&store, "Stopped").await.len(), 1);
-    assert_eq!(events_of(&store, "Paused").await.len(), 1);
+    assert_eq!(events_of(&store, "stopped").await.len(), 1);
+    assert_eq!(events_of(&store, "paused").await.len(), 1);
     assert_eq!(counters(&store, c).await, ((2, 0), (2, 0)));
 }
 
@@ -568,7 +528,7 @@ async fn children_run_under_their_parents_permit(pool: PgPool) {
         })),
     };
     let done = store
-        .commit_waking(node, &[completion(&parent, park)], &permits)
+        .commit_waking(node, &[completion(&parent, park)])
         .await
         .expect("commits");
     assert_eq!(done.ready.len(), 1, "the child starts at once");
@@ -582,11 +542,7 @@ async fn children_run_under_their_parents_permit(pool: PgPool) {
     );
     let child = claim(&store, node, done.ready[0]).await;
     let done = store
-        .commit_waking(
-            node,
-            &[completion(&child, stop(InstanceState::Completed))],
-            &permits,
-        )
+        .commit_waking(node, &[completion(&child, stop(InstanceState::Completed))])
         .await
         .expect("commits");
     assert_eq!(
@@ -616,7 +572,7 @@ async fn recovery_keeps_permits_but_an_interrupted_step_gives_its_permit_back(po
         .await
         .expect("kills the node");
     let requeued = store
-        .requeue_orphans(node, NodeId::new(), 100, |_| Vec::new(), &permits)
+        .requeue_orphans(node, NodeId::new(), 100)
         .await
         .expect("requeues");
     assert_eq!(requeued.orphans.len(), 2);
@@ -640,11 +596,6 @@ async fn the_reconciler_repairs_counter_drift_and_a_stalled_queue_under_the_leas
     let (store, node) = setup(pool).await;
     let c = campaign(&store, "spring", Some(2), OnErrorPermit::Release).await;
     let (ids, _) = start(&store, c, 4).await;
-    let drift_event = |d: &drover_store::Drift| OutboxEvent {
-        id: Uuid::now_v7(),
-        subject: format!("test.evt.{}._campaign._.permit_drift", d.campaign),
-        payload: json!({ "kind": d.kind }),
-    };
     let term = store
         .acquire_lease(COORDINATOR_LEASE, node, 10_000)
         .await
@@ -652,7 +603,7 @@ async fn the_reconciler_repairs_counter_drift_and_a_stalled_queue_under_the_leas
         .expect("the lease was free");
 
     let clean = store
-        .reconcile_permits(node, term, &permits, drift_event)
+        .reconcile_permits(node, term)
         .await
         .expect("reconciles");
     assert!(clean.drift.is_empty(), "{:?}", clean.drift);
@@ -669,7 +620,7 @@ async fn the_reconciler_repairs_counter_drift_and_a_stalled_queue_under_the_leas
         .await
         .expect("breaks a counter");
     let repaired = store
-        .reconcile_permits(node, term, &permits, drift_event)
+        .reconcile_permits(node, term)
         .await
         .expect("reconciles");
     let kinds: Vec<DriftKind> = repaired.drift.iter().map(|d| d.kind).collect();
@@ -695,12 +646,7 @@ async fn the_reconciler_repairs_counter_drift_and_a_stalled_queue_under_the_leas
         .await
         .expect("breaks a counter");
     let stale = store
-        .reconcile_permits(
-            node,
-            drover_store::LeaderTerm(term.0 + 1),
-            &permits,
-            drift_event,
-        )
+        .reconcile_permits(node, drover_store::LeaderTerm(term.0 + 1))
         .await
         .expect("answers");
     assert!(stale.drift.is_empty());
@@ -773,10 +719,7 @@ async fn concurrent_starters_and_finishers_never_overshoot_and_counters_match(po
                     .iter()
                     .map(|cl| completion(cl, stop(InstanceState::Completed)))
                     .collect();
-                store
-                    .commit_waking(node, &done, &permits)
-                    .await
-                    .expect("commits");
+                store.commit_waking(node, &done).await.expect("commits");
                 let (finished,): (i64,) =
                     sqlx::query_as("SELECT count(*) FROM instance WHERE state = 'completed'")
                         .fetch_one(store.pool())

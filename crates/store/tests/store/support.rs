@@ -2,13 +2,10 @@
 //! `default` campaign, claims and completions.
 
 use chrono::Utc;
-use drover_core::{Fence, InstanceId, InstanceState, NodeId, OutboxEvent, StepSeq};
-use drover_store::{
-    ClaimRequest, Claimed, Completion, NewInstance, PermitEvent, Store, Transition,
-};
+use drover_core::{Fence, InstanceId, InstanceState, NodeId, StepSeq};
+use drover_store::{ClaimRequest, Claimed, Completion, NewInstance, Store, Transition};
 use serde_json::json;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 /// A store with workflows `parent` and `child` deployed and a live worker node.
 pub(crate) async fn setup(pool: PgPool) -> (Store, NodeId) {
@@ -52,8 +49,6 @@ pub(crate) async fn start(store: &Store, workflow: &str) -> InstanceId {
                 vars: json!({}),
             }],
             "test",
-            &[],
-            &permits,
         )
         .await
         .expect("create");
@@ -66,24 +61,18 @@ pub(crate) async fn claim(store: &Store, node: NodeId, job: ClaimRequest) -> Cla
     claimed.remove(0)
 }
 
-/// The events of permit changes (none happen in the unlimited `default` campaign).
-pub(crate) fn permits(e: &PermitEvent<'_>) -> OutboxEvent {
-    event(&format!("permit.{:?}", e.kind))
-}
-
-pub(crate) fn event(tag: &str) -> OutboxEvent {
-    OutboxEvent {
-        id: Uuid::now_v7(),
-        subject: format!("test.{tag}"),
-        payload: json!({ "tag": tag }),
-    }
+/// The kinds of the events written about `id`, in sequence order; panics unless they are
+/// numbered 1, 2, 3, … without a gap.
+pub(crate) async fn event_kinds(store: &Store, id: InstanceId) -> Vec<String> {
+    let facts = store.instance_facts(id).await.expect("facts");
+    let seqs: Vec<i64> = facts.iter().map(|f| f.seq).collect();
+    let expected: Vec<i64> = (1..=facts.len() as i64).collect();
+    assert_eq!(seqs, expected, "{id}'s events are numbered without gaps");
+    facts.iter().map(|f| f.kind.as_str().to_owned()).collect()
 }
 
 pub(crate) fn completion(claimed: &Claimed, outcome: &str, transition: Transition) -> Completion {
-    Completion {
-        events: vec![event(outcome)],
-        ..Completion::of(claimed, Utc::now(), outcome, transition)
-    }
+    Completion::of(claimed, Utc::now(), outcome, transition)
 }
 
 pub(crate) fn wait(wake_at_ms: Option<i64>, event: Option<&str>) -> Transition {

@@ -24,7 +24,6 @@ async fn a_due_wait_is_woken_by_the_leader_only_and_its_rerun_sees_the_deadline_
             .commit_waking(
                 node,
                 &[completion(&claimed, "waiting", wait(Some(ms), None))],
-                &permits,
             )
             .await
             .expect("commit");
@@ -43,7 +42,7 @@ async fn a_due_wait_is_woken_by_the_leader_only_and_its_rerun_sees_the_deadline_
     // Not the leader: nothing happens.
     let leader = NodeId::new();
     let stale = drover_store::LeaderTerm(7);
-    let woken = store.wake_due(leader, stale, 100, |_| Vec::new()).await;
+    let woken = store.wake_due(leader, stale, 100).await;
     assert_eq!(woken.expect("wake_due"), []);
     assert_eq!(state(&store, id).await.0, InstanceState::Waiting);
 
@@ -52,12 +51,7 @@ async fn a_due_wait_is_woken_by_the_leader_only_and_its_rerun_sees_the_deadline_
         .await
         .expect("lease")
         .expect("the lease is free");
-    let woken = store
-        .wake_due(leader, term, 100, |w| {
-            vec![event(&format!("woken-{}", w.id))]
-        })
-        .await
-        .expect("wake_due");
+    let woken = store.wake_due(leader, term, 100).await.expect("wake_due");
     assert_eq!(woken, [job(id, 2, 1)], "only the due one wakes");
     assert_eq!(state(&store, id).await, (InstanceState::Ready, StepSeq(2)));
     assert_eq!(state(&store, later).await.0, InstanceState::Waiting);
@@ -65,7 +59,7 @@ async fn a_due_wait_is_woken_by_the_leader_only_and_its_rerun_sees_the_deadline_
         journal_row(&store, id, 2).await,
         ("woken".into(), "ready".into(), Some("timer".into()))
     );
-    let again = store.wake_due(leader, term, 100, |_| Vec::new()).await;
+    let again = store.wake_due(leader, term, 100).await;
     assert_eq!(again.expect("wake_due"), []);
 
     let rerun = claim(&store, node, woken[0]).await;
@@ -83,7 +77,6 @@ async fn a_due_wait_is_woken_by_the_leader_only_and_its_rerun_sees_the_deadline_
                     state: InstanceState::Completed,
                 },
             )],
-            &permits,
         )
         .await
         .expect("commit");
@@ -95,7 +88,7 @@ async fn an_early_signal_is_kept_and_consumed_only_by_a_commit_that_lands(pool: 
     let (store, node) = setup(pool).await;
     let id = start(&store, "parent").await;
     let kept = store
-        .deliver_signal(id, "approved", &json!({ "by": "ada" }), |_| Vec::new())
+        .deliver_signal(id, "approved", &json!({ "by": "ada" }))
         .await
         .expect("deliver");
     assert_eq!(kept, Delivery::Kept);
@@ -125,10 +118,7 @@ async fn an_early_signal_is_kept_and_consumed_only_by_a_commit_that_lands(pool: 
     // A stale fence commits nothing and consumes nothing.
     let mut stale = done.clone();
     stale.fence = Fence(0);
-    let result = store
-        .commit_waking(node, &[stale], &permits)
-        .await
-        .expect("commit");
+    let result = store.commit_waking(node, &[stale]).await.expect("commit");
     assert_eq!(result.results, [Commit::Fenced]);
     assert!(
         store
@@ -138,10 +128,7 @@ async fn an_early_signal_is_kept_and_consumed_only_by_a_commit_that_lands(pool: 
             .is_some()
     );
 
-    let result = store
-        .commit_waking(node, &[done], &permits)
-        .await
-        .expect("commit");
+    let result = store.commit_waking(node, &[done]).await.expect("commit");
     assert_eq!(result.results, [Commit::Committed]);
     assert_eq!(
         store.pending_signal(id, "approved").await.expect("pending"),
@@ -162,21 +149,18 @@ async fn a_signal_wakes_an_instance_waiting_for_it_and_its_rerun_keeps_the_deadl
     let id = start(&store, "parent").await;
     let claimed = claim(&store, node, job(id, 0, 0)).await;
     let parked = completion(&claimed, "waiting", wait(Some(60_000), Some("approved")));
-    store
-        .commit_waking(node, &[parked], &permits)
-        .await
-        .expect("commit");
+    store.commit_waking(node, &[parked]).await.expect("commit");
     let before = store.get_instance(id).await.expect("get").expect("exists");
 
     // Another name is kept, the right one wakes it.
     let other = store
-        .deliver_signal(id, "rejected", &Value::Null, |_| Vec::new())
+        .deliver_signal(id, "rejected", &Value::Null)
         .await
         .expect("deliver");
     assert_eq!(other, Delivery::Kept);
     assert_eq!(state(&store, id).await.0, InstanceState::Waiting);
     let woke = store
-        .deliver_signal(id, "approved", &json!(1), |w| vec![event(&w.current_step)])
+        .deliver_signal(id, "approved", &json!(1))
         .await
         .expect("deliver");
     assert_eq!(woke, Delivery::Woke(job(id, 2, 1)));
@@ -195,10 +179,7 @@ async fn a_signal_wakes_an_instance_waiting_for_it_and_its_rerun_keeps_the_deadl
     let deadline = rerun.wait_deadline.expect("set by the first wait");
     assert!(rerun.claimed_at < deadline);
     let parked = completion(&rerun, "waiting", wait(Some(1), Some("approved")));
-    store
-        .commit_waking(node, &[parked], &permits)
-        .await
-        .expect("commit");
+    store.commit_waking(node, &[parked]).await.expect("commit");
     let (wake_at,): (Option<chrono::DateTime<Utc>>,) =
         sqlx::query_as("SELECT wake_at FROM instance WHERE id = $1")
             .bind(id.0)
@@ -215,15 +196,12 @@ async fn a_signal_delivered_while_the_step_runs_turns_its_wait_into_a_rerun(pool
     let claimed = claim(&store, node, job(id, 0, 0)).await;
     // The step looked and found nothing; the event arrives before it commits its wait.
     let kept = store
-        .deliver_signal(id, "approved", &json!("yes"), |_| Vec::new())
+        .deliver_signal(id, "approved", &json!("yes"))
         .await
         .expect("deliver");
     assert_eq!(kept, Delivery::Kept);
     let parked = completion(&claimed, "waiting", wait(None, Some("approved")));
-    let done = store
-        .commit_waking(node, &[parked], &permits)
-        .await
-        .expect("commit");
+    let done = store.commit_waking(node, &[parked]).await.expect("commit");
     assert_eq!(done.results, [Commit::Committed]);
     assert_eq!(done.ready, [job(id, 1, 1)], "READY at once, to run again");
     assert_eq!(state(&store, id).await, (InstanceState::Ready, StepSeq(1)));
@@ -238,10 +216,7 @@ async fn a_signal_delivered_while_the_step_runs_turns_its_wait_into_a_rerun(pool
             .is_some()
     );
     let parked = completion(&rerun, "waiting", wait(None, Some("other")));
-    let done = store
-        .commit_waking(node, &[parked], &permits)
-        .await
-        .expect("commit");
+    let done = store.commit_waking(node, &[parked]).await.expect("commit");
     assert!(done.ready.is_empty());
     assert_eq!(state(&store, id).await.0, InstanceState::Waiting);
 }
@@ -250,10 +225,7 @@ async fn a_signal_delivered_while_the_step_runs_turns_its_wait_into_a_rerun(pool
 async fn signals_to_unknown_or_finished_instances_are_errors(pool: PgPool) {
     let (store, node) = setup(pool).await;
     let unknown = InstanceId::new();
-    let err = store
-        .deliver_signal(unknown, "x", &Value::Null, |_| Vec::new())
-        .await
-        .err();
+    let err = store.deliver_signal(unknown, "x", &Value::Null).await.err();
     assert!(
         matches!(err, Some(Error::UnknownInstance(id)) if id == unknown),
         "{err:?}"
@@ -261,7 +233,7 @@ async fn signals_to_unknown_or_finished_instances_are_errors(pool: PgPool) {
 
     let id = start(&store, "parent").await;
     let err = store
-        .deliver_signal(id, "Not A Slug", &Value::Null, |_| Vec::new())
+        .deliver_signal(id, "Not A Slug", &Value::Null)
         .await
         .err();
     assert!(matches!(err, Some(Error::InvalidEventName(_))), "{err:?}");
@@ -270,13 +242,10 @@ async fn signals_to_unknown_or_finished_instances_are_errors(pool: PgPool) {
         state: InstanceState::Completed,
     };
     store
-        .commit_waking(node, &[completion(&claimed, "completed", stop)], &permits)
+        .commit_waking(node, &[completion(&claimed, "completed", stop)])
         .await
         .expect("commit");
-    let err = store
-        .deliver_signal(id, "x", &Value::Null, |_| Vec::new())
-        .await
-        .err();
+    let err = store.deliver_signal(id, "x", &Value::Null).await.err();
     assert!(
         matches!(
             err,
@@ -313,12 +282,8 @@ async fn a_child_starts_with_its_parents_wait_and_its_end_wakes_the_parent(pool:
     let parent = start(&store, "parent").await;
     let claimed = claim(&store, node, job(parent, 0, 0)).await;
     let (child, transition) = child_of(json!({ "n": 2 }));
-    let mut parked = completion(&claimed, "waiting", transition);
-    parked.events.push(event("child-started"));
-    let done = store
-        .commit_waking(node, &[parked], &permits)
-        .await
-        .expect("commit");
+    let parked = completion(&claimed, "waiting", transition);
+    let done = store.commit_waking(node, &[parked]).await.expect("commit");
     assert_eq!(done.results, [Commit::Committed]);
     assert_eq!(done.ready, [job(child, 0, 0)], "the child's first job");
 
@@ -351,9 +316,8 @@ async fn a_child_starts_with_its_parents_wait_and_its_end_wakes_the_parent(pool:
         },
     );
     finished.vars = Some(json!({ "n": 3 }));
-    finished.parent_events = vec![event("parent-woken")];
     let done = store
-        .commit_waking(node, &[finished], &permits)
+        .commit_waking(node, &[finished])
         .await
         .expect("commit");
     assert_eq!(done.results, [Commit::Committed]);
@@ -367,12 +331,15 @@ async fn a_child_starts_with_its_parents_wait_and_its_end_wakes_the_parent(pool:
         journal_row(&store, parent, 2).await,
         ("woken".into(), "ready".into(), Some(child_actor))
     );
-    let (woken_events,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM event_outbox WHERE subject = 'test.parent-woken'")
-            .fetch_one(store.pool())
-            .await
-            .expect("count");
-    assert_eq!(woken_events, 1);
+    assert_eq!(
+        event_kinds(&store, parent).await,
+        ["started", "waiting", "woken"],
+        "the parent's wake is announced, once"
+    );
+    assert_eq!(
+        event_kinds(&store, child).await,
+        ["started", "step_completed", "completed"]
+    );
 
     let rerun = claim(&store, node, job(parent, 2, 1)).await;
     assert_eq!(rerun.wait_child, Some(child));
@@ -386,10 +353,7 @@ async fn a_child_starts_with_its_parents_wait_and_its_end_wakes_the_parent(pool:
         },
         ..again
     };
-    let done = store
-        .commit_waking(node, &[again], &permits)
-        .await
-        .expect("commit");
+    let done = store.commit_waking(node, &[again]).await.expect("commit");
     assert_eq!(done.ready, [job(parent, 3, 2)]);
     // Moving on clears the step's wait.
     let rerun = claim(&store, node, job(parent, 3, 2)).await;
@@ -399,7 +363,7 @@ async fn a_child_starts_with_its_parents_wait_and_its_end_wakes_the_parent(pool:
         timeout_ms: 30_000,
     };
     store
-        .commit_waking(node, &[completion(&rerun, "completed", next)], &permits)
+        .commit_waking(node, &[completion(&rerun, "completed", next)])
         .await
         .expect("commit");
     let (wait_child, pending): (Option<Uuid>, i32) =
@@ -418,11 +382,7 @@ async fn a_child_in_error_leaves_its_parent_waiting(pool: PgPool) {
     let claimed = claim(&store, node, job(parent, 0, 0)).await;
     let (child, transition) = child_of(json!({}));
     store
-        .commit_waking(
-            node,
-            &[completion(&claimed, "waiting", transition)],
-            &permits,
-        )
+        .commit_waking(node, &[completion(&claimed, "waiting", transition)])
         .await
         .expect("commit");
     let run = claim(&store, node, job(child, 0, 0)).await;
@@ -430,7 +390,7 @@ async fn a_child_in_error_leaves_its_parent_waiting(pool: PgPool) {
         state: InstanceState::InError,
     };
     let done = store
-        .commit_waking(node, &[completion(&run, "failed", in_error)], &permits)
+        .commit_waking(node, &[completion(&run, "failed", in_error)])
         .await
         .expect("commit");
     assert!(done.ready.is_empty());
@@ -446,11 +406,7 @@ async fn a_child_that_ends_while_its_parent_runs_makes_the_parents_next_wait_end
     let claimed = claim(&store, node, job(parent, 0, 0)).await;
     let (child, transition) = child_of(json!({}));
     store
-        .commit_waking(
-            node,
-            &[completion(&claimed, "waiting", transition)],
-            &permits,
-        )
+        .commit_waking(node, &[completion(&claimed, "waiting", transition)])
         .await
         .expect("commit");
     // Something (an operator, say) makes the waiting parent run its step again.
@@ -466,18 +422,14 @@ async fn a_child_that_ends_while_its_parent_runs_makes_the_parents_next_wait_end
         state: InstanceState::Failed,
     };
     let done = store
-        .commit_waking(node, &[completion(&run, "completed", failed)], &permits)
+        .commit_waking(node, &[completion(&run, "completed", failed)])
         .await
         .expect("commit");
     assert!(done.ready.is_empty());
     assert_eq!(state(&store, parent).await.0, InstanceState::Running);
     // The parent's step saw the child still running and waits on: it goes READY instead.
     let done = store
-        .commit_waking(
-            node,
-            &[completion(&rerun, "waiting", wait(None, None))],
-            &permits,
-        )
+        .commit_waking(node, &[completion(&rerun, "waiting", wait(None, None))])
         .await
         .expect("commit");
     assert_eq!(done.ready, [job(parent, 2, 2)]);
