@@ -322,7 +322,7 @@ pub fn check_event_log(
         return Ok(check);
     }
     let mut report = format!(
-        "{} problems with the event contract in {} events:",
+        "{} problem(s) with the event contract in {} event(s):",
         problems.len(),
         events.len()
     );
