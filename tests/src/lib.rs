@@ -1,6 +1,7 @@
 //! The end-to-end harness: a [`TestEnv`] with its own database and subject prefix, nodes as
 //! real OS processes (so they can be killed), a recording HTTP server, and `wait_until`.
 
+mod events;
 mod nats_server;
 mod node_log;
 mod pgserver;
@@ -21,6 +22,10 @@ use rand::Rng;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+pub use events::{
+    CHECK_EVENTS_ENV, EventCheck, EventReader, ReceivedEvent, asyncapi_channel, check_event_log,
+    kinds_and_subjects, read_all_events,
+};
 pub use nats_server::{NatsServer, ServerOptions, ServerTls, nats_server_bin};
 pub use pgserver::PgServer;
 pub use proxy::Proxy;
@@ -334,8 +339,16 @@ impl TestEnv {
     }
 
     /// Stops the nodes it spawned, then drops the database and the streams (best effort).
+    /// Unless `DROVER_TEST_CHECK_EVENTS=0`, it first checks every event the cluster kept against
+    /// the event contract ([`TestEnv::check_events`]) and, having cleaned up, panics if one
+    /// broke it.
     pub async fn cleanup(self) {
         self.spawned.kill_all(&self.prefix).await;
+        let events = if Self::checks_events_at_cleanup() {
+            Some(self.check_events().await)
+        } else {
+            None
+        };
         self.bus.delete_streams().await;
         self.store.pool().close().await;
         if let Ok(admin) = sqlx::PgPool::connect(&self.admin_url).await {
@@ -345,6 +358,12 @@ impl TestEnv {
             ))
             .execute(&admin)
             .await;
+        }
+        if let Some(Err(err)) = events {
+            panic!(
+                "the events of this test ({}) broke the event contract: {err:#}",
+                self.prefix
+            );
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Bearer-token authentication and scopes.
 //!
-//! Every `/v1` route but `/v1/openapi.json` needs `Authorization: Bearer <token>`; `/healthz`
-//! and `/readyz` need nothing. A token is 256 random bits (`drv_` + 43 base64url characters),
+//! Every `/v1` route but the documents (`/v1/openapi.json`, `/v1/asyncapi.json`,
+//! `/v1/schemas/events/{type}`) needs `Authorization: Bearer <token>`; `/healthz` and `/readyz`
+//! need nothing. A token is 256 random bits (`drv_` + 43 base64url characters),
 //! shown once when created; the store keeps only its SHA-256. The bootstrap admin token comes
 //! from the node's configuration and is never stored. A request's scope need is decided from
 //! its method and route ([`required_scope`]): `viewer` reads, `operator` runs things, `admin`

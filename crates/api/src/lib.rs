@@ -1,7 +1,8 @@
 //! Drover's HTTP API: an axum router over the store and the bus, its DTOs and OpenAPI
 //! document, and [`ApiClient`], the typed client the operator CLI uses.
 //!
-//! Every `/v1` route but `/v1/openapi.json` needs a bearer token whose scope allows it
+//! Every `/v1` route but the documents (`/v1/openapi.json`, `/v1/asyncapi.json`,
+//! `/v1/schemas/events/{type}`) needs a bearer token whose scope allows it
 //! ([`auth`]). Every route answers JSON; every error is one [`ApiError`] rendered as
 //! `{"error": {"code", "message", "details"?}}` and logged once, where it is mapped (4xx at
 //! debug, 5xx at error). Input Postgres cannot store (a NUL character in any string) is
@@ -23,10 +24,12 @@
 //! | `GET /v1/campaigns`, `GET /v1/nodes`, `GET /v1/leader`, `GET /v1/stats` | cluster |
 //! | `POST /v1/tokens`, `GET /v1/tokens`, `DELETE /v1/tokens/{name}` | API tokens (admin) |
 //! | `GET /v1/openapi.json`, `GET /healthz`, `GET /readyz` | this API's description, liveness, readiness (no token) |
+//! | `GET /v1/asyncapi.json`, `GET /v1/schemas/events/{type}` | the events' AsyncAPI document and JSON Schemas ([`drover_bus::contract`]; no token) |
 
 pub mod auth;
 mod campaigns;
 mod client;
+mod contract;
 mod diagnosis;
 pub mod dto;
 mod error;
@@ -112,6 +115,8 @@ impl ApiState {
 pub fn router(state: ApiState) -> Router {
     let public = Router::new()
         .route("/v1/openapi.json", get(routes::openapi))
+        .route("/v1/asyncapi.json", get(contract::asyncapi))
+        .route("/v1/schemas/events/{type}", get(contract::event_schema))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz));
     Router::new()

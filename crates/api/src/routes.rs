@@ -79,6 +79,8 @@ pub(crate) const MAX_JOURNAL_PAGE_BYTES: usize = 4 * 1024 * 1024;
         crate::tokens::list,
         crate::tokens::revoke,
         openapi,
+        crate::contract::asyncapi,
+        crate::contract::event_schema,
         healthz,
         readyz
     ),
@@ -589,7 +591,14 @@ impl Modify for CommonResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let mut request_schemas = Vec::new();
         for (path, item) in openapi.paths.paths.iter_mut() {
-            let local = matches!(path.as_str(), "/healthz" | "/readyz" | "/v1/openapi.json");
+            let local = matches!(
+                path.as_str(),
+                "/healthz"
+                    | "/readyz"
+                    | "/v1/openapi.json"
+                    | "/v1/asyncapi.json"
+                    | "/v1/schemas/events/{type}"
+            );
             for operation in [
                 &mut item.get,
                 &mut item.put,

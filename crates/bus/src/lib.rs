@@ -2,6 +2,7 @@
 //! format, CloudEvents, and publishing with deterministic `Nats-Msg-Id`s.
 
 mod auth;
+pub mod contract;
 mod error;
 mod event;
 mod job;

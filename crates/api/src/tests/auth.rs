@@ -425,7 +425,13 @@ fn the_openapi_document_requires_the_bearer_token_except_on_public_routes() {
         .collect();
     assert_eq!(
         public,
-        vec!["GET /healthz", "GET /readyz", "GET /v1/openapi.json"]
+        vec![
+            "GET /healthz",
+            "GET /readyz",
+            "GET /v1/asyncapi.json",
+            "GET /v1/openapi.json",
+            "GET /v1/schemas/events/{type}"
+        ]
     );
     assert!(doc["paths"]["/v1/stats"]["get"]["responses"]["401"].is_object());
     assert!(doc["paths"]["/v1/workflows"]["post"]["responses"]["403"].is_object());
