@@ -49,6 +49,9 @@ pub struct TestEnv {
     pub bus_config: BusConfig,
     /// The nodes it spawned: stopped by [`TestEnv::cleanup`] before it deletes the streams.
     spawned: reaper::Spawned,
+    /// When its EVENTS stream was created (ns since the epoch): a stream created later was
+    /// deleted meanwhile, and the events it held are gone by design.
+    pub(crate) events_stream_created: Option<i128>,
     #[cfg(feature = "testcontainers")]
     _containers: Option<containers::Containers>,
 }
@@ -141,6 +144,7 @@ impl TestEnv {
         let bus = Bus::connect(bus_config.clone())
             .await
             .with_context(|| format!("connecting to NATS_URL ({UNSET})"))?;
+        let events_stream_created = events::events_stream_created(&bus).await;
         Ok(Self {
             database_url,
             database,
@@ -151,6 +155,7 @@ impl TestEnv {
             bus,
             bus_config,
             spawned: reaper::Spawned::default(),
+            events_stream_created,
             #[cfg(feature = "testcontainers")]
             _containers: containers,
         })
@@ -168,6 +173,7 @@ impl TestEnv {
         let bus = Bus::connect(bus_config.clone())
             .await
             .context("connecting to the test's nats-server as its administrator")?;
+        let events_stream_created = events::events_stream_created(&bus).await;
         Ok(Self {
             database_url,
             database,
@@ -178,6 +184,7 @@ impl TestEnv {
             bus,
             bus_config,
             spawned: reaper::Spawned::default(),
+            events_stream_created,
             #[cfg(feature = "testcontainers")]
             _containers: None,
         })
