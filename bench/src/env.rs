@@ -183,6 +183,7 @@ impl BenchEnv {
                     allow_retry: def.entry().allow_retry,
                     timeout_ms: def.entry().timeout_ms(),
                     vars: Value::Object(def.vars.clone()),
+                    announce_end: false,
                 })
                 .collect();
             let created = self.store.create_instances(&rows, "bench").await?;

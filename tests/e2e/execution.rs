@@ -396,3 +396,92 @@ steps:
     env.cleanup().await;
     Ok(())
 }
+
+const COUNTER: &str = r#"
+name: counter
+vars: { n: 0 }
+steps:
+  - id: one
+    kind: assign
+    set: { n: "vars.n + 1" }
+    next: [{ to: two }]
+  - id: two
+    kind: assign
+    set: { n: "vars.n + 1" }
+    next:
+      - to: nap
+        when: "vars.n > 10"
+      - to: done
+  - id: nap
+    kind: sleep
+    for: 1h
+    next: [{ to: done }]
+  - id: done
+    kind: end
+    status: completed
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_and_wait_answers_with_the_final_vars_once_the_instance_ends() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let node = env.spawn_node("api,worker,coordinator").await?;
+    let api = node.api();
+    deploy(api, COUNTER).await?;
+
+    // The CLI waits and prints the end state and the vars.
+    let out = env
+        .cli(
+            api,
+            &["start", "counter", "--vars", r#"{"n":5}"#, "--wait", "30s"],
+        )
+        .await?;
+    assert!(out.contains("\tcompleted"), "{out}");
+    assert!(out.contains(r#"vars: {"n":7}"#), "{out}");
+
+    // The API answers with the instance as it ended.
+    let (status, body) = crate::support::post_json(
+        &format!("{api}/v1/instances?wait=30s"),
+        &json!({ "workflow": "counter" }),
+    )
+    .await?;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["result"]["ended"], true, "{body}");
+    assert_eq!(body["result"]["instance"]["state"], "completed", "{body}");
+    assert_eq!(body["result"]["instance"]["vars"]["n"], 2, "{body}");
+    assert_eq!(body["result"]["instance"]["id"], body["ids"][0], "{body}");
+
+    // A wait that lapses answers the instance as it stands, and the CLI fails.
+    let (status, body) = crate::support::post_json(
+        &format!("{api}/v1/instances?wait=1s"),
+        &json!({ "workflow": "counter", "vars": { "n": 20 } }),
+    )
+    .await?;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["result"]["ended"], false, "{body}");
+    assert_eq!(body["result"]["instance"]["state"], "waiting", "{body}");
+    let out = env
+        .cli_raw(
+            api,
+            &["start", "counter", "--vars", r#"{"n":20}"#, "--wait", "1s"],
+        )
+        .await?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("still waiting"), "{stderr}");
+
+    // Waiting is for one instance, and not forever.
+    let (status, body) = crate::support::post_json(
+        &format!("{api}/v1/instances?wait=30s"),
+        &json!({ "workflow": "counter", "count": 2 }),
+    )
+    .await?;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = crate::support::post_json(
+        &format!("{api}/v1/instances?wait=1h"),
+        &json!({ "workflow": "counter" }),
+    )
+    .await?;
+    assert_eq!(status, 400, "{body}");
+    env.cleanup().await;
+    Ok(())
+}

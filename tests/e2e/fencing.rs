@@ -83,6 +83,7 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
                 allow_retry: true,
                 timeout_ms: 30_000,
                 vars: json!({ "x": 0 }),
+                announce_end: false,
             }],
             "test",
         )

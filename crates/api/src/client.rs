@@ -162,10 +162,22 @@ impl ApiClient {
             .await
     }
 
-    /// `POST /v1/instances`.
-    pub async fn start(&self, request: &StartRequest) -> Result<Value, ClientError> {
+    /// `POST /v1/instances`; with `wait` (e.g. `30s`), answered once the instance ended or
+    /// the wait lapsed.
+    pub async fn start(
+        &self,
+        request: &StartRequest,
+        wait: Option<&str>,
+    ) -> Result<Value, ClientError> {
         let url = self.url(&["v1", "instances"])?;
-        let builder = self.http.request(Method::POST, url.clone()).json(request);
+        let query = crate::StartQuery {
+            wait: wait.map(str::to_owned),
+        };
+        let builder = self
+            .http
+            .request(Method::POST, url.clone())
+            .query(&query)
+            .json(request);
         self.send(builder, &url).await
     }
 

@@ -40,6 +40,7 @@ mod routes;
 mod signal;
 mod start;
 mod tokens;
+pub mod wait;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -64,8 +65,8 @@ pub use lifecycle::{
 pub use operator::{Leader, ResumeMode, ResumeRequest};
 pub use signal::{Delivered, EventDelivered, SignalListener, deliver_event};
 pub use start::{
-    DEFAULT_CAMPAIGN, DefinitionCache, MAX_START_COUNT, START_CHUNK, StartRequest, Started,
-    start_instances,
+    DEFAULT_CAMPAIGN, DefinitionCache, MAX_START_COUNT, START_CHUNK, StartQuery, StartRequest,
+    Started, WaitResult, start_instances,
 };
 pub use tokens::{CreateToken, CreatedToken, TokenInfo, TokenList};
 
@@ -83,6 +84,8 @@ pub struct ApiState {
     pub auth: Authenticator,
     /// Where deployed `publish` steps may publish (the bus's prefix, and the allow-list).
     pub publish: PublishPolicy,
+    /// Requests waiting for their instance's end (`POST /v1/instances?wait=`).
+    pub ends: wait::EndWatch,
 }
 
 impl ApiState {
@@ -96,6 +99,7 @@ impl ApiState {
             definitions: DefinitionCache::new(),
             auth: Authenticator::new(AuthMode::On { bootstrap: None }),
             publish,
+            ends: wait::EndWatch::new(),
         }
     }
 
@@ -183,9 +187,19 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     // The caller announces the address; this is for debugging the API alone.
     tracing::debug!(%addr, "api serving");
-    axum::serve(listener, router(state))
+    let stop_watching = shutdown.child_token();
+    let ends = tokio::spawn(
+        state
+            .ends
+            .clone()
+            .run(state.store.clone(), stop_watching.clone()),
+    );
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+        .await;
+    stop_watching.cancel();
+    let _ = ends.await;
+    served?;
     tracing::debug!(%addr, "api stopped");
     Ok(())
 }

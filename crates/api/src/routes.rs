@@ -22,7 +22,7 @@ use crate::auth::{BearerSecurity, Principal};
 use crate::dto::*;
 use crate::error::{ApiError, ErrorBody, Result};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Slug, Source, unstorable};
-use crate::start::{StartRequest, Started, start_instances};
+use crate::start::{StartQuery, StartRequest, Started, WaitResult, start_instances};
 
 /// Instances listed when the query gives no `limit`.
 const DEFAULT_LIST_LIMIT: i64 = 100;
@@ -280,27 +280,42 @@ pub(crate) async fn show_workflow(
     path = "/v1/instances",
     tag = "instances",
     request_body = StartRequest,
+    params(StartQuery),
     responses(
-        (status = 201, description = "The instances were created and their jobs dispatched", body = Started),
+        (status = 201, description = "The instances were created and their jobs dispatched (with `wait`: answered once the instance ended or the wait lapsed, `result` saying which)", body = Started),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 404, description = "Unknown workflow, version or campaign", body = ErrorBody),
         (status = 415, description = "No `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
-        (status = 422, description = "Count out of range, or vars not an object", body = ErrorBody),
+        (status = 422, description = "Count out of range, vars not an object, or `wait` with a count other than 1", body = ErrorBody),
     )
 )]
 pub(crate) async fn start(
     State(state): State<ApiState>,
     Extension(principal): Extension<Principal>,
+    ApiQuery(query): ApiQuery<StartQuery>,
     ApiJson(request): ApiJson<StartRequest>,
 ) -> Result<(StatusCode, Json<Started>)> {
-    let started = start_instances(
+    let wait = query.wait(request.count.unwrap_or(1))?;
+    let mut started = start_instances(
         &state.store,
         &state.bus,
         &state.definitions,
         &principal.name,
         request,
+        wait.is_some(),
     )
     .await?;
+    if let (Some(wait), [id]) = (wait, started.ids.as_slice()) {
+        let instance = state
+            .ends
+            .wait_for_end(&state.store, *id, wait)
+            .await?
+            .ok_or_else(|| ApiError::not_found("not_found", format!("unknown instance {id}")))?;
+        started.result = Some(WaitResult {
+            ended: crate::wait::has_ended(instance.state),
+            instance: instance.into(),
+        });
+    }
     Ok((StatusCode::CREATED, Json(started)))
 }
 

@@ -72,6 +72,62 @@ pub struct Started {
     /// The version the instances are pinned to.
     pub version: i32,
     pub campaign: String,
+    /// With `?wait=`: the instance as the wait left it (ended, or still on its way when the
+    /// wait lapsed: see `ended`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<WaitResult>,
+}
+
+/// How a waited-for instance stands when the answer is given.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct WaitResult {
+    /// Whether it ended (`completed`, `failed`, `stopped`, or `in_error`, which needs an
+    /// operator); `false`: the wait lapsed first.
+    pub ended: bool,
+    pub instance: crate::dto::Instance,
+}
+
+/// Query parameters of `POST /v1/instances`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StartQuery {
+    /// Answer when the (single) instance ends or after this long (e.g. `30s`, at most `5m`),
+    /// with the instance as it is then, in `result`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(nullable = false, example = "30s")]
+    pub wait: Option<String>,
+}
+
+impl StartQuery {
+    /// The wait asked for, if any, checked against `count`.
+    pub fn wait(&self, count: u32) -> Result<Option<std::time::Duration>> {
+        let Some(text) = &self.wait else {
+            return Ok(None);
+        };
+        let wait = humantime::parse_duration(text).map_err(|err| {
+            ApiError::bad_parameter(
+                "invalid_query",
+                "query",
+                "wait",
+                &format!("{err} (e.g. `30s`)"),
+            )
+        })?;
+        if wait > crate::wait::MAX_WAIT {
+            return Err(ApiError::bad_parameter(
+                "invalid_query",
+                "query",
+                "wait",
+                "at most 5m",
+            ));
+        }
+        if count != 1 {
+            return Err(ApiError::invalid(
+                "invalid_request",
+                format!("wait is for one instance; count is {count}"),
+            ));
+        }
+        Ok(Some(wait))
+    }
 }
 
 /// Parsed definitions by `(name, version)`. A stored version never changes, so entries never
@@ -109,7 +165,8 @@ impl DefinitionCache {
     }
 }
 
-/// Starts the instances `request` asks for, as `actor` (`api`, `scheduler`, …).
+/// Starts the instances `request` asks for, as `actor` (`api`, `scheduler`, …); with
+/// `announce_end`, each instance's end is announced (see [`crate::wait`]).
 ///
 /// Errors: 422 `invalid_request` for a count out of range, non-object `vars`, or a string
 /// Postgres cannot store (a NUL character) in any field; 404
@@ -121,6 +178,7 @@ pub async fn start_instances(
     definitions: &DefinitionCache,
     actor: &str,
     request: StartRequest,
+    announce_end: bool,
 ) -> Result<Started> {
     // The API's extractor checked this already; other callers (a NATS start) may not have.
     for (field, text) in [
@@ -217,6 +275,7 @@ pub async fn start_instances(
                 allow_retry: definition.entry().allow_retry,
                 timeout_ms: definition.entry().timeout_ms(),
                 vars: vars.clone(),
+                announce_end,
             });
         }
         let created = match store.create_instances(&instances, actor).await {
@@ -267,6 +326,7 @@ pub async fn start_instances(
         workflow: stored.name,
         version: stored.version,
         campaign: campaign.name,
+        result: None,
     })
 }
 

@@ -980,11 +980,14 @@ async fn the_client_speaks_to_a_served_api_and_reports_errors_with_code_and_stat
         json!({"name": "greeting", "version": 1, "created": true})
     );
     let started = client
-        .start(&StartRequest {
-            workflow: "greeting".into(),
-            count: Some(2),
-            ..Default::default()
-        })
+        .start(
+            &StartRequest {
+                workflow: "greeting".into(),
+                count: Some(2),
+                ..Default::default()
+            },
+            None,
+        )
         .await
         .expect("starts");
     let id = started["ids"][0].as_str().expect("an id").to_owned();

@@ -41,6 +41,10 @@ pub enum OperatorCommand {
         /// How many instances to start.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_START_COUNT)))]
         count: u32,
+        /// Wait up to this long (e.g. `30s`, at most `5m`) for the instance to end and print
+        /// its final state and vars; exits non-zero unless it completed in time.
+        #[arg(long, conflicts_with = "count")]
+        wait: Option<String>,
     },
     /// List and inspect instances.
     #[command(subcommand)]
@@ -240,6 +244,7 @@ pub async fn run(
             campaign,
             vars,
             count,
+            wait,
         } => {
             let vars = vars.as_deref().map(parse_vars).transpose()?;
             let request = StartRequest {
@@ -249,7 +254,10 @@ pub async fn run(
                 vars,
                 count: Some(count),
             };
-            (client.start(&request).await?, View::Started)
+            (
+                client.start(&request, wait.as_deref()).await?,
+                View::Started,
+            )
         }
         OperatorCommand::Instance(InstanceCommand::List {
             state,
@@ -320,7 +328,26 @@ pub async fn run(
     } else {
         render(view, &answer)
     };
-    emit(&text)
+    emit(&text)?;
+    // A waited-for instance that did not complete in time fails the command.
+    let result = &answer["result"];
+    if matches!(view, View::Started) && result.is_object() {
+        let id = text_of(&result["instance"]["id"]);
+        let state = text_of(&result["instance"]["state"]);
+        if result["ended"] != Value::Bool(true) {
+            bail!("instance {id} is still {state}: the wait lapsed");
+        }
+        if state != "completed" {
+            bail!("instance {id} ended {state}");
+        }
+    }
+    Ok(())
+}
+
+fn text_of(value: &Value) -> String {
+    value
+        .as_str()
+        .map_or_else(|| value.to_string(), str::to_owned)
 }
 
 async fn lifecycle(
@@ -418,6 +445,15 @@ fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
             out.push_str(source);
             if !source.ends_with('\n') {
                 out.push('\n');
+            }
+            out
+        }
+        View::Started if answer["result"].is_object() => {
+            let instance = &answer["result"]["instance"];
+            let mut out = format!("{}\t{}\n", text(&instance["id"]), text(&instance["state"]));
+            out.push_str(&format!("vars: {}\n", instance["vars"]));
+            if let Some(error) = instance["error"].as_str() {
+                out.push_str(&format!("error: {error}\n"));
             }
             out
         }

@@ -931,6 +931,7 @@ async fn insert_instances(
                     "state": state,
                     "holds_permit": permit,
                     "queue_seq": place,
+                    "announce_end": i.announce_end,
                 })
             })
             .collect(),
@@ -943,16 +944,17 @@ async fn insert_instances(
             SELECT * FROM jsonb_to_recordset($1::jsonb) AS n(
                 id uuid, campaign_id bigint, workflow text, version int,
                 entry_step text, allow_retry bool, timeout_ms bigint, vars jsonb,
-                state text, holds_permit bool, queue_seq bigint)
+                state text, holds_permit bool, queue_seq bigint, announce_end bool)
          ), ins AS (
             INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
                                   step_retryable, step_timeout_ms, ready_at, vars,
-                                  initial_vars, holds_permit, queue_seq, queued_at, event_seq)
+                                  initial_vars, holds_permit, queue_seq, queued_at, event_seq,
+                                  announce_end)
             SELECT id, campaign_id, workflow, version, state, entry_step, allow_retry,
                    timeout_ms, CASE WHEN state = 'ready' THEN clock_timestamp() END, vars, vars,
                    holds_permit, queue_seq,
                    CASE WHEN state = 'queued' THEN clock_timestamp() END,
-                   CASE WHEN state = 'queued' THEN 2 ELSE 1 END
+                   CASE WHEN state = 'queued' THEN 2 ELSE 1 END, announce_end
             FROM n
             RETURNING id, current_step, created_at, state, campaign_id, workflow, version,
                       queue_seq
@@ -1465,3 +1467,45 @@ const COMMIT: &str = concat!(
             LEFT JOIN pw ON pw.idx = c.idx
      ORDER BY c.idx"
 );
+
+/// The channel an instance's end is announced on (migration 0010).
+const INSTANCE_END_CHANNEL: &str = "drover_instance_end";
+
+/// Announcements of ends of instances created with [`NewInstance::announce_end`].
+pub struct EndListener(sqlx::postgres::PgListener);
+
+impl std::fmt::Debug for EndListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EndListener")
+    }
+}
+
+impl Store {
+    /// Listens for instance ends: each instance created with `announce_end` is announced by
+    /// the transaction that makes it `completed`, `failed`, `stopped` or `in_error`.
+    pub async fn listen_instance_ends(&self) -> Result<EndListener> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(INSTANCE_END_CHANNEL).await?;
+        Ok(EndListener(listener))
+    }
+}
+
+impl EndListener {
+    /// The next instance that ended; `None` when the connection was lost (announcements may
+    /// have been missed meanwhile: look again at what you wait for). The next call connects
+    /// again.
+    pub async fn next(&mut self) -> Result<Option<InstanceId>> {
+        match self.0.try_recv().await? {
+            Some(notification) => {
+                let id = notification.payload().parse::<Uuid>().map_err(|e| {
+                    Error::Corrupt(format!(
+                        "instance end announced as {:?}: {e}",
+                        notification.payload()
+                    ))
+                })?;
+                Ok(Some(InstanceId(id)))
+            }
+            None => Ok(None),
+        }
+    }
+}

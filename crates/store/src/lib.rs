@@ -36,6 +36,7 @@ pub use diagnosis::{
 };
 pub use error::{Error, Result};
 pub use facts::{RELAY_LEASE, RELAY_PARTS};
+pub use instances::EndListener;
 pub use lease::LeaderTerm;
 pub use lifecycle::{
     Acted, LifecycleAction, LifecycleBatch, LifecycleChange, LifecycleFilter, LifecycleOutcome,

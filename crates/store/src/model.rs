@@ -67,6 +67,8 @@ pub struct NewInstance {
     /// The entry step's timeout.
     pub timeout_ms: i64,
     pub vars: Value,
+    /// Announce its end (`Store::listen_instance_ends`): someone waits for it.
+    pub announce_end: bool,
 }
 
 /// An instance as operators see it.

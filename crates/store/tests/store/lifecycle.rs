@@ -102,6 +102,7 @@ async fn operators_racing_workers_never_overshoot_a_limit_nor_leak_a_permit(pool
             allow_retry: true,
             timeout_ms: 30_000,
             vars: json!({}),
+            announce_end: false,
         })
         .collect();
     store

@@ -156,3 +156,64 @@ async fn the_relay_partitions_are_shared_fairly_among_the_alive_nodes(pool: PgPo
     let after = store.lease_relay_parts(relays[1]).await.expect("leases");
     assert!(after.len() >= held[1].len(), "{after:?}");
 }
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn the_commit_that_ends_an_instance_announces_it_only_if_someone_waits(pool: PgPool) {
+    use crate::support::*;
+    use drover_core::{Fence, InstanceState, StepSeq};
+    use drover_store::{ClaimRequest, LifecycleAction, NewInstance, Transition};
+
+    let (store, node) = setup(pool).await;
+    let mut listener = store.listen_instance_ends().await.expect("listens");
+    let campaign = store
+        .campaign_by_name("default")
+        .await
+        .expect("campaign")
+        .expect("default");
+    let new = |announce_end| NewInstance {
+        id: drover_core::InstanceId::new(),
+        campaign: campaign.id,
+        workflow: "parent".into(),
+        version: 1,
+        entry_step: "a".into(),
+        allow_retry: true,
+        timeout_ms: 30_000,
+        vars: json!({}),
+        announce_end,
+    };
+    let (quiet, waited, killed) = (new(false), new(true), new(true));
+    store
+        .create_instances(&[quiet.clone(), waited.clone(), killed.clone()], "test")
+        .await
+        .expect("created");
+    let end = Transition::Stop {
+        state: InstanceState::Completed,
+    };
+    for instance in [&quiet, &waited] {
+        let claimed = claim(
+            &store,
+            node,
+            ClaimRequest {
+                instance: instance.id,
+                step_seq: StepSeq(0),
+                fence: Fence(0),
+            },
+        )
+        .await;
+        store
+            .commit(node, &[completion(&claimed, "completed", end.clone())])
+            .await
+            .expect("commit");
+    }
+    store
+        .apply_lifecycle(LifecycleAction::Kill, &[killed.id], "ada")
+        .await
+        .expect("killed");
+    let first = listener.next().await.expect("announced");
+    let second = listener.next().await.expect("announced");
+    assert_eq!(
+        [first, second],
+        [Some(waited.id), Some(killed.id)],
+        "announced in commit order, the unwaited one not at all"
+    );
+}

@@ -46,6 +46,7 @@ fn new_instance(campaign: CampaignId) -> NewInstance {
         allow_retry: true,
         timeout_ms: 30_000,
         vars: json!({}),
+        announce_end: false,
     }
 }
 

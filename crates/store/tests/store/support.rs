@@ -47,6 +47,7 @@ pub(crate) async fn start(store: &Store, workflow: &str) -> InstanceId {
                 allow_retry: true,
                 timeout_ms: 30_000,
                 vars: json!({}),
+                announce_end: false,
             }],
             "test",
         )
