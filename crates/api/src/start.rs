@@ -199,6 +199,7 @@ pub async fn start_instances(
     vars.extend(overrides);
     let vars = Value::Object(vars);
     let entry = definition.entry().id.as_str();
+    let route = definition.route(definition.entry());
 
     let count = count as usize;
     let mut ids = Vec::with_capacity(count);
@@ -217,6 +218,7 @@ pub async fn start_instances(
                 entry_step: entry.to_owned(),
                 allow_retry: definition.entry().allow_retry,
                 timeout_ms: definition.entry().timeout_ms(),
+                route: route.clone(),
                 vars: vars.clone(),
             });
             let instance = InstanceRef {
@@ -257,7 +259,7 @@ pub async fn start_instances(
         let jobs: Vec<StepJob> = created
             .ready
             .iter()
-            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
             .collect();
         if let Err(err) = bus.publish_jobs(&jobs).await {
             tracing::warn!(
