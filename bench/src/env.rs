@@ -182,6 +182,7 @@ impl BenchEnv {
                     entry_step: def.entry().id.clone(),
                     allow_retry: def.entry().allow_retry,
                     timeout_ms: def.entry().timeout_ms(),
+                    route: def.route(def.entry()),
                     vars: Value::Object(def.vars.clone()),
                     announce_end: false,
                 })
@@ -192,7 +193,7 @@ impl BenchEnv {
                 let jobs: Vec<StepJob> = created
                     .ready
                     .iter()
-                    .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+                    .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
                     .collect();
                 self.bus.publish_jobs(&jobs).await?;
             }

@@ -69,7 +69,12 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     let campaign = env.default_campaign().await?;
     let node = drover_core::NodeId::new();
     env.store
-        .register_node(node, &["bench".to_owned()], "bench", "probe")
+        .register_node(&drover_store::NewNode::new(
+            node,
+            &["bench".to_owned()],
+            "bench",
+            "probe",
+        ))
         .await?;
 
     let mut targets = options.rows.clone();
@@ -317,6 +322,7 @@ async fn probe_store(
                     instance: c.instance,
                     step_seq: c.step_seq.next(),
                     fence: c.fence,
+                    route: Default::default(),
                 })
                 .collect();
         }

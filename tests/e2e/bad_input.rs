@@ -20,7 +20,7 @@ async fn garbage_and_oversized_job_messages_are_terminated_and_the_worker_keeps_
         "name: one\nsteps:\n  - { id: a, kind: end, status: completed }\n",
     )
     .await?;
-    let subject = env.bus.subjects().job();
+    let subject = env.bus.subjects().job(&Default::default());
     let js = env.bus.jetstream();
     js.publish(subject.clone(), "not msgpack at all".into())
         .await?

@@ -39,13 +39,13 @@ async fn duplicate_deliveries_republished_under_new_ids_commit_nothing_twice() -
     // not deduplicate them): the claims fail their compare-and-set and nothing is committed.
     let instance: InstanceId = id.parse()?;
     for (seq, fence) in [(0, 0), (1, 1), (0, 0)] {
-        let job = StepJob::new(instance, StepSeq(seq), Fence(fence));
+        let job = StepJob::new(instance, StepSeq(seq), Fence(fence), Default::default());
         let publish = async_nats::jetstream::message::PublishMessage::build()
             .payload(job.encode())
             .message_id(format!("dup-{}", uuid::Uuid::now_v7()));
         env.bus
             .jetstream()
-            .send_publish(env.bus.subjects().job(), publish)
+            .send_publish(env.bus.subjects().job(&Default::default()), publish)
             .await?
             .await?;
     }
@@ -75,6 +75,7 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
     store
         .create_instances(
             &[NewInstance {
+                route: Default::default(),
                 id,
                 campaign: campaign.id,
                 workflow: "two".into(),
@@ -90,15 +91,21 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
         .await?;
     let node = NodeId::new();
     store
-        .register_node(node, &["worker".into()], "test", "0")
+        .register_node(&drover_store::NewNode::new(
+            node,
+            &["worker".into()],
+            "test",
+            "0",
+        ))
         .await?;
 
     let job = ClaimRequest {
+        route: Default::default(),
         instance: id,
         step_seq: StepSeq(0),
         fence: Fence(0),
     };
-    let claimed = store.claim(node, &[job]).await?;
+    let claimed = store.claim(node, std::slice::from_ref(&job)).await?;
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].fence, Fence(1), "a claim bumps the fence");
     assert!(
@@ -115,6 +122,7 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
         started_at: Utc::now(),
         outcome: "completed".into(),
         transition: Transition::Next {
+            route: Default::default(),
             step: "b".into(),
             allow_retry: true,
             timeout_ms: 30_000,
@@ -126,7 +134,12 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
     };
     let other = NodeId::new();
     store
-        .register_node(other, &["worker".into()], "test", "0")
+        .register_node(&drover_store::NewNode::new(
+            other,
+            &["worker".into()],
+            "test",
+            "0",
+        ))
         .await?;
     assert_eq!(
         store.commit(node, &[completion(Fence(0))]).await?,

@@ -131,7 +131,7 @@ async fn deleting_the_streams_and_the_worker_consumer_under_load_stops_no_node_a
     wait_progress(&env, 5000, Duration::from_secs(60)).await?;
     js.get_stream(subjects.jobs_stream())
         .await?
-        .delete_consumer(drover_bus::WORKER_CONSUMER)
+        .delete_consumer(&drover_bus::worker_consumer_name(&Default::default()))
         .await?;
 
     wait_all_completed(&env, N, Duration::from_secs(180)).await?;
@@ -141,7 +141,7 @@ async fn deleting_the_streams_and_the_worker_consumer_under_load_stops_no_node_a
 
     // Provisioned again, and the relay got every event out: the ones after the events
     // stream went are in the new one.
-    env.bus.worker_consumer().await?;
+    env.bus.worker_consumer(&Default::default()).await?;
     let unrelayed = wait_until("the outbox to drain", Duration::from_secs(30), || async {
         let (n,): (i64,) =
             sqlx::query_as("SELECT count(*) FROM event_fact WHERE relayed_at IS NULL")

@@ -11,6 +11,7 @@ mod lifecycle;
 mod nats_auth;
 mod nats_login;
 mod operator;
+mod queues;
 mod recovery;
 mod security;
 mod semaphore;

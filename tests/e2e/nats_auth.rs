@@ -94,9 +94,10 @@ async fn an_events_reader_may_neither_publish_jobs_nor_read_the_jobs_stream() ->
     let (client, mut errors) = connect_watched(&reader).await?;
     let js = jetstream(&client);
 
-    let published = async { js.publish(s.job(), "{}".into()).await?.await }.await;
+    let job = s.job(&Default::default());
+    let published = async { js.publish(job.clone(), "{}".into()).await?.await }.await;
     assert!(published.is_err(), "a job published: {published:?}");
-    refused(&mut errors, &s.job()).await?;
+    refused(&mut errors, &job).await?;
 
     let info = js.get_stream(s.jobs_stream()).await;
     assert!(info.is_err(), "the jobs stream described: {info:?}");
@@ -107,7 +108,7 @@ async fn an_events_reader_may_neither_publish_jobs_nor_read_the_jobs_stream() ->
     .await?;
     let pulled = js
         .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-            drover_bus::WORKER_CONSUMER,
+            "workers-default",
             s.jobs_stream(),
         )
         .await;
@@ -118,7 +119,7 @@ async fn an_events_reader_may_neither_publish_jobs_nor_read_the_jobs_stream() ->
     );
     refused(
         &mut errors,
-        &format!("$JS.API.CONSUMER.INFO.{}.workers", s.jobs_stream()),
+        &format!("$JS.API.CONSUMER.INFO.{}.workers-default", s.jobs_stream()),
     )
     .await?;
     let mine = js
@@ -170,7 +171,7 @@ async fn a_worker_may_neither_delete_nor_purge_a_stream_nor_delete_a_consumer() 
     let s = env.bus.subjects().clone();
     env.bus
         .jetstream()
-        .publish(s.job(), "not a job".into())
+        .publish(s.job(&Default::default()), "not a job".into())
         .await?
         .await?;
     // A worker provisions what it uses with its own user…
@@ -193,11 +194,14 @@ async fn a_worker_may_neither_delete_nor_purge_a_stream_nor_delete_a_consumer() 
         &format!("$JS.API.STREAM.PURGE.{}", s.jobs_stream()),
     )
     .await?;
-    let deleted = jobs.delete_consumer(drover_bus::WORKER_CONSUMER).await;
+    let deleted = jobs.delete_consumer("workers-default").await;
     assert!(deleted.is_err(), "the workers consumer deleted");
     refused(
         &mut errors,
-        &format!("$JS.API.CONSUMER.DELETE.{}.workers", s.jobs_stream()),
+        &format!(
+            "$JS.API.CONSUMER.DELETE.{}.workers-default",
+            s.jobs_stream()
+        ),
     )
     .await?;
     let removed = jobs.delete_message(1).await;
@@ -212,7 +216,7 @@ async fn a_worker_may_neither_delete_nor_purge_a_stream_nor_delete_a_consumer() 
     for stream in [s.events_stream(), s.recovery_stream()] {
         env.bus.jetstream().get_stream(&stream).await?;
     }
-    env.bus.worker_consumer().await?;
+    env.bus.worker_consumer(&Default::default()).await?;
     env.cleanup().await;
     Ok(())
 }

@@ -90,9 +90,9 @@ pub(crate) async fn wait_settled(
     .await
 }
 
-/// `(num_pending, num_ack_pending)` of the worker consumer.
+/// `(num_pending, num_ack_pending)` of the default queue's worker consumer.
 pub(crate) async fn consumer_backlog(env: &TestEnv) -> anyhow::Result<(u64, usize)> {
-    let mut consumer = env.bus.worker_consumer().await?;
+    let mut consumer = env.bus.worker_consumer(&Default::default()).await?;
     let info = consumer.info().await?;
     Ok((info.num_pending, info.num_ack_pending))
 }

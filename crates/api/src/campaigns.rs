@@ -249,7 +249,7 @@ pub(crate) async fn publish_admitted(bus: &Bus, admitted: &[Admitted]) {
         .iter()
         .map(|a| {
             let job = a.job();
-            StepJob::new(job.instance, job.step_seq, job.fence)
+            StepJob::new(job.instance, job.step_seq, job.fence, job.route)
         })
         .collect();
     if let Err(err) = bus.publish_jobs(&jobs).await {

@@ -4,8 +4,9 @@
 //! The store gathers the facts in one snapshot; [`diagnose`] (pure) picks the cause that
 //! explains the instance best. Causes that would explain *any* instance in its state come before
 //! the state itself: a READY instance with no live worker is explained by the missing workers,
-//! not by "ready"; a timer that is due while no coordinator leads is explained by the missing
-//! leader.
+//! not by "ready", and one whose step no live worker can run (none serves its queue, or none
+//! that does has its handler) by the missing capable worker; a timer that is due while no
+//! coordinator leads is explained by the missing leader.
 
 use axum::Json;
 use axum::extract::State;
@@ -35,9 +36,11 @@ pub struct Diagnosis {
     pub summary: String,
     /// The cause, for scripts: `finished`, `in_error`, `failed_descendant`, `paused`,
     /// `queued`, `waiting_timer`, `timer_due`, `waiting_event`, `waiting_child`, `retry_delay`,
-    /// `no_live_worker`, `no_leader`, `ready`, `running`, `node_dead`, `node_silent`.
+    /// `no_live_worker`, `no_capable_worker`, `no_leader`, `ready`, `running`, `node_dead`,
+    /// `node_silent`.
     pub cause: String,
-    /// The facts behind it: always `state`, `step`, `campaign`, `workers` and `leader`; more
+    /// The facts behind it: always `state`, `step`, `queue`, `handler` (of the current step;
+    /// null for all but `handler` steps), `campaign`, `workers` and `leader`; more
     /// per cause (`queue_position` and `permit_holders`, `wake_at`, `event`, `child`,
     /// `paused_by`, `error` and `resume_commands`, `node`, …).
     #[schema(value_type = Object)]
@@ -241,6 +244,24 @@ pub fn diagnose(facts: &DiagnosisFacts) -> Diagnosis {
                         i.current_step
                     ),
                 )
+            } else if facts.capable_workers == 0 {
+                let route = &i.route;
+                let start = match &route.handler {
+                    Some(handler) => format!(
+                        "start a worker serving it (`--queues {}`) in a binary that registers \
+                         handler {handler:?}",
+                        route.queue
+                    ),
+                    None => format!("start a worker serving it (`--queues {}`)", route.queue),
+                };
+                (
+                    "no_capable_worker",
+                    format!(
+                        "Instance {id} is ready at step {:?}, waiting for a worker serving \
+                         {route} (none alive): {start}.",
+                        i.current_step
+                    ),
+                )
             } else if leader_gone && (now - ready_at).num_milliseconds() > GRACE_MS {
                 (
                     "no_leader",
@@ -256,11 +277,12 @@ pub fn diagnose(facts: &DiagnosisFacts) -> Diagnosis {
                     "ready",
                     format!(
                         "Instance {id} is ready at step {:?} since {} ({} ago), waiting for \
-                         one of {} live workers to claim it.",
+                         one of {} live workers serving {} to claim it.",
                         i.current_step,
                         at(ready_at),
                         ago(now, ready_at),
-                        facts.live_workers
+                        facts.capable_workers,
+                        i.route
                     ),
                 )
             }
@@ -452,6 +474,8 @@ fn base_details(facts: &DiagnosisFacts) -> Map<String, Value> {
     let mut details = Map::new();
     details.insert("state".to_owned(), json!(i.state));
     details.insert("step".to_owned(), json!(i.current_step));
+    details.insert("queue".to_owned(), json!(i.route.queue));
+    details.insert("handler".to_owned(), json!(i.route.handler));
     details.insert("step_seq".to_owned(), json!(i.step_seq));
     details.insert("holds_permit".to_owned(), json!(i.holds_permit));
     // A pending request (a pause asked while a step ran that ended in a wait) is worth seeing
@@ -477,6 +501,7 @@ fn base_details(facts: &DiagnosisFacts) -> Map<String, Value> {
         "workers".to_owned(),
         json!({
             "live": facts.live_workers,
+            "capable": facts.capable_workers,
             "last_heartbeat_at": facts.last_worker_heartbeat,
             "silent_for_s": facts
                 .last_worker_heartbeat

@@ -469,6 +469,10 @@ pub struct Node {
     #[schema(value_type = String, format = Uuid)]
     pub id: NodeId,
     pub roles: Vec<String>,
+    /// The worker queues it serves (none without the worker role).
+    pub queues: Vec<String>,
+    /// The handlers its worker registered.
+    pub handlers: Vec<String>,
     pub host: String,
     pub version: String,
     /// `alive`, `draining` or `dead`.
@@ -488,6 +492,8 @@ impl From<drover_store::Node> for Node {
         Self {
             id: n.id,
             roles: n.roles,
+            queues: n.queues.into_iter().map(String::from).collect(),
+            handlers: n.handlers,
             host: n.host,
             version: n.version,
             status: n.status,

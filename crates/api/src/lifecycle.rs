@@ -433,6 +433,7 @@ async fn plan_restart(
         entry_step: entry.id.clone(),
         allow_retry: entry.allow_retry,
         timeout_ms: entry.timeout_ms(),
+        route: definition.route(entry),
     }))
 }
 
@@ -636,7 +637,7 @@ async fn publish(bus: &Bus, jobs: Vec<drover_store::ClaimRequest>) {
     }
     let jobs: Vec<StepJob> = jobs
         .iter()
-        .map(|j| StepJob::new(j.instance, j.step_seq, j.fence))
+        .map(|j| StepJob::new(j.instance, j.step_seq, j.fence, j.route.clone()))
         .collect();
     if let Err(err) = bus.publish_jobs(&jobs).await {
         tracing::warn!(

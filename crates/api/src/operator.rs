@@ -163,13 +163,19 @@ pub(crate) async fn resume(
             step: target.id.clone(),
             allow_retry: target.allow_retry,
             timeout_ms: target.timeout_ms(),
+            route: definition.route(target),
             set,
             actor: actor.clone(),
             mode: request.mode.as_str().to_owned(),
         })
         .await?;
     let job = match resumed {
-        Resumed::Resumed { job } => Some(StepJob::new(job.instance, job.step_seq, job.fence)),
+        Resumed::Resumed { job } => Some(StepJob::new(
+            job.instance,
+            job.step_seq,
+            job.fence,
+            job.route,
+        )),
         Resumed::Queued { position } => {
             tracing::info!(
                 instance.id = %id,

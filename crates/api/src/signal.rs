@@ -71,7 +71,7 @@ pub async fn deliver_event(
         })?;
     Ok(match delivery {
         Delivery::Woke(job) => {
-            let job = StepJob::new(job.instance, job.step_seq, job.fence);
+            let job = StepJob::new(job.instance, job.step_seq, job.fence, job.route);
             if let Err(err) = bus.publish_jobs(&[job]).await {
                 tracing::warn!(instance.id = %instance, %err, "publishing the woken instance's job failed; the sweeper will re-dispatch it");
             }

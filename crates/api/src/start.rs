@@ -257,6 +257,7 @@ pub async fn start_instances(
     vars.extend(overrides);
     let vars = Value::Object(vars);
     let entry = definition.entry().id.as_str();
+    let route = definition.route(definition.entry());
 
     let count = count as usize;
     let mut ids = Vec::with_capacity(count);
@@ -274,6 +275,7 @@ pub async fn start_instances(
                 entry_step: entry.to_owned(),
                 allow_retry: definition.entry().allow_retry,
                 timeout_ms: definition.entry().timeout_ms(),
+                route: route.clone(),
                 vars: vars.clone(),
                 announce_end,
             });
@@ -298,7 +300,7 @@ pub async fn start_instances(
         let jobs: Vec<StepJob> = created
             .ready
             .iter()
-            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
             .collect();
         if let Err(err) = bus.publish_jobs(&jobs).await {
             tracing::warn!(

@@ -1,16 +1,24 @@
-//! The `StepJob` wire format: msgpack with named fields and a version, ids only.
+//! The `StepJob` wire format: msgpack with named fields and a version: ids, and the route of
+//! the step.
 
-use drover_core::{Fence, InstanceId, StepSeq};
+use drover_core::{Fence, InstanceId, Queue, Route, StepSeq};
 use serde::{Deserialize, Serialize};
 
 /// "Run the current step of `instance`, at checkpoint `step_seq`, under `fence`."
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepJob {
     /// Wire version; new fields get `#[serde(default)]`.
     pub v: u8,
     pub instance: InstanceId,
     pub step_seq: StepSeq,
     pub fence: Fence,
+    /// The worker queue it is published to (`<prefix>.job.<queue>`).
+    #[serde(default)]
+    pub queue: Queue,
+    /// The handler a `handler` step needs: a worker without it leaves the job to one that has
+    /// it, without claiming.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
 }
 
 /// Why a job message could not be read.
@@ -27,12 +35,22 @@ pub enum DecodeError {
 impl StepJob {
     pub const VERSION: u8 = 1;
 
-    pub fn new(instance: InstanceId, step_seq: StepSeq, fence: Fence) -> Self {
+    pub fn new(instance: InstanceId, step_seq: StepSeq, fence: Fence, route: Route) -> Self {
         Self {
             v: Self::VERSION,
             instance,
             step_seq,
             fence,
+            queue: route.queue,
+            handler: route.handler,
+        }
+    }
+
+    /// Where it goes and what it needs.
+    pub fn route(&self) -> Route {
+        Route {
+            queue: self.queue.clone(),
+            handler: self.handler.clone(),
         }
     }
 
@@ -68,10 +86,17 @@ mod tests {
 
     #[test]
     fn a_job_round_trips_and_garbage_is_rejected() {
-        let job = StepJob::new(InstanceId::new(), StepSeq(3), Fence(7));
+        let job = StepJob::new(InstanceId::new(), StepSeq(3), Fence(7), Route::default());
         let bytes = job.encode();
         assert!(bytes.len() < 100, "jobs stay small: {} bytes", bytes.len());
-        assert_eq!(StepJob::decode(&bytes, 4096).ok(), Some(job));
+        assert_eq!(StepJob::decode(&bytes, 4096).ok(), Some(job.clone()));
+        let route = Route {
+            queue: "gpu".parse().expect("a slug"),
+            handler: Some("greet".into()),
+        };
+        let routed = StepJob::new(job.instance, job.step_seq, job.fence, route.clone());
+        let decoded = StepJob::decode(&routed.encode(), 4096).expect("decodes");
+        assert_eq!(decoded.route(), route);
         assert!(matches!(
             StepJob::decode(b"\xff\x00garbage", 4096),
             Err(DecodeError::Malformed(_))
@@ -81,6 +106,27 @@ mod tests {
             Err(DecodeError::Oversized { .. })
         ));
         assert!(job.msg_id().starts_with("j:"));
+    }
+
+    #[test]
+    fn a_job_published_before_queues_reads_as_the_default_queue() {
+        #[derive(Serialize)]
+        struct Before {
+            v: u8,
+            instance: InstanceId,
+            step_seq: StepSeq,
+            fence: Fence,
+        }
+        let before = Before {
+            v: 1,
+            instance: InstanceId::new(),
+            step_seq: StepSeq(1),
+            fence: Fence(2),
+        };
+        let bytes = rmp_serde::to_vec_named(&before).expect("encodes");
+        let job = StepJob::decode(&bytes, 4096).expect("decodes");
+        assert_eq!(job.instance, before.instance);
+        assert_eq!(job.route(), Route::default());
     }
 }
 

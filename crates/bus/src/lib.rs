@@ -19,6 +19,7 @@ use async_nats::jetstream::context::{
 };
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
+use drover_core::Queue;
 
 pub use auth::{NatsAuth, Secret, TlsConfig, redact_url, server_addrs};
 pub use error::{Error, Result};
@@ -67,6 +68,9 @@ pub struct BusConfig {
     pub ack_wait: Duration,
     /// Deliveries of one job message before NATS gives up on it (Postgres re-dispatches).
     pub max_deliver: i64,
+    /// The worker queues whose consumers a worker connection provisions
+    /// (`drover node --queues`). If unsure: the default queue alone.
+    pub worker_queues: Vec<Queue>,
 }
 
 impl Default for BusConfig {
@@ -84,6 +88,7 @@ impl Default for BusConfig {
             max_job_bytes: 4096,
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
+            worker_queues: vec![Queue::default()],
         }
     }
 }
@@ -104,6 +109,7 @@ impl std::fmt::Debug for BusConfig {
             .field("max_job_bytes", &self.max_job_bytes)
             .field("ack_wait", &self.ack_wait)
             .field("max_deliver", &self.max_deliver)
+            .field("worker_queues", &self.worker_queues)
             .finish()
     }
 }
@@ -291,8 +297,17 @@ pub struct Bus {
     config: BusConfig,
 }
 
-/// The durable pull consumer all workers share.
-pub const WORKER_CONSUMER: &str = "workers";
+/// The durable pull consumer of worker queue `queue`, which the workers serving it share:
+/// `workers-<queue>`, filtering [`Subjects::job`].
+pub fn worker_consumer_name(queue: &Queue) -> String {
+    format!("workers-{queue}")
+}
+
+/// The one consumer all workers shared before worker queues, filtering every job subject. On
+/// a WorkQueue stream consumers may not overlap, and no Drover user may delete a consumer: a
+/// worker narrows it to [`Subjects::legacy_job`], where nothing is published any more (a
+/// worker of the old version still running then gets only the old version's jobs).
+pub const LEGACY_WORKER_CONSUMER: &str = "workers";
 /// The durable pull consumer all coordinators share.
 pub const RECOVERY_CONSUMER: &str = "coordinators";
 /// The queue group of the api role's signal listeners: each signal is handled by one node.
@@ -300,9 +315,9 @@ pub const SIGNAL_QUEUE: &str = "signals";
 
 impl Bus {
     /// Connects and provisions, idempotently (several nodes may do so at once), what
-    /// `config.roles` use: every node role the JOBS and EVENTS streams, a worker the
-    /// `workers` consumer, a coordinator the RECOVERY stream and its consumer. Other roles
-    /// provision nothing.
+    /// `config.roles` use: every node role the JOBS and EVENTS streams, a worker the consumer
+    /// of each of its `worker_queues`, a coordinator the RECOVERY stream and its consumer.
+    /// Other roles provision nothing.
     pub async fn connect(config: BusConfig) -> Result<Self> {
         let client = config.connect_client().await?;
         let js = jetstream::ContextBuilder::new()
@@ -363,11 +378,44 @@ impl Bus {
                 .get_stream(s.jobs_stream())
                 .await
                 .map_err(|e| Error::Provision(format!("stream {}: {e}", s.jobs_stream())))?;
-            jobs.create_consumer(self.worker_consumer_config())
-                .await
-                .map_err(|e| Error::Provision(format!("consumer {WORKER_CONSUMER}: {e}")))?;
+            self.narrow_legacy_consumer(&jobs).await?;
+            for queue in &self.config.worker_queues {
+                let name = worker_consumer_name(queue);
+                jobs.create_consumer(self.worker_consumer_config(&name, s.job(queue)))
+                    .await
+                    .map_err(|e| Error::Provision(format!("consumer {name}: {e}")))?;
+            }
         }
         Ok(())
+    }
+
+    /// Narrows the [`LEGACY_WORKER_CONSUMER`] left by a Drover before worker queues, if there
+    /// is one, so that it no longer overlaps the queues' consumers.
+    async fn narrow_legacy_consumer(&self, jobs: &stream::Stream) -> Result<()> {
+        let legacy = self.subjects.legacy_job();
+        match jobs.consumer_info(LEGACY_WORKER_CONSUMER).await {
+            Ok(info) if info.config.filter_subject == legacy => Ok(()),
+            Ok(_) => {
+                tracing::info!(
+                    consumer = LEGACY_WORKER_CONSUMER,
+                    subject = %legacy,
+                    "narrowing the consumer of a Drover before worker queues to the subject it \
+                     used (nothing new is published there)"
+                );
+                jobs.create_consumer(
+                    self.worker_consumer_config(LEGACY_WORKER_CONSUMER, legacy.clone()),
+                )
+                .await
+                .map_err(|e| {
+                    Error::Provision(format!("narrowing consumer {LEGACY_WORKER_CONSUMER}: {e}"))
+                })?;
+                Ok(())
+            }
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Provision(format!(
+                "consumer {LEGACY_WORKER_CONSUMER}: {e}"
+            ))),
+        }
     }
 
     async fn provision_recovery(&self) -> Result<()> {
@@ -455,14 +503,14 @@ impl Bus {
         }
     }
 
-    fn worker_consumer_config(&self) -> consumer::pull::Config {
+    fn worker_consumer_config(&self, name: &str, filter_subject: String) -> consumer::pull::Config {
         consumer::pull::Config {
-            durable_name: Some(WORKER_CONSUMER.to_owned()),
+            durable_name: Some(name.to_owned()),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.config.ack_wait,
             max_deliver: self.config.max_deliver,
             max_ack_pending: 50_000,
-            filter_subject: self.subjects.job_filter(),
+            filter_subject,
             ..Default::default()
         }
     }
@@ -489,16 +537,20 @@ impl Bus {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// The shared worker consumer ([`Error::Missing`] if it or its stream is gone).
-    pub async fn worker_consumer(&self) -> Result<consumer::PullConsumer> {
-        self.consumer(self.subjects.jobs_stream(), WORKER_CONSUMER)
+    /// The consumer of worker queue `queue` ([`Error::Missing`] if it or its stream is gone).
+    pub async fn worker_consumer(&self, queue: &Queue) -> Result<consumer::PullConsumer> {
+        self.consumer(self.subjects.jobs_stream(), &worker_consumer_name(queue))
             .await
     }
 
-    /// The worker consumer, provisioned again first if it or its stream is gone; the flag
-    /// says whether that was needed (the jobs the stream held are then lost: re-dispatch).
-    pub async fn ensure_worker_consumer(&self) -> Result<(consumer::PullConsumer, bool)> {
-        self.ensure_consumer(self.subjects.jobs_stream(), WORKER_CONSUMER)
+    /// The consumer of worker queue `queue` (one of the configuration's `worker_queues`),
+    /// provisioned again first if it or its stream is gone; the flag says whether that was
+    /// needed (the jobs the stream held are then lost: re-dispatch).
+    pub async fn ensure_worker_consumer(
+        &self,
+        queue: &Queue,
+    ) -> Result<(consumer::PullConsumer, bool)> {
+        self.ensure_consumer(self.subjects.jobs_stream(), &worker_consumer_name(queue))
             .await
     }
 
@@ -610,9 +662,9 @@ impl Bus {
             .map_err(|e| Error::Subscribe(e.to_string()))
     }
 
-    /// Publishes jobs pipelined (all sent, then all acks awaited). Each carries
-    /// `Nats-Msg-Id = j:{instance}:{step_seq}:{fence}`, so a re-dispatch of the same job
-    /// inside the duplicate window is dropped by the server.
+    /// Publishes jobs pipelined (all sent, then all acks awaited), each to its queue's
+    /// subject. Each carries `Nats-Msg-Id = j:{instance}:{step_seq}:{fence}`, so a
+    /// re-dispatch of the same job inside the duplicate window is dropped by the server.
     pub async fn publish_jobs(&self, jobs: &[StepJob]) -> Result<()> {
         self.send_jobs(jobs, None).await
     }
@@ -637,7 +689,7 @@ impl Bus {
                 .message_id(msg_id);
             let ack = self
                 .js
-                .send_publish(self.subjects.job(), publish)
+                .send_publish(self.subjects.job(&job.queue), publish)
                 .await
                 .map_err(publish_error)?;
             acks.push(ack);

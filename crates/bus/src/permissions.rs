@@ -11,9 +11,12 @@
 //! What each role does on NATS, and so may do:
 //! - every node role provisions (creates or updates) the JOBS and EVENTS streams, publishes
 //!   jobs (`<prefix>.job.>`) and relays events (`<prefix>.evt.>`);
-//! - worker: provisions and pulls from the `workers` consumer of JOBS and acks its messages,
-//!   asks which stream stores a subject (`STREAM.NAMES`, for `publish` steps) and publishes
-//!   the subjects of `publish` steps;
+//! - worker: provisions and pulls from the consumer of each worker queue it may serve
+//!   (`workers-<queue>` on JOBS, filtering `<prefix>.job.<queue>`) and acks its messages,
+//!   narrows the `workers` consumer of a Drover before queues (looks it up, and creates it
+//!   only with the subject nothing is published to any more), asks which stream stores a
+//!   subject (`STREAM.NAMES`, for `publish` steps) and publishes the subjects of `publish`
+//!   steps;
 //! - coordinator: provisions the RECOVERY stream and its `coordinators` consumer, publishes
 //!   recovery tasks and pulls and acks them;
 //! - api: listens for signals (`<prefix>.signal.*.*`) and answers them (`allow_responses`);
@@ -28,7 +31,8 @@ use std::fmt::Write as _;
 
 use crate::auth::Secret;
 use crate::subjects::{Subjects, is_valid_prefix};
-use crate::{Error, Result, WORKER_CONSUMER};
+use crate::{Error, LEGACY_WORKER_CONSUMER, Result, worker_consumer_name};
+use drover_core::Queue;
 
 /// What a connection does on NATS. A node's roles are the first three; the others are for
 /// programs outside the cluster.
@@ -161,6 +165,9 @@ pub struct AuthorizationConfig {
     /// The durable consumers the events-reader may create and read on the EVENTS stream. If
     /// unsure: `["reader"]`.
     pub events_consumers: Vec<String>,
+    /// The worker queues the worker (and node) user may serve: it may pull from these
+    /// queues' consumers only. If unsure: the default queue alone.
+    pub worker_queues: Vec<Queue>,
 }
 
 impl Default for AuthorizationConfig {
@@ -169,6 +176,7 @@ impl Default for AuthorizationConfig {
             prefix: "drover".to_owned(),
             publish_allow: None,
             events_consumers: vec!["reader".to_owned()],
+            worker_queues: vec![Queue::default()],
         }
     }
 }
@@ -210,6 +218,11 @@ pub fn cluster_users(config: &AuthorizationConfig) -> Result<Vec<NatsUser>> {
         for pattern in allow {
             check_publish_pattern(&subjects, pattern)?;
         }
+    }
+    if config.worker_queues.is_empty() {
+        return Err(Error::Config(
+            "name at least one worker queue for the workers to serve".to_owned(),
+        ));
     }
     if config.events_consumers.is_empty() {
         return Err(Error::Config(
@@ -362,11 +375,24 @@ impl Grants<'_> {
         for role in roles {
             match role {
                 NatsRole::Worker => {
-                    p.allow_publish(durable_consumer(
-                        &s.jobs_stream(),
-                        WORKER_CONSUMER,
-                        Some(&s.job_filter()),
-                    ));
+                    for queue in &self.config.worker_queues {
+                        p.allow_publish(durable_consumer(
+                            &s.jobs_stream(),
+                            &worker_consumer_name(queue),
+                            Some(&s.job(queue)),
+                        ));
+                    }
+                    // Narrowing the consumer of a Drover before queues: look it up, and create
+                    // it only with the subject nothing is published to (no pull, no ack).
+                    let stream = s.jobs_stream();
+                    let legacy = LEGACY_WORKER_CONSUMER;
+                    p.allow_publish([
+                        js_api(&format!("CONSUMER.INFO.{stream}.{legacy}")),
+                        js_api(&format!(
+                            "CONSUMER.CREATE.{stream}.{legacy}.{}",
+                            s.legacy_job()
+                        )),
+                    ]);
                     p.allow_publish([js_api("STREAM.NAMES")]);
                 }
                 NatsRole::Coordinator => {
@@ -513,6 +539,7 @@ mod tests {
             prefix: "dr-1".to_owned(),
             publish_allow: publish_allow.map(|a| a.iter().map(|s| (*s).to_owned()).collect()),
             events_consumers: vec!["reader".to_owned(), "audit".to_owned()],
+            ..Default::default()
         })
         .expect("a valid configuration")
     }
@@ -590,7 +617,8 @@ mod tests {
                     "$JS.API.STREAM.INFO.DR_1_JOBS",
                     "$JS.API.STREAM.CREATE.DR_1_JOBS",
                     "$JS.API.STREAM.UPDATE.DR_1_EVENTS",
-                    &s.job(),
+                    &s.job(&Queue::default()),
+                    "dr-1.job.gpu",
                     &s.event("default", "wf", "id", "completed"),
                     &s.campaign_event("spring", "permit_drift"),
                 ] {
@@ -601,10 +629,12 @@ mod tests {
             }
             let worker = of(&users, "worker");
             for subject in [
-                "$JS.API.CONSUMER.CREATE.DR_1_JOBS.workers.dr-1.job.>",
+                "$JS.API.CONSUMER.CREATE.DR_1_JOBS.workers-default.dr-1.job.default",
+                "$JS.API.CONSUMER.INFO.DR_1_JOBS.workers-default",
+                "$JS.API.CONSUMER.MSG.NEXT.DR_1_JOBS.workers-default",
+                "$JS.ACK.DR_1_JOBS.workers-default.1.2.3.4.5.6.7",
                 "$JS.API.CONSUMER.INFO.DR_1_JOBS.workers",
-                "$JS.API.CONSUMER.MSG.NEXT.DR_1_JOBS.workers",
-                "$JS.ACK.DR_1_JOBS.workers.1.2.3.4.5.6.7",
+                "$JS.API.CONSUMER.CREATE.DR_1_JOBS.workers.dr-1.job.step",
                 "$JS.API.STREAM.NAMES",
                 "ext.orders.created",
             ] {
@@ -689,6 +719,52 @@ mod tests {
             assert!(signaler.may_publish("dr-1.signal.id.approved"));
             assert_eq!(signaler.publish.len(), 1);
         }
+    }
+
+    #[test]
+    fn a_worker_pulls_only_from_the_queues_it_may_serve() {
+        let gpu: Queue = "gpu".parse().expect("a slug");
+        let users = cluster_users(&AuthorizationConfig {
+            prefix: "dr-1".to_owned(),
+            publish_allow: Some(vec!["ext.>".to_owned()]),
+            worker_queues: vec![Queue::default(), gpu],
+            ..Default::default()
+        })
+        .expect("a valid configuration");
+        for name in ["worker", "node"] {
+            let p = of(&users, name);
+            for queue in ["default", "gpu"] {
+                for subject in [
+                    format!("$JS.API.CONSUMER.CREATE.DR_1_JOBS.workers-{queue}.dr-1.job.{queue}"),
+                    format!("$JS.API.CONSUMER.MSG.NEXT.DR_1_JOBS.workers-{queue}"),
+                    format!("$JS.ACK.DR_1_JOBS.workers-{queue}.1.2.3.4.5.6.7"),
+                ] {
+                    assert!(p.may_publish(&subject), "{name}: {subject}");
+                }
+            }
+            for subject in [
+                // Another queue's consumer, or a consumer of another queue's subject.
+                "$JS.API.CONSUMER.MSG.NEXT.DR_1_JOBS.workers-cpu",
+                "$JS.API.CONSUMER.CREATE.DR_1_JOBS.workers-cpu.dr-1.job.cpu",
+                "$JS.API.CONSUMER.CREATE.DR_1_JOBS.workers-gpu.dr-1.job.default",
+                "$JS.API.CONSUMER.CREATE.DR_1_JOBS.workers-gpu.dr-1.job.>",
+                // The legacy consumer: never widened again, never pulled from.
+                "$JS.API.CONSUMER.CREATE.DR_1_JOBS.workers.dr-1.job.>",
+                "$JS.API.CONSUMER.MSG.NEXT.DR_1_JOBS.workers",
+                "$JS.ACK.DR_1_JOBS.workers.1.2.3.4.5.6.7",
+            ] {
+                assert!(!p.may_publish(subject), "{name}: {subject}");
+            }
+        }
+        let users = users_with_queues(vec![]);
+        assert!(users.is_err(), "no queue at all is refused");
+    }
+
+    fn users_with_queues(queues: Vec<Queue>) -> Result<Vec<NatsUser>> {
+        cluster_users(&AuthorizationConfig {
+            worker_queues: queues,
+            ..Default::default()
+        })
     }
 
     #[test]

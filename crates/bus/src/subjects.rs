@@ -1,8 +1,8 @@
 //! Subject and stream names. Only slugs go into subjects, so no user string can widen a
 //! wildcard.
 
-use drover_core::InstanceId;
 use drover_core::ids::is_slug;
+use drover_core::{InstanceId, Queue};
 
 /// Is `prefix` usable as a subject prefix and stream-name stem?
 pub fn is_valid_prefix(prefix: &str) -> bool {
@@ -50,8 +50,14 @@ impl Subjects {
         format!("{}_EVENTS", self.stream_stem)
     }
 
-    /// Where step jobs are published.
-    pub fn job(&self) -> String {
+    /// Where the step jobs of worker queue `queue` are published: `<prefix>.job.<queue>`.
+    pub fn job(&self, queue: &Queue) -> String {
+        format!("{}.job.{queue}", self.prefix)
+    }
+
+    /// Where every job went before worker queues, the filter the legacy `workers` consumer is
+    /// narrowed to (see [`crate::LEGACY_WORKER_CONSUMER`]). Nothing publishes there now.
+    pub fn legacy_job(&self) -> String {
         format!("{}.job.step", self.prefix)
     }
 
@@ -125,7 +131,9 @@ mod tests {
     fn names_derive_from_the_prefix() {
         let s = Subjects::new("t-1a");
         assert_eq!(s.jobs_stream(), "T_1A_JOBS");
-        assert_eq!(s.job(), "t-1a.job.step");
+        assert_eq!(s.job(&Queue::default()), "t-1a.job.default");
+        let gpu: Queue = "gpu".parse().expect("a slug");
+        assert_eq!(s.job(&gpu), "t-1a.job.gpu");
         assert_eq!(
             s.event("default", "wf", "id", "completed"),
             "t-1a.evt.default.wf.id.completed"

@@ -1,34 +1,48 @@
 //! Streams and consumers deleted by hand are found missing and provisioned again (against a
 //! real nats-server named by `NATS_URL`, under a random prefix).
 
-use drover_bus::{Bus, BusConfig, StepJob, WORKER_CONSUMER};
-use drover_core::{Fence, InstanceId, StepSeq};
+use async_nats::jetstream::consumer;
+use drover_bus::{Bus, BusConfig, LEGACY_WORKER_CONSUMER, NatsRole, StepJob, worker_consumer_name};
+use drover_core::{Fence, InstanceId, Queue, Route, StepSeq};
 
-async fn bus() -> Bus {
+fn config() -> BusConfig {
     let url = std::env::var("NATS_URL").expect(
         "set NATS_URL to a nats-server >= 2.11 with JetStream (e.g. nats://127.0.0.1:4222)",
     );
-    let prefix = format!("b{}", uuid::Uuid::now_v7().simple());
-    Bus::connect(BusConfig {
+    BusConfig {
         url,
-        prefix,
+        prefix: format!("b{}", uuid::Uuid::now_v7().simple()),
         // NATS reserves the stream's max bytes: keep it small so many tests fit.
         events_max_bytes: 16 << 20,
         ..Default::default()
-    })
-    .await
-    .expect("NATS_URL is reachable")
+    }
+}
+
+async fn bus() -> Bus {
+    Bus::connect(config()).await.expect("NATS_URL is reachable")
 }
 
 fn job() -> StepJob {
-    StepJob::new(InstanceId::new(), StepSeq(0), Fence(0))
+    job_on(Queue::default())
+}
+
+fn job_on(queue: Queue) -> StepJob {
+    let route = Route {
+        queue,
+        handler: None,
+    };
+    StepJob::new(InstanceId::new(), StepSeq(0), Fence(0), route)
+}
+
+fn gpu() -> Queue {
+    "gpu".parse().expect("a slug")
 }
 
 #[tokio::test]
 async fn a_deleted_jobs_stream_is_reported_missing_and_provisioned_again() {
     let bus = bus().await;
     let (_, provisioned) = bus
-        .ensure_worker_consumer()
+        .ensure_worker_consumer(&Queue::default())
         .await
         .expect("the consumer exists");
     assert!(!provisioned, "nothing to do while it exists");
@@ -43,11 +57,14 @@ async fn a_deleted_jobs_stream_is_reported_missing_and_provisioned_again() {
         .expect_err("no stream stores the subject");
     assert!(err.needs_provisioning(), "{err}");
     assert!(err.is_transient());
-    let err = bus.worker_consumer().await.expect_err("gone");
+    let err = bus
+        .worker_consumer(&Queue::default())
+        .await
+        .expect_err("gone");
     assert!(err.needs_provisioning(), "{err}");
 
     let (_, provisioned) = bus
-        .ensure_worker_consumer()
+        .ensure_worker_consumer(&Queue::default())
         .await
         .expect("provisioned again");
     assert!(provisioned);
@@ -64,11 +81,11 @@ async fn a_deleted_consumer_is_provisioned_again_on_its_stream() {
         .await
         .expect("the stream exists");
     stream
-        .delete_consumer(WORKER_CONSUMER)
+        .delete_consumer(&worker_consumer_name(&Queue::default()))
         .await
         .expect("deleted");
     let (_, provisioned) = bus
-        .ensure_worker_consumer()
+        .ensure_worker_consumer(&Queue::default())
         .await
         .expect("provisioned again");
     assert!(provisioned);
@@ -109,5 +126,76 @@ async fn relaying_to_a_deleted_events_stream_reports_it_missing() {
     bus.provision().await.expect("provisioned again");
     let relayed = bus.relay(std::slice::from_ref(&event)).await;
     assert_eq!(relayed.ids, vec![event.id]);
+    bus.delete_streams().await;
+}
+
+#[tokio::test]
+async fn each_queue_has_its_own_consumer_and_gets_only_its_own_jobs() {
+    let bus = Bus::connect(BusConfig {
+        worker_queues: vec![Queue::default(), gpu()],
+        ..config()
+    })
+    .await
+    .expect("NATS_URL is reachable");
+    bus.publish_jobs(&[job(), job_on(gpu()), job_on(gpu())])
+        .await
+        .expect("published");
+    let mut default = bus
+        .worker_consumer(&Queue::default())
+        .await
+        .expect("provisioned");
+    let mut gpu_consumer = bus.worker_consumer(&gpu()).await.expect("provisioned");
+    assert_eq!(default.info().await.expect("info").num_pending, 1);
+    assert_eq!(gpu_consumer.info().await.expect("info").num_pending, 2);
+    assert_eq!(
+        gpu_consumer.cached_info().config.filter_subject,
+        bus.subjects().job(&gpu())
+    );
+    bus.delete_streams().await;
+}
+
+#[tokio::test]
+async fn the_catch_all_consumer_of_a_drover_before_queues_is_narrowed_out_of_the_way() {
+    // A cluster as a Drover before worker queues left it: one `workers` consumer on every
+    // job subject (with it, no queue's consumer could be created on the work-queue stream).
+    let config = config();
+    let before = Bus::connect(BusConfig {
+        roles: vec![NatsRole::Api],
+        ..config.clone()
+    })
+    .await
+    .expect("NATS_URL is reachable");
+    let s = before.subjects().clone();
+    let jobs = before
+        .jetstream()
+        .get_stream(s.jobs_stream())
+        .await
+        .expect("the stream exists");
+    jobs.create_consumer(consumer::pull::Config {
+        durable_name: Some(LEGACY_WORKER_CONSUMER.to_owned()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        filter_subject: s.job_filter(),
+        max_deliver: 10,
+        max_ack_pending: 50_000,
+        ..Default::default()
+    })
+    .await
+    .expect("the legacy consumer");
+
+    let bus = Bus::connect(config)
+        .await
+        .expect("a worker provisions its queue's consumer");
+    let legacy = jobs
+        .consumer_info(LEGACY_WORKER_CONSUMER)
+        .await
+        .expect("kept");
+    assert_eq!(legacy.config.filter_subject, s.legacy_job());
+    bus.publish_jobs(&[job()]).await.expect("published");
+    let mut default = bus
+        .worker_consumer(&Queue::default())
+        .await
+        .expect("provisioned");
+    assert_eq!(default.info().await.expect("info").num_pending, 1);
+    bus.provision().await.expect("idempotent");
     bus.delete_streams().await;
 }

@@ -178,7 +178,7 @@ impl LeaderLoop {
         let jobs: Vec<StepJob> = orphans
             .iter()
             .filter(|o| o.state == drover_core::InstanceState::Ready)
-            .map(|o| StepJob::new(o.id, o.step_seq, o.fence))
+            .map(|o| StepJob::new(o.id, o.step_seq, o.fence, o.route.clone()))
             .chain(requeued.admitted.iter().map(admitted_job))
             .collect();
         if !orphans.is_empty() {
@@ -202,7 +202,7 @@ impl LeaderLoop {
                 .await?;
             let jobs: Vec<StepJob> = woken
                 .iter()
-                .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+                .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
                 .collect();
             if !jobs.is_empty() {
                 self.bus.publish_jobs(&jobs).await?;
@@ -268,7 +268,7 @@ impl LeaderLoop {
         tracing::info!(count = stale.len(), "re-dispatching stale READY instances");
         let jobs: Vec<StepJob> = stale
             .iter()
-            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
             .collect();
         // A fresh message id per 10 s window: the first publish may still be in the duplicate
         // window, unacknowledged with a worker that died, and must not swallow this one.
@@ -285,5 +285,5 @@ impl LeaderLoop {
 
 fn admitted_job(admitted: &Admitted) -> StepJob {
     let job = admitted.job();
-    StepJob::new(job.instance, job.step_seq, job.fence)
+    StepJob::new(job.instance, job.step_seq, job.fence, job.route)
 }

@@ -170,7 +170,7 @@ impl RecoveryConsumer {
         if !ready.is_empty() {
             let jobs: Vec<StepJob> = ready
                 .iter()
-                .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+                .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
                 .collect();
             self.bus
                 .redispatch_jobs(&jobs, &format!("dead-{}", task.node))
@@ -194,10 +194,10 @@ impl RecoveryConsumer {
             let jobs: Vec<StepJob> = orphans
                 .iter()
                 .filter(|o| o.state == InstanceState::Ready)
-                .map(|o| StepJob::new(o.id, o.step_seq, o.fence))
+                .map(|o| StepJob::new(o.id, o.step_seq, o.fence, o.route.clone()))
                 .chain(requeued.admitted.iter().map(|a| {
                     let job = a.job();
-                    StepJob::new(job.instance, job.step_seq, job.fence)
+                    StepJob::new(job.instance, job.step_seq, job.fence, job.route)
                 }))
                 .collect();
             // The rows are READY already: if this publish fails, the stale-READY sweeper

@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 
 use crate::expr::{Expr, ExprError, Scope, on_parse_stack};
 use crate::ids::is_slug;
+use crate::route::{Queue, Route};
 use crate::subject::{PublishPolicy, check_literal};
 
 /// The largest source accepted, checked before parsing so a huge upload costs nothing.
@@ -29,8 +30,16 @@ pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 /// child (a top-level instance is at depth 0). Ends runaway recursion with a clear error.
 pub const MAX_CALL_DEPTH: i32 = 32;
 
-const TOP_FIELDS: &[&str] = &["name", "description", "vars", "max_steps", "steps"];
-const STEP_FIELDS: &[&str] = &["id", "kind", "next", "allow_retry", "timeout", "retry"];
+const TOP_FIELDS: &[&str] = &["name", "description", "queue", "vars", "max_steps", "steps"];
+const STEP_FIELDS: &[&str] = &[
+    "id",
+    "kind",
+    "queue",
+    "next",
+    "allow_retry",
+    "timeout",
+    "retry",
+];
 const RETRY_FIELDS: &[&str] = &["max_attempts", "backoff", "max_backoff"];
 const TRANSITION_FIELDS: &[&str] = &["to", "when"];
 
@@ -39,6 +48,9 @@ const TRANSITION_FIELDS: &[&str] = &["to", "when"];
 pub struct Definition {
     pub name: String,
     pub description: Option<String>,
+    /// The queue of its steps' jobs (only workers serving it run them); `None`: the
+    /// [`Queue::DEFAULT`] queue.
+    pub queue: Option<Queue>,
     pub vars: Map<String, Value>,
     /// The step budget of one instance; past it the instance goes to `in_error`.
     pub max_steps: u32,
@@ -49,6 +61,8 @@ pub struct Definition {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     pub id: String,
+    /// Overrides the workflow's queue for this step.
+    pub queue: Option<Queue>,
     /// False: never re-run this step automatically after an interruption.
     pub allow_retry: bool,
     /// Per attempt.
@@ -214,6 +228,9 @@ impl Definition {
         if let Some(description) = &self.description {
             object.insert("description".into(), json!(description));
         }
+        if let Some(queue) = &self.queue {
+            object.insert("queue".into(), json!(queue));
+        }
         object.insert("vars".into(), Value::Object(self.vars.clone()));
         object.insert("max_steps".into(), json!(self.max_steps));
         let steps = self.steps.iter().map(Step::to_json).collect();
@@ -240,6 +257,23 @@ impl Definition {
 
     pub fn step(&self, id: &str) -> Option<&Step> {
         self.steps.iter().find(|step| step.id == id)
+    }
+
+    /// Where `step`'s jobs go: its own queue, else the workflow's, else the default one; and
+    /// the handler a `handler` step needs.
+    pub fn route(&self, step: &Step) -> Route {
+        Route {
+            queue: step
+                .queue
+                .as_ref()
+                .or(self.queue.as_ref())
+                .cloned()
+                .unwrap_or_default(),
+            handler: match &step.kind {
+                StepKind::Handler { handler, .. } => Some(handler.clone()),
+                _ => None,
+            },
+        }
     }
 
     /// `publish` subjects must stay out of the cluster's own subject space and inside its
@@ -298,6 +332,9 @@ impl Step {
         let mut object = Map::new();
         object.insert("id".into(), json!(self.id));
         object.insert("kind".into(), json!(self.kind.name()));
+        if let Some(queue) = &self.queue {
+            object.insert("queue".into(), json!(queue));
+        }
         match &self.kind {
             StepKind::Assign { set } => {
                 object.insert("set".into(), exprs_to_json(set));
@@ -613,6 +650,22 @@ impl Checker {
         present(value).and_then(|v| self.string(at, field, v))
     }
 
+    /// An optional `queue`: a slug naming a worker queue.
+    fn queue(&mut self, at: &Loc, value: Option<&Value>) -> Option<Queue> {
+        let name = self.optional_str(at, "queue", value)?;
+        match name.parse() {
+            Ok(queue) => Some(queue),
+            Err(_) => {
+                let message = format!(
+                    "{name:?} is not a queue name: a slug, [a-z0-9][a-z0-9_-]{{0,62}} (workers \
+                     serve queues by name, `drover node --queues`)"
+                );
+                self.error(at, "queue", message);
+                None
+            }
+        }
+    }
+
     fn slug(&mut self, at: &Loc, field: &str, value: &str) {
         if !is_slug(value) {
             let message = format!("{value:?} is not a slug: [a-z0-9][a-z0-9_-]{{0,62}}");
@@ -746,6 +799,7 @@ impl Checker {
             self.slug(at, "name", name);
         }
         let description = self.optional_str(at, "description", object.get("description"));
+        let queue = self.queue(at, object.get("queue"));
         let vars = match present(object.get("vars")) {
             None => Map::new(),
             Some(Value::Object(vars)) => vars.clone(),
@@ -764,6 +818,7 @@ impl Checker {
         Some(Definition {
             name: name?.to_owned(),
             description: description.map(str::to_owned),
+            queue,
             vars,
             max_steps,
             steps: steps?,
@@ -951,6 +1006,7 @@ impl Checker {
             None => {}
         }
 
+        let queue = self.queue(at, object.get("queue"));
         let allow_retry = match present(object.get("allow_retry")) {
             None => true,
             Some(Value::Bool(b)) => *b,
@@ -973,6 +1029,7 @@ impl Checker {
         let next = self.transitions(at, is_end, object.get("next"), index);
         Some(Step {
             id: id?.to_owned(),
+            queue,
             allow_retry,
             timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
             retry,
@@ -1417,6 +1474,69 @@ steps:                        # the first step is the entry point
         format!(
             "name: w\nsteps:\n  - id: a\n{extra}\n  - id: b\n    kind: end\n    status: completed\n"
         )
+    }
+
+    #[test]
+    fn a_step_goes_to_its_own_queue_else_the_workflows_else_the_default() {
+        let source = "name: w\nqueue: gpu\nsteps:\n  - id: a\n    kind: handler\n    \
+                      handler: greet\n    input: {}\n    next: [{to: b}]\n  - id: b\n    \
+                      kind: assign\n    queue: default\n    set: {}\n    next: [{to: c}]\n  \
+                      - id: c\n    kind: end\n    status: completed\n";
+        let definition = Definition::parse(source).expect("valid");
+        let route = |id: &str| definition.route(definition.step(id).expect("a step"));
+        let gpu: Queue = "gpu".parse().expect("a slug");
+        assert_eq!(
+            route("a"),
+            Route {
+                queue: gpu.clone(),
+                handler: Some("greet".into())
+            }
+        );
+        assert_eq!(route("b"), Route::default());
+        assert_eq!(route("c").queue, gpu);
+        // Written as given, and read back the same.
+        let json = definition.to_json();
+        assert_eq!(json["queue"], "gpu");
+        assert_eq!(json["steps"][1]["queue"], "default");
+        assert_eq!(json["steps"][0].get("queue"), None);
+        assert_eq!(Definition::from_json(&json).as_ref(), Ok(&definition));
+
+        // Without the field: the default queue, and the canonical JSON has no `queue` (so a
+        // definition stored before queues existed compares equal, and still loads).
+        let plain = Definition::parse(&with_first_step(
+            "    kind: handler\n    handler: h\n    input: {}\n    next: [{to: b}]",
+        ))
+        .expect("valid");
+        assert_eq!(plain.queue, None);
+        assert_eq!(plain.route(plain.entry()).queue, Queue::default());
+        assert_eq!(plain.to_json().get("queue"), None);
+        assert_eq!(plain.to_json()["steps"][0].get("queue"), None);
+    }
+
+    #[test]
+    fn a_queue_that_is_not_a_slug_is_an_error_naming_the_field() {
+        for bad in ["GPU", "a.b", "gpu.>", "\"*\"", "\"\"", "-x"] {
+            let source =
+                format!("name: w\nqueue: {bad}\nsteps: [{{id: a, kind: end, status: completed}}]");
+            assert_error(&source, None, "queue", "not a queue name");
+            let source = with_first_step(&format!(
+                "    kind: assign\n    queue: {bad}\n    set: {{}}\n    next: [{{to: b}}]"
+            ));
+            assert_error(&source, Some("a"), "queue", "not a queue name");
+        }
+        assert_error(
+            "name: w\nqueue: [gpu]\nsteps: [{id: a, kind: end, status: completed}]",
+            None,
+            "queue",
+            "a string",
+        );
+        let long = "q".repeat(64);
+        assert_error(
+            &format!("name: w\nqueue: {long}\nsteps: [{{id: a, kind: end, status: completed}}]"),
+            None,
+            "queue",
+            "slug",
+        );
     }
 
     #[test]

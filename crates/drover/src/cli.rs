@@ -545,6 +545,8 @@ fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
             &[
                 "ID",
                 "ROLES",
+                "QUEUES",
+                "HANDLERS",
                 "HOST",
                 "VERSION",
                 "STATUS",
@@ -553,13 +555,16 @@ fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
                 "MEMORY",
             ],
             |n| {
-                let roles = n["roles"]
-                    .as_array()
-                    .map(|roles| roles.iter().map(text).collect::<Vec<_>>().join(","))
-                    .unwrap_or_else(|| text(&n["roles"]));
+                let joined = |key: &str| match n[key].as_array() {
+                    Some(items) if items.is_empty() => "-".to_owned(),
+                    Some(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
+                    None => text(&n[key]),
+                };
                 vec![
                     text(&n["id"]),
-                    roles,
+                    joined("roles"),
+                    joined("queues"),
+                    joined("handlers"),
                     text(&n["host"]),
                     text(&n["version"]),
                     text(&n["status"]),
@@ -931,7 +936,8 @@ mod tests {
     fn nodes_leader_and_resume_render_for_people() {
         let now: DateTime<Utc> = "2025-01-02T03:04:10Z".parse().expect("a timestamp");
         let nodes = json!({"nodes": [{
-            "id": "n1", "roles": ["worker", "api"], "host": "box", "version": "0.1.0",
+            "id": "n1", "roles": ["worker", "api"], "queues": ["default", "gpu"],
+            "handlers": [], "host": "box", "version": "0.1.0",
             "status": "alive", "heartbeat_at": "2025-01-02T03:04:07.500Z", "in_flight": 4,
             "rss_bytes": 12_900_000
         }]});
@@ -945,6 +951,7 @@ mod tests {
         for cell in [
             "n1",
             "worker,api",
+            "default,gpu",
             "box",
             "0.1.0",
             "alive",

@@ -175,6 +175,15 @@ pub struct NatsConfigArgs {
         value_name = "NAMES"
     )]
     pub events_consumers: Vec<String>,
+    /// The worker queues the worker (and node) user may serve, comma-separated: it may pull
+    /// from their consumers only. Give every queue a `drover node --queues` names.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = drover_core::Queue::DEFAULT,
+        value_name = "QUEUES"
+    )]
+    pub queues: Vec<drover_core::Queue>,
     /// Also make a random password (40 letters and digits) for each user and print them to
     /// standard error, once, as `VAR=password` lines: the environment of nats-server and,
     /// under the nodes' NATS_PASSWORD, of the nodes. The configuration still reads them from
@@ -221,12 +230,17 @@ fn render(args: &NatsConfigArgs) -> anyhow::Result<(String, Vec<String>)> {
         prefix: args.prefix.clone(),
         publish_allow: args.publish_allow.clone(),
         events_consumers: args.events_consumers.clone(),
+        worker_queues: args.queues.clone(),
     };
     let users = permissions::cluster_users(&config).context("generating the NATS users")?;
     let prefix = &config.prefix;
     let mut command = format!("drover nats-config --prefix {prefix}");
     if let Some(allow) = &config.publish_allow {
         command.push_str(&format!(" --publish-allow '{}'", allow.join(",")));
+    }
+    if config.worker_queues != [drover_core::Queue::default()] {
+        let queues: Vec<&str> = config.worker_queues.iter().map(|q| q.as_str()).collect();
+        command.push_str(&format!(" --queues {}", queues.join(",")));
     }
     if config.events_consumers != ["reader"] {
         command.push_str(&format!(
@@ -287,6 +301,7 @@ mod tests {
             prefix: "drover".to_owned(),
             publish_allow: Some(vec!["demo.>".to_owned()]),
             events_consumers: vec!["reader".to_owned()],
+            queues: vec![drover_core::Queue::default()],
             generate_passwords: false,
         };
         let (text, vars) = render(&args).expect("a valid configuration");

@@ -10,10 +10,10 @@ use std::time::Duration;
 use anyhow::Context;
 use drover_bus::{Bus, NatsRole};
 use drover_coordinator::{Coordinator, CoordinatorConfig};
-use drover_core::NodeId;
 use drover_core::SubjectAllowList;
 use drover_core::backoff::Backoff;
-use drover_store::{Heartbeat, Store, StoreConfig};
+use drover_core::{NodeId, Queue};
+use drover_store::{Heartbeat, NewNode, Store, StoreConfig};
 use drover_worker::{
     ClaimGate, DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Handlers, OutboxRelay,
     RelayConfig, Worker, WorkerConfig,
@@ -85,6 +85,16 @@ pub struct NodeArgs {
     /// Where the api role listens (port 0 picks a free one; the address is printed).
     #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// Worker queues the worker role serves, comma-separated (`default,gpu`): it runs the
+    /// steps of these queues only (a workflow's `queue`, or a step's own). Its NATS user must
+    /// be allowed them (`drover nats-config --queues`).
+    #[arg(
+        long,
+        env = "DROVER_QUEUES",
+        value_delimiter = ',',
+        default_value = Queue::DEFAULT
+    )]
+    pub queues: Vec<Queue>,
     /// Steps run at once by the worker role.
     #[arg(long, env = "DROVER_CONCURRENCY", default_value_t = 512)]
     pub concurrency: usize,
@@ -203,6 +213,9 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
     } else {
         None
     };
+    let mut queues = args.queues.clone();
+    queues.sort();
+    queues.dedup();
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     // The readiness state; `/readyz` reads `health.readiness()`.
@@ -226,7 +239,11 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
     }
     let Some(bus) = wait_for("NATS", &shutdown, || async {
         let bus_roles = args.roles.iter().map(|r| r.nats_role()).collect();
-        Bus::connect(args.nats.bus_config(&args.prefix, bus_roles))
+        let config = drover_bus::BusConfig {
+            worker_queues: queues.clone(),
+            ..args.nats.bus_config(&args.prefix, bus_roles)
+        };
+        Bus::connect(config)
             .await
             // A node may start before NATS: connecting and provisioning are waited for.
             .map_err(|err| {
@@ -299,12 +316,25 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
 
     let roles: Vec<String> = args.roles.iter().map(|r| r.as_str().to_owned()).collect();
     let host = hostname();
+    // What the node advertises its worker serves: the claim of a `handler` step and the
+    // stale-READY sweeper go by it.
+    let (served, mut handler_names) = if args.roles.contains(&Role::Worker) {
+        let names: Vec<String> = handlers.names().map(str::to_owned).collect();
+        (queues.clone(), names)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    handler_names.sort();
     let mut result = Ok(());
     loop {
         let node = NodeId::new();
         let registered = wait_for("Postgres", &shutdown, || async {
             store
-                .register_node(node, &roles, &host, env!("CARGO_PKG_VERSION"))
+                .register_node(&NewNode {
+                    queues: served.clone(),
+                    handlers: handler_names.clone(),
+                    ..NewNode::new(node, &roles, &host, env!("CARGO_PKG_VERSION"))
+                })
                 .await
                 .map_err(|err| (err.is_transient(), anyhow::Error::new(err)))
         })
@@ -319,7 +349,7 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
             }
         }
         health.registered(node);
-        tracing::info!(node.id = %node, roles = ?roles, %host, "node started");
+        tracing::info!(node.id = %node, roles = ?roles, queues = ?served.iter().map(Queue::as_str).collect::<Vec<_>>(), handlers = ?handler_names, %host, "node started");
         // Scripts and tests read this line to learn the node's id (again after a re-registration).
         println!("drover node {node} started");
 

@@ -7,7 +7,7 @@
 //! API decides which fact explains the instance best and words it.
 
 use chrono::{DateTime, Utc};
-use drover_core::{Fence, InstanceId, InstanceState, NodeId, StepSeq};
+use drover_core::{Fence, InstanceId, InstanceState, NodeId, Route, StepSeq};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -43,6 +43,9 @@ pub struct DiagnosisFacts {
     pub owner: Option<Node>,
     /// Worker nodes alive and heard from within the `live_within_ms` the caller gave.
     pub live_workers: i64,
+    /// Those of them that can run the current step: they serve its queue and, for a
+    /// `handler` step, registered its handler.
+    pub capable_workers: i64,
     /// The latest heartbeat of any worker node, whatever its status; `None` if none ever ran.
     pub last_worker_heartbeat: Option<DateTime<Utc>>,
     /// The coordinator's leader lease (`live` says whether anyone holds it now).
@@ -59,6 +62,8 @@ pub struct DiagnosedInstance {
     pub version: i32,
     pub state: InstanceState,
     pub current_step: String,
+    /// Where the current step's job goes, and the handler it needs.
+    pub route: Route,
     pub step_seq: StepSeq,
     pub step_attempt: i32,
     pub fence: Fence,
@@ -119,6 +124,8 @@ struct Row {
     version: i32,
     state: String,
     current_step: String,
+    step_queue: String,
+    step_handler: Option<String>,
     step_seq: i64,
     step_attempt: i32,
     fence: i64,
@@ -168,7 +175,8 @@ impl Store {
             .await?;
         let row: Option<Row> = sqlx::query_as(
             "SELECT clock_timestamp() AS now, i.id, i.workflow, i.version, i.state,
-                    i.current_step, i.step_seq, i.step_attempt, i.fence, i.holds_permit,
+                    i.current_step, i.step_queue, i.step_handler, i.step_seq, i.step_attempt,
+                    i.fence, i.holds_permit,
                     i.queue_seq, i.owner_node, i.claimed_at, i.ready_at, i.wake_at,
                     i.wait_deadline, i.wait_event, i.wait_child, i.pending_children,
                     i.parent_instance_id, i.error, i.paused_at, i.paused_by, i.paused_from,
@@ -284,19 +292,29 @@ impl Store {
                         .bind(node)
                         .fetch_optional(&mut *tx)
                         .await?;
-                row.map(Node::from)
+                row.map(Node::try_from).transpose()?
             }
             None => None,
         };
 
-        let (live_workers, last_worker_heartbeat): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status = 'alive'
-                                       AND heartbeat_at > $1 - $2 * interval '1 millisecond'),
+        let route = crate::instances::parse_route(r.step_queue, r.step_handler)?;
+        let (live_workers, capable_workers, last_worker_heartbeat): (
+            i64,
+            i64,
+            Option<DateTime<Utc>>,
+        ) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE live),
+                    count(*) FILTER (WHERE live AND $3 = ANY (queues)
+                                     AND ($4::text IS NULL OR $4 = ANY (handlers))),
                     max(heartbeat_at)
-             FROM node WHERE 'worker' = ANY (roles)",
+             FROM (SELECT *, status = 'alive'
+                             AND heartbeat_at > $1 - $2 * interval '1 millisecond' AS live
+                   FROM node WHERE 'worker' = ANY (roles)) n",
         )
         .bind(r.now)
         .bind(live_within_ms)
+        .bind(route.queue.as_str())
+        .bind(route.handler.as_deref())
         .fetch_one(&mut *tx)
         .await?;
 
@@ -338,6 +356,7 @@ impl Store {
                 version: r.version,
                 state,
                 current_step: r.current_step,
+                route,
                 step_seq: StepSeq(r.step_seq),
                 step_attempt: r.step_attempt,
                 fence: Fence(r.fence),
@@ -378,6 +397,7 @@ impl Store {
             event_stored,
             owner,
             live_workers,
+            capable_workers,
             last_worker_heartbeat,
             lease,
             restarted_as: restarted_as.map(|(id,)| InstanceId(id)),

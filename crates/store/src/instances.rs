@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use drover_core::event::EventKind;
-use drover_core::{CampaignId, Fence, InstanceId, InstanceState, NodeId, StepSeq};
+use drover_core::{CampaignId, Fence, InstanceId, InstanceState, NodeId, Queue, Route, StepSeq};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -17,6 +17,12 @@ fn parse_state(state: &str) -> Result<InstanceState> {
     state
         .parse()
         .map_err(|_| Error::Corrupt(format!("unknown instance state {state:?}")))
+}
+
+/// The route of a step as its instance row keeps it (`step_queue`, `step_handler`).
+pub(crate) fn parse_route(queue: String, handler: Option<String>) -> Result<Route> {
+    let queue = Queue::try_from(queue).map_err(|e| Error::Corrupt(e.to_string()))?;
+    Ok(Route { queue, handler })
 }
 
 #[derive(sqlx::FromRow)]
@@ -561,8 +567,10 @@ impl Store {
     /// Claims the instances of a batch of delivered jobs for `node`, in one statement.
     ///
     /// A job claims only if its `(step_seq, fence)` is still the instance's and the instance
-    /// is READY, and only while `node` is alive; the claim bumps the fence. Jobs that do not
-    /// claim are stale or duplicate deliveries: absent from the result.
+    /// is READY, and only while `node` is alive; the claim bumps the fence. A `handler` step
+    /// is claimed only by a node that advertises its handler (its node row). Jobs that do not
+    /// claim are stale or duplicate deliveries (or, for a handler the node lacks, left to the
+    /// stale-READY sweeper): absent from the result.
     pub async fn claim(&self, node: NodeId, jobs: &[ClaimRequest]) -> Result<Vec<Claimed>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
@@ -590,10 +598,13 @@ impl Store {
                -- Each job is found by primary key instead.
                AND i.state || '' = 'ready' AND c.id = i.campaign_id
                AND EXISTS (SELECT 1 FROM node WHERE id = $1 AND status = 'alive')
+               AND (i.step_handler IS NULL
+                    OR i.step_handler = ANY ((SELECT handlers FROM node WHERE id = $1)::text[]))
              RETURNING i.id, i.workflow, i.version, c.name AS campaign, i.current_step,
                        i.step_seq, i.step_entered_seq, i.step_attempt, i.fence, i.step_claims,
                        i.steps_run, i.vars, i.outputs, i.created_at, i.claimed_at,
-                       i.wait_deadline, i.wait_child, i.parent_instance_id, i.call_depth",
+                       i.wait_deadline, i.wait_child, i.parent_instance_id, i.call_depth,
+                       i.step_queue, i.step_handler",
         )
         .bind(node.0)
         .bind(&ids)
@@ -601,7 +612,7 @@ impl Store {
         .bind(&fences)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(ClaimRow::into_claimed).collect())
+        rows.into_iter().map(ClaimRow::into_claimed).collect()
     }
 
     /// Group-commits a batch of step completions by `node` (one fsync for the batch).
@@ -731,33 +742,46 @@ impl Store {
                 continue;
             }
             if let Some(claimed) = row.continued {
-                continued.push((idx, claimed.0.into_claimed()));
+                continued.push((idx, claimed.0.into_claimed()?));
             }
-            if let Some(child) = row.child_id {
+            if let (
+                Some(child),
+                Transition::Wait {
+                    child: Some(new), ..
+                },
+            ) = (row.child_id, &completion.transition)
+            {
                 ready.push(ClaimRequest {
                     instance: InstanceId(child),
                     step_seq: StepSeq(0),
                     fence: Fence(0),
+                    route: new.route.clone(),
                 });
             }
-            if let (Some(id), Some(seq), Some(fence)) =
-                (row.parent_id, row.parent_seq, row.parent_fence)
-            {
+            if let (Some(id), Some(seq), Some(fence), Some(queue)) = (
+                row.parent_id,
+                row.parent_seq,
+                row.parent_fence,
+                row.parent_queue,
+            ) {
                 ready.push(ClaimRequest {
                     instance: InstanceId(id),
                     step_seq: StepSeq(seq),
                     fence: Fence(fence),
+                    route: parse_route(queue, row.parent_handler)?,
                 });
             }
             // A wait that went READY at once: its job is not one the caller expects.
             if matches!(completion.transition, Transition::Wait { .. })
                 && row.state.as_deref() == Some("ready")
-                && let (Some(seq), Some(fence)) = (row.step_seq, row.fence)
+                && let (Some(seq), Some(fence), Some(queue)) =
+                    (row.step_seq, row.fence, row.step_queue)
             {
                 ready.push(ClaimRequest {
                     instance: completion.instance,
                     step_seq: StepSeq(seq),
                     fence: Fence(fence),
+                    route: parse_route(queue, row.step_handler)?,
                 });
             }
         }
@@ -859,27 +883,57 @@ impl Store {
         Ok((results, admitted))
     }
 
+    /// The instances of `jobs` whose job each still is: READY at that checkpoint and fence.
+    pub async fn current_jobs(&self, jobs: &[ClaimRequest]) -> Result<Vec<InstanceId>> {
+        let ids: Vec<Uuid> = jobs.iter().map(|j| j.instance.0).collect();
+        let seqs: Vec<i64> = jobs.iter().map(|j| j.step_seq.0).collect();
+        let fences: Vec<i64> = jobs.iter().map(|j| j.fence.0).collect();
+        let rows: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT i.id FROM instance i
+             JOIN unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS j(id, step_seq, fence)
+               ON i.id = j.id AND i.step_seq = j.step_seq AND i.fence = j.fence
+             WHERE i.state = 'ready'",
+        )
+        .bind(&ids)
+        .bind(&seqs)
+        .bind(&fences)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id,)| InstanceId(id)).collect())
+    }
+
     /// READY instances whose `ready_at` is older than `older_than_ms`: their job may have
-    /// been lost. Returns `(instance, step_seq, fence)` for re-dispatch.
+    /// been lost. Returns their jobs for re-dispatch.
+    ///
+    /// Left out: instances no alive worker can run (none serves the step's queue, or none that
+    /// does has its handler). Their job is not lost but waiting, handed between the workers
+    /// that cannot run it (or kept by a queue no worker pulls from); publishing it again would
+    /// only pile up copies. Once a capable worker registers they are stale again.
     pub async fn stale_ready(&self, older_than_ms: i64, limit: i64) -> Result<Vec<ClaimRequest>> {
-        let rows: Vec<(Uuid, i64, i64)> = sqlx::query_as(
-            "SELECT id, step_seq, fence FROM instance
+        let rows: Vec<(Uuid, i64, i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT id, step_seq, fence, step_queue, step_handler FROM instance i
              WHERE state = 'ready'
                AND ready_at < clock_timestamp() - $1 * interval '1 millisecond'
+               AND EXISTS (SELECT 1 FROM node n
+                           WHERE n.status = 'alive' AND 'worker' = ANY (n.roles)
+                             AND i.step_queue = ANY (n.queues)
+                             AND (i.step_handler IS NULL OR i.step_handler = ANY (n.handlers)))
              ORDER BY ready_at LIMIT $2",
         )
         .bind(older_than_ms)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, seq, fence)| ClaimRequest {
-                instance: InstanceId(id),
-                step_seq: StepSeq(seq),
-                fence: Fence(fence),
+        rows.into_iter()
+            .map(|(id, seq, fence, queue, handler)| {
+                Ok(ClaimRequest {
+                    instance: InstanceId(id),
+                    step_seq: StepSeq(seq),
+                    fence: Fence(fence),
+                    route: parse_route(queue, handler)?,
+                })
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -892,6 +946,7 @@ fn created(instances: &[NewInstance], admissions: &[Admission]) -> Created {
                 instance: instance.id,
                 step_seq: StepSeq(0),
                 fence: Fence(0),
+                route: instance.route.clone(),
             }),
             Admission::Queued(_) => created.queued.push(instance.id),
         }
@@ -927,6 +982,8 @@ async fn insert_instances(
                     "entry_step": i.entry_step,
                     "allow_retry": i.allow_retry,
                     "timeout_ms": i.timeout_ms,
+                    "queue": i.route.queue,
+                    "handler": i.route.handler,
                     "vars": i.vars,
                     "state": state,
                     "holds_permit": permit,
@@ -943,15 +1000,17 @@ async fn insert_instances(
         "WITH n AS (
             SELECT * FROM jsonb_to_recordset($1::jsonb) AS n(
                 id uuid, campaign_id bigint, workflow text, version int,
-                entry_step text, allow_retry bool, timeout_ms bigint, vars jsonb,
-                state text, holds_permit bool, queue_seq bigint, announce_end bool)
+                entry_step text, allow_retry bool, timeout_ms bigint, queue text,
+                handler text, vars jsonb, state text, holds_permit bool, queue_seq bigint,
+                announce_end bool)
          ), ins AS (
             INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
-                                  step_retryable, step_timeout_ms, ready_at, vars,
-                                  initial_vars, holds_permit, queue_seq, queued_at, event_seq,
-                                  announce_end)
+                                  step_retryable, step_timeout_ms, step_queue, step_handler,
+                                  ready_at, vars, initial_vars, holds_permit, queue_seq,
+                                  queued_at, event_seq, announce_end)
             SELECT id, campaign_id, workflow, version, state, entry_step, allow_retry,
-                   timeout_ms, CASE WHEN state = 'ready' THEN clock_timestamp() END, vars, vars,
+                   timeout_ms, queue, handler,
+                   CASE WHEN state = 'ready' THEN clock_timestamp() END, vars, vars,
                    holds_permit, queue_seq,
                    CASE WHEN state = 'queued' THEN clock_timestamp() END,
                    CASE WHEN state = 'queued' THEN 2 ELSE 1 END, announce_end
@@ -1003,13 +1062,14 @@ fn completion_rows(completions: &[Completion]) -> Vec<Value> {
                 Transition::Stop { state } => (state.as_str(), None, false, 0),
                 Transition::Wait { .. } => ("waiting", None, false, 0),
             };
-            let (allow_retry, timeout_ms) = match &c.transition {
+            let (allow_retry, timeout_ms, route) = match &c.transition {
                 Transition::Next {
                     allow_retry,
                     timeout_ms,
+                    route,
                     ..
-                } => (Some(*allow_retry), Some(*timeout_ms)),
-                _ => (None, None),
+                } => (Some(*allow_retry), Some(*timeout_ms), Some(route)),
+                _ => (None, None, None),
             };
             let (wait, wake_at_ms, wait_event, child) = match &c.transition {
                 Transition::Wait {
@@ -1050,6 +1110,10 @@ fn completion_rows(completions: &[Completion]) -> Vec<Value> {
                         row.insert(key.to_owned(), value);
                     }
                 };
+                if let Some(route) = route {
+                    put("queue", json!(route.queue));
+                    put("handler", json!(route.handler));
+                }
                 put("wake_at_ms", json!(wake_at_ms));
                 put("wait_event", json!(wait_event));
                 put("signal_id", json!(c.consumes));
@@ -1060,6 +1124,8 @@ fn completion_rows(completions: &[Completion]) -> Vec<Value> {
                     put("child_entry", json!(k.entry_step));
                     put("child_allow_retry", json!(k.allow_retry));
                     put("child_timeout_ms", json!(k.timeout_ms));
+                    put("child_queue", json!(k.route.queue));
+                    put("child_handler", json!(k.route.handler));
                     put("child_vars", k.vars.clone());
                 }
             }
@@ -1091,11 +1157,13 @@ struct ClaimRow {
     wait_child: Option<Uuid>,
     parent_instance_id: Option<Uuid>,
     call_depth: i32,
+    step_queue: String,
+    step_handler: Option<String>,
 }
 
 impl ClaimRow {
-    fn into_claimed(self) -> Claimed {
-        Claimed {
+    fn into_claimed(self) -> Result<Claimed> {
+        Ok(Claimed {
             id: InstanceId(self.id),
             workflow: self.workflow,
             version: self.version,
@@ -1115,7 +1183,8 @@ impl ClaimRow {
             wait_child: self.wait_child.map(InstanceId),
             parent: self.parent_instance_id.map(InstanceId),
             call_depth: self.call_depth,
-        }
+            route: parse_route(self.step_queue, self.step_handler)?,
+        })
     }
 }
 
@@ -1135,6 +1204,11 @@ struct CommitRow {
     parent_id: Option<Uuid>,
     parent_seq: Option<i64>,
     parent_fence: Option<i64>,
+    /// The route of the instance's step after the commit, and of the parent it woke.
+    step_queue: Option<String>,
+    step_handler: Option<String>,
+    parent_queue: Option<String>,
+    parent_handler: Option<String>,
     /// The instance claimed again by the committing node for its next step (see
     /// [`Store::commit_continuing`]).
     continued: Option<sqlx::types::Json<ClaimRow>>,
@@ -1182,11 +1256,14 @@ macro_rules! final_state {
 
 /// Does the committing node claim the instance again at once for its next step? Only when
 /// asked (`$4`, [`Store::commit_continuing`]), for a plain move to the next step that would
-/// leave it READY, and while the node is alive (as a claim requires).
+/// leave it READY, while the node is alive (as a claim requires), and if it serves the next
+/// step's queue and has its handler (its node row).
 macro_rules! continues {
     () => {
         concat!(
-            "($4 AND c.next_step IS NOT NULL AND NOT c.retry AND NOT c.wait AND t.alive AND ",
+            "($4 AND c.next_step IS NOT NULL AND NOT c.retry AND NOT c.wait AND t.alive
+              AND c.queue = ANY (t.queues) AND (c.handler IS NULL OR c.handler = ANY (t.handlers))
+              AND ",
             final_state!(),
             " = 'ready')"
         )
@@ -1229,14 +1306,16 @@ const COMMIT: &str = concat!(
             idx int, instance_id uuid, fence bigint, step_seq bigint, step_id text,
             attempt int, started_at timestamptz, outcome text, transition text,
             next_state text, next_step text, allow_retry bool, timeout_ms bigint,
-            retry bool, delay_ms bigint, vars jsonb, output jsonb, error text,
+            queue text, handler text, retry bool, delay_ms bigint, vars jsonb, output jsonb, error text,
             events jsonb, wait bool, wake_at_ms bigint, wait_event text, signal_id bigint,
             child_id uuid, child_workflow text, child_version int,
             child_entry text, child_allow_retry bool, child_timeout_ms bigint,
-            child_vars jsonb)
+            child_queue text, child_handler text, child_vars jsonb)
      ), t AS (
         SELECT clock_timestamp() AS now,
-               EXISTS (SELECT 1 FROM node WHERE id = $2 AND status = 'alive') AS alive
+               EXISTS (SELECT 1 FROM node WHERE id = $2 AND status = 'alive') AS alive,
+               (SELECT queues FROM node WHERE id = $2) AS queues,
+               (SELECT handlers FROM node WHERE id = $2) AS handlers
      ), upd AS (
         UPDATE instance i SET
             state = CASE WHEN ",
@@ -1269,6 +1348,8 @@ const COMMIT: &str = concat!(
     " THEN 1 ELSE 0 END,
             step_retryable = coalesce(c.allow_retry, i.step_retryable),
             step_timeout_ms = coalesce(c.timeout_ms, i.step_timeout_ms),
+            step_queue = coalesce(c.queue, i.step_queue),
+            step_handler = CASE WHEN c.next_step IS NOT NULL THEN c.handler ELSE i.step_handler END,
             run_deadline = CASE WHEN ",
     continues!(),
     " THEN t.now + (coalesce(c.timeout_ms, i.step_timeout_ms) + 30000)
@@ -1339,7 +1420,7 @@ const COMMIT: &str = concat!(
         RETURNING c.idx, i.id, i.state, i.step_seq, i.fence, i.campaign_id, i.call_depth,
                   i.parent_instance_id, i.wake_at, i.wait_child, i.current_step,
                   i.holds_permit, i.stop_requested_by, i.paused_by, i.event_seq,
-                  i.workflow, i.version,
+                  i.workflow, i.version, i.step_queue, i.step_handler,
                   CASE WHEN i.state = 'running' THEN jsonb_build_object(
                       'id', i.id, 'workflow', i.workflow, 'version', i.version,
                       'campaign', (SELECT name FROM campaign WHERE id = i.campaign_id),
@@ -1349,7 +1430,8 @@ const COMMIT: &str = concat!(
                       'vars', i.vars, 'outputs', i.outputs, 'created_at', i.created_at,
                       'claimed_at', i.claimed_at, 'wait_deadline', i.wait_deadline,
                       'wait_child', i.wait_child, 'parent_instance_id', i.parent_instance_id,
-                      'call_depth', i.call_depth) END AS continued
+                      'call_depth', i.call_depth, 'step_queue', i.step_queue,
+                      'step_handler', i.step_handler) END AS continued
      ), j AS (
         INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                              attempt, node_id, actor, started_at, finished_at, output, error)
@@ -1385,11 +1467,13 @@ const COMMIT: &str = concat!(
           AND s.id = c.signal_id AND s.instance_id = c.instance_id AND s.consumed_at IS NULL
      ), child AS (
         INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
-                              step_retryable, step_timeout_ms, ready_at, vars, initial_vars,
-                              parent_instance_id, call_depth, event_seq)
+                              step_retryable, step_timeout_ms, step_queue, step_handler,
+                              ready_at, vars, initial_vars, parent_instance_id, call_depth,
+                              event_seq)
         SELECT c.child_id, upd.campaign_id, c.child_workflow, c.child_version, 'ready',
-               c.child_entry, c.child_allow_retry, c.child_timeout_ms, clock_timestamp(),
-               c.child_vars, c.child_vars, upd.id, upd.call_depth + 1, 1
+               c.child_entry, c.child_allow_retry, c.child_timeout_ms, c.child_queue,
+               c.child_handler, clock_timestamp(), c.child_vars, c.child_vars, upd.id,
+               upd.call_depth + 1, 1
         FROM c JOIN upd ON upd.idx = c.idx
         WHERE c.child_id IS NOT NULL AND upd.state = 'waiting'
         RETURNING id, current_step, created_at, parent_instance_id, campaign_id, workflow,
@@ -1423,7 +1507,8 @@ const COMMIT: &str = concat!(
         FROM pl
         WHERE p.id = pl.id AND pl.state = 'waiting' AND pl.wait_child = pl.child_id
         RETURNING p.id, p.step_seq, p.fence, p.current_step, p.step_attempt, pl.child_id,
-                  pl.child_state, pl.idx, p.event_seq, p.workflow, p.version, p.campaign_id
+                  pl.child_state, pl.idx, p.event_seq, p.workflow, p.version, p.campaign_id,
+                  p.step_queue, p.step_handler
      ), pdec AS (
         UPDATE instance p SET pending_children = greatest(p.pending_children - 1, 0),
                               updated_at = clock_timestamp()
@@ -1451,7 +1536,8 @@ const COMMIT: &str = concat!(
             upd.stop_requested_by, upd.paused_by,
             child.id AS child_id,
             pw.id AS parent_id, pw.step_seq AS parent_seq, pw.fence AS parent_fence,
-            upd.continued
+            upd.step_queue, upd.step_handler, pw.step_queue AS parent_queue,
+            pw.step_handler AS parent_handler, upd.continued
      FROM c LEFT JOIN upd ON upd.idx = c.idx
             -- Probed by primary key for the completions that did not commit only: a lateral
             -- LIMIT 1 cannot be turned into a hash of the whole journal (which the planner

@@ -43,7 +43,7 @@ pub use lifecycle::{
     Refusal, Restart, Restarted,
 };
 pub use model::*;
-pub use nodes::Heartbeat;
+pub use nodes::{Heartbeat, NewNode};
 pub use operator::{Resume, Resumed};
 pub use recovery::{COORDINATOR_LEASE, Requeued};
 pub use semaphore::{

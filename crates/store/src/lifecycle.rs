@@ -43,12 +43,13 @@
 
 use chrono::{DateTime, Utc};
 use drover_core::event::EventKind;
-use drover_core::{Fence, InstanceId, InstanceState, StepSeq};
+use drover_core::{Fence, InstanceId, InstanceState, Route, StepSeq};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::diagnosis::parse_state;
 use crate::facts::{NewFact, insert_facts};
+use crate::instances::parse_route;
 use crate::model::ClaimRequest;
 use crate::semaphore::{self, Admission, Admitted};
 use crate::{Error, Result, Store};
@@ -150,6 +151,8 @@ pub struct LifecycleChange {
     /// stopped child that woke this parent, the instance a restart started (on the old one) or
     /// restarted (on the new one).
     pub related: Option<InstanceId>,
+    /// Where its job goes.
+    pub route: Route,
 }
 
 impl LifecycleChange {
@@ -159,10 +162,11 @@ impl LifecycleChange {
             self.outcome,
             LifecycleOutcome::Unpaused | LifecycleOutcome::Woken | LifecycleOutcome::Started
         );
-        (dispatched && self.to == InstanceState::Ready).then_some(ClaimRequest {
+        (dispatched && self.to == InstanceState::Ready).then(|| ClaimRequest {
             instance: self.id,
             step_seq: self.step_seq,
             fence: self.fence,
+            route: self.route.clone(),
         })
     }
 }
@@ -256,10 +260,11 @@ pub struct Restart {
     pub from: InstanceId,
     /// The new instance's id.
     pub id: InstanceId,
-    /// The definition's entry step, its `allow_retry` and its timeout.
+    /// The definition's entry step, its `allow_retry`, its timeout and its route.
     pub entry_step: String,
     pub allow_retry: bool,
     pub timeout_ms: i64,
+    pub route: Route,
 }
 
 /// The events of a [`LifecycleChange`].
@@ -500,6 +505,11 @@ struct Locked {
     wait_child: Option<Uuid>,
     /// Paused from WAITING, and nothing that would have woken it has come.
     still_waiting: bool,
+    step_queue: String,
+    step_handler: Option<String>,
+    /// Read from `step_queue` and `step_handler` by [`lock`].
+    #[sqlx(skip)]
+    route: Route,
 }
 
 async fn lock(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<Option<(Locked, InstanceState)>> {
@@ -514,7 +524,8 @@ async fn lock(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<Option<(Locked, I
                  AND NOT (i.wait_child IS NOT NULL AND i.pending_children = 0)
                  AND NOT EXISTS (SELECT 1 FROM instance_signal s
                                  WHERE s.instance_id = i.id AND s.name = i.wait_event
-                                   AND s.consumed_at IS NULL)) AS still_waiting
+                                   AND s.consumed_at IS NULL)) AS still_waiting,
+                i.step_queue, i.step_handler
          FROM instance i JOIN campaign c ON c.id = i.campaign_id
          WHERE i.id = $1
          FOR UPDATE OF i",
@@ -522,8 +533,9 @@ async fn lock(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<Option<(Locked, I
     .bind(id)
     .fetch_optional(&mut *tx)
     .await?;
-    row.map(|row| {
+    row.map(|mut row| {
         let state = parse_state(&row.state)?;
+        row.route = parse_route(row.step_queue.clone(), row.step_handler.clone())?;
         Ok((row, state))
     })
     .transpose()
@@ -962,6 +974,7 @@ fn change_of(
         fence: Fence(fence),
         actor: actor.to_owned(),
         related,
+        route: row.route.clone(),
     }
 }
 
@@ -1066,8 +1079,9 @@ async fn restart_one(
     let (created_at,): (DateTime<Utc>,) = sqlx::query_as(
         "INSERT INTO instance (id, campaign_id, workflow, version, state, holds_permit,
                                queue_seq, current_step, step_retryable, step_timeout_ms,
-                               ready_at, queued_at, vars, initial_vars, restarted_from)
-         SELECT $1, campaign_id, workflow, version, $2, $3, $4, $5, $6, $7,
+                               step_queue, step_handler, ready_at, queued_at, vars,
+                               initial_vars, restarted_from)
+         SELECT $1, campaign_id, workflow, version, $2, $3, $4, $5, $6, $7, $9, $10,
                 CASE WHEN $2 = 'ready' THEN clock_timestamp() END,
                 CASE WHEN $2 = 'queued' THEN clock_timestamp() END,
                 initial_vars, initial_vars, id
@@ -1082,6 +1096,8 @@ async fn restart_one(
     .bind(restart.allow_retry)
     .bind(restart.timeout_ms)
     .bind(row.id)
+    .bind(restart.route.queue.as_str())
+    .bind(restart.route.handler.as_deref())
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query(
@@ -1110,6 +1126,7 @@ async fn restart_one(
         fence: Fence(0),
         actor: actor.to_owned(),
         related: Some(restart.from),
+        route: restart.route.clone(),
     };
     let mut facts = change_facts(&started);
     if let Some(seq) = queue_seq {

@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 use drover_core::definition::{DEFAULT_TIMEOUT, millis};
 use drover_core::{
-    CampaignId, Definition, Fence, InstanceId, InstanceState, NodeId, SignalId, Step, StepSeq,
+    CampaignId, Definition, Fence, InstanceId, InstanceState, NodeId, Queue, Route, SignalId, Step,
+    StepSeq,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -66,6 +67,8 @@ pub struct NewInstance {
     pub allow_retry: bool,
     /// The entry step's timeout.
     pub timeout_ms: i64,
+    /// The entry step's route.
+    pub route: Route,
     pub vars: Value,
     /// Announce its end (`Store::listen_instance_ends`): someone waits for it.
     pub announce_end: bool,
@@ -196,12 +199,14 @@ pub struct JournalEntry {
     pub error: Option<String>,
 }
 
-/// A job as delivered: the instance and the checkpoint it was published for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A job: the instance and the checkpoint it was published for, and where it goes (the
+/// route of the instance's current step; a claim does not read it).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimRequest {
     pub instance: InstanceId,
     pub step_seq: StepSeq,
     pub fence: Fence,
+    pub route: Route,
 }
 
 /// A claimed instance: everything a worker needs to run its current step.
@@ -236,6 +241,8 @@ pub struct Claimed {
     pub parent: Option<InstanceId>,
     /// How many `subworkflow` calls deep this instance is (0 for a top-level one).
     pub call_depth: i32,
+    /// The current step's route: where a retry of it is published.
+    pub route: Route,
 }
 
 /// A child instance a `subworkflow` step starts, in the commit that parks its parent.
@@ -249,6 +256,8 @@ pub struct NewChild {
     pub allow_retry: bool,
     /// The entry step's timeout.
     pub timeout_ms: i64,
+    /// The entry step's route.
+    pub route: Route,
     pub vars: Value,
 }
 
@@ -256,11 +265,13 @@ pub struct NewChild {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Transition {
     /// Go on with `step` (a new step: attempt 1), whose `allow_retry` and timeout recovery
-    /// needs to know.
+    /// needs to know, and whose route says where its job goes. The committing node continues
+    /// it only if it serves the route (see [`Store::commit_continuing`](crate::Store::commit_continuing)).
     Next {
         step: String,
         allow_retry: bool,
         timeout_ms: i64,
+        route: Route,
     },
     /// Run the same step again after `delay_ms` (attempt + 1, same idempotency key).
     Retry { delay_ms: u64 },
@@ -289,6 +300,7 @@ impl Transition {
             step: to.to_owned(),
             allow_retry: step.is_none_or(|s| s.allow_retry),
             timeout_ms: step.map_or(millis(DEFAULT_TIMEOUT), Step::timeout_ms),
+            route: step.map(|s| definition.route(s)).unwrap_or_default(),
         }
     }
 }
@@ -372,6 +384,10 @@ pub enum Commit {
 pub struct Node {
     pub id: NodeId,
     pub roles: Vec<String>,
+    /// The queues its worker serves (none for a node without the worker role).
+    pub queues: Vec<Queue>,
+    /// The handlers its worker registered.
+    pub handlers: Vec<String>,
     pub host: String,
     pub version: String,
     pub status: String,
@@ -409,6 +425,20 @@ pub struct Orphan {
     pub fence: Fence,
     /// `ready` (re-dispatch) or `in_error` (a non-retryable step was interrupted).
     pub state: InstanceState,
+    /// Where its job goes.
+    pub route: Route,
+}
+
+impl Orphan {
+    /// The job to publish for it (if it is READY).
+    pub fn job(&self) -> ClaimRequest {
+        ClaimRequest {
+            instance: self.id,
+            step_seq: self.step_seq,
+            fence: self.fence,
+            route: self.route.clone(),
+        }
+    }
 }
 
 /// A WAITING instance made READY again (by the timer or a signal), as the store decided.
@@ -423,6 +453,8 @@ pub struct Woken {
     pub step_seq: StepSeq,
     /// Unchanged by a wake: no worker holds a WAITING instance.
     pub fence: Fence,
+    /// Where its job goes.
+    pub route: Route,
 }
 
 impl Woken {
@@ -432,12 +464,13 @@ impl Woken {
             instance: self.id,
             step_seq: self.step_seq,
             fence: self.fence,
+            route: self.route.clone(),
         }
     }
 }
 
 /// What a signal delivery did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Delivery {
     /// The instance was waiting for it and is READY now: publish the job.
     Woke(ClaimRequest),

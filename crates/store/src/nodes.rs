@@ -1,11 +1,11 @@
 //! Node liveness rows. A node id is fresh per process start; `dead` is one-way.
 
 use chrono::{DateTime, Utc};
-use drover_core::NodeId;
+use drover_core::{NodeId, Queue};
 use uuid::Uuid;
 
 use crate::model::Node;
-use crate::{Result, Store};
+use crate::{Error, Result, Store};
 
 /// What a heartbeat found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,21 +15,50 @@ pub enum Heartbeat {
     Dead,
 }
 
+/// A node as it registers.
+#[derive(Clone, Debug)]
+pub struct NewNode {
+    pub id: NodeId,
+    pub roles: Vec<String>,
+    pub host: String,
+    pub version: String,
+    /// The queues its worker serves; empty without the worker role.
+    pub queues: Vec<Queue>,
+    /// The handlers its worker registered: only it claims `handler` steps of these.
+    pub handlers: Vec<String>,
+}
+
+impl NewNode {
+    /// A node of `roles` on `host` running `version`, serving the default queue with no
+    /// handlers (set `queues` and `handlers` to say otherwise).
+    pub fn new(id: NodeId, roles: &[String], host: &str, version: &str) -> Self {
+        Self {
+            id,
+            roles: roles.to_vec(),
+            host: host.to_owned(),
+            version: version.to_owned(),
+            queues: vec![Queue::default()],
+            handlers: Vec::new(),
+        }
+    }
+}
+
 impl Store {
-    pub async fn register_node(
-        &self,
-        id: NodeId,
-        roles: &[String],
-        host: &str,
-        version: &str,
-    ) -> Result<()> {
-        sqlx::query("INSERT INTO node (id, roles, host, version) VALUES ($1, $2, $3, $4)")
-            .bind(id.0)
-            .bind(roles)
-            .bind(host)
-            .bind(version)
-            .execute(&self.pool)
-            .await?;
+    /// Registers a node process (`alive`, heartbeat now), advertising what its worker serves.
+    pub async fn register_node(&self, node: &NewNode) -> Result<()> {
+        let queues: Vec<&str> = node.queues.iter().map(Queue::as_str).collect();
+        sqlx::query(
+            "INSERT INTO node (id, roles, host, version, queues, handlers)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(node.id.0)
+        .bind(&node.roles)
+        .bind(&node.host)
+        .bind(&node.version)
+        .bind(&queues)
+        .bind(&node.handlers)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -71,18 +100,20 @@ impl Store {
         ))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(Node::from).collect())
+        rows.into_iter().map(Node::try_from).collect()
     }
 }
 
 /// The columns of a `node` row that [`NodeRow`] reads.
-pub(crate) const NODE_COLUMNS: &str =
-    "id, roles, host, version, status, heartbeat_at, started_at, died_at, in_flight, rss_bytes";
+pub(crate) const NODE_COLUMNS: &str = "id, roles, queues, handlers, host, version, status, \
+    heartbeat_at, started_at, died_at, in_flight, rss_bytes";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct NodeRow {
     id: Uuid,
     roles: Vec<String>,
+    queues: Vec<String>,
+    handlers: Vec<String>,
     host: String,
     version: String,
     status: String,
@@ -93,11 +124,19 @@ pub(crate) struct NodeRow {
     rss_bytes: i64,
 }
 
-impl From<NodeRow> for Node {
-    fn from(r: NodeRow) -> Self {
-        Node {
+impl TryFrom<NodeRow> for Node {
+    type Error = Error;
+    fn try_from(r: NodeRow) -> Result<Self> {
+        let queues = r
+            .queues
+            .into_iter()
+            .map(|q| Queue::try_from(q).map_err(|e| Error::Corrupt(e.to_string())))
+            .collect::<Result<_>>()?;
+        Ok(Node {
             id: NodeId(r.id),
             roles: r.roles,
+            queues,
+            handlers: r.handlers,
             host: r.host,
             version: r.version,
             status: r.status,
@@ -106,6 +145,6 @@ impl From<NodeRow> for Node {
             died_at: r.died_at,
             in_flight: r.in_flight,
             rss_bytes: r.rss_bytes,
-        }
+        })
     }
 }

@@ -4,7 +4,7 @@
 //! row, an `audit` row and its events in that same transaction.
 
 use drover_core::event::EventKind;
-use drover_core::{Fence, InstanceId, InstanceState, StepSeq};
+use drover_core::{Fence, InstanceId, InstanceState, Route, StepSeq};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
@@ -33,6 +33,8 @@ pub struct Resume {
     pub allow_retry: bool,
     /// `step`'s timeout.
     pub timeout_ms: i64,
+    /// `step`'s route.
+    pub route: Route,
     /// Variables replaced (top-level keys) before the instance runs on.
     pub set: Map<String, Value>,
     /// Who resumes: the journal's and the audit row's `actor`.
@@ -201,6 +203,8 @@ impl Store {
                     steps_run = 0,
                     step_retryable = $5,
                     step_timeout_ms = $6,
+                    step_queue = $15,
+                    step_handler = $16,
                     run_deadline = NULL,
                     wake_at = NULL,
                     wait_deadline = NULL,
@@ -238,6 +242,8 @@ impl Store {
         .bind(to_state)
         .bind(permit)
         .bind(place)
+        .bind(resume.route.queue.as_str())
+        .bind(resume.route.handler.as_deref())
         .fetch_optional(&mut *tx)
         .await?;
         let Some((step_seq, fence)) = resumed else {
@@ -264,6 +270,7 @@ impl Store {
                 instance: resume.instance,
                 step_seq: StepSeq(step_seq),
                 fence: Fence(fence),
+                route: resume.route.clone(),
             },
         })
     }

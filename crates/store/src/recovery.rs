@@ -9,6 +9,7 @@ use drover_core::{Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::instances::parse_route;
 use crate::lease::LeaderTerm;
 use crate::model::{ClaimRequest, Orphan};
 use crate::semaphore::{Admitted, release_permits};
@@ -58,8 +59,8 @@ impl Store {
     /// READY instances whose latest checkpoint the dead node `node` committed: it may have died
     /// between that commit and publishing the next job, so their jobs are re-dispatched.
     pub async fn ready_after_dead_node(&self, node: NodeId) -> Result<Vec<ClaimRequest>> {
-        let rows: Vec<(Uuid, i64, i64)> = sqlx::query_as(
-            "SELECT i.id, i.step_seq, i.fence
+        let rows: Vec<(Uuid, i64, i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT i.id, i.step_seq, i.fence, i.step_queue, i.step_handler
              FROM instance i JOIN journal j ON j.instance_id = i.id AND j.step_seq = i.step_seq
              WHERE i.state = 'ready' AND j.node_id = $1
                AND EXISTS (SELECT 1 FROM node WHERE id = $1 AND status = 'dead')",
@@ -67,14 +68,16 @@ impl Store {
         .bind(node.0)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, seq, fence)| ClaimRequest {
-                instance: InstanceId(id),
-                step_seq: StepSeq(seq),
-                fence: Fence(fence),
+        rows.into_iter()
+            .map(|(id, seq, fence, queue, handler)| {
+                Ok(ClaimRequest {
+                    instance: InstanceId(id),
+                    step_seq: StepSeq(seq),
+                    fence: Fence(fence),
+                    route: parse_route(queue, handler)?,
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Takes back up to `limit` RUNNING instances of the dead node `node` in one transaction:
@@ -149,7 +152,8 @@ impl Store {
 
 const RUNNING_COLUMNS: &str = "i.id, i.workflow, i.version, c.name AS campaign, i.current_step, \
     i.step_seq, i.fence, i.step_retryable, i.owner_node, \
-    i.holds_permit AND c.on_error_permit = 'release' AS releases_on_error";
+    i.holds_permit AND c.on_error_permit = 'release' AS releases_on_error, i.step_queue, \
+    i.step_handler";
 
 #[derive(sqlx::FromRow)]
 struct Running {
@@ -164,6 +168,8 @@ struct Running {
     owner_node: Option<Uuid>,
     /// It holds a permit its campaign takes back when it goes IN_ERROR.
     releases_on_error: bool,
+    step_queue: String,
+    step_handler: Option<String>,
 }
 
 /// What a requeue did.
@@ -226,6 +232,7 @@ async fn requeue(
             step_seq: StepSeq(r.step_seq + 1),
             fence: Fence(r.fence + 1),
             state,
+            route: parse_route(r.step_queue, r.step_handler)?,
         });
     }
     let (updated,): (i64,) = sqlx::query_as(

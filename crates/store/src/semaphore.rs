@@ -35,7 +35,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use drover_core::event::EventKind;
 use drover_core::ids::is_slug;
-use drover_core::{CampaignId, Fence, InstanceId, NodeId, StepSeq};
+use drover_core::{CampaignId, Fence, InstanceId, NodeId, Route, StepSeq};
 use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -66,6 +66,8 @@ pub struct Admitted {
     pub fence: Fence,
     /// Its place in the queue it left.
     pub queue_seq: i64,
+    /// Where its job goes.
+    pub route: Route,
 }
 
 impl Admitted {
@@ -75,6 +77,7 @@ impl Admitted {
             instance: self.id,
             step_seq: self.step_seq,
             fence: self.fence,
+            route: self.route.clone(),
         }
     }
 }
@@ -307,6 +310,8 @@ async fn admit(
         step_seq: i64,
         fence: i64,
         queue_seq: i64,
+        step_queue: String,
+        step_handler: Option<String>,
     }
     let rows: Vec<Row> = sqlx::query_as(
         "WITH q AS (
@@ -320,7 +325,7 @@ async fn admit(
                 ready_at = clock_timestamp(), updated_at = clock_timestamp()
             FROM q WHERE i.id = q.id AND i.state = 'queued'
             RETURNING i.id, i.workflow, i.version, i.current_step, i.step_seq, i.fence,
-                      i.step_attempt, i.queue_seq
+                      i.step_attempt, i.queue_seq, i.step_queue, i.step_handler
          ), j AS (
             INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                                  attempt, actor, started_at, finished_at, output)
@@ -329,7 +334,8 @@ async fn admit(
                    jsonb_build_object('queue_seq', queue_seq, 'by', $4::text)
             FROM upd
          )
-         SELECT id, workflow, version, current_step, step_seq, fence, queue_seq
+         SELECT id, workflow, version, current_step, step_seq, fence, queue_seq, step_queue,
+                step_handler
          FROM upd ORDER BY queue_seq",
     )
     .bind(campaign.id)
@@ -363,6 +369,7 @@ async fn admit(
             step_seq: StepSeq(r.step_seq),
             fence: Fence(r.fence),
             queue_seq: r.queue_seq,
+            route: crate::instances::parse_route(r.step_queue, r.step_handler)?,
         });
     }
     Ok(admitted)

@@ -47,7 +47,10 @@ impl Store {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
-        let woken: Vec<Woken> = rows.into_iter().map(Woken::from).collect();
+        let woken: Vec<Woken> = rows
+            .into_iter()
+            .map(Woken::try_from)
+            .collect::<Result<_>>()?;
         wake(&mut tx, &woken, "woken", "timer", None).await?;
         tx.commit().await?;
         Ok(woken.iter().map(Woken::job).collect())
@@ -112,7 +115,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         let delivery = if state == InstanceState::Waiting && wait_event.as_deref() == Some(name) {
-            let woken = [Woken::from(row)];
+            let woken = [Woken::try_from(row)?];
             wake(
                 &mut tx,
                 &woken,
@@ -156,8 +159,8 @@ impl Store {
     }
 }
 
-const WAITING_COLUMNS: &str =
-    "i.id, i.workflow, i.version, c.name AS campaign, i.current_step, i.step_seq, i.fence";
+const WAITING_COLUMNS: &str = "i.id, i.workflow, i.version, c.name AS campaign, \
+    i.current_step, i.step_seq, i.fence, i.step_queue, i.step_handler";
 
 #[derive(sqlx::FromRow)]
 struct WaitingRow {
@@ -168,12 +171,15 @@ struct WaitingRow {
     current_step: String,
     step_seq: i64,
     fence: i64,
+    step_queue: String,
+    step_handler: Option<String>,
 }
 
-impl From<WaitingRow> for Woken {
+impl TryFrom<WaitingRow> for Woken {
+    type Error = crate::Error;
     /// As it will be after the wake.
-    fn from(r: WaitingRow) -> Self {
-        Woken {
+    fn try_from(r: WaitingRow) -> Result<Self> {
+        Ok(Woken {
             id: InstanceId(r.id),
             workflow: r.workflow,
             version: r.version,
@@ -181,7 +187,8 @@ impl From<WaitingRow> for Woken {
             current_step: r.current_step,
             step_seq: StepSeq(r.step_seq + 1),
             fence: Fence(r.fence),
-        }
+            route: crate::instances::parse_route(r.step_queue, r.step_handler)?,
+        })
     }
 }
 

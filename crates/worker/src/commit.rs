@@ -11,7 +11,7 @@ use async_nats::jetstream::Message;
 use backon::{ExponentialBuilder, Retryable};
 use drover_bus::{Bus, StepJob};
 use drover_core::backoff::{Backoff, SharedOutage};
-use drover_core::{InstanceState, NodeId};
+use drover_core::{InstanceState, NodeId, Route};
 use drover_store::{ClaimRequest, Claimed, Commit, Completion, Store, Transition};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -27,6 +27,8 @@ pub(crate) struct Done {
     pub(crate) msg: Option<Message>,
     /// Held until the checkpoint is committed: bounds work in flight.
     pub(crate) permit: OwnedSemaphorePermit,
+    /// The route of the step it ran: where a retry of it goes.
+    pub(crate) route: Route,
 }
 
 /// Retries a store call on transient errors (connection loss, deadlock, failover) for up to
@@ -258,7 +260,7 @@ impl Committer {
         // Children started, parents woken, waits that ended at once.
         let mut next_jobs: Vec<StepJob> = also_ready
             .iter()
-            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
             .collect();
         let mut continued: HashMap<usize, Claimed> = continued.into_iter().collect();
         let mut finished = Vec::with_capacity(batch.len());
@@ -269,27 +271,33 @@ impl Committer {
                     self.stats.committed.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("drover_worker_steps_committed_total").increment(1);
                     let c = &done.completion;
-                    let job = StepJob::new(c.instance, c.step_seq.next(), c.fence);
+                    let job = |route: &Route| {
+                        StepJob::new(c.instance, c.step_seq.next(), c.fence, route.clone())
+                    };
                     match &c.transition {
-                        Transition::Next { .. } => match (continued.remove(&idx), &done_tx) {
-                            // Its permit carries over to its next step.
-                            (Some(claimed), Some(tx)) => {
-                                if let Some(permit) = permit.take() {
-                                    self.stats.continued.fetch_add(1, Ordering::Relaxed);
-                                    metrics::counter!("drover_worker_steps_continued_total")
-                                        .increment(1);
-                                    self.runner.start(claimed, None, permit, tx.clone());
+                        Transition::Next { route, .. } => {
+                            match (continued.remove(&idx), &done_tx) {
+                                // Its permit carries over to its next step.
+                                (Some(claimed), Some(tx)) => {
+                                    if let Some(permit) = permit.take() {
+                                        self.stats.continued.fetch_add(1, Ordering::Relaxed);
+                                        metrics::counter!("drover_worker_steps_continued_total")
+                                            .increment(1);
+                                        self.runner.start(claimed, None, permit, tx.clone());
+                                    }
                                 }
+                                (Some(_), None) => tracing::error!(
+                                    instance.id = %c.instance,
+                                    "invariant: a continued instance without a committer channel; left for recovery"
+                                ),
+                                (None, _) => next_jobs.push(job(route)),
                             }
-                            (Some(_), None) => tracing::error!(
-                                instance.id = %c.instance,
-                                "invariant: a continued instance without a committer channel; left for recovery"
-                            ),
-                            (None, _) => next_jobs.push(job),
-                        },
-                        Transition::Retry { delay_ms } if *delay_ms == 0 => next_jobs.push(job),
+                        }
+                        Transition::Retry { delay_ms } if *delay_ms == 0 => {
+                            next_jobs.push(job(&done.route))
+                        }
                         Transition::Retry { delay_ms } => {
-                            self.publish_later(job, *delay_ms, shutdown)
+                            self.publish_later(job(&done.route), *delay_ms, shutdown)
                         }
                         // Whatever ends the wait publishes the job then.
                         Transition::Stop { .. } | Transition::Wait { .. } => {}

@@ -1,16 +1,18 @@
-//! The worker's job deliveries, kept flowing whatever happens to the consumer: a message
-//! stream that fails or ends (the consumer or its stream deleted, NATS restarted, heartbeats
-//! missed) is opened again with back-off, provisioning the streams again first if they are
-//! gone.
+//! The worker's job deliveries from the consumer of each worker queue it serves, merged,
+//! kept flowing whatever happens to a consumer: a message stream that fails or ends (the
+//! consumer or its stream deleted, NATS restarted, heartbeats missed) is opened again with
+//! back-off, provisioning the streams again first if they are gone.
 
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::pull;
 use drover_bus::{Bus, StepJob};
+use drover_core::Queue;
 use drover_core::backoff::Backoff;
 use drover_store::Store;
 use futures::{FutureExt, StreamExt};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::with_retries;
@@ -23,112 +25,173 @@ pub(crate) struct JobFeed {
     bus: Bus,
     store: Store,
     batch_size: usize,
+    /// One per queue served.
+    queues: Vec<QueueFeed>,
+    /// The queue looked at first: the one after the last that delivered, so that a busy queue
+    /// does not starve the others.
+    turn: usize,
+}
+
+/// The deliveries of one queue's consumer.
+struct QueueFeed {
+    queue: Queue,
     messages: Option<pull::Stream>,
     backoff: Backoff,
+    /// When to open the consumer again after its deliveries stopped.
+    retry_at: Option<Instant>,
     /// Why deliveries stopped, while they are stopped: logged once when they stop, and once
     /// when they flow again.
     lost: Option<String>,
 }
 
 impl JobFeed {
-    pub(crate) fn new(bus: Bus, store: Store, batch_size: usize) -> Self {
+    /// The deliveries of the consumers of `queues` (the bus's `worker_queues`).
+    pub(crate) fn new(bus: Bus, store: Store, batch_size: usize, queues: &[Queue]) -> Self {
+        let queues = queues
+            .iter()
+            .map(|queue| QueueFeed {
+                queue: queue.clone(),
+                messages: None,
+                backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+                retry_at: None,
+                lost: None,
+            })
+            .collect();
         Self {
             bus,
             store,
             batch_size,
-            messages: None,
-            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
-            lost: None,
+            queues,
+            turn: 0,
         }
     }
 
-    /// The next delivery; `None` once `shutdown` is cancelled.
+    /// The next delivery of any queue; `None` once `shutdown` is cancelled.
     pub(crate) async fn next(&mut self, shutdown: &CancellationToken) -> Option<Message> {
         loop {
             if shutdown.is_cancelled() {
                 return None;
             }
-            let Some(messages) = self.messages.as_mut() else {
-                self.open(shutdown).await;
+            let now = Instant::now();
+            for i in 0..self.queues.len() {
+                let feed = &self.queues[i];
+                if feed.messages.is_none() && feed.retry_at.is_none_or(|at| at <= now) {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return None,
+                        () = self.open(i) => {}
+                    }
+                }
+            }
+            // The next time a closed consumer is to be opened again, if any is closed.
+            let reopen_at = self
+                .queues
+                .iter()
+                .filter(|feed| feed.messages.is_none())
+                .filter_map(|feed| feed.retry_at)
+                .min();
+            let count = self.queues.len();
+            let turn = self.turn;
+            let mut open: Vec<_> = self
+                .queues
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, feed)| {
+                    Some((
+                        (i + count - turn) % count.max(1),
+                        i,
+                        feed.messages.as_mut()?,
+                    ))
+                })
+                .collect();
+            open.sort_by_key(|(order, ..)| *order);
+            let nexts: Vec<_> = open
+                .into_iter()
+                .map(|(_, i, messages)| messages.next().map(move |next| (i, next)))
+                .collect();
+            let next_of_any = async move {
+                if nexts.is_empty() {
+                    std::future::pending().await
+                } else {
+                    futures::future::select_all(nexts).await.0
+                }
+            };
+            let delivered = tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = sleep_until(reopen_at) => None,
+                delivered = next_of_any => Some(delivered),
+            };
+            let Some((i, next)) = delivered else {
                 continue;
             };
-            let next = tokio::select! {
-                () = shutdown.cancelled() => return None,
-                next = messages.next() => next,
-            };
+            let feed = &mut self.queues[i];
             match next {
                 Some(Ok(msg)) => {
-                    self.backoff.succeeded();
+                    feed.backoff.succeeded();
+                    self.turn = (i + 1) % count;
                     return Some(msg);
                 }
-                Some(Err(err)) => self.lose(err.to_string()),
-                None => self.lose("the message stream ended".to_owned()),
+                Some(Err(err)) => feed.lose(err.to_string()),
+                None => feed.lose("the message stream ended".to_owned()),
             }
         }
     }
 
-    /// A delivery already here, if any (no waiting).
+    /// A delivery already here, of any queue, if any (no waiting).
     pub(crate) fn next_now(&mut self) -> Option<Message> {
-        match self.messages.as_mut()?.next().now_or_never()? {
-            Some(Ok(msg)) => Some(msg),
-            Some(Err(err)) => {
-                self.lose(err.to_string());
-                None
-            }
-            None => {
-                self.lose("the message stream ended".to_owned());
-                None
+        let count = self.queues.len();
+        for k in 0..count {
+            let i = (self.turn + k) % count;
+            let feed = &mut self.queues[i];
+            let Some(messages) = feed.messages.as_mut() else {
+                continue;
+            };
+            match messages.next().now_or_never() {
+                None => {}
+                Some(Some(Ok(msg))) => {
+                    self.turn = (i + 1) % count;
+                    return Some(msg);
+                }
+                Some(Some(Err(err))) => feed.lose(err.to_string()),
+                Some(None) => feed.lose("the message stream ended".to_owned()),
             }
         }
+        None
     }
 
-    /// Drops the message stream (its prefetched, unacknowledged messages are redelivered
-    /// after the ack wait, or re-dispatched from Postgres); the next call opens another.
-    fn lose(&mut self, why: String) {
-        self.messages = None;
-        if self.lost.is_none() {
-            tracing::warn!(reason = %why, "job deliveries stopped; reopening the consumer (provisioning it again if it is gone)");
-            self.lost = Some(why);
-        } else {
-            tracing::debug!(reason = %why, "job deliveries stopped again");
-        }
-    }
-
-    /// Opens the consumer's message stream, provisioning again if the consumer or its stream
-    /// is gone; waits (with back-off) until that works or `shutdown`.
-    async fn open(&mut self, shutdown: &CancellationToken) {
-        if self.lost.is_some() || self.backoff.is_down() {
-            let delay = self.backoff.failed().delay;
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
+    /// Opens the message stream of queue `i`'s consumer, provisioning again if the consumer or
+    /// its stream is gone; on failure it is tried again after a back-off.
+    async fn open(&mut self, i: usize) {
+        let queue = self.queues[i].queue.clone();
+        let opened = match self.bus.ensure_worker_consumer(&queue).await {
+            Ok((consumer, provisioned)) => consumer
+                .stream()
+                .max_messages_per_batch(self.batch_size)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+                .map(|messages| (messages, provisioned))
+                .map_err(|err| format!("pulling from the job consumer: {err}")),
+            Err(err) => Err(format!("opening the job consumer: {err}")),
+        };
+        let feed = &mut self.queues[i];
+        let provisioned = match opened {
+            Ok((messages, provisioned)) => {
+                feed.messages = Some(messages);
+                feed.retry_at = None;
+                match feed.lost.take() {
+                    Some(why) => {
+                        tracing::info!(%queue, reason = %why, provisioned, "job deliveries flowing again")
+                    }
+                    None => tracing::info!(%queue, provisioned, "pulling jobs"),
+                }
+                provisioned
             }
-        }
-        let (consumer, provisioned) = match self.bus.ensure_worker_consumer().await {
-            Ok(opened) => opened,
-            Err(err) => {
-                self.lose(format!("opening the job consumer: {err}"));
-                return;
+            Err(why) => {
+                feed.lose(why);
+                false
             }
         };
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(self.batch_size)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        match messages {
-            Ok(messages) => self.messages = Some(messages),
-            Err(err) => {
-                self.lose(format!("pulling from the job consumer: {err}"));
-                return;
-            }
-        }
-        match self.lost.take() {
-            Some(why) => tracing::info!(reason = %why, provisioned, "job deliveries flowing again"),
-            None => tracing::info!(provisioned, "pulling jobs"),
-        }
         if provisioned {
             self.redispatch_ready().await;
         }
@@ -152,7 +215,7 @@ impl JobFeed {
         }
         let jobs: Vec<StepJob> = ready
             .iter()
-            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence))
+            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
             .collect();
         let window = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -167,5 +230,29 @@ impl JobFeed {
                 tracing::warn!(%err, "re-dispatching READY instances failed; the sweeper will")
             }
         }
+    }
+}
+
+impl QueueFeed {
+    /// Drops the message stream (its prefetched, unacknowledged messages are redelivered
+    /// after the ack wait, or re-dispatched from Postgres); it is opened again after a
+    /// back-off.
+    fn lose(&mut self, why: String) {
+        self.messages = None;
+        self.retry_at = Some(Instant::now() + self.backoff.failed().delay);
+        if self.lost.is_none() {
+            tracing::warn!(queue = %self.queue, reason = %why, "job deliveries stopped; reopening the consumer (provisioning it again if it is gone)");
+            self.lost = Some(why);
+        } else {
+            tracing::debug!(queue = %self.queue, reason = %why, "job deliveries stopped again");
+        }
+    }
+}
+
+/// Sleeps until `at`; for ever without it.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -11,6 +11,11 @@
 //! is published again by the stale-READY sweeper). A stale or duplicate delivery fails its
 //! claim's compare-and-set and is acked and dropped.
 //!
+//! A worker pulls from the consumer of each worker queue it serves (its bus's
+//! `worker_queues`). A job for a `handler` step whose handler it lacks is left, unclaimed, for
+//! a worker that has it (see [`Worker`]): it waits for one, however long, and never fails for
+//! want of one.
+//!
 //! Infrastructure trouble is waited out, never a reason to stop: a deleted jobs stream or
 //! consumer is provisioned again and the READY instances re-dispatched at once (the jobs of a
 //! purged one are re-dispatched by the leader's stale-READY sweeper); Postgres or NATS being
@@ -28,7 +33,7 @@ mod relay;
 mod step;
 mod waiting;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -97,10 +102,15 @@ pub struct WorkerStats {
     pub garbage: AtomicU64,
     /// Completions rejected at commit by the fence.
     pub fenced: AtomicU64,
+    /// Deliveries of `handler` steps whose handler this worker lacks, left for another.
+    pub left: AtomicU64,
     pub in_flight: AtomicU64,
 }
 
-/// Builds a [`Worker`]: `Worker::builder().handler("name", f).build(node, store, bus)`.
+/// Builds a [`Worker`]: `Worker::builder().handler("name", f).build(node, store, bus)`. It
+/// serves the queues of its bus's [`worker_queues`](drover_bus::BusConfig::worker_queues);
+/// its node row must advertise its queues and handlers (as `drover node` registers it): the
+/// store claims a `handler` step only for a node advertising its handler.
 #[derive(Default)]
 pub struct WorkerBuilder {
     handlers: Handlers,
@@ -159,6 +169,7 @@ impl WorkerBuilder {
             gate: self.gate,
             postgres: Arc::new(SharedOutage::default()),
             nats: Arc::new(SharedOutage::default()),
+            missing_handlers: Default::default(),
         }
     }
 }
@@ -166,6 +177,13 @@ impl WorkerBuilder {
 type DefinitionCache = Arc<RwLock<HashMap<(String, i32), Arc<Definition>>>>;
 
 /// The worker role of one node.
+///
+/// A job for a `handler` step whose handler it lacks is left for a worker that has it, never
+/// claimed (the claim would refuse it anyway: see [`Store::claim`]): nak'd with a delay that
+/// doubles with each delivery up to [`LEAVE_DELAY_MAX`], so it goes round the queue's workers
+/// without spinning, and on the last delivery NATS allows (`max_deliver`) published again as a
+/// fresh message, if it is still the instance's job. While no worker alive can run it, the
+/// stale-READY sweeper leaves it alone; once one registers, it re-dispatches it.
 pub struct Worker {
     node: NodeId,
     store: Store,
@@ -179,7 +197,12 @@ pub struct Worker {
     postgres: Arc<SharedOutage>,
     /// NATS as this worker's publishes see it.
     nats: Arc<SharedOutage>,
+    /// The handlers jobs have asked for that this worker lacks: each is logged once.
+    missing_handlers: std::sync::Mutex<HashSet<String>>,
 }
+
+/// The longest a worker leaves a job it cannot run before it is delivered again.
+pub const LEAVE_DELAY_MAX: Duration = Duration::from_secs(30);
 
 impl Worker {
     pub fn builder() -> WorkerBuilder {
@@ -202,7 +225,16 @@ impl Worker {
         // A batch waits for a permit per job: one larger than the concurrency would never get
         // them all.
         let pull_batch = self.config.batch_size.min(self.config.concurrency).max(1);
-        let mut jobs = JobFeed::new(self.ctx.bus.clone(), self.store.clone(), pull_batch);
+        let queues = self.ctx.bus.config().worker_queues.clone();
+        if queues.is_empty() {
+            return Err(Error::Consumer("the worker serves no queue".to_owned()));
+        }
+        let mut jobs = JobFeed::new(
+            self.ctx.bus.clone(),
+            self.store.clone(),
+            pull_batch,
+            &queues,
+        );
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let tasks = TaskTracker::new();
         let (done_tx, done_rx) = mpsc::channel::<Done>(self.config.concurrency.max(1));
@@ -230,7 +262,8 @@ impl Worker {
             gate: self.gate.clone(),
         };
         let committer = tokio::spawn(committer.run(done_rx, shutdown.clone()));
-        tracing::info!(node.id = %self.node, "worker pulling jobs");
+        let queues: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
+        tracing::info!(node.id = %self.node, ?queues, "worker pulling jobs");
 
         loop {
             if !self.gate.is_open() {
@@ -305,6 +338,9 @@ impl Worker {
         let mut jobs: Vec<(StepJob, Message)> = Vec::with_capacity(batch.len());
         for msg in batch {
             match StepJob::decode(&msg.payload, limit) {
+                Ok(job) if !self.can_run(&job) => {
+                    self.leave(job, &msg).await;
+                }
                 Ok(job) => jobs.push((job, msg)),
                 Err(err) => {
                     self.stats.garbage.fetch_add(1, Ordering::Relaxed);
@@ -316,12 +352,16 @@ impl Worker {
                 }
             }
         }
+        if jobs.is_empty() {
+            return;
+        }
         let requests: Vec<ClaimRequest> = jobs
             .iter()
             .map(|(job, _)| ClaimRequest {
                 instance: job.instance,
                 step_seq: job.step_seq,
                 fence: job.fence,
+                route: job.route(),
             })
             .collect();
         let claimed = match commit::with_retries(|| self.store.claim(self.node, &requests)).await {
@@ -360,6 +400,84 @@ impl Worker {
             };
             runner.start(claimed, Some(msg), step_permit, done_tx.clone());
         }
+    }
+
+    /// Has it what `job`'s step needs? (Its queue it serves: the job came from its consumer.)
+    fn can_run(&self, job: &StepJob) -> bool {
+        job.handler
+            .as_deref()
+            .is_none_or(|handler| self.ctx.handlers.get(handler).is_some())
+    }
+
+    /// Leaves a job it cannot run for a worker that can (see [`Worker`]).
+    async fn leave(&self, job: StepJob, msg: &Message) {
+        self.stats.left.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("drover_worker_jobs_left_total").increment(1);
+        let handler = job.handler.clone().unwrap_or_default();
+        let first = self
+            .missing_handlers
+            .lock()
+            .is_ok_and(|mut missing| missing.insert(handler.clone()));
+        if first {
+            tracing::warn!(node.id = %self.node, handler, queue = %job.queue, "jobs need a handler this worker does not have; leaving them for a worker that has it");
+        }
+        let delivered = msg.info().map_or(1, |info| info.delivered.max(1));
+        let max_deliver = self.ctx.bus.config().max_deliver;
+        if max_deliver > 0 && delivered >= max_deliver {
+            // NATS would give up on it after this delivery: publish it afresh, unless the
+            // instance has moved past it.
+            self.republish(job, msg).await;
+            return;
+        }
+        let exponent = u32::try_from(delivered - 1).unwrap_or(u32::MAX).min(16);
+        let delay = Duration::from_secs(1u64 << exponent).min(LEAVE_DELAY_MAX);
+        if let Err(err) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+            tracing::debug!(%err, "nak failed");
+        }
+    }
+
+    /// Publishes a job left on its last delivery again as a fresh message, then acks the old
+    /// one; a job whose instance has moved on is only acked.
+    async fn republish(&self, job: StepJob, msg: &Message) {
+        let request = ClaimRequest {
+            instance: job.instance,
+            step_seq: job.step_seq,
+            fence: job.fence,
+            route: job.route(),
+        };
+        let current = match commit::with_retries(|| {
+            self.store.current_jobs(std::slice::from_ref(&request))
+        })
+        .await
+        {
+            Ok(current) => !current.is_empty(),
+            Err(err) => {
+                // Dropped by NATS after this delivery; the stale-READY sweeper publishes it
+                // again once a worker that can run it is alive.
+                tracing::warn!(instance.id = %job.instance, %err, "cannot tell whether a left job is current; leaving it to the sweeper");
+                nak(msg).await;
+                return;
+            }
+        };
+        if current {
+            let tag = format!(
+                "l{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            );
+            if let Err(err) = self
+                .ctx
+                .bus
+                .redispatch_jobs(std::slice::from_ref(&job), &tag)
+                .await
+            {
+                tracing::warn!(instance.id = %job.instance, %err, "cannot publish a left job again; leaving it to the sweeper");
+                nak(msg).await;
+                return;
+            }
+        }
+        ack(msg).await;
     }
 }
 
@@ -513,6 +631,7 @@ async fn run_one(
             completion,
             msg,
             permit,
+            route: claimed.route.clone(),
         })
         .await;
 }

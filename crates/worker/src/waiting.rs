@@ -192,6 +192,7 @@ async fn subworkflow(
         entry_step: entry.id.clone(),
         allow_retry: entry.allow_retry,
         timeout_ms: entry.timeout_ms(),
+        route: definition.route(entry),
         vars: Value::Object(vars),
     };
     Ok(Body::Wait(Wait {

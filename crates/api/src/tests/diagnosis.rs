@@ -349,3 +349,70 @@ async fn a_finished_instance_says_how_and_when_and_an_unknown_one_is_404() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_ready_instance_no_live_worker_can_run_names_the_queue_and_handler_it_waits_for() {
+    let env = TestEnv::new().await;
+    let (status, body) = env
+        .deploy(
+            "name: greeter\nqueue: gpu\nsteps:\n  - id: hi\n    kind: handler\n    handler: greet\n    \
+             input: {}\n    next: [{to: sum}]\n  - id: sum\n    kind: assign\n    queue: default\n    \
+             set: {}\n    next: [{to: done}]\n  - {id: done, kind: end, status: completed}\n",
+        )
+        .await;
+    assert!(status.is_success(), "deploy failed: {status} {body}");
+    let id = one(&env, "greeter").await;
+    // A live worker, but of the default queue and with no handlers.
+    let node = fake_node(&env).await;
+
+    let (cause, summary, details) = why(&env, id).await;
+    assert_eq!(cause, "no_capable_worker");
+    assert!(
+        summary.contains("waiting for a worker serving queue gpu with handler greet (none alive)"),
+        "{summary}"
+    );
+    assert_eq!(
+        (&details["queue"], &details["handler"]),
+        (&json!("gpu"), &json!("greet"))
+    );
+    assert_eq!(
+        (&details["workers"]["live"], &details["workers"]["capable"]),
+        (&json!(1), &json!(0))
+    );
+
+    // Serving gpu is not enough without the handler; with it, the instance just waits its
+    // turn.
+    let serves = |queues: &str, handlers: &str| {
+        format!("UPDATE node SET queues = '{queues}', handlers = '{handlers}' WHERE id = $1")
+    };
+    sql(&env, &serves("{gpu}", "{}"), node.0).await;
+    let (cause, _, _) = why(&env, id).await;
+    assert_eq!(cause, "no_capable_worker");
+    sql(&env, &serves("{gpu}", "{greet}"), node.0).await;
+    let (cause, summary, details) = why(&env, id).await;
+    assert_eq!(cause, "ready", "{summary}");
+    assert!(
+        summary.contains("one of 1 live workers serving queue gpu"),
+        "{summary}"
+    );
+    assert_eq!(details["workers"]["capable"], 1);
+
+    // The next step is on the default queue, which nobody serves now, and needs no handler.
+    let stored = env
+        .state
+        .store
+        .get_definition("greeter", None)
+        .await
+        .expect("reads")
+        .expect("deployed");
+    let definition = drover_core::Definition::from_json(&stored.body).expect("valid");
+    step(&env, node, id, Transition::next(&definition, "sum")).await;
+    let (cause, summary, details) = why(&env, id).await;
+    assert_eq!(cause, "no_capable_worker");
+    assert!(
+        summary.contains("waiting for a worker serving queue default (none alive)"),
+        "{summary}"
+    );
+    assert_eq!(details["handler"], Value::Null);
+    env.cleanup().await;
+}

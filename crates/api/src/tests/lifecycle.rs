@@ -100,7 +100,12 @@ pub(super) async fn fake_node(env: &TestEnv) -> NodeId {
     let node = NodeId::new();
     env.state
         .store
-        .register_node(node, &["worker".to_owned()], "test", "0.0.0")
+        .register_node(&drover_store::NewNode::new(
+            node,
+            &["worker".to_owned()],
+            "test",
+            "0.0.0",
+        ))
         .await
         .expect("registers");
     node
@@ -124,6 +129,7 @@ pub(super) async fn claim(env: &TestEnv, node: NodeId, id: InstanceId) -> Claime
         .claim(
             node,
             &[ClaimRequest {
+                route: Default::default(),
                 instance: id,
                 step_seq: i.step_seq,
                 fence: i.fence,
@@ -206,6 +212,7 @@ pub(super) async fn with_child(env: &TestEnv, node: NodeId, parent: InstanceId) 
             wake_at_ms: None,
             event: None,
             child: Some(Box::new(NewChild {
+                route: Default::default(),
                 id: child,
                 workflow: "steps".to_owned(),
                 version: 1,
@@ -328,6 +335,7 @@ async fn pausing_a_ready_instance_fences_its_job_and_unpausing_dispatches_a_new_
         .claim(
             node,
             &[ClaimRequest {
+                route: Default::default(),
                 instance: id,
                 step_seq: before.step_seq,
                 fence: before.fence,

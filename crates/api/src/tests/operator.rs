@@ -89,7 +89,12 @@ async fn fake_node(env: &TestEnv) -> NodeId {
     let node = NodeId::new();
     env.state
         .store
-        .register_node(node, &["worker".to_owned()], "test", "0.0.0")
+        .register_node(&drover_store::NewNode::new(
+            node,
+            &["worker".to_owned()],
+            "test",
+            "0.0.0",
+        ))
         .await
         .expect("registers");
     node
@@ -113,6 +118,7 @@ async fn run_step(
         .claim(
             node,
             &[ClaimRequest {
+                route: Default::default(),
                 instance: id,
                 step_seq: instance.step_seq,
                 fence: instance.fence,
@@ -371,6 +377,7 @@ async fn next_step_is_refused_at_an_end_step_and_when_a_transition_fails_to_eval
         node,
         at_end,
         Transition::Next {
+            route: Default::default(),
             step: "done".to_owned(),
             allow_retry: true,
             timeout_ms: 30_000,
@@ -523,6 +530,7 @@ async fn a_resume_decided_on_a_stale_read_changes_nothing() {
         .expect("reads")
         .expect("exists");
     let request = |fence| Resume {
+        route: Default::default(),
         instance: id,
         fence,
         step_seq: instance.step_seq,

@@ -37,10 +37,16 @@ async fn instance(env: &TestEnv, park: bool) -> InstanceId {
         let store = &env.state.store;
         let node = NodeId::new();
         store
-            .register_node(node, &["worker".to_owned()], "test", "0")
+            .register_node(&drover_store::NewNode::new(
+                node,
+                &["worker".to_owned()],
+                "test",
+                "0",
+            ))
             .await
             .expect("registers");
         let job = ClaimRequest {
+            route: Default::default(),
             instance: id,
             step_seq: drover_core::StepSeq(0),
             fence: drover_core::Fence(0),

@@ -10,6 +10,7 @@ use crate::support::*;
 
 fn next(step: &str) -> Transition {
     Transition::Next {
+        route: Default::default(),
         step: step.to_owned(),
         allow_retry: false,
         timeout_ms: 1_000,
@@ -70,7 +71,12 @@ async fn a_continuing_commit_claims_the_next_step_for_its_node_as_a_claim_would(
     // The job a plain commit would have published is stale: nobody else claims the step.
     let other = drover_core::NodeId::new();
     store
-        .register_node(other, &["worker".to_owned()], "test", "0")
+        .register_node(&drover_store::NewNode::new(
+            other,
+            &["worker".to_owned()],
+            "test",
+            "0",
+        ))
         .await
         .expect("register");
     for fence in [first.fence.0, second.fence.0] {

@@ -37,6 +37,7 @@ async fn work(store: Store, node: NodeId, done: Arc<AtomicBool>) {
         for c in claimed {
             let transition = if c.current_step == "a" {
                 Transition::Next {
+                    route: Default::default(),
                     step: "b".to_owned(),
                     allow_retry: true,
                     timeout_ms: 30_000,
@@ -94,6 +95,7 @@ async fn operators_racing_workers_never_overshoot_a_limit_nor_leak_a_permit(pool
         .expect("creates the campaign");
     let batch: Vec<NewInstance> = (0..40)
         .map(|_| NewInstance {
+            route: Default::default(),
             id: InstanceId::new(),
             campaign: campaign.id,
             workflow: "job".to_owned(),
@@ -116,7 +118,12 @@ async fn operators_racing_workers_never_overshoot_a_limit_nor_leak_a_permit(pool
     for _ in 0..2 {
         let node = NodeId::new();
         store
-            .register_node(node, &["worker".to_owned()], "test", "0")
+            .register_node(&drover_store::NewNode::new(
+                node,
+                &["worker".to_owned()],
+                "test",
+                "0",
+            ))
             .await
             .expect("registers");
         tasks.spawn(work(store.clone(), node, Arc::clone(&done)));

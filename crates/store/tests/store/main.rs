@@ -4,6 +4,7 @@
 mod continuing;
 mod lifecycle;
 mod outbox;
+mod queues;
 mod semaphore;
 mod support;
 mod tls;

@@ -67,12 +67,14 @@ async fn an_instances_events_are_numbered_from_one_in_commit_order(pool: PgPool)
         instance: id,
         step_seq: StepSeq(seq),
         fence: Fence(fence),
+        route: Default::default(),
     };
     let first = claim(&store, node, job(0, 0)).await;
     let next = Transition::Next {
         step: "b".into(),
         allow_retry: true,
         timeout_ms: 30_000,
+        route: Default::default(),
     };
     store
         .commit(
@@ -120,12 +122,12 @@ async fn the_relay_partitions_are_shared_fairly_among_the_alive_nodes(pool: PgPo
     let store = Store::from_pool(pool);
     for _ in 0..3 {
         store
-            .register_node(
+            .register_node(&drover_store::NewNode::new(
                 drover_core::NodeId::new(),
                 &["worker".to_owned()],
                 "test",
                 "0",
-            )
+            ))
             .await
             .expect("register");
     }
@@ -179,6 +181,7 @@ async fn the_commit_that_ends_an_instance_announces_it_only_if_someone_waits(poo
         allow_retry: true,
         timeout_ms: 30_000,
         vars: json!({}),
+        route: Default::default(),
         announce_end,
     };
     let (quiet, waited, killed) = (new(false), new(true), new(true));
@@ -197,6 +200,7 @@ async fn the_commit_that_ends_an_instance_announces_it_only_if_someone_waits(poo
                 instance: instance.id,
                 step_seq: StepSeq(0),
                 fence: Fence(0),
+                route: Default::default(),
             },
         )
         .await;

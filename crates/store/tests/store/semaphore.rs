@@ -38,6 +38,7 @@ async fn campaign(
 
 fn new_instance(campaign: CampaignId) -> NewInstance {
     NewInstance {
+        route: Default::default(),
         id: InstanceId::new(),
         campaign,
         workflow: "job".to_owned(),
@@ -60,7 +61,10 @@ async fn start(store: &Store, campaign: CampaignId, n: usize) -> (Vec<InstanceId
 }
 
 async fn claim(store: &Store, node: NodeId, job: ClaimRequest) -> Claimed {
-    let mut claimed = store.claim(node, &[job]).await.expect("claim");
+    let mut claimed = store
+        .claim(node, std::slice::from_ref(&job))
+        .await
+        .expect("claim");
     assert_eq!(claimed.len(), 1, "{job:?} claims");
     claimed.remove(0)
 }
@@ -72,6 +76,7 @@ async fn claim_now(store: &Store, node: NodeId, id: InstanceId) -> Claimed {
         store,
         node,
         ClaimRequest {
+            route: Default::default(),
             instance: id,
             step_seq: i.step_seq,
             fence: i.fence,
@@ -90,6 +95,7 @@ fn stop(state: InstanceState) -> Transition {
 
 fn next() -> Transition {
     Transition::Next {
+        route: Default::default(),
         step: "b".to_owned(),
         allow_retry: true,
         timeout_ms: 30_000,
@@ -185,8 +191,8 @@ async fn a_finished_holder_hands_its_permit_to_the_oldest_queued_instance(pool: 
     let (store, node) = setup(pool).await;
     let c = campaign(&store, "spring", Some(2), OnErrorPermit::Release).await;
     let (ids, created) = start(&store, c, 5).await;
-    let a = claim(&store, node, created.ready[0]).await;
-    let b = claim(&store, node, created.ready[1]).await;
+    let a = claim(&store, node, created.ready[0].clone()).await;
+    let b = claim(&store, node, created.ready[1].clone()).await;
     let done = store
         .commit_waking(
             node,
@@ -210,7 +216,7 @@ async fn a_finished_holder_hands_its_permit_to_the_oldest_queued_instance(pool: 
             outcomes(&store, job.instance).await[1],
             ("admitted".to_owned(), Some("semaphore".to_owned()))
         );
-        claim(&store, node, *job).await;
+        claim(&store, node, job.clone()).await;
     }
     assert!(
         !state(&store, ids[0]).await.1,
@@ -232,14 +238,14 @@ async fn steps_that_keep_their_permit_and_unlimited_starts_never_touch_a_campaig
     let (store, node) = setup(pool.clone()).await;
     let c = campaign(&store, "spring", Some(2), OnErrorPermit::Release).await;
     let (_, created) = start(&store, c, 3).await;
-    let running = claim(&store, node, created.ready[0]).await;
+    let running = claim(&store, node, created.ready[0].clone()).await;
     let default = store
         .campaign_by_name("default")
         .await
         .expect("reads")
         .expect("exists");
     let (_, unlimited) = start(&store, default.id, 1).await;
-    let free = claim(&store, node, unlimited.ready[0]).await;
+    let free = claim(&store, node, unlimited.ready[0].clone()).await;
 
     // Someone holds both campaign rows as admission does: whatever needs them would wait.
     let mut blocker = pool.begin().await.expect("begins");
@@ -277,12 +283,13 @@ async fn in_error_releases_or_keeps_the_permit_per_policy_and_resume_requeues(po
         let c = campaign(&store, name, Some(1), policy).await;
         let (ids, created) = start(&store, c, 2).await;
         let (a, b) = (ids[0], ids[1]);
-        let run = claim(&store, node, created.ready[0]).await;
+        let run = claim(&store, node, created.ready[0].clone()).await;
         let done = store
             .commit_waking(node, &[completion(&run, stop(InstanceState::InError))])
             .await
             .expect("commits");
         let resume = |i: &drover_store::Instance| Resume {
+            route: Default::default(),
             instance: i.id,
             fence: i.fence,
             step_seq: i.step_seq,
@@ -367,7 +374,7 @@ async fn raising_the_limit_admits_at_once_and_lowering_it_admits_nothing_until_b
     assert!(lowered.admitted.is_empty());
     // Three of the four holders finish: still at the (new) limit, nobody is admitted.
     for job in created.ready.iter().take(2) {
-        let run = claim(&store, node, *job).await;
+        let run = claim(&store, node, job.clone()).await;
         let done = store
             .commit_waking(node, &[completion(&run, stop(InstanceState::Completed))])
             .await
@@ -448,8 +455,8 @@ async fn a_requested_stop_or_pause_is_honoured_by_the_next_commit(pool: PgPool) 
     let (store, node) = setup(pool).await;
     let c = campaign(&store, "spring", Some(2), OnErrorPermit::Release).await;
     let (ids, created) = start(&store, c, 3).await;
-    let stopping = claim(&store, node, created.ready[0]).await;
-    let pausing = claim(&store, node, created.ready[1]).await;
+    let stopping = claim(&store, node, created.ready[0].clone()).await;
+    let pausing = claim(&store, node, created.ready[1].clone()).await;
     sqlx::query("UPDATE instance SET stop_requested_by = 'ada' WHERE id = $1")
         .bind(ids[0].0)
         .execute(store.pool())
@@ -513,12 +520,13 @@ async fn children_run_under_their_parents_permit(pool: PgPool) {
     let (store, node) = setup(pool).await;
     let c = campaign(&store, "spring", Some(1), OnErrorPermit::Release).await;
     let (ids, created) = start(&store, c, 2).await;
-    let parent = claim(&store, node, created.ready[0]).await;
+    let parent = claim(&store, node, created.ready[0].clone()).await;
     let child_id = InstanceId::new();
     let park = Transition::Wait {
         wake_at_ms: None,
         event: None,
         child: Some(Box::new(NewChild {
+            route: Default::default(),
             id: child_id,
             workflow: "child".to_owned(),
             version: 1,
@@ -541,7 +549,7 @@ async fn children_run_under_their_parents_permit(pool: PgPool) {
         state(&store, ids[0]).await,
         (InstanceState::Waiting, true, None)
     );
-    let child = claim(&store, node, done.ready[0]).await;
+    let child = claim(&store, node, done.ready[0].clone()).await;
     let done = store
         .commit_waking(node, &[completion(&child, stop(InstanceState::Completed))])
         .await
@@ -560,8 +568,8 @@ async fn recovery_keeps_permits_but_an_interrupted_step_gives_its_permit_back(po
     let (store, node) = setup(pool).await;
     let c = campaign(&store, "spring", Some(2), OnErrorPermit::Release).await;
     let (ids, created) = start(&store, c, 3).await;
-    claim(&store, node, created.ready[0]).await;
-    claim(&store, node, created.ready[1]).await;
+    claim(&store, node, created.ready[0].clone()).await;
+    claim(&store, node, created.ready[1].clone()).await;
     sqlx::query("UPDATE instance SET step_retryable = false WHERE id = $1")
         .bind(ids[1].0)
         .execute(store.pool())
@@ -710,6 +718,7 @@ async fn concurrent_starters_and_finishers_never_overshoot_and_counters_match(po
                 let jobs: Vec<ClaimRequest> = ready
                     .into_iter()
                     .map(|(id, seq, fence)| ClaimRequest {
+                        route: Default::default(),
                         instance: InstanceId(id),
                         step_seq: StepSeq(seq),
                         fence: Fence(fence),

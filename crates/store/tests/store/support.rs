@@ -23,7 +23,12 @@ pub(crate) async fn setup_with(pool: PgPool, workflows: &[&str]) -> (Store, Node
     }
     let node = NodeId::new();
     store
-        .register_node(node, &["worker".to_owned()], "test", "0")
+        .register_node(&drover_store::NewNode::new(
+            node,
+            &["worker".to_owned()],
+            "test",
+            "0",
+        ))
         .await
         .expect("register");
     (store, node)
@@ -39,6 +44,7 @@ pub(crate) async fn start(store: &Store, workflow: &str) -> InstanceId {
     store
         .create_instances(
             &[NewInstance {
+                route: Default::default(),
                 id,
                 campaign: campaign.id,
                 workflow: workflow.to_owned(),
@@ -57,7 +63,10 @@ pub(crate) async fn start(store: &Store, workflow: &str) -> InstanceId {
 }
 
 pub(crate) async fn claim(store: &Store, node: NodeId, job: ClaimRequest) -> Claimed {
-    let mut claimed = store.claim(node, &[job]).await.expect("claim");
+    let mut claimed = store
+        .claim(node, std::slice::from_ref(&job))
+        .await
+        .expect("claim");
     assert_eq!(claimed.len(), 1, "{job:?} claims");
     claimed.remove(0)
 }
@@ -112,6 +121,7 @@ pub(crate) async fn journal_row(
 
 pub(crate) fn job(id: InstanceId, seq: i64, fence: i64) -> ClaimRequest {
     ClaimRequest {
+        route: Default::default(),
         instance: id,
         step_seq: StepSeq(seq),
         fence: Fence(fence),

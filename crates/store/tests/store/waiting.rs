@@ -62,7 +62,7 @@ async fn a_due_wait_is_woken_by_the_leader_only_and_its_rerun_sees_the_deadline_
     let again = store.wake_due(leader, term, 100).await;
     assert_eq!(again.expect("wake_due"), []);
 
-    let rerun = claim(&store, node, woken[0]).await;
+    let rerun = claim(&store, node, woken[0].clone()).await;
     let deadline = rerun
         .wait_deadline
         .expect("the first wait set the deadline");
@@ -108,6 +108,7 @@ async fn an_early_signal_is_kept_and_consumed_only_by_a_commit_that_lands(pool: 
         &claimed,
         "completed",
         Transition::Next {
+            route: Default::default(),
             step: "b".into(),
             allow_retry: true,
             timeout_ms: 30_000,
@@ -264,6 +265,7 @@ fn child_of(vars: Value) -> (InstanceId, Transition) {
         wake_at_ms: None,
         event: None,
         child: Some(Box::new(NewChild {
+            route: Default::default(),
             id,
             workflow: "child".into(),
             version: 1,
@@ -358,6 +360,7 @@ async fn a_child_starts_with_its_parents_wait_and_its_end_wakes_the_parent(pool:
     // Moving on clears the step's wait.
     let rerun = claim(&store, node, job(parent, 3, 2)).await;
     let next = Transition::Next {
+        route: Default::default(),
         step: "b".into(),
         allow_retry: true,
         timeout_ms: 30_000,
