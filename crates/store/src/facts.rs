@@ -176,6 +176,10 @@ pub(crate) fn completion_facts(c: &Completion) -> Vec<NewFact> {
     facts
 }
 
+/// The columns of a [`FactRow`].
+const FACT_COLUMNS: &str =
+    "id, instance_id, campaign, workflow, version, seq, kind, data, created_at";
+
 /// An event fact row as the relay reads it.
 #[derive(sqlx::FromRow)]
 struct FactRow {
@@ -291,12 +295,11 @@ impl Store {
         if parts.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<FactRow> = sqlx::query_as(
-            "SELECT id, instance_id, campaign, workflow, version, seq, kind, data, created_at
-             FROM event_fact
-             WHERE part = ANY($1) AND relayed_at IS NULL
-             ORDER BY pos LIMIT $2",
-        )
+        let rows: Vec<FactRow> = sqlx::query_as(&format!(
+            "SELECT {FACT_COLUMNS} FROM event_fact
+                 WHERE part = ANY($1) AND relayed_at IS NULL
+                 ORDER BY pos LIMIT $2"
+        ))
         .bind(parts)
         .bind(limit)
         .fetch_all(&self.pool)
@@ -347,10 +350,9 @@ impl Store {
     /// Every event written about `instance`, in sequence order (relayed or not, until the
     /// replay window purges them).
     pub async fn instance_facts(&self, instance: InstanceId) -> Result<Vec<Fact>> {
-        let rows: Vec<FactRow> = sqlx::query_as(
-            "SELECT id, instance_id, campaign, workflow, version, seq, kind, data, created_at
-             FROM event_fact WHERE instance_id = $1 ORDER BY seq",
-        )
+        let rows: Vec<FactRow> = sqlx::query_as(&format!(
+            "SELECT {FACT_COLUMNS} FROM event_fact WHERE instance_id = $1 ORDER BY seq"
+        ))
         .bind(instance.0)
         .fetch_all(&self.pool)
         .await?;

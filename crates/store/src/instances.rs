@@ -19,6 +19,18 @@ fn parse_state(state: &str) -> Result<InstanceState> {
         .map_err(|_| Error::Corrupt(format!("unknown instance state {state:?}")))
 }
 
+/// A READY instance's job from its row: `(id, step_seq, fence, step_queue, step_handler)`.
+pub(crate) type JobRow = (Uuid, i64, i64, String, Option<String>);
+
+pub(crate) fn job_row((id, seq, fence, queue, handler): JobRow) -> Result<ClaimRequest> {
+    Ok(ClaimRequest {
+        instance: InstanceId(id),
+        step_seq: StepSeq(seq),
+        fence: Fence(fence),
+        route: parse_route(queue, handler)?,
+    })
+}
+
 /// The route of a step as its instance row keeps it (`step_queue`, `step_handler`).
 pub(crate) fn parse_route(queue: String, handler: Option<String>) -> Result<Route> {
     let queue = Queue::try_from(queue).map_err(|e| Error::Corrupt(e.to_string()))?;
@@ -924,16 +936,7 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|(id, seq, fence, queue, handler)| {
-                Ok(ClaimRequest {
-                    instance: InstanceId(id),
-                    step_seq: StepSeq(seq),
-                    fence: Fence(fence),
-                    route: parse_route(queue, handler)?,
-                })
-            })
-            .collect()
+        rows.into_iter().map(job_row).collect()
     }
 }
 

@@ -68,16 +68,7 @@ impl Store {
         .bind(node.0)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|(id, seq, fence, queue, handler)| {
-                Ok(ClaimRequest {
-                    instance: InstanceId(id),
-                    step_seq: StepSeq(seq),
-                    fence: Fence(fence),
-                    route: parse_route(queue, handler)?,
-                })
-            })
-            .collect()
+        rows.into_iter().map(crate::instances::job_row).collect()
     }
 
     /// Takes back up to `limit` RUNNING instances of the dead node `node` in one transaction:
