@@ -102,10 +102,14 @@ async fn wait_leader(env: &TestEnv, node: &NodeProcess) -> anyhow::Result<i64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_workers_instances_resume_at_their_last_checkpoint_within_seconds()
+async fn a_killed_workers_instances_resume_at_their_last_checkpoint_long_before_its_silence_lapses()
 -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let coordinator = env.spawn_node("coordinator,api").await?;
+    // A heartbeat silence of 30 s: only the killed process's released liveness lock can get it
+    // declared dead in time.
+    let coordinator = env
+        .spawn_node_with("coordinator,api", &["--dead-after-ms", "30000"])
+        .await?;
     let mut victim = env.spawn_node("worker").await?;
     let _survivor = env.spawn_node("worker").await?;
     let api = coordinator.api();

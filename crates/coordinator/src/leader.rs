@@ -51,9 +51,30 @@ impl LeaderLoop {
         let mut backoff = Backoff::new(self.config.tick, cap);
         let mut delay = Duration::ZERO;
         loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(delay) => {}
+            // Between ticks, while leading, look for nodes whose process is gone.
+            let next_tick = Instant::now() + delay;
+            loop {
+                let now = Instant::now();
+                if now >= next_tick {
+                    break;
+                }
+                let nap = (next_tick - now).min(self.config.liveness_every);
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(nap) => {}
+                }
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                if let Some(term) = self.term
+                    && Instant::now() < next_tick
+                    && let Err(err) = self.declare_dead(term).await
+                {
+                    tracing::debug!(%err, leader.term = %term, "looking for gone nodes failed");
+                }
+            }
+            if shutdown.is_cancelled() {
+                break;
             }
             delay = self.config.tick;
             match self.tick().await {
@@ -128,14 +149,20 @@ impl LeaderLoop {
         Ok(())
     }
 
-    /// Nodes silent past the deadline become DEAD; each gets a recovery task.
+    /// Nodes silent past the deadline, or gone (see [`CoordinatorConfig::gone_after`]), become
+    /// DEAD; each gets a recovery task.
     async fn declare_dead(&self, term: LeaderTerm) -> Result<()> {
         if self.declare_after.is_some_and(|at| Instant::now() < at) {
             return Ok(());
         }
         let dead = self
             .store
-            .declare_dead_nodes(self.node, term, millis(self.config.dead_after))
+            .declare_dead_nodes(
+                self.node,
+                term,
+                millis(self.config.dead_after),
+                millis(self.config.gone_after),
+            )
             .await?;
         for node in dead {
             tracing::warn!(node.id = %node, leader.term = %term, "node declared dead");

@@ -1,7 +1,9 @@
 //! The coordinator role. Any number of replicas run; one holds the leader lease.
 //!
 //! - The **leader** ([`LeaderLoop`]) renews its lease every `tick`, declares nodes dead after
-//!   `dead_after` of silence and publishes one recovery task per dead node, and runs the
+//!   `dead_after` of silence — or, every `liveness_every`, once their process is gone (their
+//!   liveness lock released) and their heartbeat `gone_after` late — and publishes one recovery
+//!   task per dead node, and runs the
 //!   sweepers: stale READY rows re-dispatched, RUNNING rows past their deadline taken back.
 //!   Every leader write checks the lease term in its own statement, so a leader that was
 //!   paused past its lease writes nothing.
@@ -51,8 +53,13 @@ pub struct CoordinatorConfig {
     pub tick: Duration,
     /// The lease's time to live: a dead leader is replaced within about this long.
     pub lease_ttl: Duration,
-    /// Silence after which a node is declared dead (nodes heartbeat every second).
+    /// Silence after which a node is declared dead (nodes heartbeat every 250 ms).
     pub dead_after: Duration,
+    /// A node whose process is gone (its liveness lock released: it crashed or was killed)
+    /// is declared dead once its heartbeat is this late, well before `dead_after`.
+    pub gone_after: Duration,
+    /// How often the leader looks for nodes whose process is gone, between its ticks.
+    pub liveness_every: Duration,
     /// READY for longer than this means the job was probably lost: re-dispatch it.
     pub stale_ready_after: Duration,
     /// Instances requeued per transaction.
@@ -68,6 +75,8 @@ impl Default for CoordinatorConfig {
             tick: Duration::from_millis(500),
             lease_ttl: Duration::from_secs(5),
             dead_after: Duration::from_secs(3),
+            gone_after: Duration::from_millis(600),
+            liveness_every: Duration::from_millis(100),
             stale_ready_after: Duration::from_secs(10),
             requeue_batch: 500,
             reconcile_every: Duration::from_secs(10),

@@ -13,7 +13,7 @@ use drover_coordinator::{Coordinator, CoordinatorConfig};
 use drover_core::SubjectAllowList;
 use drover_core::backoff::Backoff;
 use drover_core::{NodeId, Queue};
-use drover_store::{Heartbeat, NewNode, Store, StoreConfig};
+use drover_store::{Heartbeat, Liveness, NewNode, Store, StoreConfig};
 use drover_worker::{
     ClaimGate, DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Handlers, OutboxRelay,
     RelayConfig, Worker, WorkerConfig,
@@ -107,6 +107,10 @@ pub struct NodeArgs {
     /// READY this long (ms) counts as a lost job, re-dispatched by the leader coordinator.
     #[arg(long, env = "DROVER_STALE_READY_AFTER_MS", default_value_t = 10_000)]
     pub stale_ready_after_ms: u64,
+    /// Heartbeat silence (ms) after which the leader coordinator declares a node dead. A node
+    /// whose process is gone (crashed, killed) is declared dead sooner, within about a second.
+    #[arg(long, env = "DROVER_DEAD_AFTER_MS", default_value_t = 3_000)]
+    pub dead_after_ms: u64,
     /// Serve Prometheus metrics (`drover_*`) on this address; off when unset.
     #[arg(long, env = "DROVER_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -513,6 +517,7 @@ impl Life<'_> {
                 bus: bus.clone(),
                 config: CoordinatorConfig {
                     stale_ready_after: Duration::from_millis(args.stale_ready_after_ms),
+                    dead_after: Duration::from_millis(args.dead_after_ms),
                     ..Default::default()
                 },
             };
@@ -526,7 +531,10 @@ impl Life<'_> {
         }
         health.set_roles_running(true);
 
-        let beat = heartbeat(store, node, in_flight, &gate, health, &life);
+        // Held until this registration has drained: released, it tells the leader the process
+        // is gone.
+        let mut liveness = None;
+        let beat = heartbeat(store, node, in_flight, &gate, health, &life, &mut liveness);
         let end = tokio::select! {
             beat = beat => match beat {
                 Beat::DeclaredDead => LifeEnd::DeclaredDead,
@@ -558,6 +566,9 @@ impl Life<'_> {
         if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
             tracing::warn!(node.id = %node, "roles did not drain in time");
         }
+        if let Some(liveness) = liveness {
+            liveness.release().await;
+        }
         end
     }
 }
@@ -586,10 +597,15 @@ enum Beat {
     DeclaredDead,
 }
 
-/// Renews the node row every second. A heartbeat that fails (or hangs past
-/// [`HEARTBEAT_TIMEOUT`]) closes the claim gate until one succeeds again: a node that cannot
-/// heartbeat may be declared dead meanwhile, and must not take more work. Returns once the
-/// node finds itself declared dead, or `life` is cancelled.
+/// How often a node renews its row. Frequent, so that the leader can tell a dead process
+/// (its liveness lock released) by a heartbeat only [`HEARTBEAT_EVERY`] late.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
+
+/// Renews the node row every [`HEARTBEAT_EVERY`], and keeps (or takes again) the node's
+/// liveness lock in `liveness`. A heartbeat that fails (or hangs past [`HEARTBEAT_TIMEOUT`])
+/// closes the claim gate until one succeeds again: a node that cannot heartbeat may be declared
+/// dead meanwhile, and must not take more work. Returns once the node finds itself declared
+/// dead, or `life` is cancelled.
 async fn heartbeat(
     store: &Store,
     node: NodeId,
@@ -597,8 +613,9 @@ async fn heartbeat(
     gate: &ClaimGate,
     health: &Health,
     life: &CancellationToken,
+    liveness: &mut Option<Liveness>,
 ) -> Beat {
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(HEARTBEAT_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut outage = Backoff::default();
     loop {
@@ -619,6 +636,7 @@ async fn heartbeat(
             Ok(Ok(Heartbeat::Alive)) => {
                 health.set_postgres(true);
                 gate.open();
+                keep_liveness(store, node, liveness).await;
                 if let Some(recovered) = outage.succeeded() {
                     tracing::info!(node.id = %node, after = ?recovered.after, "heartbeating again");
                 }
@@ -639,6 +657,27 @@ async fn heartbeat(
         } else {
             tracing::debug!(node.id = %node, %err, "heartbeat failed again");
         }
+    }
+}
+
+/// Checks the liveness lock's session, taking the lock again if it is gone (its connection
+/// broke). Failing is harmless: the heartbeat alone keeps the node alive, and the next beat
+/// tries again.
+async fn keep_liveness(store: &Store, node: NodeId, liveness: &mut Option<Liveness>) {
+    if let Some(held) = liveness.as_mut() {
+        match tokio::time::timeout(HEARTBEAT_TIMEOUT, held.check()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => {
+                tracing::info!(node.id = %node, %err, "liveness lock lost; taking it again")
+            }
+            Err(_) => tracing::info!(node.id = %node, "liveness lock unanswered; taking it again"),
+        }
+        *liveness = None;
+    }
+    match tokio::time::timeout(HEARTBEAT_TIMEOUT, store.hold_liveness(node)).await {
+        Ok(Ok(held)) => *liveness = Some(held),
+        Ok(Err(err)) => tracing::debug!(node.id = %node, %err, "taking the liveness lock failed"),
+        Err(_) => tracing::debug!(node.id = %node, "taking the liveness lock timed out"),
     }
 }
 

@@ -1,4 +1,4 @@
-use drover_core::{InstanceId, InstanceState};
+use drover_core::{InstanceId, InstanceState, NodeId};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -43,6 +43,11 @@ pub enum Error {
     /// A live (neither revoked nor expired) token has this name.
     #[error("token {0:?} exists already; revoke it first to reuse its name")]
     TokenExists(String),
+    #[error("unknown node {0}")]
+    UnknownNode(NodeId),
+    /// Another session holds the node's liveness lock.
+    #[error("the liveness lock of node {0} is held by another session")]
+    LivenessHeld(NodeId),
     #[error("stored row is corrupt: {0}")]
     Corrupt(String),
 }

@@ -17,6 +17,7 @@ mod facts;
 mod instances;
 mod lease;
 mod lifecycle;
+mod liveness;
 mod model;
 mod nodes;
 mod operator;
@@ -42,6 +43,7 @@ pub use lifecycle::{
     Acted, LifecycleAction, LifecycleBatch, LifecycleChange, LifecycleFilter, LifecycleOutcome,
     Refusal, Restart, Restarted,
 };
+pub use liveness::Liveness;
 pub use model::*;
 pub use nodes::{Heartbeat, NewNode};
 pub use operator::{Resume, Resumed};

@@ -19,18 +19,30 @@ use crate::{Error, Result, Store};
 pub const COORDINATOR_LEASE: &str = "coordinator";
 
 impl Store {
-    /// As leader under `term`: marks nodes silent for over `silence_ms` dead and returns them.
-    /// Does nothing unless the lease is still held under `term` (checked in the same statement).
+    /// As leader under `term`: marks dead the nodes silent for over `silence_ms`, and those
+    /// whose process is gone — their liveness lock released (see [`crate::Liveness`]) — and
+    /// whose heartbeat is over `gone_ms` late; returns them. Does nothing unless the lease is
+    /// still held under `term` (checked in the same statement).
     pub async fn declare_dead_nodes(
         &self,
         holder: NodeId,
         term: LeaderTerm,
         silence_ms: i64,
+        gone_ms: i64,
     ) -> Result<Vec<NodeId>> {
         let rows: Vec<(Uuid,)> = sqlx::query_as(
             "UPDATE node SET status = 'dead', died_at = clock_timestamp()
              WHERE status <> 'dead'
-               AND heartbeat_at < clock_timestamp() - $3 * interval '1 millisecond'
+               AND (heartbeat_at < clock_timestamp() - $3 * interval '1 millisecond'
+                    OR (liveness_at IS NOT NULL
+                        AND heartbeat_at < clock_timestamp() - $5 * interval '1 millisecond'
+                        AND NOT EXISTS (
+                            SELECT 1 FROM pg_locks l
+                            WHERE l.locktype = 'advisory' AND l.granted
+                              AND l.database = (SELECT oid FROM pg_database
+                                                WHERE datname = current_database())
+                              AND l.classid = $6::oid AND l.objid = node.liveness_key::oid
+                              AND l.objsubid = 2)))
                AND EXISTS (SELECT 1 FROM leader_lease
                            WHERE name = $4 AND holder = $1 AND term = $2
                              AND expires_at > clock_timestamp())
@@ -40,6 +52,8 @@ impl Store {
         .bind(term.0)
         .bind(silence_ms)
         .bind(COORDINATOR_LEASE)
+        .bind(gone_ms)
+        .bind(i64::from(crate::liveness::LIVENESS_NAMESPACE))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(|(id,)| NodeId(id)).collect())

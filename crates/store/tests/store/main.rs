@@ -3,6 +3,7 @@
 
 mod continuing;
 mod lifecycle;
+mod liveness;
 mod outbox;
 mod queues;
 mod semaphore;
