@@ -1,6 +1,7 @@
 //! End-to-end scenarios against real Postgres, real nats-server and nodes as real processes.
 //! One test binary; every test makes its own `TestEnv` (database + subject prefix).
 
+mod admin;
 mod bad_input;
 mod egress;
 mod events;

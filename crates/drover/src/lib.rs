@@ -13,6 +13,7 @@
 //! }
 //! ```
 
+mod admin;
 pub mod cli;
 mod health;
 mod nats;

@@ -114,6 +114,10 @@ pub struct NodeArgs {
     /// Serve Prometheus metrics (`drover_*`) on this address; off when unset.
     #[arg(long, env = "DROVER_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The admin port: `/healthz` (alive), `/readyz` (ready to take work; JSON saying why
+    /// not) and `/metrics`, on every role (`0.0.0.0:9090` in a container); off when unset.
+    #[arg(long, env = "DROVER_ADMIN_LISTEN")]
+    pub admin_listen: Option<std::net::SocketAddr>,
     /// How long relayed events stay in the Postgres outbox before they are purged (`30m`,
     /// `1h`): events a crashed NATS server lost can be sent again from there meanwhile. The
     /// events stream keeps them far longer (--events-max-age). If unsure: the default.
@@ -148,7 +152,8 @@ pub struct NodeArgs {
     pub publish_allow: Option<SubjectAllowList>,
     /// Destinations `http` steps may not reach, comma-separated: addresses, CIDR blocks, host
     /// names (`*.corp`: subdomains), each optionally `:port` (`[v6]:port`). Replaces the
-    /// default; the api's own listen address (when this node serves it) is always added.
+    /// default; the api's own listen address and the admin port (when this node serves
+    /// them) are always added.
     #[arg(long, env = "DROVER_HTTP_DENY", default_value = DEFAULT_HTTP_DENY)]
     pub http_deny: EgressRules,
     /// When set and not empty, `http` steps may reach only these destinations (same forms as
@@ -224,6 +229,23 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
     spawn_signal_handler(shutdown.clone());
     // The readiness state; `/readyz` reads `health.readiness()`.
     let health = Health::default();
+    let metrics = install_metrics(&args)?;
+    // Serves from now until the node has drained: a probe sees it wait for its dependencies.
+    let (admin, admin_addr) = match args.admin_listen {
+        Some(addr) => {
+            let (addr, serve) = crate::admin::bind(addr, health.clone(), metrics).await?;
+            // Scripts and tests read this line to find the admin port.
+            println!("drover admin listening on http://{addr}");
+            tracing::info!(%addr, "admin port listening");
+            let serving = tokio::spawn(async move {
+                if let Err(err) = serve.await {
+                    tracing::error!(%err, "the admin port stopped");
+                }
+            });
+            (Some(serving), Some(addr))
+        }
+        None => (None, None),
+    };
 
     let Some(store) = wait_for("Postgres", &shutdown, || async {
         Store::connect(&StoreConfig {
@@ -238,6 +260,7 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
     else {
         return Ok(());
     };
+    health.set_store(&store);
     if args.migrate {
         store.migrate().await.context("applying migrations")?;
     }
@@ -267,14 +290,6 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
     };
     health.set_bus(&bus);
 
-    if let Some(addr) = args.metrics_listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("serving metrics on {addr}"))?;
-        tracing::info!(%addr, "metrics served");
-    }
-
     // The api serves for the life of the process, whatever id the node runs under.
     let mut serving: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     // Bound before the worker starts: its http steps must not reach this address.
@@ -303,19 +318,30 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
             .with_auth(auth)
             .with_publish_allow(args.publish_allow.clone());
         let token = shutdown.clone();
+        let tracked = health.clone();
         serving.spawn(async move {
-            let result = drover_api::serve(listener, state, token.clone()).await;
+            let result = tracked
+                .track("api", drover_api::serve(listener, state, token.clone()))
+                .await;
             // The first role to stop stops the node.
             token.cancel();
             ("api", result.map_err(Into::into))
         });
         let signals = drover_api::SignalListener::new(store.clone(), bus.clone());
         let token = shutdown.clone();
+        let tracked = health.clone();
         serving.spawn(async move {
-            let result = signals.run(token.clone()).await;
+            let result = tracked.track("signals", signals.run(token.clone())).await;
             token.cancel();
             ("signals", result.map_err(Into::into))
         });
+    }
+
+    if let Some(addr) = admin_addr {
+        // Nor the admin port.
+        egress
+            .deny
+            .push(EgressRule::listener(addr, "the node's admin port"));
     }
 
     let roles: Vec<String> = args.roles.iter().map(|r| r.as_str().to_owned()).collect();
@@ -398,7 +424,51 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
     if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
         tracing::warn!("the api did not stop in time");
     }
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     result
+}
+
+/// Installs the Prometheus recorder when something serves it (the metrics listener, the
+/// admin port's `/metrics`, or both), and returns its handle for the admin port.
+fn install_metrics(
+    args: &NodeArgs,
+) -> anyhow::Result<Option<metrics_exporter_prometheus::PrometheusHandle>> {
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    let recorder = match (args.metrics_listen, args.admin_listen) {
+        (Some(addr), _) => {
+            // Spawns its own upkeep.
+            let (recorder, exporter) = builder
+                .with_http_listener(addr)
+                .build()
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            tokio::spawn(async move {
+                if let Err(err) = exporter.await {
+                    tracing::error!(?err, "the metrics listener stopped");
+                }
+            });
+            tracing::info!(%addr, "metrics served");
+            recorder
+        }
+        (None, Some(_)) => {
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Histograms drain into their summaries here (what `build` spawns for a listener).
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    ticker.tick().await;
+                    handle.run_upkeep();
+                }
+            });
+            recorder
+        }
+        (None, None) => return Ok(None),
+    };
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+    Ok(Some(handle))
 }
 
 /// Calls `connect` until it succeeds, fails for good (`(false, err)`), or `shutdown` (`None`);
@@ -494,7 +564,11 @@ impl Life<'_> {
             in_flight = Some(worker.stats());
             let wakeup = worker.relay_wakeup();
             let token = life.clone();
-            tasks.spawn(async move { ("worker", worker.run(token).await.map_err(Into::into)) });
+            let tracked = health.clone();
+            tasks.spawn(async move {
+                let result = tracked.track("worker", Box::pin(worker.run(token))).await;
+                ("worker", result.map_err(Into::into))
+            });
             wakeup
         } else {
             Arc::new(tokio::sync::Notify::new())
@@ -509,7 +583,11 @@ impl Life<'_> {
             relay_wakeup,
         );
         let token = life.clone();
-        tasks.spawn(async move { ("relay", relay.run(token).await.map_err(Into::into)) });
+        let tracked = health.clone();
+        tasks.spawn(async move {
+            let result = tracked.track("relay", Box::pin(relay.run(token))).await;
+            ("relay", result.map_err(Into::into))
+        });
         if args.roles.contains(&Role::Coordinator) {
             let coordinator = Coordinator {
                 node,
@@ -522,11 +600,12 @@ impl Life<'_> {
                 },
             };
             let token = life.clone();
+            let tracked = health.clone();
             tasks.spawn(async move {
-                (
-                    "coordinator",
-                    Box::pin(coordinator.run(token)).await.map_err(Into::into),
-                )
+                let result = tracked
+                    .track("coordinator", Box::pin(coordinator.run(token)))
+                    .await;
+                ("coordinator", result.map_err(Into::into))
             });
         }
         health.set_roles_running(true);
