@@ -111,6 +111,22 @@ impl BenchEnv {
             .context("spawning a worker node")
     }
 
+    /// Starts a node with the api and worker roles, serving the API on `listen` with the
+    /// bootstrap admin token `token`.
+    pub(crate) fn spawn_api_node(&self, listen: &str, token: &str) -> anyhow::Result<Child> {
+        Command::new(std::env::current_exe()?)
+            .args(["node", "--roles", "api,worker", "--listen", listen])
+            .env("DATABASE_URL", &self.database_url)
+            .env("NATS_URL", &self.nats_url)
+            .env("DROVER_PREFIX", &self.prefix)
+            .env("DROVER_ADMIN_TOKEN", token)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning an api node")
+    }
+
     /// Starts `n` node processes with `roles` and waits until they have registered.
     pub(crate) async fn spawn_nodes(&self, roles: &str, n: usize) -> anyhow::Result<Vec<Child>> {
         let before = self.alive_nodes().await?;

@@ -13,6 +13,7 @@ mod latency;
 mod recovery;
 mod scale;
 mod semaphore;
+mod single;
 mod throughput;
 
 use std::path::PathBuf;
@@ -41,6 +42,9 @@ enum Scenario {
     /// `kill -9` workers holding running instances, R times: kill-to-redispatch and
     /// kill-to-complete; then kill the leader coordinator: failover time.
     Recovery(recovery::Options),
+    /// One 3-step no-op workflow at a time through the API (`start --wait`): client start →
+    /// result, beside the raw one-step latency.
+    Single(single::Options),
     /// Campaign limits: a 10,000-instance bulk start into a limited campaign beside the same
     /// into `default`; then the time from a freed permit to the next queued instance running.
     Semaphore(semaphore::Options),
@@ -167,6 +171,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Recovery(o) => one("recovery", recovery::run(&o).await?),
             Scenario::Semaphore(o) => one("semaphore", semaphore::run(&o).await?),
             Scenario::Scale(o) => one("scale", scale::run(&o).await?),
+            Scenario::Single(o) => one("single", single::run(&o).await?),
             Scenario::All => all().await?,
         };
         print_figures(&figures);
@@ -199,6 +204,7 @@ async fn all() -> anyhow::Result<(Vec<Figure>, Value)> {
         figures.extend(r.figures);
         report.insert(name.to_owned(), r.json);
     };
+    add("single", single::run(&single::Options::default()).await?);
     let t = throughput::run(&throughput::Options::default()).await?;
     let max_rate = t.json["instances_per_s"].as_f64();
     add("throughput", t);
