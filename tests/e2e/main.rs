@@ -10,6 +10,7 @@ mod fencing;
 mod infra;
 mod lifecycle;
 mod nats_auth;
+mod nats_cluster;
 mod nats_login;
 mod operator;
 mod queues;

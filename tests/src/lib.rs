@@ -2,6 +2,7 @@
 //! real OS processes (so they can be killed), a recording HTTP server, and `wait_until`.
 
 mod events;
+mod nats_cluster;
 mod nats_server;
 mod node_log;
 mod pgserver;
@@ -26,6 +27,7 @@ pub use events::{
     CHECK_EVENTS_ENV, EventCheck, EventReader, ReceivedEvent, asyncapi_channel, check_event_log,
     kinds_and_subjects, read_all_events,
 };
+pub use nats_cluster::NatsCluster;
 pub use nats_server::{NatsServer, ServerOptions, ServerTls, nats_server_bin};
 pub use pgserver::PgServer;
 pub use proxy::Proxy;
@@ -190,6 +192,47 @@ impl TestEnv {
         })
     }
 
+    /// A world on the private NATS cluster `cluster` (streams with `replicas` copies; nodes
+    /// spawned by it get every server's URL and the same replicas) and its own database on
+    /// `DATABASE_URL`. Provisioning waits for the cluster to elect its JetStream leader.
+    pub async fn on_cluster(cluster: &NatsCluster, replicas: usize) -> anyhow::Result<Self> {
+        let admin_url = std::env::var("DATABASE_URL").map_err(|_| anyhow::anyhow!(UNSET))?;
+        let database = format!("drover_t_{}", random_hex(12));
+        let (database_url, store) = create_database(&admin_url, &database)
+            .await
+            .with_context(|| format!("on DATABASE_URL ({UNSET})"))?;
+        let prefix = format!("t{}", random_hex(10));
+        let bus_config = BusConfig {
+            url: cluster.urls(),
+            prefix: prefix.clone(),
+            events_max_bytes: TEST_EVENTS_MAX_BYTES,
+            stream_replicas: replicas,
+            ..Default::default()
+        };
+        let bus = wait_until(
+            "the NATS cluster to take R3 streams",
+            Duration::from_secs(30),
+            || async { Ok(Bus::connect(bus_config.clone()).await.ok()) },
+        )
+        .await
+        .with_context(|| cluster.logs())?;
+        let events_stream_created = events::events_stream_created(&bus).await;
+        Ok(Self {
+            database_url,
+            database,
+            admin_url,
+            nats_url: cluster.urls(),
+            prefix,
+            store,
+            bus,
+            bus_config,
+            spawned: reaper::Spawned::default(),
+            events_stream_created,
+            #[cfg(feature = "testcontainers")]
+            _containers: None,
+        })
+    }
+
     /// A plain NATS client connected as the harness's own bus is.
     pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
         Ok(self.bus_config.connect_client().await?)
@@ -308,6 +351,10 @@ impl TestEnv {
             .env("DROVER_EVENTS_MAX_BYTES", TEST_EVENTS_MAX_BYTES.to_string())
             .env("DROVER_STALE_READY_AFTER_MS", "3000")
             .env("DROVER_ADMIN_TOKEN", admin_token())
+            .env(
+                "DROVER_STREAM_REPLICAS",
+                self.bus_config.stream_replicas.to_string(),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("DROVER_TEST_LOG").unwrap_or_else(|_| "info".into()),
