@@ -303,7 +303,12 @@ pub fn diagnose(facts: &DiagnosisFacts) -> Diagnosis {
                 .owner_node
                 .map_or_else(|| "an unknown node".to_owned(), |n| n.to_string());
             match &facts.owner {
-                Some(owner) if owner.status == "dead" => {
+                Some(owner) if matches!(owner.status.as_str(), "dead" | "left") => {
+                    let gone = if owner.status == "left" {
+                        "which left the cluster"
+                    } else {
+                        "which was declared dead"
+                    };
                     put("node", json!(owner));
                     let recovery = if leader_gone {
                         format!("; {}, so nobody requeues it", no_leader_clause())
@@ -313,8 +318,8 @@ pub fn diagnose(facts: &DiagnosisFacts) -> Diagnosis {
                     (
                         "node_dead",
                         format!(
-                            "Instance {id} was running step {:?} on node {node}, which was \
-                             declared dead{}{recovery}.",
+                            "Instance {id} was running step {:?} on node {node}, {gone}{}\
+                             {recovery}.",
                             i.current_step,
                             owner
                                 .died_at

@@ -475,7 +475,7 @@ pub struct Node {
     pub handlers: Vec<String>,
     pub host: String,
     pub version: String,
-    /// `alive`, `draining` or `dead`.
+    /// `alive`, `draining`, `dead` (declared dead by the leader) or `left` (stopped gracefully).
     #[schema(value_type = NodeStatusName)]
     pub status: String,
     pub heartbeat_at: DateTime<Utc>,

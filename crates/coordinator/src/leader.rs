@@ -22,6 +22,7 @@ pub struct LeaderLoop {
     last_orphan_scan: Option<Instant>,
     last_stale_scan: Option<Instant>,
     last_reconcile: Option<Instant>,
+    last_prune: Option<Instant>,
     /// No node is declared dead before this: after an outage of this loop's own (Postgres
     /// away, most likely for everyone), the others get `dead_after` to heartbeat again
     /// before their silence counts.
@@ -39,6 +40,7 @@ impl LeaderLoop {
             last_orphan_scan: None,
             last_stale_scan: None,
             last_reconcile: None,
+            last_prune: None,
             declare_after: None,
         }
     }
@@ -146,6 +148,26 @@ impl LeaderLoop {
         self.wake_due(term).await?;
         self.redispatch_stale_ready().await?;
         self.reconcile_permits(term).await?;
+        self.prune_nodes().await?;
+        Ok(())
+    }
+
+    /// Rows of nodes dead or left for longer than the retention go, once a minute.
+    async fn prune_nodes(&mut self) -> Result<()> {
+        if self
+            .last_prune
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+        {
+            return Ok(());
+        }
+        self.last_prune = Some(Instant::now());
+        let pruned = self
+            .store
+            .prune_nodes(millis(self.config.node_retention), 1000)
+            .await?;
+        if pruned > 0 {
+            tracing::info!(pruned, "pruned the rows of long-gone nodes");
+        }
         Ok(())
     }
 

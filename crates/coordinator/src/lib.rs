@@ -64,6 +64,9 @@ pub struct CoordinatorConfig {
     pub stale_ready_after: Duration,
     /// Instances requeued per transaction.
     pub requeue_batch: i64,
+    /// How long rows of dead and departed nodes stay in the node table (`drover nodes`) before
+    /// the leader prunes them.
+    pub node_retention: Duration,
     /// How often the leader checks the campaign semaphore's invariants (and repairs counter
     /// drift). Cheap: one short transaction per limited campaign.
     pub reconcile_every: Duration,
@@ -80,6 +83,7 @@ impl Default for CoordinatorConfig {
             stale_ready_after: Duration::from_secs(10),
             requeue_batch: 500,
             reconcile_every: Duration::from_secs(10),
+            node_retention: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -111,6 +111,10 @@ pub struct NodeArgs {
     /// whose process is gone (crashed, killed) is declared dead sooner, within about a second.
     #[arg(long, env = "DROVER_DEAD_AFTER_MS", default_value_t = 3_000)]
     pub dead_after_ms: u64,
+    /// How long dead and departed nodes stay listed (`drover nodes`) before the leader
+    /// coordinator prunes their rows (`12h`, `7d`).
+    #[arg(long, env = "DROVER_NODE_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub node_retention: Duration,
     /// Serve Prometheus metrics (`drover_*`) on this address; off when unset.
     #[arg(long, env = "DROVER_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -403,8 +407,8 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
                 shutdown.cancel();
             }
         }
-        if let Err(err) = store.set_node_status(node, "dead").await {
-            tracing::warn!(%err, "could not mark the node gone");
+        if let Err(err) = store.set_node_status(node, "left").await {
+            tracing::warn!(%err, "could not mark the node left");
         }
         tracing::info!(node.id = %node, "node stopped");
         break;
@@ -596,6 +600,7 @@ impl Life<'_> {
                 config: CoordinatorConfig {
                     stale_ready_after: Duration::from_millis(args.stale_ready_after_ms),
                     dead_after: Duration::from_millis(args.dead_after_ms),
+                    node_retention: args.node_retention,
                     ..Default::default()
                 },
             };

@@ -1414,8 +1414,8 @@ const COMMIT: &str = concat!(
         FROM c, t
         WHERE i.id = c.instance_id AND i.fence = c.fence AND i.step_seq = c.step_seq
           AND i.state = 'running' AND i.owner_node = $2
-          -- A node declared dead abandons its steps: none of its writes land.
-          AND EXISTS (SELECT 1 FROM node WHERE id = $2 AND status <> 'dead')
+          -- A node declared dead (or gone) abandons its steps: none of its writes land.
+          AND EXISTS (SELECT 1 FROM node WHERE id = $2 AND status NOT IN ('dead', 'left'))
           AND ($3 OR NOT (i.stop_requested_by IS NOT NULL OR i.pause_requested_by IS NOT NULL
                           OR (i.holds_permit AND ",
     gives_back!(asked_state!()),

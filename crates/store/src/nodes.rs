@@ -66,7 +66,7 @@ impl Store {
     pub async fn heartbeat(&self, id: NodeId, in_flight: i32, rss_bytes: i64) -> Result<Heartbeat> {
         let done = sqlx::query(
             "UPDATE node SET heartbeat_at = clock_timestamp(), in_flight = $2, rss_bytes = $3
-             WHERE id = $1 AND status <> 'dead'",
+             WHERE id = $1 AND status NOT IN ('dead', 'left')",
         )
         .bind(id.0)
         .bind(in_flight)
@@ -80,18 +80,39 @@ impl Store {
         })
     }
 
-    /// Marks the node `draining` (it stops claiming) or, once drained, `dead`.
+    /// Marks the node `draining` (it stops claiming) or, once drained, `left` (or `dead`).
+    /// A node that is gone already stays as it is.
     pub async fn set_node_status(&self, id: NodeId, status: &str) -> Result<()> {
         sqlx::query(
             "UPDATE node SET status = $2,
-                    died_at = CASE WHEN $2 = 'dead' THEN clock_timestamp() ELSE died_at END
-             WHERE id = $1 AND status <> 'dead'",
+                    died_at = CASE WHEN $2 IN ('dead', 'left') THEN clock_timestamp()
+                                   ELSE died_at END
+             WHERE id = $1 AND status NOT IN ('dead', 'left')",
         )
         .bind(id.0)
         .bind(status)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Deletes up to `limit` rows of nodes dead or left for over `retention_ms` that own no
+    /// RUNNING instance (the journal keeps their ids); returns how many.
+    pub async fn prune_nodes(&self, retention_ms: i64, limit: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM node WHERE id IN (
+                 SELECT n.id FROM node n
+                 WHERE n.status IN ('dead', 'left')
+                   AND n.died_at < clock_timestamp() - $1 * interval '1 millisecond'
+                   AND NOT EXISTS (SELECT 1 FROM instance i
+                                   WHERE i.owner_node = n.id AND i.state = 'running')
+                 ORDER BY n.died_at LIMIT $2)",
+        )
+        .bind(retention_ms)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<Node>> {

@@ -32,7 +32,7 @@ impl Store {
     ) -> Result<Vec<NodeId>> {
         let rows: Vec<(Uuid,)> = sqlx::query_as(
             "UPDATE node SET status = 'dead', died_at = clock_timestamp()
-             WHERE status <> 'dead'
+             WHERE status NOT IN ('dead', 'left')
                AND (heartbeat_at < clock_timestamp() - $3 * interval '1 millisecond'
                     OR (liveness_at IS NOT NULL
                         AND heartbeat_at < clock_timestamp() - $5 * interval '1 millisecond'
@@ -59,11 +59,12 @@ impl Store {
         Ok(rows.into_iter().map(|(id,)| NodeId(id)).collect())
     }
 
-    /// Dead nodes that still own RUNNING instances (a recovery task may have been lost).
+    /// Dead (or left) nodes that still own RUNNING instances (a recovery task may have been
+    /// lost).
     pub async fn dead_nodes_with_orphans(&self) -> Result<Vec<NodeId>> {
         let rows: Vec<(Uuid,)> = sqlx::query_as(
             "SELECT DISTINCT i.owner_node FROM instance i JOIN node n ON n.id = i.owner_node
-             WHERE i.state = 'running' AND n.status = 'dead'",
+             WHERE i.state = 'running' AND n.status IN ('dead', 'left')",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -77,7 +78,7 @@ impl Store {
             "SELECT i.id, i.step_seq, i.fence, i.step_queue, i.step_handler
              FROM instance i JOIN journal j ON j.instance_id = i.id AND j.step_seq = i.step_seq
              WHERE i.state = 'ready' AND j.node_id = $1
-               AND EXISTS (SELECT 1 FROM node WHERE id = $1 AND status = 'dead')",
+               AND EXISTS (SELECT 1 FROM node WHERE id = $1 AND status IN ('dead', 'left'))",
         )
         .bind(node.0)
         .fetch_all(&self.pool)
@@ -85,7 +86,8 @@ impl Store {
         rows.into_iter().map(crate::instances::job_row).collect()
     }
 
-    /// Takes back up to `limit` RUNNING instances of the dead node `node` in one transaction:
+    /// Takes back up to `limit` RUNNING instances of the dead (or left) node `node` in one
+    /// transaction:
     /// each goes to READY with `fence + 1` (to be re-dispatched), or to IN_ERROR if its step
     /// is not safe to run again (`allow_retry: false`). Each is journaled (actor `recovery`)
     /// with its `requeued` or `in_error` event. Returns no orphans once the node has no more.
@@ -102,7 +104,7 @@ impl Store {
             "SELECT {RUNNING_COLUMNS}
              FROM instance i JOIN campaign c ON c.id = i.campaign_id
              WHERE i.owner_node = $1 AND i.state = 'running'
-               AND EXISTS (SELECT 1 FROM node WHERE id = $1 AND status = 'dead')
+               AND EXISTS (SELECT 1 FROM node WHERE id = $1 AND status IN ('dead', 'left'))
              ORDER BY i.id LIMIT $2
              FOR UPDATE OF i SKIP LOCKED"
         ))

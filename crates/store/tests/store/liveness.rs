@@ -67,6 +67,7 @@ async fn a_node_whose_liveness_lock_is_released_is_declared_dead_before_its_sile
     // heartbeating.
     killed_lock.release().await;
     busy_lock.release().await;
+    heartbeat_ago(&store, busy, 0).await;
     let declared = store
         .declare_dead_nodes(leader, term, silence, gone)
         .await
@@ -85,4 +86,72 @@ async fn a_node_whose_liveness_lock_is_released_is_declared_dead_before_its_sile
     let mut expected = vec![frozen, busy, old_version];
     expected.sort();
     assert_eq!(declared, expected);
+}
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn a_node_that_left_is_gone_at_once_its_instances_are_taken_back_and_its_row_pruned_later(
+    pool: PgPool,
+) {
+    let (store, node) = crate::support::setup(pool).await;
+    let leader = self::node(&store).await;
+    let term = store
+        .acquire_lease(COORDINATOR_LEASE, leader, 10_000)
+        .await
+        .expect("acquires")
+        .expect("the lease is free");
+    let id = crate::support::start(&store, "parent").await;
+    let claimed = crate::support::claim(&store, node, crate::support::job(id, 0, 0)).await;
+
+    store.set_node_status(node, "left").await.expect("leaves");
+    assert_eq!(
+        store.heartbeat(node, 0, 0).await.expect("beats"),
+        drover_store::Heartbeat::Dead,
+        "a node that left takes no more work"
+    );
+    assert!(
+        store
+            .declare_dead_nodes(leader, term, 60_000, 0)
+            .await
+            .expect("declares")
+            .iter()
+            .all(|n| *n != node),
+        "a node that left is not declared dead"
+    );
+    // Its late commit is refused, and what it still ran is taken back.
+    let late = store
+        .commit(
+            node,
+            &[crate::support::completion(
+                &claimed,
+                "completed",
+                crate::support::wait(None, Some("never")),
+            )],
+        )
+        .await
+        .expect("answers");
+    assert!(late == vec![drover_store::Commit::Fenced], "{late:?}");
+    assert_eq!(
+        store.dead_nodes_with_orphans().await.expect("reads"),
+        vec![node]
+    );
+    let requeued = store
+        .requeue_orphans(node, leader, 10)
+        .await
+        .expect("requeues");
+    assert_eq!(
+        requeued.orphans.iter().map(|o| o.id).collect::<Vec<_>>(),
+        vec![id]
+    );
+
+    // Pruned once past the retention, not before; live nodes never.
+    assert_eq!(store.prune_nodes(60_000, 100).await.expect("prunes"), 0);
+    assert_eq!(store.prune_nodes(0, 100).await.expect("prunes"), 1);
+    let left: Vec<NodeId> = store
+        .list_nodes()
+        .await
+        .expect("lists")
+        .into_iter()
+        .map(|n| n.id)
+        .collect();
+    assert!(!left.contains(&node) && left.contains(&leader), "{left:?}");
 }
