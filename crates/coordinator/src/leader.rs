@@ -23,6 +23,7 @@ pub struct LeaderLoop {
     last_stale_scan: Option<Instant>,
     last_reconcile: Option<Instant>,
     last_prune: Option<Instant>,
+    last_sample: Option<Instant>,
     /// No node is declared dead before this: after an outage of this loop's own (Postgres
     /// away, most likely for everyone), the others get `dead_after` to heartbeat again
     /// before their silence counts.
@@ -41,6 +42,7 @@ impl LeaderLoop {
             last_stale_scan: None,
             last_reconcile: None,
             last_prune: None,
+            last_sample: None,
             declare_after: None,
         }
     }
@@ -141,6 +143,7 @@ impl LeaderLoop {
                 self.last_orphan_scan = None;
             }
         }
+        metrics::gauge!("drover_leader_is_leader").set(if self.term.is_some() { 1.0 } else { 0.0 });
         let Some(term) = self.term else { return Ok(()) };
         self.declare_dead(term).await?;
         self.rescan_orphans(term).await?;
@@ -149,7 +152,20 @@ impl LeaderLoop {
         self.redispatch_stale_ready().await?;
         self.reconcile_permits(term).await?;
         self.prune_nodes().await?;
+        self.sample_gauges(term).await?;
         Ok(())
+    }
+
+    /// The cluster gauges ([`crate::gauges`]), every 5 s.
+    async fn sample_gauges(&mut self, term: LeaderTerm) -> Result<()> {
+        if self
+            .last_sample
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(5))
+        {
+            return Ok(());
+        }
+        self.last_sample = Some(Instant::now());
+        crate::gauges::sample(&self.store, term).await
     }
 
     /// Rows of nodes dead or left for longer than the retention go, once a minute.
