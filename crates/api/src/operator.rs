@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 use crate::ApiState;
 use crate::auth::Principal;
 use crate::dto::Instance;
-use crate::error::{ApiError, ErrorBody, Result};
+use crate::error::{ApiError, ErrorBody, Result, unknown_instance};
 use crate::extract::{ApiJson, ApiPath};
 
 /// How to resume an `in_error` instance.
@@ -326,10 +326,6 @@ fn json_kind(value: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-fn unknown_instance(id: InstanceId) -> ApiError {
-    ApiError::not_found("not_found", format!("unknown instance {id}"))
 }
 
 fn not_in_error(id: InstanceId, state: InstanceState) -> ApiError {

@@ -1,5 +1,6 @@
 //! Drover's pure domain: identifiers, workflow definitions and their validation, CEL
-//! expressions, the instance state machine, and the back-off bookkeeping every long-running
+//! expressions, the instance state machine and the operator commands' decision table, and the
+//! back-off bookkeeping every long-running
 //! loop shares. Nothing here does I/O.
 
 pub mod backoff;
@@ -7,6 +8,7 @@ pub mod definition;
 pub mod event;
 pub mod expr;
 pub mod ids;
+pub mod lifecycle;
 pub mod list;
 pub mod route;
 pub mod scope;

@@ -10,13 +10,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::instances::parse_route;
-use crate::lease::LeaderTerm;
+use crate::lease::{COORDINATOR_LEASE, LeaderTerm};
 use crate::model::{ClaimRequest, Orphan};
 use crate::semaphore::{Admitted, release_permits};
 use crate::{Error, Result, Store};
-
-/// The lease the coordinators elect their leader with.
-pub const COORDINATOR_LEASE: &str = "coordinator";
 
 impl Store {
     /// As leader under `term`: marks dead the nodes silent for over `silence_ms`, and those

@@ -41,9 +41,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::facts::{NewFact, insert_campaign_fact, insert_facts};
+use crate::lease::COORDINATOR_LEASE;
 use crate::lease::LeaderTerm;
 use crate::model::{Campaign, ClaimRequest};
-use crate::recovery::COORDINATOR_LEASE;
 use crate::{Error, Result, Store};
 
 /// The smallest and largest limit a campaign may have (the `campaign.max_running` CHECK).

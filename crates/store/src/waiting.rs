@@ -12,9 +12,9 @@ use drover_core::{NodeId, ids::is_slug};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::lease::COORDINATOR_LEASE;
 use crate::lease::LeaderTerm;
 use crate::model::{ClaimRequest, Delivery, PendingSignal, Woken};
-use crate::recovery::COORDINATOR_LEASE;
 use crate::{Error, Result, Store};
 
 impl Store {
