@@ -18,8 +18,8 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::{Extension, Json};
-use drover_bus::{Bus, StepJob};
-use drover_core::{Definition, InstanceId, InstanceState};
+use drover_bus::Bus;
+use drover_core::{Definition, InstanceId, InstanceState, StepJob};
 use drover_store::{
     Acted, LifecycleAction, LifecycleBatch, LifecycleChange, LifecycleFilter, Refusal, Restart,
     Restarted,
@@ -631,14 +631,10 @@ async fn apply(
     Ok(batch)
 }
 
-async fn publish(bus: &Bus, jobs: Vec<drover_store::ClaimRequest>) {
+async fn publish(bus: &Bus, jobs: Vec<StepJob>) {
     if jobs.is_empty() {
         return;
     }
-    let jobs: Vec<StepJob> = jobs
-        .iter()
-        .map(|j| StepJob::new(j.instance, j.step_seq, j.fence, j.route.clone()))
-        .collect();
     if let Err(err) = bus.publish_jobs(&jobs).await {
         tracing::warn!(
             jobs = jobs.len(),
