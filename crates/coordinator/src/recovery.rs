@@ -125,23 +125,31 @@ impl RecoveryConsumer {
         Ok(())
     }
 
-    /// Handles one recovery task, in its span, and settles its message: the one place that
-    /// decides a recovery task's fate.
+    /// Handles one recovery task and settles its message: the one place that decides a
+    /// recovery task's fate (besides the progress acks of a long requeue).
     async fn handle(&self, delivery: Delivery<RecoveryTask>) {
-        let task = match delivery.decoded() {
-            Ok(task) => *task,
+        let fate = match delivery.decoded() {
+            Ok(task) => {
+                let span = tracing::info_span!(
+                    "recovery_task",
+                    node.id = %task.node,
+                    leader.term = task.term,
+                );
+                self.run_task(*task, &delivery).instrument(span).await
+            }
             Err(err) => {
                 tracing::warn!(subject = delivery.subject(), %err, "terminating undecodable recovery task");
-                let _ = delivery.settle(Fate::Term).await;
-                return;
+                Fate::Term
             }
         };
-        let span = tracing::info_span!(
-            "recovery_task",
-            node.id = %task.node,
-            leader.term = task.term,
-        );
-        let fate = match self.requeue_all(&task, &delivery).instrument(span).await {
+        // A settle that fails means a redelivery; requeueing again is safe.
+        let _ = delivery.settle(fate).await;
+    }
+
+    /// Requeues the dead node's instances: done with the task once it owns nothing, or
+    /// handed back to be tried again shortly.
+    async fn run_task(&self, task: RecoveryTask, delivery: &Delivery<RecoveryTask>) -> Fate {
+        match self.requeue_all(&task, delivery).await {
             Ok(count) => {
                 if let Some(recovered) = self.failing.succeeded() {
                     tracing::info!(after = ?recovered.after, failures = recovered.failures, "recovery tasks succeed again");
@@ -159,9 +167,7 @@ impl RecoveryConsumer {
                 }
                 Fate::Nak(RETRY_AFTER)
             }
-        };
-        // A settle that fails means a redelivery; requeueing again is safe.
-        let _ = delivery.settle(fate).await;
+        }
     }
 
     /// Requeues batch after batch until the node owns nothing; returns how many. Then
