@@ -10,7 +10,6 @@
 use axum::extract::State;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
-use drover_bus::StepJob;
 use drover_core::definition::StepKind;
 use drover_core::expr::Scope;
 use drover_core::{Definition, InstanceId, InstanceState, NodeId, Step};
@@ -170,12 +169,7 @@ pub(crate) async fn resume(
         })
         .await?;
     let job = match resumed {
-        Resumed::Resumed { job } => Some(StepJob::new(
-            job.instance,
-            job.step_seq,
-            job.fence,
-            job.route,
-        )),
+        Resumed::Resumed { job } => Some(job),
         Resumed::Queued { position } => {
             tracing::info!(
                 instance.id = %id,

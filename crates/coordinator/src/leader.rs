@@ -2,10 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use drover_bus::{Bus, RecoveryTask, StepJob};
-use drover_core::NodeId;
+use drover_bus::{Bus, RecoveryTask};
 use drover_core::backoff::Backoff;
-use drover_store::{Admitted, COORDINATOR_LEASE, LeaderTerm, Store};
+use drover_core::{NodeId, StepJob};
+use drover_store::{Admitted, COORDINATOR_LEASE, LeaderTerm, Orphan, Store};
 use tokio_util::sync::CancellationToken;
 
 use drover_core::definition::millis;
@@ -243,8 +243,8 @@ impl LeaderLoop {
         let jobs: Vec<StepJob> = orphans
             .iter()
             .filter(|o| o.state == drover_core::InstanceState::Ready)
-            .map(|o| StepJob::new(o.id, o.step_seq, o.fence, o.route.clone()))
-            .chain(requeued.admitted.iter().map(admitted_job))
+            .map(Orphan::job)
+            .chain(requeued.admitted.iter().map(Admitted::job))
             .collect();
         if !orphans.is_empty() {
             tracing::warn!(
@@ -265,12 +265,8 @@ impl LeaderLoop {
                 .store
                 .wake_due(self.node, term, self.config.requeue_batch)
                 .await?;
-            let jobs: Vec<StepJob> = woken
-                .iter()
-                .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
-                .collect();
-            if !jobs.is_empty() {
-                self.bus.publish_jobs(&jobs).await?;
+            if !woken.is_empty() {
+                self.bus.publish_jobs(&woken).await?;
             }
             if (woken.len() as i64) < self.config.requeue_batch {
                 return Ok(());
@@ -306,7 +302,7 @@ impl LeaderLoop {
                 drift.detail
             );
         }
-        let jobs: Vec<StepJob> = reconciled.admitted.iter().map(admitted_job).collect();
+        let jobs: Vec<StepJob> = reconciled.admitted.iter().map(Admitted::job).collect();
         if !jobs.is_empty() {
             self.bus.publish_jobs(&jobs).await?;
         }
@@ -331,10 +327,6 @@ impl LeaderLoop {
             return Ok(());
         }
         tracing::info!(count = stale.len(), "re-dispatching stale READY instances");
-        let jobs: Vec<StepJob> = stale
-            .iter()
-            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
-            .collect();
         // A fresh message id per 10 s window: the first publish may still be in the duplicate
         // window, unacknowledged with a worker that died, and must not swallow this one.
         let window = std::time::SystemTime::now()
@@ -342,13 +334,8 @@ impl LeaderLoop {
             .map(|d| d.as_secs() / 10)
             .unwrap_or(0);
         self.bus
-            .redispatch_jobs(&jobs, &format!("s{window}"))
+            .redispatch_jobs(&stale, &format!("s{window}"))
             .await?;
         Ok(())
     }
-}
-
-fn admitted_job(admitted: &Admitted) -> StepJob {
-    let job = admitted.job();
-    StepJob::new(job.instance, job.step_seq, job.fence, job.route)
 }

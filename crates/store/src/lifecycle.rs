@@ -47,7 +47,7 @@ use uuid::Uuid;
 use crate::diagnosis::parse_state;
 use crate::facts::{NewFact, insert_facts};
 use crate::instances::parse_route;
-use crate::model::ClaimRequest;
+use crate::model::StepJob;
 use crate::semaphore::{self, Admission, Admitted};
 use crate::{Error, Result, Store};
 
@@ -133,12 +133,12 @@ pub struct LifecycleChange {
 
 impl LifecycleChange {
     /// The job to publish once the transaction has committed, if it is READY now.
-    pub fn job(&self) -> Option<ClaimRequest> {
+    pub fn job(&self) -> Option<StepJob> {
         let dispatched = matches!(
             self.outcome,
             LifecycleOutcome::Unpaused | LifecycleOutcome::Woken | LifecycleOutcome::Started
         );
-        (dispatched && self.to == InstanceState::Ready).then(|| ClaimRequest {
+        (dispatched && self.to == InstanceState::Ready).then(|| StepJob {
             instance: self.id,
             step_seq: self.step_seq,
             fence: self.fence,
@@ -191,7 +191,7 @@ pub struct LifecycleBatch {
 
 impl LifecycleBatch {
     /// The jobs to publish now that the transaction has committed.
-    pub fn jobs(&self) -> Vec<ClaimRequest> {
+    pub fn jobs(&self) -> Vec<StepJob> {
         let changed = self.results.iter().filter_map(|(_, acted)| match acted {
             Acted::Changed(change) => Some(change),
             _ => None,

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::lease::COORDINATOR_LEASE;
 use crate::lease::LeaderTerm;
-use crate::model::{ClaimRequest, Delivery, PendingSignal, Woken};
+use crate::model::{Delivery, PendingSignal, StepJob, Woken};
 use crate::{Error, Result, Store};
 
 impl Store {
@@ -29,7 +29,7 @@ impl Store {
         holder: NodeId,
         term: LeaderTerm,
         limit: i64,
-    ) -> Result<Vec<ClaimRequest>> {
+    ) -> Result<Vec<StepJob>> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<WaitingRow> = sqlx::query_as(&format!(
             "SELECT {WAITING_COLUMNS}

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use drover_bus::{Bus, StepJob};
+use drover_bus::Bus;
+use drover_core::StepJob;
 use drover_core::{Definition, InstanceId, InstanceState};
 use drover_store::{
     Acted, LifecycleAction, LifecycleBatch, LifecycleChange, LifecycleFilter, Refusal, Restart,
@@ -338,14 +339,10 @@ async fn apply(
     Ok(batch)
 }
 
-async fn publish(bus: &Bus, jobs: Vec<drover_store::ClaimRequest>) {
+async fn publish(bus: &Bus, jobs: Vec<StepJob>) {
     if jobs.is_empty() {
         return;
     }
-    let jobs: Vec<StepJob> = jobs
-        .iter()
-        .map(|j| StepJob::new(j.instance, j.step_seq, j.fence, j.route.clone()))
-        .collect();
     if let Err(err) = bus.publish_jobs(&jobs).await {
         tracing::warn!(
             jobs = jobs.len(),
