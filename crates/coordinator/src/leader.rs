@@ -165,7 +165,11 @@ impl LeaderLoop {
             return Ok(());
         }
         self.last_sample = Some(Instant::now());
-        crate::gauges::sample(&self.store, &self.bus, term).await
+        // Metrics never stop the leader's work.
+        if let Err(err) = crate::gauges::sample(&self.store, &self.bus, term).await {
+            tracing::debug!(%err, "sampling the cluster gauges failed");
+        }
+        Ok(())
     }
 
     /// Rows of nodes dead or left for longer than the retention go, once a minute.

@@ -11,6 +11,10 @@
 //! wrong. Events are written to `event_fact` in the transaction of the transition they describe
 //! (see the `facts` module).
 
+mod campaigns;
+mod claim;
+mod commit;
+mod definitions;
 mod diagnosis;
 mod error;
 mod facts;
