@@ -9,6 +9,7 @@ pub mod expr;
 pub mod ids;
 pub mod list;
 pub mod route;
+pub mod schedule;
 pub mod scope;
 pub mod state;
 pub mod subject;
