@@ -16,7 +16,7 @@ pub mod subject;
 
 pub use definition::{Definition, DefinitionError, DefinitionErrors, Step, StepKind};
 pub use event::{EventKind, Fact};
-pub use ids::{CampaignId, Fence, InstanceId, NodeId, SignalId, StepSeq};
+pub use ids::{CampaignId, Fence, InstanceId, NodeId, ScheduleId, SignalId, StepSeq};
 pub use route::{Queue, Route};
 pub use scope::Scope;
 pub use state::InstanceState;

@@ -22,6 +22,7 @@ mod model;
 mod nodes;
 mod operator;
 mod recovery;
+mod schedules;
 mod semaphore;
 mod tokens;
 mod waiting;
@@ -48,6 +49,10 @@ pub use model::*;
 pub use nodes::{Heartbeat, NewNode};
 pub use operator::{Resume, Resumed};
 pub use recovery::{COORDINATOR_LEASE, Requeued};
+pub use schedules::{
+    CadenceSpec, DEFAULT_CATCHUP_WINDOW, MAX_BACKFILL, ManualFire, ManualFires, NewSchedule,
+    Schedule, ScheduleFire, SchedulerPass,
+};
 pub use semaphore::{
     Admitted, CampaignStatus, Drift, DriftKind, LIMIT_RANGE, LimitSet, NewCampaign, OnErrorPermit,
     Reconciled, SEMAPHORE_ACTOR,
