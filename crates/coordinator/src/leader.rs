@@ -22,6 +22,8 @@ pub struct LeaderLoop {
     last_orphan_scan: Option<Instant>,
     last_stale_scan: Option<Instant>,
     last_reconcile: Option<Instant>,
+    /// When the earliest schedule is due (checked between ticks too).
+    schedule_due: Option<Instant>,
     /// No node is declared dead before this: after an outage of this loop's own (Postgres
     /// away, most likely for everyone), the others get `dead_after` to heartbeat again
     /// before their silence counts.
@@ -39,6 +41,7 @@ impl LeaderLoop {
             last_orphan_scan: None,
             last_stale_scan: None,
             last_reconcile: None,
+            schedule_due: None,
             declare_after: None,
         }
     }
@@ -71,6 +74,17 @@ impl LeaderLoop {
                     && let Err(err) = self.declare_dead(term).await
                 {
                     tracing::debug!(%err, leader.term = %term, "looking for gone nodes failed");
+                }
+                if let Some(term) = self.term
+                    && self.schedule_due.is_some_and(|at| Instant::now() >= at)
+                {
+                    match crate::scheduler::fire_due(&self.store, &self.bus, self.node, term).await
+                    {
+                        Ok(due) => self.schedule_due = due,
+                        Err(err) => {
+                            tracing::debug!(%err, leader.term = %term, "firing schedules failed")
+                        }
+                    }
                 }
             }
             if shutdown.is_cancelled() {
@@ -144,6 +158,8 @@ impl LeaderLoop {
         self.rescan_orphans(term).await?;
         self.requeue_overdue(term).await?;
         self.wake_due(term).await?;
+        self.schedule_due =
+            crate::scheduler::fire_due(&self.store, &self.bus, self.node, term).await?;
         self.redispatch_stale_ready().await?;
         self.reconcile_permits(term).await?;
         Ok(())
