@@ -5,6 +5,7 @@
 
 mod campaign;
 mod lifecycle;
+mod schedule;
 mod token;
 
 use std::io::Write;
@@ -118,6 +119,9 @@ pub enum OperatorCommand {
     /// API tokens (admin scope).
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Schedules: workflows started on a cron or interval schedule.
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -320,6 +324,7 @@ pub async fn run(
         OperatorCommand::Nodes => (client.nodes().await?, View::Nodes),
         OperatorCommand::Leader => (client.leader().await?, View::Leader),
         OperatorCommand::Token(command) => token::run(&client, command).await?,
+        OperatorCommand::Schedule(command) => return schedule::run(&client, command, json).await,
     };
     let text = if json {
         let mut text = serde_json::to_string_pretty(&answer).context("encoding the answer")?;
