@@ -201,3 +201,136 @@ async fn after_all_coordinators_were_down_missed_fires_are_caught_up_or_skipped(
     env.cleanup().await;
     Ok(())
 }
+
+const SLOW: &str = r#"
+name: slow
+steps:
+  - id: nap
+    kind: sleep
+    for: 6s
+    next:
+      - to: done
+  - id: done
+    kind: end
+    status: completed
+"#;
+
+async fn outcomes(env: &TestEnv, name: &str) -> anyhow::Result<(usize, usize, usize)> {
+    let rows = fires(env, name).await?;
+    let count = |o: &str| rows.iter().filter(|r| r.1 == o).count();
+    Ok((count("fired"), count("skipped"), count("buffered")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlap_policies_decide_what_a_fire_does_while_a_run_is_live() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let node = env.spawn_node("coordinator,api,worker").await?;
+    let api = node.api().to_owned();
+    deploy(&api, SLOW).await?;
+    let policies = [
+        "skip",
+        "buffer_one",
+        "allow_all",
+        "cancel_other",
+        "terminate_other",
+    ];
+    for policy in policies {
+        let name = policy.replace('_', "-");
+        env.cli(
+            &api,
+            &[
+                "schedule",
+                "create",
+                &name,
+                "--workflow",
+                "slow",
+                "--every",
+                "1s",
+                "--overlap",
+                policy,
+            ],
+        )
+        .await?;
+    }
+    wait_fires(&env, "allow-all", 5, Duration::from_secs(30)).await?;
+    for policy in policies {
+        env.cli(&api, &["schedule", "pause", &policy.replace('_', "-")])
+            .await?;
+    }
+
+    let (fired, skipped, _) = outcomes(&env, "skip").await?;
+    assert_eq!(fired, 1, "one run at a time");
+    assert!(skipped >= 3, "skipped while live: {skipped}");
+    let (fired, skipped, buffered) = outcomes(&env, "buffer-one").await?;
+    assert_eq!((fired, buffered), (1, 1), "one live, one waiting");
+    assert!(skipped >= 2, "the rest skipped: {skipped}");
+    let (fired, skipped, _) = outcomes(&env, "allow-all").await?;
+    assert!(fired >= 5 && skipped == 0, "{fired} {skipped}");
+    for name in ["cancel-other", "terminate-other"] {
+        let (fired, skipped, _) = outcomes(&env, name).await?;
+        assert!(fired >= 4 && skipped == 0, "{name}: {fired} {skipped}");
+        // Every run but the newest is stopped by the next fire.
+        let rows = fires(&env, name).await?;
+        let older: Vec<Uuid> = rows[..rows.len() - 1].iter().filter_map(|r| r.3).collect();
+        wait_until(
+            &format!("{name}'s older runs stopped"),
+            Duration::from_secs(20),
+            || async {
+                let (stopped,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM instance WHERE id = ANY($1) AND state = 'stopped'",
+                )
+                .bind(&older)
+                .fetch_one(env.store.pool())
+                .await?;
+                Ok((stopped as usize == older.len()).then_some(()))
+            },
+        )
+        .await?;
+    }
+
+    // The buffered fire starts once the live run ends (the schedule paused or not).
+    env.cli(&api, &["schedule", "unpause", "buffer-one"])
+        .await?;
+    wait_until(
+        "the buffered fire to start",
+        Duration::from_secs(20),
+        || async {
+            let rows = fires(&env, "buffer-one").await?;
+            Ok(rows
+                .iter()
+                .any(|r| r.2 == "buffered" && r.1 == "fired")
+                .then_some(()))
+        },
+    )
+    .await?;
+    env.cli(&api, &["schedule", "pause", "buffer-one"]).await?;
+
+    // Trigger runs now whatever the policy; backfill runs each past fire time once.
+    let triggered = env
+        .cli(&api, &["--json", "schedule", "trigger", "skip"])
+        .await?;
+    assert_eq!(triggered.matches("\"instance\"").count(), 1, "{triggered}");
+    let args = [
+        "--json",
+        "schedule",
+        "backfill",
+        "skip",
+        "--from",
+        "2026-01-01T00:00:00Z",
+        "--to",
+        "2026-01-01T00:00:02Z",
+    ];
+    let first = env.cli(&api, &args).await?;
+    assert_eq!(first.matches("\"instance\"").count(), 3, "{first}");
+    let again = env.cli(&api, &args).await?;
+    assert_eq!(again.matches("\"fire_at\"").count(), 3, "{again}");
+    assert_eq!(
+        again.matches("\"instance\"").count(),
+        0,
+        "once per fire time: {again}"
+    );
+    let listed = env.cli(&api, &["schedule", "list"]).await?;
+    assert!(listed.contains("terminate-other"), "{listed}");
+    env.cleanup().await;
+    Ok(())
+}
