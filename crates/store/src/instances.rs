@@ -476,7 +476,7 @@ impl Store {
 }
 
 /// The jobs and queue of a created batch.
-fn created(instances: &[NewInstance], admissions: &[Admission]) -> Created {
+pub(crate) fn created(instances: &[NewInstance], admissions: &[Admission]) -> Created {
     let mut created = Created::default();
     for (instance, admission) in instances.iter().zip(admissions) {
         match admission {
@@ -495,7 +495,7 @@ fn created(instances: &[NewInstance], admissions: &[Admission]) -> Created {
 /// Inserts a batch of new instances as `admissions` decided, their journal entries 0, their
 /// `started` (and `queued`) events and the counters of the (locked) limited `campaigns`, in
 /// one statement.
-async fn insert_instances(
+pub(crate) async fn insert_instances(
     conn: &mut sqlx::PgConnection,
     instances: &[NewInstance],
     admissions: &[Admission],
