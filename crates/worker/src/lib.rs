@@ -23,6 +23,7 @@
 //! when it begins and once when it ends. While the node cannot heartbeat, its [`ClaimGate`] is
 //! closed and nothing new is claimed, not even a next step in the commit of the last.
 
+mod body;
 mod commit;
 mod egress;
 mod error;
@@ -55,10 +56,10 @@ pub use gate::ClaimGate;
 pub use handler::{HandlerInput, Handlers, StepError};
 pub use relay::{OutboxRelay, RelayConfig};
 
+use body::StepContext;
 use commit::{Committer, Done};
 use feed::JobFeed;
 use settle::{Outcome, settle};
-use step::StepContext;
 
 /// A job message as the worker's consumers deliver it.
 pub(crate) type JobDelivery = Delivery<StepJob>;

@@ -24,7 +24,7 @@ use crate::commit::with_retries;
 use crate::handler::StepError;
 use drover_core::definition::millis;
 
-use crate::step::{Body, Ran, StepContext, Wait, eval_entries};
+use crate::body::{Body, Ran, StepContext, Wait, eval_entries};
 
 /// Runs a waiting step's body.
 pub(crate) async fn execute(
