@@ -92,6 +92,20 @@ async fn a_nats_server_of_three_killed_and_restarted_mid_run_loses_no_instance()
         ],
         "every step committed once per round"
     );
+    // The restarted server catches up; the events stream answers again before the harness
+    // reads it back.
+    let events = env.bus.subjects().events_stream();
+    wait_until(
+        "the events stream to answer after the restart",
+        Duration::from_secs(60),
+        || async {
+            let Ok(mut stream) = env.bus.jetstream().get_stream(&events).await else {
+                return Ok(None);
+            };
+            Ok(stream.info().await.ok().map(|_| ()))
+        },
+    )
+    .await?;
     nodes.push(coordinator);
     for node in &mut nodes {
         assert!(

@@ -4,12 +4,12 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tokio::process::{Child, Command};
 
-use crate::{nats_server_bin, random_hex, wait_until};
+use crate::nats_server::wait_listening;
+use crate::{nats_server_bin, random_hex};
 
 /// The servers of one cluster; killed, and their storage removed, when dropped.
 pub struct NatsCluster {
@@ -122,19 +122,7 @@ impl NatsCluster {
         let addr = format!("127.0.0.1:{}", member.port);
         let log = member.log.clone();
         let child = member.child.as_mut().context("just started")?;
-        wait_until("nats-server to listen", Duration::from_secs(15), || {
-            let exited = child.try_wait();
-            let addr = addr.clone();
-            let log = log.clone();
-            async move {
-                if let Some(status) = exited? {
-                    let text = std::fs::read_to_string(&log).unwrap_or_default();
-                    bail!("nats-server exited ({status}) at start:\n{text}");
-                }
-                Ok(tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()))
-            }
-        })
-        .await
+        wait_listening(child, &addr, &log).await
     }
 }
 

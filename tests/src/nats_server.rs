@@ -181,21 +181,7 @@ impl NatsServer {
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let addr = self.url.trim_start_matches("nats://").to_owned();
-        let log = self.log.clone();
-        let child = &mut self.child;
-        wait_until("nats-server to listen", Duration::from_secs(15), || {
-            let exited = child.try_wait();
-            let addr = addr.clone();
-            let log = log.clone();
-            async move {
-                if let Some(status) = exited? {
-                    let text = std::fs::read_to_string(&log).unwrap_or_default();
-                    bail!("nats-server exited ({status}) at start:\n{text}");
-                }
-                Ok(tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()))
-            }
-        })
-        .await
+        wait_listening(&mut self.child, &addr, &self.log).await
     }
 
     /// `NATS_USER` and `NATS_PASSWORD` of `user` (`worker`, `node`, …) for a node's
@@ -299,4 +285,26 @@ impl Drop for NatsServer {
 fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// Waits until the nats-server `child`, logging to `log`, accepts connections on `addr`;
+/// fails with its log if it exits first.
+pub(crate) async fn wait_listening(
+    child: &mut Child,
+    addr: &str,
+    log: &Path,
+) -> anyhow::Result<()> {
+    wait_until("nats-server to listen", Duration::from_secs(15), || {
+        let exited = child.try_wait();
+        let addr = addr.to_owned();
+        let log = log.to_owned();
+        async move {
+            if let Some(status) = exited? {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("nats-server exited ({status}) at start:\n{text}");
+            }
+            Ok(tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()))
+        }
+    })
+    .await
 }
