@@ -655,6 +655,7 @@ impl Life<'_> {
         }
         health.set_roles_running(false);
         life.cancel();
+        let end_is_dead = matches!(end, LifeEnd::DeclaredDead);
         let mut end = end;
         let drain = async {
             while let Some(joined) = tasks.join_next().await {
@@ -665,7 +666,21 @@ impl Life<'_> {
                 }
             }
         };
-        if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        // The node keeps heartbeating while its roles drain: a drain longer than the dead-node
+        // silence must not get it declared dead (it leaves, below, once drained).
+        let drained = CancellationToken::new();
+        let beats = async {
+            if !end_is_dead {
+                heartbeat(store, node, None, &gate, health, &drained).await;
+            }
+        };
+        let drain = async {
+            let timed_out = tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err();
+            drained.cancel();
+            timed_out
+        };
+        let (timed_out, ()) = tokio::join!(drain, beats);
+        if timed_out {
             tracing::warn!(node.id = %node, "roles did not drain in time");
         }
         liveness.abort();
