@@ -5,9 +5,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use drover_bus::{Bus, BusConfig, StepJob};
+use drover_bus::{Bus, BusConfig};
 use drover_core::{CampaignId, Definition, InstanceId};
-use drover_store::{ClaimRequest, NewInstance, Store, StoreConfig};
+use drover_store::{NewInstance, StepJob, Store, StoreConfig};
 use rand::Rng;
 use serde_json::Value;
 use tokio::process::{Child, Command};
@@ -26,7 +26,7 @@ pub(crate) struct BenchEnv {
 pub(crate) struct Started {
     pub(crate) ids: Vec<InstanceId>,
     /// The READY ones' claims (their jobs published if dispatched).
-    pub(crate) ready: Vec<ClaimRequest>,
+    pub(crate) ready: Vec<StepJob>,
     pub(crate) queued: usize,
 }
 
@@ -206,12 +206,7 @@ impl BenchEnv {
             let created = self.store.create_instances(&rows, "bench").await?;
             queued += created.queued.len();
             if dispatch {
-                let jobs: Vec<StepJob> = created
-                    .ready
-                    .iter()
-                    .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
-                    .collect();
-                self.bus.publish_jobs(&jobs).await?;
+                self.bus.publish_jobs(&created.ready).await?;
             }
             ready.extend(created.ready);
         }

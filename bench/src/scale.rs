@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use drover_core::{CampaignId, InstanceState, NodeId};
-use drover_store::{ClaimRequest, Commit, Completion, Transition};
+use drover_store::{Commit, Completion, StepJob, Transition};
 use serde_json::{Value, json};
 
 use crate::chart::{self, Panel};
@@ -318,7 +318,7 @@ async fn probe_store(
             );
             jobs = completions
                 .iter()
-                .map(|c| ClaimRequest {
+                .map(|c| StepJob {
                     instance: c.instance,
                     step_seq: c.step_seq.next(),
                     fence: c.fence,

@@ -4,9 +4,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
-use drover_bus::StepJob;
 use drover_core::{Definition, Fence, InstanceId, InstanceState, NodeId, StepSeq};
-use drover_store::{ClaimRequest, Commit, Completion, NewInstance, Transition};
+use drover_store::{Commit, Completion, NewInstance, StepJob, Transition};
 use drover_tests::{TestEnv, wait_until};
 use serde_json::json;
 
@@ -41,7 +40,7 @@ async fn duplicate_deliveries_republished_under_new_ids_commit_nothing_twice() -
     for (seq, fence) in [(0, 0), (1, 1), (0, 0)] {
         let job = StepJob::new(instance, StepSeq(seq), Fence(fence), Default::default());
         let publish = async_nats::jetstream::message::PublishMessage::build()
-            .payload(job.encode())
+            .payload(drover_bus::encode_job(&job))
             .message_id(format!("dup-{}", uuid::Uuid::now_v7()));
         env.bus
             .jetstream()
@@ -99,7 +98,7 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
         ))
         .await?;
 
-    let job = ClaimRequest {
+    let job = StepJob {
         route: Default::default(),
         instance: id,
         step_seq: StepSeq(0),

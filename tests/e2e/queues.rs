@@ -308,12 +308,7 @@ async fn a_left_job_is_published_again_before_nats_gives_up_and_dropped_once_sta
             "test",
         )
         .await?;
-    let jobs: Vec<drover_bus::StepJob> = created
-        .ready
-        .iter()
-        .map(|r| drover_bus::StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
-        .collect();
-    bus.publish_jobs(&jobs).await?;
+    bus.publish_jobs(&created.ready).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = drover_worker::Worker::builder().build(node, store.clone(), bus.clone());
     let stats = worker.stats();

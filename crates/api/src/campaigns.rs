@@ -9,9 +9,9 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use drover_bus::{Bus, StepJob};
-use drover_core::InstanceId;
+use drover_bus::Bus;
 use drover_core::ids::is_slug;
+use drover_core::{InstanceId, StepJob};
 use drover_store::{Admitted, LIMIT_RANGE, NewCampaign, OnErrorPermit};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -245,13 +245,7 @@ pub(crate) async fn publish_admitted(bus: &Bus, admitted: &[Admitted]) {
     if admitted.is_empty() {
         return;
     }
-    let jobs: Vec<StepJob> = admitted
-        .iter()
-        .map(|a| {
-            let job = a.job();
-            StepJob::new(job.instance, job.step_seq, job.fence, job.route)
-        })
-        .collect();
+    let jobs: Vec<StepJob> = admitted.iter().map(Admitted::job).collect();
     if let Err(err) = bus.publish_jobs(&jobs).await {
         tracing::warn!(
             jobs = jobs.len(),

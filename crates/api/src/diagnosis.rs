@@ -18,9 +18,8 @@ use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
 
 use crate::ApiState;
-use crate::error::{ErrorBody, Result};
-use crate::extract::ApiPath;
-use crate::routes::{parse_id, unknown_instance};
+use crate::error::{ErrorBody, Result, unknown_instance};
+use crate::extract::{ApiPath, parse_id};
 
 /// A worker node counts as live if it heartbeat this recently (nodes heartbeat every second;
 /// the leader declares a node dead after 3 s of silence).

@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use drover_core::DefinitionErrors;
+use drover_core::{DefinitionErrors, InstanceId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -215,6 +215,11 @@ impl ApiError {
             },
         }
     }
+}
+
+/// The 404 of an instance id nothing is stored under.
+pub(crate) fn unknown_instance(id: InstanceId) -> ApiError {
+    ApiError::not_found("not_found", format!("unknown instance {id}"))
 }
 
 fn field_details(field: &str, problem: &str) -> Value {

@@ -18,7 +18,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Query, RawPathParams, R
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use drover_core::ids::is_slug;
-use drover_core::{DefinitionError, DefinitionErrors};
+use drover_core::{DefinitionError, DefinitionErrors, InstanceId};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -28,6 +28,13 @@ use crate::error::ApiError;
 /// What a field holding a NUL character is told.
 pub(crate) const NUL_PROBLEM: &str =
     "contains a NUL character (U+0000), which cannot be stored; remove it";
+
+/// An instance id from a path or query: 400 `invalid_id` when it is not one.
+pub(crate) fn parse_id(id: &str) -> Result<InstanceId, ApiError> {
+    id.parse().map_err(|err| {
+        ApiError::bad_request("invalid_id", format!("malformed instance id {id:?}: {err}"))
+    })
+}
 
 /// A JSON body, `Content-Type: application/json` (or `application/…+json`): 415
 /// `unsupported_media_type` without one, 413 when too large, 400 `invalid_json` when it does

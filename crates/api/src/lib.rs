@@ -136,16 +136,28 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/instances/{id}", get(routes::show_instance))
         .route("/v1/instances/{id}/journal", get(routes::journal))
         .route("/v1/instances/{id}/resume", post(operator::resume))
-        .route("/v1/instances/{id}/pause", post(lifecycle::pause))
-        .route("/v1/instances/{id}/unpause", post(lifecycle::unpause))
-        .route("/v1/instances/{id}/stop", post(lifecycle::stop))
-        .route("/v1/instances/{id}/kill", post(lifecycle::kill))
-        .route("/v1/instances/{id}/restart", post(lifecycle::restart))
-        .route("/v1/instances/pause", post(lifecycle::pause_many))
-        .route("/v1/instances/unpause", post(lifecycle::unpause_many))
-        .route("/v1/instances/stop", post(lifecycle::stop_many))
-        .route("/v1/instances/kill", post(lifecycle::kill_many))
-        .route("/v1/instances/restart", post(lifecycle::restart_many))
+        .route("/v1/instances/{id}/pause", post(lifecycle::handlers::pause))
+        .route(
+            "/v1/instances/{id}/unpause",
+            post(lifecycle::handlers::unpause),
+        )
+        .route("/v1/instances/{id}/stop", post(lifecycle::handlers::stop))
+        .route("/v1/instances/{id}/kill", post(lifecycle::handlers::kill))
+        .route(
+            "/v1/instances/{id}/restart",
+            post(lifecycle::handlers::restart),
+        )
+        .route("/v1/instances/pause", post(lifecycle::handlers::pause_many))
+        .route(
+            "/v1/instances/unpause",
+            post(lifecycle::handlers::unpause_many),
+        )
+        .route("/v1/instances/stop", post(lifecycle::handlers::stop_many))
+        .route("/v1/instances/kill", post(lifecycle::handlers::kill_many))
+        .route(
+            "/v1/instances/restart",
+            post(lifecycle::handlers::restart_many),
+        )
         .route("/v1/instances/{id}/diagnosis", get(diagnosis::diagnosis))
         .route("/v1/instances/{id}/events/{name}", post(signal::send_event))
         .route(

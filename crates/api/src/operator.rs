@@ -10,7 +10,6 @@
 use axum::extract::State;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
-use drover_bus::StepJob;
 use drover_core::definition::StepKind;
 use drover_core::expr::Scope;
 use drover_core::{Definition, InstanceId, InstanceState, NodeId, Step};
@@ -22,7 +21,7 @@ use utoipa::ToSchema;
 use crate::ApiState;
 use crate::auth::Principal;
 use crate::dto::Instance;
-use crate::error::{ApiError, ErrorBody, Result};
+use crate::error::{ApiError, ErrorBody, Result, unknown_instance};
 use crate::extract::{ApiJson, ApiPath};
 
 /// How to resume an `in_error` instance.
@@ -170,12 +169,7 @@ pub(crate) async fn resume(
         })
         .await?;
     let job = match resumed {
-        Resumed::Resumed { job } => Some(StepJob::new(
-            job.instance,
-            job.step_seq,
-            job.fence,
-            job.route,
-        )),
+        Resumed::Resumed { job } => Some(job),
         Resumed::Queued { position } => {
             tracing::info!(
                 instance.id = %id,
@@ -326,10 +320,6 @@ fn json_kind(value: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-fn unknown_instance(id: InstanceId) -> ApiError {
-    ApiError::not_found("not_found", format!("unknown instance {id}"))
 }
 
 fn not_in_error(id: InstanceId, state: InstanceState) -> ApiError {

@@ -4,9 +4,7 @@ use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri};
 use axum::{Extension, Json};
 use drover_core::ids::is_slug;
-use drover_core::{
-    Definition, DefinitionError, DefinitionErrors, InstanceId, InstanceState, StepSeq,
-};
+use drover_core::{Definition, DefinitionError, DefinitionErrors, InstanceState, StepSeq};
 use drover_store::InstanceFilter;
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::response::{Response, ResponseBuilder};
@@ -20,8 +18,8 @@ use utoipa::{Modify, OpenApi};
 use crate::ApiState;
 use crate::auth::{BearerSecurity, Principal};
 use crate::dto::*;
-use crate::error::{ApiError, ErrorBody, Result};
-use crate::extract::{ApiJson, ApiPath, ApiQuery, Slug, Source, unstorable};
+use crate::error::{ApiError, ErrorBody, Result, unknown_instance};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Slug, Source, parse_id, unstorable};
 use crate::start::{StartQuery, StartRequest, Started, WaitResult, start_instances};
 
 /// Instances listed when the query gives no `limit`.
@@ -56,16 +54,16 @@ pub(crate) const MAX_JOURNAL_PAGE_BYTES: usize = 4 * 1024 * 1024;
         show_instance,
         journal,
         crate::operator::resume,
-        crate::lifecycle::pause,
-        crate::lifecycle::unpause,
-        crate::lifecycle::stop,
-        crate::lifecycle::kill,
-        crate::lifecycle::restart,
-        crate::lifecycle::pause_many,
-        crate::lifecycle::unpause_many,
-        crate::lifecycle::stop_many,
-        crate::lifecycle::kill_many,
-        crate::lifecycle::restart_many,
+        crate::lifecycle::handlers::pause,
+        crate::lifecycle::handlers::unpause,
+        crate::lifecycle::handlers::stop,
+        crate::lifecycle::handlers::kill,
+        crate::lifecycle::handlers::restart,
+        crate::lifecycle::handlers::pause_many,
+        crate::lifecycle::handlers::unpause_many,
+        crate::lifecycle::handlers::stop_many,
+        crate::lifecycle::handlers::kill_many,
+        crate::lifecycle::handlers::restart_many,
         crate::diagnosis::diagnosis,
         crate::signal::send_event,
         campaigns,
@@ -392,16 +390,6 @@ fn page_limit(limit: Option<i64>, default: i64, max: i64) -> Result<i64> {
         )),
         Some(limit) => Ok(limit.min(max)),
     }
-}
-
-pub(crate) fn parse_id(id: &str) -> Result<InstanceId> {
-    id.parse().map_err(|err| {
-        ApiError::bad_request("invalid_id", format!("malformed instance id {id:?}: {err}"))
-    })
-}
-
-pub(crate) fn unknown_instance(id: InstanceId) -> ApiError {
-    ApiError::not_found("not_found", format!("unknown instance {id}"))
 }
 
 /// Show an instance.

@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
-use drover_bus::{Bus, StepJob};
+use drover_bus::Bus;
 use drover_core::InstanceId;
 use drover_core::ids::is_slug;
 use drover_store::{Delivery, Store};
@@ -71,7 +71,6 @@ pub async fn deliver_event(
         })?;
     Ok(match delivery {
         Delivery::Woke(job) => {
-            let job = StepJob::new(job.instance, job.step_seq, job.fence, job.route);
             if let Err(err) = bus.publish_jobs(&[job]).await {
                 tracing::warn!(instance.id = %instance, %err, "publishing the woken instance's job failed; the sweeper will re-dispatch it");
             }

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use drover_bus::{Bus, StepJob};
+use drover_bus::Bus;
 use drover_core::{Definition, InstanceId};
 use drover_store::{NewInstance, Store};
 use serde::{Deserialize, Serialize};
@@ -297,11 +297,7 @@ pub async fn start_instances(
             }
         };
         queued += created.queued.len();
-        let jobs: Vec<StepJob> = created
-            .ready
-            .iter()
-            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
-            .collect();
+        let jobs = created.ready;
         if let Err(err) = bus.publish_jobs(&jobs).await {
             tracing::warn!(
                 workflow = %stored.name,

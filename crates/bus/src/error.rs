@@ -20,6 +20,9 @@ pub enum Error {
     Publish(String),
     #[error("subscribing: {0}")]
     Subscribe(String),
+    /// Settling a delivered message failed: it is delivered again after the ack wait.
+    #[error("settling a delivered message: {0}")]
+    Ack(String),
 }
 
 impl Error {
@@ -28,7 +31,11 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Connect(_) | Error::Publish(_) | Error::Subscribe(_) | Error::Missing(_)
+            Error::Connect(_)
+                | Error::Publish(_)
+                | Error::Subscribe(_)
+                | Error::Missing(_)
+                | Error::Ack(_)
         )
     }
 

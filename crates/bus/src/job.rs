@@ -1,24 +1,26 @@
-//! The `StepJob` wire format: msgpack with named fields and a version: ids, and the route of
-//! the step.
+//! The job wire format: msgpack with named fields and a version: ids, and the route of the
+//! step. The job itself is the domain's [`StepJob`]; only its encoding lives here.
 
-use drover_core::{Fence, InstanceId, Queue, Route, StepSeq};
+use drover_core::{Fence, InstanceId, Queue, Route, StepJob, StepSeq};
 use serde::{Deserialize, Serialize};
 
-/// "Run the current step of `instance`, at checkpoint `step_seq`, under `fence`."
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StepJob {
-    /// Wire version; new fields get `#[serde(default)]`.
-    pub v: u8,
-    pub instance: InstanceId,
-    pub step_seq: StepSeq,
-    pub fence: Fence,
+/// The version of the job and recovery-task wire formats; new fields get `#[serde(default)]`.
+pub(crate) const VERSION: u8 = 1;
+
+/// A [`StepJob`] on the wire.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    v: u8,
+    instance: InstanceId,
+    step_seq: StepSeq,
+    fence: Fence,
     /// The worker queue it is published to (`<prefix>.job.<queue>`).
     #[serde(default)]
-    pub queue: Queue,
+    queue: Queue,
     /// The handler a `handler` step needs: a worker without it leaves the job to one that has
     /// it, without claiming.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub handler: Option<String>,
+    handler: Option<String>,
 }
 
 /// Why a job message could not be read.
@@ -32,52 +34,46 @@ pub enum DecodeError {
     Version(u8),
 }
 
-impl StepJob {
-    pub const VERSION: u8 = 1;
+/// The deterministic message id of `job`: a re-dispatch of the same job is deduplicated.
+pub(crate) fn msg_id(job: &StepJob) -> String {
+    format!("j:{}:{}:{}", job.instance, job.step_seq, job.fence)
+}
 
-    pub fn new(instance: InstanceId, step_seq: StepSeq, fence: Fence, route: Route) -> Self {
-        Self {
-            v: Self::VERSION,
-            instance,
-            step_seq,
-            fence,
-            queue: route.queue,
-            handler: route.handler,
-        }
-    }
+pub fn encode_job(job: &StepJob) -> bytes::Bytes {
+    let wire = Wire {
+        v: VERSION,
+        instance: job.instance,
+        step_seq: job.step_seq,
+        fence: job.fence,
+        queue: job.route.queue.clone(),
+        handler: job.route.handler.clone(),
+    };
+    let bytes = rmp_serde::to_vec_named(&wire).expect("invariant: a StepJob always encodes");
+    bytes::Bytes::from(bytes)
+}
 
-    /// Where it goes and what it needs.
-    pub fn route(&self) -> Route {
-        Route {
-            queue: self.queue.clone(),
-            handler: self.handler.clone(),
-        }
+/// Reads a job message of at most `limit` bytes.
+pub fn decode_job(payload: &[u8], limit: usize) -> Result<StepJob, DecodeError> {
+    if payload.len() > limit {
+        return Err(DecodeError::Oversized {
+            size: payload.len(),
+            limit,
+        });
     }
-
-    /// The deterministic message id: a re-dispatch of the same job is deduplicated.
-    pub fn msg_id(&self) -> String {
-        format!("j:{}:{}:{}", self.instance, self.step_seq, self.fence)
+    let wire: Wire =
+        rmp_serde::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if wire.v != VERSION {
+        return Err(DecodeError::Version(wire.v));
     }
-
-    pub fn encode(&self) -> bytes::Bytes {
-        let bytes = rmp_serde::to_vec_named(self).expect("invariant: a StepJob always encodes");
-        bytes::Bytes::from(bytes)
-    }
-
-    pub fn decode(payload: &[u8], limit: usize) -> Result<Self, DecodeError> {
-        if payload.len() > limit {
-            return Err(DecodeError::Oversized {
-                size: payload.len(),
-                limit,
-            });
-        }
-        let job: StepJob =
-            rmp_serde::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-        if job.v != Self::VERSION {
-            return Err(DecodeError::Version(job.v));
-        }
-        Ok(job)
-    }
+    Ok(StepJob {
+        instance: wire.instance,
+        step_seq: wire.step_seq,
+        fence: wire.fence,
+        route: Route {
+            queue: wire.queue,
+            handler: wire.handler,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -87,25 +83,25 @@ mod tests {
     #[test]
     fn a_job_round_trips_and_garbage_is_rejected() {
         let job = StepJob::new(InstanceId::new(), StepSeq(3), Fence(7), Route::default());
-        let bytes = job.encode();
+        let bytes = encode_job(&job);
         assert!(bytes.len() < 100, "jobs stay small: {} bytes", bytes.len());
-        assert_eq!(StepJob::decode(&bytes, 4096).ok(), Some(job.clone()));
+        assert_eq!(decode_job(&bytes, 4096).ok(), Some(job.clone()));
         let route = Route {
             queue: "gpu".parse().expect("a slug"),
             handler: Some("greet".into()),
         };
         let routed = StepJob::new(job.instance, job.step_seq, job.fence, route.clone());
-        let decoded = StepJob::decode(&routed.encode(), 4096).expect("decodes");
-        assert_eq!(decoded.route(), route);
+        let decoded = decode_job(&encode_job(&routed), 4096).expect("decodes");
+        assert_eq!(decoded.route, route);
         assert!(matches!(
-            StepJob::decode(b"\xff\x00garbage", 4096),
+            decode_job(b"\xff\x00garbage", 4096),
             Err(DecodeError::Malformed(_))
         ));
         assert!(matches!(
-            StepJob::decode(&[0u8; 5000], 4096),
+            decode_job(&[0u8; 5000], 4096),
             Err(DecodeError::Oversized { .. })
         ));
-        assert!(job.msg_id().starts_with("j:"));
+        assert!(msg_id(&job).starts_with("j:"));
     }
 
     #[test]
@@ -124,9 +120,9 @@ mod tests {
             fence: Fence(2),
         };
         let bytes = rmp_serde::to_vec_named(&before).expect("encodes");
-        let job = StepJob::decode(&bytes, 4096).expect("decodes");
+        let job = decode_job(&bytes, 4096).expect("decodes");
         assert_eq!(job.instance, before.instance);
-        assert_eq!(job.route(), Route::default());
+        assert_eq!(job.route, Route::default());
     }
 }
 
@@ -143,7 +139,7 @@ pub struct RecoveryTask {
 impl RecoveryTask {
     pub fn new(node: drover_core::NodeId, term: i64) -> Self {
         Self {
-            v: StepJob::VERSION,
+            v: VERSION,
             node,
             term,
         }
@@ -164,7 +160,7 @@ impl RecoveryTask {
         }
         let task: RecoveryTask =
             rmp_serde::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-        if task.v != StepJob::VERSION {
+        if task.v != VERSION {
             return Err(DecodeError::Version(task.v));
         }
         Ok(task)

@@ -1,8 +1,10 @@
-//! All of Drover's NATS: subjects, stream and consumer provisioning, the `StepJob` wire
-//! format, CloudEvents, and publishing with deterministic `Nats-Msg-Id`s.
+//! All of Drover's NATS: subjects, stream and consumer provisioning, the job wire format,
+//! CloudEvents, publishing with deterministic `Nats-Msg-Id`s, and the deliveries of the pull
+//! consumers with their acks. The roles never touch a NATS client: they go through here.
 
 mod auth;
 pub mod contract;
+mod delivery;
 mod error;
 mod event;
 mod job;
@@ -13,18 +15,20 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::context::{
     ConsumerInfoError, ConsumerInfoErrorKind, CreateStreamErrorKind, GetStreamErrorKind,
     PublishError, PublishErrorKind,
 };
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
-use drover_core::Queue;
+use drover_core::{Queue, StepJob};
 
 pub use auth::{NatsAuth, Secret, TlsConfig, redact_url, server_addrs};
+pub use delivery::{Deliveries, Delivery, Fate};
 pub use error::{Error, Result};
 pub use event::{EventKind, Rendered, dataschema, render};
-pub use job::{DecodeError, RecoveryTask, StepJob};
+pub use job::{DecodeError, RecoveryTask, decode_job, encode_job};
 pub use permissions::NatsRole;
 pub use subjects::{Subjects, is_valid_prefix};
 
@@ -561,6 +565,33 @@ impl Bus {
             .await
     }
 
+    /// The deliveries of worker queue `queue`'s consumer, `batch` pulled at a time,
+    /// provisioning again first if the consumer or its stream is gone; the flag says whether
+    /// that was needed (the jobs the stream held are then lost: re-dispatch).
+    pub async fn pull_jobs(
+        &self,
+        queue: &Queue,
+        batch: usize,
+    ) -> Result<(Deliveries<StepJob>, bool)> {
+        let (consumer, provisioned) = self.ensure_worker_consumer(queue).await?;
+        let messages = pull_stream(&consumer, batch).await?;
+        Ok((
+            Deliveries::new(messages, job::decode_job, self.config.max_job_bytes),
+            provisioned,
+        ))
+    }
+
+    /// The deliveries of the recovery consumer, one at a time, provisioning again first if
+    /// it or its stream is gone; the flag says whether that was needed.
+    pub async fn pull_recovery_tasks(&self) -> Result<(Deliveries<RecoveryTask>, bool)> {
+        let (consumer, provisioned) = self.ensure_recovery_consumer().await?;
+        let messages = pull_stream(&consumer, 1).await?;
+        Ok((
+            Deliveries::new(messages, |payload, _| RecoveryTask::decode(payload), 4096),
+            provisioned,
+        ))
+    }
+
     async fn ensure_consumer(
         &self,
         stream: String,
@@ -681,15 +712,15 @@ impl Bus {
         let mut acks = Vec::with_capacity(jobs.len());
         for job in jobs {
             let msg_id = match tag {
-                Some(tag) => format!("{}:{tag}", job.msg_id()),
-                None => job.msg_id(),
+                Some(tag) => format!("{}:{tag}", job::msg_id(job)),
+                None => job::msg_id(job),
             };
             let publish = jetstream::message::PublishMessage::build()
-                .payload(job.encode())
+                .payload(job::encode_job(job))
                 .message_id(msg_id);
             let ack = self
                 .js
-                .send_publish(self.subjects.job(&job.queue), publish)
+                .send_publish(self.subjects.job(&job.route.queue), publish)
                 .await
                 .map_err(publish_error)?;
             acks.push(ack);
@@ -704,6 +735,47 @@ impl Bus {
             }
         }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Does a JetStream stream store `subject`? (A JetStream publish to a subject no stream
+    /// stores would wait for an ack that never comes.) Asks the server every time.
+    pub async fn stream_stores(&self, subject: &str) -> bool {
+        self.js.stream_by_subject(subject).await.is_ok()
+    }
+
+    /// Publishes a plain NATS message (no stream stores `subject`: it reaches the live
+    /// subscribers, if any), with `headers`.
+    pub async fn publish_plain(
+        &self,
+        subject: &str,
+        headers: &[(&str, &str)],
+        payload: Bytes,
+    ) -> Result<()> {
+        self.client
+            .publish_with_headers(subject.to_owned(), header_map(headers), payload)
+            .await
+            .map_err(|err| Error::Publish(err.to_string()))
+    }
+
+    /// Publishes to the stream that stores `subject` and waits for its ack; returns the
+    /// message's stream sequence. A `Nats-Msg-Id` among `headers` deduplicates it.
+    pub async fn publish_stored(
+        &self,
+        subject: &str,
+        headers: &[(&str, &str)],
+        payload: Bytes,
+    ) -> Result<u64> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .headers(header_map(headers));
+        let ack = self
+            .js
+            .send_publish(subject.to_owned(), publish)
+            .await
+            .map_err(|err| Error::Publish(err.to_string()))?
+            .await
+            .map_err(|err| Error::Publish(err.to_string()))?;
+        Ok(ack.sequence)
     }
 
     /// Publishes `facts` as CloudEvents (see [`event::render`]), pipelined and in the given
@@ -766,6 +838,26 @@ pub struct Relayed {
     /// The first publish that failed ([`Error::Missing`] when no stream stores the subject:
     /// the events stream is gone).
     pub failure: Option<Error>,
+}
+
+/// Opens the message stream of a pull consumer, `batch` messages pulled at a time.
+async fn pull_stream(consumer: &consumer::PullConsumer, batch: usize) -> Result<pull::Stream> {
+    consumer
+        .stream()
+        .max_messages_per_batch(batch)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|err| Error::Subscribe(format!("pulling from consumer: {err}")))
+}
+
+fn header_map(headers: &[(&str, &str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        map.insert(*name, *value);
+    }
+    map
 }
 
 /// A JetStream publish error: "no stream stores this subject" (the server answers "no

@@ -2,8 +2,8 @@
 //! real nats-server named by `NATS_URL`, under a random prefix).
 
 use async_nats::jetstream::consumer;
-use drover_bus::{Bus, BusConfig, LEGACY_WORKER_CONSUMER, NatsRole, StepJob, worker_consumer_name};
-use drover_core::{Fence, InstanceId, Queue, Route, StepSeq};
+use drover_bus::{Bus, BusConfig, LEGACY_WORKER_CONSUMER, NatsRole, worker_consumer_name};
+use drover_core::{Fence, InstanceId, Queue, Route, StepJob, StepSeq};
 
 fn config() -> BusConfig {
     let url = std::env::var("NATS_URL").expect(

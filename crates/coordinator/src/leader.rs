@@ -2,10 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use drover_bus::{Bus, RecoveryTask, StepJob};
-use drover_core::NodeId;
+use drover_bus::{Bus, RecoveryTask};
 use drover_core::backoff::Backoff;
-use drover_store::{Admitted, COORDINATOR_LEASE, LeaderTerm, Store};
+use drover_core::{NodeId, StepJob};
+use drover_store::{Admitted, COORDINATOR_LEASE, LeaderTerm, Orphan, Store};
 use tokio_util::sync::CancellationToken;
 
 use drover_core::definition::millis;
@@ -23,6 +23,7 @@ pub struct LeaderLoop {
     last_stale_scan: Option<Instant>,
     last_reconcile: Option<Instant>,
     last_prune: Option<Instant>,
+    last_sample: Option<Instant>,
     /// No node is declared dead before this: after an outage of this loop's own (Postgres
     /// away, most likely for everyone), the others get `dead_after` to heartbeat again
     /// before their silence counts.
@@ -41,6 +42,7 @@ impl LeaderLoop {
             last_stale_scan: None,
             last_reconcile: None,
             last_prune: None,
+            last_sample: None,
             declare_after: None,
         }
     }
@@ -141,6 +143,7 @@ impl LeaderLoop {
                 self.last_orphan_scan = None;
             }
         }
+        metrics::gauge!("drover_leader_is_leader").set(if self.term.is_some() { 1.0 } else { 0.0 });
         let Some(term) = self.term else { return Ok(()) };
         self.declare_dead(term).await?;
         self.rescan_orphans(term).await?;
@@ -149,7 +152,20 @@ impl LeaderLoop {
         self.redispatch_stale_ready().await?;
         self.reconcile_permits(term).await?;
         self.prune_nodes().await?;
+        self.sample_gauges(term).await?;
         Ok(())
+    }
+
+    /// The cluster gauges ([`crate::gauges`]), every 5 s.
+    async fn sample_gauges(&mut self, term: LeaderTerm) -> Result<()> {
+        if self
+            .last_sample
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(5))
+        {
+            return Ok(());
+        }
+        self.last_sample = Some(Instant::now());
+        crate::gauges::sample(&self.store, term).await
     }
 
     /// Rows of nodes dead or left for longer than the retention go, once a minute.
@@ -227,8 +243,8 @@ impl LeaderLoop {
         let jobs: Vec<StepJob> = orphans
             .iter()
             .filter(|o| o.state == drover_core::InstanceState::Ready)
-            .map(|o| StepJob::new(o.id, o.step_seq, o.fence, o.route.clone()))
-            .chain(requeued.admitted.iter().map(admitted_job))
+            .map(Orphan::job)
+            .chain(requeued.admitted.iter().map(Admitted::job))
             .collect();
         if !orphans.is_empty() {
             tracing::warn!(
@@ -249,12 +265,8 @@ impl LeaderLoop {
                 .store
                 .wake_due(self.node, term, self.config.requeue_batch)
                 .await?;
-            let jobs: Vec<StepJob> = woken
-                .iter()
-                .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
-                .collect();
-            if !jobs.is_empty() {
-                self.bus.publish_jobs(&jobs).await?;
+            if !woken.is_empty() {
+                self.bus.publish_jobs(&woken).await?;
             }
             if (woken.len() as i64) < self.config.requeue_batch {
                 return Ok(());
@@ -290,7 +302,7 @@ impl LeaderLoop {
                 drift.detail
             );
         }
-        let jobs: Vec<StepJob> = reconciled.admitted.iter().map(admitted_job).collect();
+        let jobs: Vec<StepJob> = reconciled.admitted.iter().map(Admitted::job).collect();
         if !jobs.is_empty() {
             self.bus.publish_jobs(&jobs).await?;
         }
@@ -315,10 +327,6 @@ impl LeaderLoop {
             return Ok(());
         }
         tracing::info!(count = stale.len(), "re-dispatching stale READY instances");
-        let jobs: Vec<StepJob> = stale
-            .iter()
-            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
-            .collect();
         // A fresh message id per 10 s window: the first publish may still be in the duplicate
         // window, unacknowledged with a worker that died, and must not swallow this one.
         let window = std::time::SystemTime::now()
@@ -326,13 +334,8 @@ impl LeaderLoop {
             .map(|d| d.as_secs() / 10)
             .unwrap_or(0);
         self.bus
-            .redispatch_jobs(&jobs, &format!("s{window}"))
+            .redispatch_jobs(&stale, &format!("s{window}"))
             .await?;
         Ok(())
     }
-}
-
-fn admitted_job(admitted: &Admitted) -> StepJob {
-    let job = admitted.job();
-    StepJob::new(job.instance, job.step_seq, job.fence, job.route)
 }

@@ -12,6 +12,7 @@
 //!   moves a dead node's RUNNING instances to READY with `fence + 1` in batches and publishes
 //!   their jobs; normal execution never waits for it.
 
+mod gauges;
 mod leader;
 mod recovery;
 

@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{AckKind, Message};
-use drover_bus::{Bus, RecoveryTask, StepJob};
+use drover_bus::{Bus, Delivery, Fate, RecoveryTask};
 use drover_core::InstanceState;
 use drover_core::backoff::{Backoff, SharedOutage};
-use drover_store::Store;
+use drover_store::{Orphan, Store};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{CoordinatorConfig, Result};
 
@@ -24,6 +24,9 @@ fn lose(lost: &mut Option<String>, why: String) {
 
 /// A message stream that lasted this long before failing resets the back-off.
 const HEALTHY_FOR: Duration = Duration::from_secs(30);
+
+/// How long a failed recovery task waits before it is delivered again.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
 
 /// Tasks handled at once by one replica. Small, so that with several replicas each pulls
 /// its share of the tasks rather than one replica taking them all.
@@ -68,18 +71,11 @@ impl RecoveryConsumer {
                     () = tokio::time::sleep(delay) => {}
                 }
             }
-            let opened = match self.bus.ensure_recovery_consumer().await {
-                Ok((consumer, provisioned)) => consumer
-                    .stream()
-                    .max_messages_per_batch(1)
-                    .heartbeat(Duration::from_secs(5))
-                    .expires(Duration::from_secs(30))
-                    .messages()
-                    .await
-                    .map(|messages| (messages, provisioned))
-                    .map_err(|err| format!("pulling recovery tasks: {err}")),
-                Err(err) => Err(format!("opening the recovery consumer: {err}")),
-            };
+            let opened = self
+                .bus
+                .pull_recovery_tasks()
+                .await
+                .map_err(|err| format!("opening the recovery consumer: {err}"));
             let (messages, provisioned) = match opened {
                 Ok(opened) => opened,
                 Err(why) => {
@@ -111,8 +107,8 @@ impl RecoveryConsumer {
                     std::future::ready(go_on)
                 })
                 .filter_map(|msg| std::future::ready(msg.ok()))
-                .for_each_concurrent(CONCURRENT_TASKS, |msg| async move {
-                    this.handle(msg).await;
+                .for_each_concurrent(CONCURRENT_TASKS, |delivery| async move {
+                    this.handle(delivery).await;
                 })
                 .await;
             if !shutdown.is_cancelled() {
@@ -129,16 +125,31 @@ impl RecoveryConsumer {
         Ok(())
     }
 
-    async fn handle(&self, msg: Message) {
-        let task = match RecoveryTask::decode(&msg.payload) {
-            Ok(task) => task,
+    /// Handles one recovery task and settles its message: the one place that decides a
+    /// recovery task's fate (besides the progress acks of a long requeue).
+    async fn handle(&self, delivery: Delivery<RecoveryTask>) {
+        let fate = match delivery.decoded() {
+            Ok(task) => {
+                let span = tracing::info_span!(
+                    "recovery_task",
+                    node.id = %task.node,
+                    leader.term = task.term,
+                );
+                self.run_task(*task, &delivery).instrument(span).await
+            }
             Err(err) => {
-                tracing::warn!(%err, "terminating undecodable recovery task");
-                let _ = msg.ack_with(AckKind::Term).await;
-                return;
+                tracing::warn!(subject = delivery.subject(), %err, "terminating undecodable recovery task");
+                Fate::Term
             }
         };
-        match self.requeue_all(&task, &msg).await {
+        // A settle that fails means a redelivery; requeueing again is safe.
+        let _ = delivery.settle(fate).await;
+    }
+
+    /// Requeues the dead node's instances: done with the task once it owns nothing, or
+    /// handed back to be tried again shortly.
+    async fn run_task(&self, task: RecoveryTask, delivery: &Delivery<RecoveryTask>) -> Fate {
+        match self.requeue_all(&task, delivery).await {
             Ok(count) => {
                 if let Some(recovered) = self.failing.succeeded() {
                     tracing::info!(after = ?recovered.after, failures = recovered.failures, "recovery tasks succeed again");
@@ -146,7 +157,7 @@ impl RecoveryConsumer {
                 if count > 0 {
                     tracing::info!(node.id = %task.node, count, "recovered the instances of a dead node");
                 }
-                let _ = msg.ack().await;
+                Fate::Ack
             }
             Err(err) => {
                 if self.failing.failed() || !err.is_transient() {
@@ -154,9 +165,7 @@ impl RecoveryConsumer {
                 } else {
                     tracing::debug!(node.id = %task.node, %err, "recovery task failed again");
                 }
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                    .await;
+                Fate::Nak(RETRY_AFTER)
             }
         }
     }
@@ -164,22 +173,26 @@ impl RecoveryConsumer {
     /// Requeues batch after batch until the node owns nothing; returns how many. Then
     /// re-dispatches the READY instances the node checkpointed last: it may have died between
     /// a commit and the publish of the next job.
-    async fn requeue_all(&self, task: &RecoveryTask, msg: &Message) -> Result<usize> {
-        let total = self.requeue_running(task, msg).await?;
+    async fn requeue_all(
+        &self,
+        task: &RecoveryTask,
+        delivery: &Delivery<RecoveryTask>,
+    ) -> Result<usize> {
+        let total = self.requeue_running(task, delivery).await?;
         let ready = self.store.ready_after_dead_node(task.node).await?;
         if !ready.is_empty() {
-            let jobs: Vec<StepJob> = ready
-                .iter()
-                .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
-                .collect();
             self.bus
-                .redispatch_jobs(&jobs, &format!("dead-{}", task.node))
+                .redispatch_jobs(&ready, &format!("dead-{}", task.node))
                 .await?;
         }
         Ok(total + ready.len())
     }
 
-    async fn requeue_running(&self, task: &RecoveryTask, msg: &Message) -> Result<usize> {
+    async fn requeue_running(
+        &self,
+        task: &RecoveryTask,
+        delivery: &Delivery<RecoveryTask>,
+    ) -> Result<usize> {
         let mut total = 0;
         loop {
             let requeued = self
@@ -191,21 +204,19 @@ impl RecoveryConsumer {
                 return Ok(total);
             }
             total += orphans.len();
-            let jobs: Vec<StepJob> = orphans
+            let jobs: Vec<_> = orphans
                 .iter()
                 .filter(|o| o.state == InstanceState::Ready)
-                .map(|o| StepJob::new(o.id, o.step_seq, o.fence, o.route.clone()))
-                .chain(requeued.admitted.iter().map(|a| {
-                    let job = a.job();
-                    StepJob::new(job.instance, job.step_seq, job.fence, job.route)
-                }))
+                .map(Orphan::job)
+                .chain(requeued.admitted.iter().map(|a| a.job()))
                 .collect();
             // The rows are READY already: if this publish fails, the stale-READY sweeper
             // re-dispatches them.
             if let Err(err) = self.bus.publish_jobs(&jobs).await {
                 tracing::warn!(%err, "publishing requeued jobs failed; the sweeper will re-dispatch");
             }
-            let _ = msg.ack_with(AckKind::Progress).await;
+            // Still at it: the message is not redelivered to another replica meanwhile.
+            let _ = delivery.settle(Fate::Progress).await;
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Drover's pure domain: identifiers, workflow definitions and their validation, CEL
-//! expressions, the instance state machine, and the back-off bookkeeping every long-running
+//! expressions, the instance state machine and the operator commands' decision table, and the
+//! back-off bookkeeping every long-running
 //! loop shares. Nothing here does I/O.
 
 pub mod backoff;
@@ -7,6 +8,8 @@ pub mod definition;
 pub mod event;
 pub mod expr;
 pub mod ids;
+pub mod job;
+pub mod lifecycle;
 pub mod list;
 pub mod route;
 pub mod scope;
@@ -16,6 +19,7 @@ pub mod subject;
 pub use definition::{Definition, DefinitionError, DefinitionErrors, Step, StepKind};
 pub use event::{EventKind, Fact};
 pub use ids::{CampaignId, Fence, InstanceId, NodeId, SignalId, StepSeq};
+pub use job::StepJob;
 pub use route::{Queue, Route};
 pub use scope::Scope;
 pub use state::InstanceState;

@@ -11,9 +11,9 @@ use drover_core::{Fence, InstanceId, InstanceState, NodeId, Route, StepSeq};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::lease::COORDINATOR_LEASE;
 use crate::model::{Campaign, Lease, Node};
 use crate::nodes::{NODE_COLUMNS, NodeRow};
-use crate::recovery::COORDINATOR_LEASE;
 use crate::{Error, Result, Store};
 
 /// The permit holders a diagnosis lists at most (the count covers them all).

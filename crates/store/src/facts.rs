@@ -347,6 +347,19 @@ impl Store {
         Ok(n)
     }
 
+    /// Events not relayed yet, and how long the oldest of them has waited (seconds; 0 when
+    /// none): the outbox relay's backlog and lag.
+    pub async fn relay_backlog(&self) -> Result<(i64, f64)> {
+        let (n, lag): (i64, f64) = sqlx::query_as(
+            "SELECT count(*),
+                    coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8
+             FROM event_fact WHERE relayed_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((n, lag))
+    }
+
     /// Every event written about `instance`, in sequence order (relayed or not, until the
     /// replay window purges them).
     pub async fn instance_facts(&self, instance: InstanceId) -> Result<Vec<Fact>> {

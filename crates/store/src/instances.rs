@@ -22,8 +22,8 @@ fn parse_state(state: &str) -> Result<InstanceState> {
 /// A READY instance's job from its row: `(id, step_seq, fence, step_queue, step_handler)`.
 pub(crate) type JobRow = (Uuid, i64, i64, String, Option<String>);
 
-pub(crate) fn job_row((id, seq, fence, queue, handler): JobRow) -> Result<ClaimRequest> {
-    Ok(ClaimRequest {
+pub(crate) fn job_row((id, seq, fence, queue, handler): JobRow) -> Result<StepJob> {
+    Ok(StepJob {
         instance: InstanceId(id),
         step_seq: StepSeq(seq),
         fence: Fence(fence),
@@ -583,7 +583,7 @@ impl Store {
     /// is claimed only by a node that advertises its handler (its node row). Jobs that do not
     /// claim are stale or duplicate deliveries (or, for a handler the node lacks, left to the
     /// stale-READY sweeper): absent from the result.
-    pub async fn claim(&self, node: NodeId, jobs: &[ClaimRequest]) -> Result<Vec<Claimed>> {
+    pub async fn claim(&self, node: NodeId, jobs: &[StepJob]) -> Result<Vec<Claimed>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -763,7 +763,7 @@ impl Store {
                 },
             ) = (row.child_id, &completion.transition)
             {
-                ready.push(ClaimRequest {
+                ready.push(StepJob {
                     instance: InstanceId(child),
                     step_seq: StepSeq(0),
                     fence: Fence(0),
@@ -776,7 +776,7 @@ impl Store {
                 row.parent_fence,
                 row.parent_queue,
             ) {
-                ready.push(ClaimRequest {
+                ready.push(StepJob {
                     instance: InstanceId(id),
                     step_seq: StepSeq(seq),
                     fence: Fence(fence),
@@ -789,7 +789,7 @@ impl Store {
                 && let (Some(seq), Some(fence), Some(queue)) =
                     (row.step_seq, row.fence, row.step_queue)
             {
-                ready.push(ClaimRequest {
+                ready.push(StepJob {
                     instance: completion.instance,
                     step_seq: StepSeq(seq),
                     fence: Fence(fence),
@@ -896,7 +896,7 @@ impl Store {
     }
 
     /// The instances of `jobs` whose job each still is: READY at that checkpoint and fence.
-    pub async fn current_jobs(&self, jobs: &[ClaimRequest]) -> Result<Vec<InstanceId>> {
+    pub async fn current_jobs(&self, jobs: &[StepJob]) -> Result<Vec<InstanceId>> {
         let ids: Vec<Uuid> = jobs.iter().map(|j| j.instance.0).collect();
         let seqs: Vec<i64> = jobs.iter().map(|j| j.step_seq.0).collect();
         let fences: Vec<i64> = jobs.iter().map(|j| j.fence.0).collect();
@@ -921,7 +921,7 @@ impl Store {
     /// does has its handler). Their job is not lost but waiting, handed between the workers
     /// that cannot run it (or kept by a queue no worker pulls from); publishing it again would
     /// only pile up copies. Once a capable worker registers they are stale again.
-    pub async fn stale_ready(&self, older_than_ms: i64, limit: i64) -> Result<Vec<ClaimRequest>> {
+    pub async fn stale_ready(&self, older_than_ms: i64, limit: i64) -> Result<Vec<StepJob>> {
         let rows: Vec<(Uuid, i64, i64, String, Option<String>)> = sqlx::query_as(
             "SELECT id, step_seq, fence, step_queue, step_handler FROM instance i
              WHERE state = 'ready'
@@ -945,7 +945,7 @@ fn created(instances: &[NewInstance], admissions: &[Admission]) -> Created {
     let mut created = Created::default();
     for (instance, admission) in instances.iter().zip(admissions) {
         match admission {
-            Admission::Free | Admission::Permit => created.ready.push(ClaimRequest {
+            Admission::Free | Admission::Permit => created.ready.push(StepJob {
                 instance: instance.id,
                 step_seq: StepSeq(0),
                 fence: Fence(0),

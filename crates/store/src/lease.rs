@@ -9,6 +9,9 @@ use uuid::Uuid;
 use crate::model::Lease;
 use crate::{Result, Store};
 
+/// The lease the coordinators elect their leader with.
+pub const COORDINATOR_LEASE: &str = "coordinator";
+
 /// A term of leadership, as granted by the lease row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct LeaderTerm(pub i64);

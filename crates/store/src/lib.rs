@@ -38,7 +38,7 @@ pub use diagnosis::{
 pub use error::{Error, Result};
 pub use facts::{RELAY_LEASE, RELAY_PARTS};
 pub use instances::EndListener;
-pub use lease::LeaderTerm;
+pub use lease::{COORDINATOR_LEASE, LeaderTerm};
 pub use lifecycle::{
     Acted, LifecycleAction, LifecycleBatch, LifecycleChange, LifecycleFilter, LifecycleOutcome,
     Refusal, Restart, Restarted,
@@ -47,7 +47,7 @@ pub use liveness::Liveness;
 pub use model::*;
 pub use nodes::{Heartbeat, NewNode};
 pub use operator::{Resume, Resumed};
-pub use recovery::{COORDINATOR_LEASE, Requeued};
+pub use recovery::Requeued;
 pub use semaphore::{
     Admitted, CampaignStatus, Drift, DriftKind, LIMIT_RANGE, LimitSet, NewCampaign, OnErrorPermit,
     Reconciled, SEMAPHORE_ACTOR,

@@ -6,13 +6,9 @@
 //! its journal row, an `audit` row naming the operator and the events. Campaign rows are
 //! locked after the instance rows (the semaphore's lock order).
 //!
-//! | command | RUNNING | QUEUED, READY, WAITING | PAUSED | IN_ERROR | STOPPED | COMPLETED, FAILED |
-//! | --- | --- | --- | --- | --- | --- | --- |
-//! | pause | request (`pause_requested_by`) | PAUSED now | no-op | refused | refused | refused |
-//! | unpause | withdraws a pause request, else refused | no-op (withdraws a pending pause request) | READY / QUEUED / WAITING | refused | refused | refused |
-//! | stop | request (`stop_requested_by`) | STOPPED now | STOPPED now | STOPPED now | no-op | refused |
-//! | kill | STOPPED now | STOPPED now | STOPPED now | STOPPED now | no-op | refused |
-//! | restart | refused | refused | refused | refused | new instance | new instance |
+//! Which command applies in which state, and what it does there, is decided by
+//! [`drover_core::lifecycle::decide`] (its module docs have the table); this module carries the
+//! decision out.
 //!
 //! A request on a RUNNING instance changes no checkpoint: the step's own commit honours it
 //! (its journal row says where the instance went). So a request is audited and announced, not
@@ -43,6 +39,7 @@
 
 use chrono::{DateTime, Utc};
 use drover_core::event::EventKind;
+use drover_core::lifecycle::{Cascade, Decision, Requests};
 use drover_core::{Fence, InstanceId, InstanceState, Route, StepSeq};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -50,9 +47,11 @@ use uuid::Uuid;
 use crate::diagnosis::parse_state;
 use crate::facts::{NewFact, insert_facts};
 use crate::instances::parse_route;
-use crate::model::ClaimRequest;
+use crate::model::StepJob;
 use crate::semaphore::{self, Admission, Admitted};
 use crate::{Error, Result, Store};
+
+pub use drover_core::lifecycle::{LifecycleAction, Refusal};
 
 /// How many times a command's transaction is tried when Postgres breaks a deadlock (another
 /// transaction locked the same instances or campaign in another order) or a serialization
@@ -63,29 +62,6 @@ const ATTEMPTS: u32 = 5;
 /// `subworkflow` step runs one child at a time), and a bound should `parent_instance_id` ever
 /// form a cycle.
 const MAX_CALL_CHAIN: usize = 1_000;
-
-/// A lifecycle command applied to existing instances.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LifecycleAction {
-    Pause,
-    Unpause,
-    /// Graceful: a running step finishes first.
-    Stop,
-    /// Unconditional: fenced at once, whatever its node is doing.
-    Kill,
-}
-
-impl LifecycleAction {
-    /// The action's name, as audited (`pause`, `unpause`, `stop`, `kill`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pause => "pause",
-            Self::Unpause => "unpause",
-            Self::Stop => "stop",
-            Self::Kill => "kill",
-        }
-    }
-}
 
 /// What a lifecycle command did to one instance; its journal outcome when it took a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,35 +133,18 @@ pub struct LifecycleChange {
 
 impl LifecycleChange {
     /// The job to publish once the transaction has committed, if it is READY now.
-    pub fn job(&self) -> Option<ClaimRequest> {
+    pub fn job(&self) -> Option<StepJob> {
         let dispatched = matches!(
             self.outcome,
             LifecycleOutcome::Unpaused | LifecycleOutcome::Woken | LifecycleOutcome::Started
         );
-        (dispatched && self.to == InstanceState::Ready).then(|| ClaimRequest {
+        (dispatched && self.to == InstanceState::Ready).then(|| StepJob {
             instance: self.id,
             step_seq: self.step_seq,
             fence: self.fence,
             route: self.route.clone(),
         })
     }
-}
-
-/// Why a command does not apply to an instance in its state.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    /// It has finished (`completed`, `failed`, or `stopped` for pause/unpause).
-    Finished,
-    /// It is `in_error`: it waits for an operator already (resume, stop or kill it).
-    InError,
-    /// Unpause of a RUNNING instance with no pause requested.
-    Running,
-    /// Pause of a RUNNING instance that is being stopped (asked by `by`).
-    Stopping { by: String },
-    /// Restart of an instance that has not finished.
-    NotFinished,
-    /// Restart of a child instance: its parent's step decides about it.
-    Child { parent: InstanceId },
 }
 
 /// What a restart did with one instance it was asked about.
@@ -232,7 +191,7 @@ pub struct LifecycleBatch {
 
 impl LifecycleBatch {
     /// The jobs to publish now that the transaction has committed.
-    pub fn jobs(&self) -> Vec<ClaimRequest> {
+    pub fn jobs(&self) -> Vec<StepJob> {
         let changed = self.results.iter().filter_map(|(_, acted)| match acted {
             Acted::Changed(change) => Some(change),
             _ => None,
@@ -571,48 +530,28 @@ impl Run<'_> {
         let Some((row, state)) = lock(tx, id.0).await? else {
             return Ok(Acted::Unknown);
         };
-        let refused = |refusal| Acted::Refused { state, refusal };
-        use InstanceState as S;
-        use LifecycleAction as A;
-        let change = match (self.action, state) {
-            (A::Stop | A::Kill, S::Stopped) => return Ok(Acted::Unchanged(state)),
-            (_, S::Completed | S::Failed | S::Stopped) => return Ok(refused(Refusal::Finished)),
-            (A::Pause | A::Unpause, S::InError) => return Ok(refused(Refusal::InError)),
-
-            (A::Pause, S::Paused) => return Ok(Acted::Unchanged(state)),
-            (A::Pause, S::Running) => match (&row.stop_requested_by, &row.pause_requested_by) {
-                (Some(by), _) => return Ok(refused(Refusal::Stopping { by: by.clone() })),
-                (None, Some(_)) => return Ok(Acted::Unchanged(state)),
-                (None, None) => {
-                    self.request(tx, &row, state, LifecycleOutcome::PauseRequested, None)
-                        .await?
-                }
-            },
-            (A::Pause, S::Queued | S::Ready | S::Waiting) => self.pause(tx, &row, state).await?,
-
-            // A pause asked of a running step that ended in a wait is still pending: unpause
-            // withdraws it.
-            (A::Unpause, S::Queued | S::Ready | S::Waiting | S::Running) => {
-                match (&row.pause_requested_by, state) {
-                    (Some(_), _) => {
-                        self.request(tx, &row, state, LifecycleOutcome::PauseWithdrawn, None)
-                            .await?
-                    }
-                    (None, S::Running) => return Ok(refused(Refusal::Running)),
-                    (None, _) => return Ok(Acted::Unchanged(state)),
-                }
+        let requests = Requests {
+            pause: row.pause_requested_by.as_deref(),
+            stop: row.stop_requested_by.as_deref(),
+        };
+        let change = match drover_core::lifecycle::decide(self.action, state, requests) {
+            Decision::Unchanged => return Ok(Acted::Unchanged(state)),
+            Decision::Refused(refusal) => return Ok(Acted::Refused { state, refusal }),
+            Decision::RequestPause => {
+                self.request(tx, &row, state, LifecycleOutcome::PauseRequested, None)
+                    .await?
             }
-            (A::Unpause, S::Paused) => self.unpause(tx, &row).await?,
-
-            (A::Stop, S::Running) => match row.stop_requested_by {
-                Some(_) => return Ok(Acted::Unchanged(state)),
-                None => {
-                    self.request(tx, &row, state, LifecycleOutcome::StopRequested, None)
-                        .await?
-                }
-            },
-            (A::Stop, _) => self.stop_tree(tx, row, state).await?,
-            (A::Kill, _) => self.stop_tree(tx, row, state).await?,
+            Decision::WithdrawPause => {
+                self.request(tx, &row, state, LifecycleOutcome::PauseWithdrawn, None)
+                    .await?
+            }
+            Decision::RequestStop => {
+                self.request(tx, &row, state, LifecycleOutcome::StopRequested, None)
+                    .await?
+            }
+            Decision::Pause => self.pause(tx, &row, state).await?,
+            Decision::Unpause => self.unpause(tx, &row).await?,
+            Decision::Stop => self.stop_tree(tx, row, state).await?,
         };
         Ok(Acted::Changed(change))
     }
@@ -765,20 +704,20 @@ impl Run<'_> {
             let Some((child, child_state)) = lock(tx, id).await? else {
                 continue;
             };
-            if child_state.is_terminal() {
-                continue;
-            }
-            let change =
-                if self.action == LifecycleAction::Stop && child_state == InstanceState::Running {
-                    if child.stop_requested_by.is_some() {
-                        continue;
-                    }
+            let stop_requested = child.stop_requested_by.is_some();
+            let change = match drover_core::lifecycle::decide_descendant(
+                self.action,
+                child_state,
+                stop_requested,
+            ) {
+                Cascade::Skip => continue,
+                Cascade::RequestStop => {
                     let outcome = LifecycleOutcome::StopRequested;
                     self.request(tx, &child, child_state, outcome, Some(cause))
                         .await?
-                } else {
-                    self.stop_now(tx, &child, child_state, Some(cause)).await?
-                };
+                }
+                Cascade::Stop => self.stop_now(tx, &child, child_state, Some(cause)).await?,
+            };
             work.extend(
                 live_children(tx, child.id)
                     .await?
@@ -1048,19 +987,9 @@ async fn restart_one(
     let Some((row, state)) = lock(tx, restart.from.0).await? else {
         return Ok(Restarted::Unknown);
     };
-    if !state.is_terminal() {
-        return Ok(Restarted::Refused {
-            state,
-            refusal: Refusal::NotFinished,
-        });
-    }
-    if let Some(parent) = row.parent_instance_id {
-        return Ok(Restarted::Refused {
-            state,
-            refusal: Refusal::Child {
-                parent: InstanceId(parent),
-            },
-        });
+    let parent = row.parent_instance_id.map(InstanceId);
+    if let Some(refusal) = drover_core::lifecycle::restart_refusal(state, parent) {
+        return Ok(Restarted::Refused { state, refusal });
     }
     let earlier: Option<(Uuid,)> =
         sqlx::query_as("SELECT id FROM instance WHERE restarted_from = $1")

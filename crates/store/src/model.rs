@@ -112,7 +112,7 @@ pub struct Instance {
 pub struct Created {
     /// The instances created READY (with a permit, or in an unlimited campaign): publish
     /// their jobs.
-    pub ready: Vec<ClaimRequest>,
+    pub ready: Vec<StepJob>,
     /// The instances created QUEUED behind their campaign's limit, in queue order: a freed
     /// permit admits them.
     pub queued: Vec<InstanceId>,
@@ -199,15 +199,9 @@ pub struct JournalEntry {
     pub error: Option<String>,
 }
 
-/// A job: the instance and the checkpoint it was published for, and where it goes (the
-/// route of the instance's current step; a claim does not read it).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClaimRequest {
-    pub instance: InstanceId,
-    pub step_seq: StepSeq,
-    pub fence: Fence,
-    pub route: Route,
-}
+/// A job ([`StepJob`]): what a claim asks for, and what the store hands out for the
+/// instances it makes READY.
+pub use drover_core::StepJob;
 
 /// A claimed instance: everything a worker needs to run its current step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -362,7 +356,7 @@ pub struct GroupCommit {
     /// Other instances the commit made READY, whose jobs the caller publishes: children
     /// started, parents woken by a finished child, and waits that found their event had
     /// arrived already.
-    pub ready: Vec<ClaimRequest>,
+    pub ready: Vec<StepJob>,
     /// Instances the committing node claimed again for their next step
     /// ([`Store::commit_continuing`](crate::Store::commit_continuing)), each with the index
     /// of its completion.
@@ -431,8 +425,8 @@ pub struct Orphan {
 
 impl Orphan {
     /// The job to publish for it (if it is READY).
-    pub fn job(&self) -> ClaimRequest {
-        ClaimRequest {
+    pub fn job(&self) -> StepJob {
+        StepJob {
             instance: self.id,
             step_seq: self.step_seq,
             fence: self.fence,
@@ -459,8 +453,8 @@ pub struct Woken {
 
 impl Woken {
     /// The job to publish for it.
-    pub fn job(&self) -> ClaimRequest {
-        ClaimRequest {
+    pub fn job(&self) -> StepJob {
+        StepJob {
             instance: self.id,
             step_seq: self.step_seq,
             fence: self.fence,
@@ -473,7 +467,7 @@ impl Woken {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Delivery {
     /// The instance was waiting for it and is READY now: publish the job.
-    Woke(ClaimRequest),
+    Woke(StepJob),
     /// Stored until the instance waits for it (a step consumes it then).
     Kept,
 }

@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use crate::facts::{NewFact, insert_facts};
-use crate::model::ClaimRequest;
+use crate::model::StepJob;
 use crate::semaphore::{Admission, admit_one, lock_limited_campaigns, save_counters};
 use crate::{Error, Result, Store};
 
@@ -47,7 +47,7 @@ pub struct Resume {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resumed {
     /// READY at the new checkpoint: publish `job` (after the commit, which has happened).
-    Resumed { job: ClaimRequest },
+    Resumed { job: StepJob },
     /// QUEUED at the new checkpoint: it had given its permit back (`on_error_permit:
     /// release`) and its campaign is at its limit or has a queue; a freed permit admits it.
     Queued {
@@ -266,7 +266,7 @@ impl Store {
         }
         tx.commit().await?;
         Ok(Resumed::Resumed {
-            job: ClaimRequest {
+            job: StepJob {
                 instance: resume.instance,
                 step_seq: StepSeq(step_seq),
                 fence: Fence(fence),

@@ -10,13 +10,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::instances::parse_route;
-use crate::lease::LeaderTerm;
-use crate::model::{ClaimRequest, Orphan};
+use crate::lease::{COORDINATOR_LEASE, LeaderTerm};
+use crate::model::{Orphan, StepJob};
 use crate::semaphore::{Admitted, release_permits};
 use crate::{Error, Result, Store};
-
-/// The lease the coordinators elect their leader with.
-pub const COORDINATOR_LEASE: &str = "coordinator";
 
 impl Store {
     /// As leader under `term`: marks dead the nodes silent for over `silence_ms`, and those
@@ -73,7 +70,7 @@ impl Store {
 
     /// READY instances whose latest checkpoint the dead node `node` committed: it may have died
     /// between that commit and publishing the next job, so their jobs are re-dispatched.
-    pub async fn ready_after_dead_node(&self, node: NodeId) -> Result<Vec<ClaimRequest>> {
+    pub async fn ready_after_dead_node(&self, node: NodeId) -> Result<Vec<StepJob>> {
         let rows: Vec<(Uuid, i64, i64, String, Option<String>)> = sqlx::query_as(
             "SELECT i.id, i.step_seq, i.fence, i.step_queue, i.step_handler
              FROM instance i JOIN journal j ON j.instance_id = i.id AND j.step_seq = i.step_seq

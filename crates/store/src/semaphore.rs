@@ -41,9 +41,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::facts::{NewFact, insert_campaign_fact, insert_facts};
+use crate::lease::COORDINATOR_LEASE;
 use crate::lease::LeaderTerm;
-use crate::model::{Campaign, ClaimRequest};
-use crate::recovery::COORDINATOR_LEASE;
+use crate::model::{Campaign, StepJob};
 use crate::{Error, Result, Store};
 
 /// The smallest and largest limit a campaign may have (the `campaign.max_running` CHECK).
@@ -72,8 +72,8 @@ pub struct Admitted {
 
 impl Admitted {
     /// The job to publish for it, once the admitting transaction has committed.
-    pub fn job(&self) -> ClaimRequest {
-        ClaimRequest {
+    pub fn job(&self) -> StepJob {
+        StepJob {
             instance: self.id,
             step_seq: self.step_seq,
             fence: self.fence,

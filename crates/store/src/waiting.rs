@@ -12,9 +12,9 @@ use drover_core::{NodeId, ids::is_slug};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::lease::COORDINATOR_LEASE;
 use crate::lease::LeaderTerm;
-use crate::model::{ClaimRequest, Delivery, PendingSignal, Woken};
-use crate::recovery::COORDINATOR_LEASE;
+use crate::model::{Delivery, PendingSignal, StepJob, Woken};
 use crate::{Error, Result, Store};
 
 impl Store {
@@ -29,7 +29,7 @@ impl Store {
         holder: NodeId,
         term: LeaderTerm,
         limit: i64,
-    ) -> Result<Vec<ClaimRequest>> {
+    ) -> Result<Vec<StepJob>> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<WaitingRow> = sqlx::query_as(&format!(
             "SELECT {WAITING_COLUMNS}

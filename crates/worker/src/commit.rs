@@ -7,24 +7,25 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_nats::jetstream::Message;
 use backon::{ExponentialBuilder, Retryable};
-use drover_bus::{Bus, StepJob};
+use drover_bus::Bus;
 use drover_core::backoff::{Backoff, SharedOutage};
-use drover_core::{InstanceState, NodeId, Route};
-use drover_store::{ClaimRequest, Claimed, Commit, Completion, Store, Transition};
+use drover_core::{InstanceState, NodeId, Route, StepJob};
+use drover_store::{Claimed, Commit, Completion, Store, Transition};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
-use crate::{Runner, WorkerStats, ack};
+use crate::settle::{Outcome, settle};
+use crate::{JobDelivery, Runner, WorkerStats};
 
 /// A finished step on its way to the database.
 pub(crate) struct Done {
     pub(crate) completion: Completion,
     /// The job message the step came from; `None` for a step its node continued at commit.
-    pub(crate) msg: Option<Message>,
+    pub(crate) delivery: Option<JobDelivery>,
     /// Held until the checkpoint is committed: bounds work in flight.
     pub(crate) permit: OwnedSemaphorePermit,
     /// The route of the step it ran: where a retry of it goes.
@@ -190,10 +191,15 @@ impl Committer {
             }
             let committer = Arc::clone(&this);
             let shutdown = shutdown.clone();
-            commits.spawn(async move {
-                committer.commit_batch(batch, &shutdown).await;
-                drop(slot);
-            });
+            let span =
+                tracing::info_span!("commit_batch", node.id = %this.node, size = batch.len());
+            commits.spawn(
+                async move {
+                    committer.commit_batch(batch, &shutdown).await;
+                    drop(slot);
+                }
+                .instrument(span),
+            );
             while commits.try_join_next().is_some() {}
         }
         while commits.join_next().await.is_some() {}
@@ -249,8 +255,8 @@ impl Committer {
                 tracing::warn!(%err, count = batch.len(), "group commit given up while stopping; its steps will be recovered");
                 for done in &batch {
                     self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    if let Some(msg) = &done.msg {
-                        crate::nak(msg).await;
+                    if let Some(delivery) = &done.delivery {
+                        settle(delivery, Outcome::Returned).await;
                     }
                 }
                 return;
@@ -258,10 +264,7 @@ impl Committer {
         };
 
         // Children started, parents woken, waits that ended at once.
-        let mut next_jobs: Vec<StepJob> = also_ready
-            .iter()
-            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
-            .collect();
+        let mut next_jobs: Vec<StepJob> = also_ready;
         let mut continued: HashMap<usize, Claimed> = continued.into_iter().collect();
         let mut finished = Vec::with_capacity(batch.len());
         for (idx, (done, result)) in batch.into_iter().zip(&results).enumerate() {
@@ -315,7 +318,7 @@ impl Committer {
                     );
                 }
             }
-            finished.push((done.msg, permit));
+            finished.push((done.delivery, permit));
         }
         self.relay_wakeup.notify_one();
         // Publish, then ack, off the commit loop: the next group commit need not wait for
@@ -324,7 +327,7 @@ impl Committer {
         let bus = self.bus.clone();
         let stats = Arc::clone(&self.stats);
         let nats = Arc::clone(&self.nats);
-        self.delayed.spawn(async move {
+        let publish_then_ack = async move {
             if !next_jobs.is_empty() {
                 // Committed READY rows are re-dispatched by the stale-READY sweeper.
                 match bus.publish_jobs(&next_jobs).await {
@@ -332,17 +335,18 @@ impl Committer {
                     Err(err) => nats_failed(&nats, &err, "publishing next jobs"),
                 }
             }
-            for (msg, permit) in finished {
+            for (delivery, permit) in finished {
                 stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                if let Some(msg) = msg {
-                    ack(&msg).await;
+                if let Some(delivery) = delivery {
+                    settle(&delivery, Outcome::Finished).await;
                 }
                 drop(permit);
             }
-        });
+        };
+        self.delayed.spawn(publish_then_ack.in_current_span());
     }
 
-    async fn commit_alone(&self, completion: &Completion) -> (Commit, Vec<ClaimRequest>) {
+    async fn commit_alone(&self, completion: &Completion) -> (Commit, Vec<StepJob>) {
         let single = std::slice::from_ref(completion);
         match with_retries(|| self.store.commit_waking(self.node, single)).await {
             Ok(done) => (

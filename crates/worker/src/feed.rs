@@ -5,16 +5,15 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::Message;
-use async_nats::jetstream::consumer::pull;
-use drover_bus::{Bus, StepJob};
-use drover_core::Queue;
+use drover_bus::{Bus, Deliveries};
 use drover_core::backoff::Backoff;
+use drover_core::{Queue, StepJob};
 use drover_store::Store;
 use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::JobDelivery;
 use crate::commit::with_retries;
 
 /// READY instances re-dispatched at once after the jobs stream was found gone (the rest, if
@@ -35,7 +34,7 @@ pub(crate) struct JobFeed {
 /// The deliveries of one queue's consumer.
 struct QueueFeed {
     queue: Queue,
-    messages: Option<pull::Stream>,
+    messages: Option<Deliveries<StepJob>>,
     backoff: Backoff,
     /// When to open the consumer again after its deliveries stopped.
     retry_at: Option<Instant>,
@@ -67,7 +66,7 @@ impl JobFeed {
     }
 
     /// The next delivery of any queue; `None` once `shutdown` is cancelled.
-    pub(crate) async fn next(&mut self, shutdown: &CancellationToken) -> Option<Message> {
+    pub(crate) async fn next(&mut self, shutdown: &CancellationToken) -> Option<JobDelivery> {
         loop {
             if shutdown.is_cancelled() {
                 return None;
@@ -137,7 +136,7 @@ impl JobFeed {
     }
 
     /// A delivery already here, of any queue, if any (no waiting).
-    pub(crate) fn next_now(&mut self) -> Option<Message> {
+    pub(crate) fn next_now(&mut self) -> Option<JobDelivery> {
         let count = self.queues.len();
         for k in 0..count {
             let i = (self.turn + k) % count;
@@ -162,18 +161,11 @@ impl JobFeed {
     /// its stream is gone; on failure it is tried again after a back-off.
     async fn open(&mut self, i: usize) {
         let queue = self.queues[i].queue.clone();
-        let opened = match self.bus.ensure_worker_consumer(&queue).await {
-            Ok((consumer, provisioned)) => consumer
-                .stream()
-                .max_messages_per_batch(self.batch_size)
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await
-                .map(|messages| (messages, provisioned))
-                .map_err(|err| format!("pulling from the job consumer: {err}")),
-            Err(err) => Err(format!("opening the job consumer: {err}")),
-        };
+        let opened = self
+            .bus
+            .pull_jobs(&queue, self.batch_size)
+            .await
+            .map_err(|err| format!("opening the job consumer: {err}"));
         let feed = &mut self.queues[i];
         let provisioned = match opened {
             Ok((messages, provisioned)) => {
@@ -203,20 +195,16 @@ impl JobFeed {
     /// claim), and every node doing this within the same 10 s publishes under the same
     /// message ids, which JetStream deduplicates.
     async fn redispatch_ready(&self) {
-        let ready = match with_retries(|| self.store.stale_ready(0, REDISPATCH_LIMIT)).await {
-            Ok(ready) => ready,
+        let jobs = match with_retries(|| self.store.stale_ready(0, REDISPATCH_LIMIT)).await {
+            Ok(jobs) => jobs,
             Err(err) => {
                 tracing::warn!(%err, "cannot list READY instances to re-dispatch; the sweeper will");
                 return;
             }
         };
-        if ready.is_empty() {
+        if jobs.is_empty() {
             return;
         }
-        let jobs: Vec<StepJob> = ready
-            .iter()
-            .map(|r| StepJob::new(r.instance, r.step_seq, r.fence, r.route.clone()))
-            .collect();
         let window = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() / 10)

@@ -30,6 +30,7 @@ mod feed;
 mod gate;
 mod handler;
 mod relay;
+mod settle;
 mod step;
 mod waiting;
 
@@ -38,16 +39,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use async_nats::jetstream::AckKind;
-use async_nats::jetstream::Message;
 use chrono::Utc;
-use drover_bus::{Bus, StepJob};
+use drover_bus::{Bus, Delivery};
 use drover_core::backoff::SharedOutage;
-use drover_core::{Definition, NodeId, PublishPolicy, SubjectAllowList};
-use drover_store::{ClaimRequest, Claimed, Store};
+use drover_core::{Definition, NodeId, PublishPolicy, StepJob, SubjectAllowList};
+use drover_store::{Claimed, Store};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 pub use egress::{DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Refusal};
 pub use error::{Error, Result};
@@ -57,7 +57,11 @@ pub use relay::{OutboxRelay, RelayConfig};
 
 use commit::{Committer, Done};
 use feed::JobFeed;
+use settle::{Outcome, settle};
 use step::StepContext;
+
+/// A job message as the worker's consumers deliver it.
+pub(crate) type JobDelivery = Delivery<StepJob>;
 
 /// Worker tuning. If unsure, keep the defaults.
 #[derive(Clone, Debug)]
@@ -239,6 +243,7 @@ impl Worker {
         let tasks = TaskTracker::new();
         let (done_tx, done_rx) = mpsc::channel::<Done>(self.config.concurrency.max(1));
         let runner = Runner {
+            node: self.node,
             ctx: Arc::clone(&self.ctx),
             store: self.store.clone(),
             definitions: Arc::clone(&self.definitions),
@@ -287,16 +292,16 @@ impl Worker {
             if !self.gate.is_open() {
                 // Its heartbeat failed while these came: give them back (they go to another
                 // node, or come back here once the node heartbeats again).
-                for msg in &batch {
-                    nak(msg).await;
+                for delivery in &batch {
+                    settle(delivery, Outcome::Returned).await;
                 }
                 continue;
             }
             let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
             let permit = tokio::select! {
                 () = shutdown.cancelled() => {
-                    for msg in &batch {
-                        nak(msg).await;
+                    for delivery in &batch {
+                        settle(delivery, Outcome::Returned).await;
                     }
                     break;
                 }
@@ -304,7 +309,10 @@ impl Worker {
                     permit.expect("invariant: the semaphore is never closed")
                 }
             };
-            self.dispatch(batch, permit, &runner, &done_tx).await;
+            let span = tracing::info_span!("claim_batch", node.id = %self.node, size = batch.len());
+            self.dispatch(batch, permit, &runner, &done_tx)
+                .instrument(span)
+                .await;
         }
 
         // Drain: no new jobs; let in-flight steps finish and commit within the grace period.
@@ -329,42 +337,35 @@ impl Worker {
     /// Decodes, claims and starts a batch of deliveries.
     async fn dispatch(
         &self,
-        batch: Vec<Message>,
+        batch: Vec<JobDelivery>,
         mut permit: OwnedSemaphorePermit,
         runner: &Runner,
         done_tx: &mpsc::Sender<Done>,
     ) {
-        let limit = self.ctx.bus.config().max_job_bytes;
-        let mut jobs: Vec<(StepJob, Message)> = Vec::with_capacity(batch.len());
-        for msg in batch {
-            match StepJob::decode(&msg.payload, limit) {
-                Ok(job) if !self.can_run(&job) => {
-                    self.leave(job, &msg).await;
-                }
-                Ok(job) => jobs.push((job, msg)),
+        let mut jobs: Vec<StepJob> = Vec::with_capacity(batch.len());
+        let mut deliveries: Vec<JobDelivery> = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            let job = match delivery.decoded() {
+                Ok(job) => job.clone(),
                 Err(err) => {
                     self.stats.garbage.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("drover_worker_garbage_jobs_total").increment(1);
-                    tracing::warn!(subject = %msg.subject, %err, "terminating undecodable job message");
-                    if let Err(err) = msg.ack_with(AckKind::Term).await {
-                        tracing::warn!(%err, "term failed");
-                    }
+                    tracing::warn!(subject = delivery.subject(), %err, "terminating undecodable job message");
+                    settle(&delivery, Outcome::Garbage).await;
+                    continue;
                 }
+            };
+            if self.can_run(&job) {
+                jobs.push(job);
+                deliveries.push(delivery);
+            } else {
+                self.leave(job, &delivery).await;
             }
         }
         if jobs.is_empty() {
             return;
         }
-        let requests: Vec<ClaimRequest> = jobs
-            .iter()
-            .map(|(job, _)| ClaimRequest {
-                instance: job.instance,
-                step_seq: job.step_seq,
-                fence: job.fence,
-                route: job.route(),
-            })
-            .collect();
-        let claimed = match commit::with_retries(|| self.store.claim(self.node, &requests)).await {
+        let claimed = match commit::with_retries(|| self.store.claim(self.node, &jobs)).await {
             Ok(claimed) => {
                 commit::postgres_ok(&self.postgres);
                 claimed
@@ -375,8 +376,8 @@ impl Worker {
                 } else {
                     tracing::error!(%err, "claim failed; jobs will be redelivered");
                 }
-                for (_, msg) in &jobs {
-                    nak(msg).await;
+                for delivery in &deliveries {
+                    settle(delivery, Outcome::Returned).await;
                 }
                 return;
             }
@@ -385,68 +386,59 @@ impl Worker {
             .claimed
             .fetch_add(claimed.len() as u64, Ordering::Relaxed);
         let mut by_id: HashMap<_, Claimed> = claimed.into_iter().map(|c| (c.id, c)).collect();
-        for (job, msg) in jobs {
+        for (job, delivery) in jobs.iter().zip(deliveries) {
             let Some(claimed) = by_id.remove(&job.instance) else {
                 // Stale or duplicate: the instance has moved past this job.
                 self.stats.stale.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("drover_worker_stale_deliveries_total").increment(1);
-                ack(&msg).await;
+                settle(&delivery, Outcome::Finished).await;
                 continue;
             };
             let Some(step_permit) = permit.split(1) else {
                 // invariant: one permit was taken per delivered message
-                nak(&msg).await;
+                settle(&delivery, Outcome::Returned).await;
                 continue;
             };
-            runner.start(claimed, Some(msg), step_permit, done_tx.clone());
+            runner.start(claimed, Some(delivery), step_permit, done_tx.clone());
         }
     }
 
     /// Has it what `job`'s step needs? (Its queue it serves: the job came from its consumer.)
     fn can_run(&self, job: &StepJob) -> bool {
-        job.handler
+        job.route
+            .handler
             .as_deref()
             .is_none_or(|handler| self.ctx.handlers.get(handler).is_some())
     }
 
     /// Leaves a job it cannot run for a worker that can (see [`Worker`]).
-    async fn leave(&self, job: StepJob, msg: &Message) {
+    async fn leave(&self, job: StepJob, delivery: &JobDelivery) {
         self.stats.left.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("drover_worker_jobs_left_total").increment(1);
-        let handler = job.handler.clone().unwrap_or_default();
+        let handler = job.route.handler.clone().unwrap_or_default();
         let first = self
             .missing_handlers
             .lock()
             .is_ok_and(|mut missing| missing.insert(handler.clone()));
         if first {
-            tracing::warn!(node.id = %self.node, handler, queue = %job.queue, "jobs need a handler this worker does not have; leaving them for a worker that has it");
+            tracing::warn!(node.id = %self.node, handler, queue = %job.route.queue, "jobs need a handler this worker does not have; leaving them for a worker that has it");
         }
-        let delivered = msg.info().map_or(1, |info| info.delivered.max(1));
+        let delivered = delivery.delivered();
         let max_deliver = self.ctx.bus.config().max_deliver;
         if max_deliver > 0 && delivered >= max_deliver {
             // NATS would give up on it after this delivery: publish it afresh, unless the
             // instance has moved past it.
-            self.republish(job, msg).await;
+            self.republish(job, delivery).await;
             return;
         }
-        let exponent = u32::try_from(delivered - 1).unwrap_or(u32::MAX).min(16);
-        let delay = Duration::from_secs(1u64 << exponent).min(LEAVE_DELAY_MAX);
-        if let Err(err) = msg.ack_with(AckKind::Nak(Some(delay))).await {
-            tracing::debug!(%err, "nak failed");
-        }
+        settle(delivery, Outcome::Left { delivered }).await;
     }
 
     /// Publishes a job left on its last delivery again as a fresh message, then acks the old
     /// one; a job whose instance has moved on is only acked.
-    async fn republish(&self, job: StepJob, msg: &Message) {
-        let request = ClaimRequest {
-            instance: job.instance,
-            step_seq: job.step_seq,
-            fence: job.fence,
-            route: job.route(),
-        };
+    async fn republish(&self, job: StepJob, delivery: &JobDelivery) {
         let current = match commit::with_retries(|| {
-            self.store.current_jobs(std::slice::from_ref(&request))
+            self.store.current_jobs(std::slice::from_ref(&job))
         })
         .await
         {
@@ -455,7 +447,7 @@ impl Worker {
                 // Dropped by NATS after this delivery; the stale-READY sweeper publishes it
                 // again once a worker that can run it is alive.
                 tracing::warn!(instance.id = %job.instance, %err, "cannot tell whether a left job is current; leaving it to the sweeper");
-                nak(msg).await;
+                settle(delivery, Outcome::Returned).await;
                 return;
             }
         };
@@ -473,29 +465,11 @@ impl Worker {
                 .await
             {
                 tracing::warn!(instance.id = %job.instance, %err, "cannot publish a left job again; leaving it to the sweeper");
-                nak(msg).await;
+                settle(delivery, Outcome::Returned).await;
                 return;
             }
         }
-        ack(msg).await;
-    }
-}
-
-/// Acks a delivery. A failed ack only means a redelivery (whose claim then fails), so it is
-/// not worth more than a debug line: during a NATS outage every ack fails.
-async fn ack(msg: &Message) {
-    if let Err(err) = msg.ack().await {
-        tracing::debug!(%err, "ack failed");
-    }
-}
-
-async fn nak(msg: &Message) {
-    if let Err(err) = msg
-        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-        .await
-    {
-        // Redelivered after the ack wait instead.
-        tracing::debug!(%err, "nak failed");
+        settle(delivery, Outcome::Finished).await;
     }
 }
 
@@ -552,6 +526,8 @@ async fn load_definition(
 /// instances it continues on their next step.
 #[derive(Clone)]
 pub(crate) struct Runner {
+    /// This worker's node: a field of every step's span.
+    node: NodeId,
     ctx: Arc<StepContext>,
     store: Store,
     definitions: DefinitionCache,
@@ -563,18 +539,30 @@ pub(crate) struct Runner {
 }
 
 impl Runner {
-    /// Runs `claimed`'s current step in a tracked task holding `permit`; `msg` is the job it
-    /// came from, if any.
+    /// Runs `claimed`'s current step in a tracked task holding `permit`, in the step's span;
+    /// `delivery` is the job it came from, if any.
     pub(crate) fn start(
         &self,
         claimed: Claimed,
-        msg: Option<Message>,
+        delivery: Option<JobDelivery>,
         permit: OwnedSemaphorePermit,
         done_tx: mpsc::Sender<Done>,
     ) {
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        // A root span: a step is its own unit of work, whichever batch claimed it.
+        let span = tracing::info_span!(
+            parent: None,
+            "step",
+            instance.id = %claimed.id,
+            workflow = %claimed.workflow,
+            campaign = %claimed.campaign,
+            step.id = %claimed.current_step,
+            step.seq = claimed.step_seq.0,
+            attempt = claimed.step_attempt,
+            node.id = %self.node,
+        );
         self.tasks
-            .spawn(run_one(self.clone(), claimed, msg, permit, done_tx));
+            .spawn(run_one(self.clone(), claimed, delivery, permit, done_tx).instrument(span));
     }
 }
 
@@ -583,7 +571,7 @@ impl Runner {
 async fn run_one(
     runner: Runner,
     claimed: Claimed,
-    msg: Option<Message>,
+    delivery: Option<JobDelivery>,
     permit: OwnedSemaphorePermit,
     done_tx: mpsc::Sender<Done>,
 ) {
@@ -602,10 +590,8 @@ async fn run_one(
                 tokio::select! {
                     completion = &mut step => break completion,
                     _ = ticker.tick() => {
-                        if let Some(msg) = &msg
-                            && let Err(err) = msg.ack_with(AckKind::Progress).await
-                        {
-                            tracing::debug!(%err, "progress ack failed");
+                        if let Some(delivery) = &delivery {
+                            settle(delivery, Outcome::Running).await;
                         }
                     }
                 }
@@ -618,8 +604,8 @@ async fn run_one(
             // when the node is declared dead or leaves.
             tracing::warn!(instance.id = %claimed.id, "step abandoned: its definition could not be loaded before the worker stopped");
             runner.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            if let Some(msg) = &msg {
-                nak(msg).await;
+            if let Some(delivery) = &delivery {
+                settle(delivery, Outcome::Returned).await;
             }
             drop(permit);
             return;
@@ -629,7 +615,7 @@ async fn run_one(
     let _ = done_tx
         .send(Done {
             completion,
-            msg,
+            delivery,
             permit,
             route: claimed.route.clone(),
         })

@@ -559,31 +559,21 @@ async fn publish(
     let bytes =
         serde_json::to_vec(&payload).map_err(|e| StepError::Permanent(format!("payload: {e}")))?;
     let msg_id = format!("p:{}", idempotency_key(claimed));
+    let headers = [("Nats-Msg-Id", msg_id.as_str())];
     if !ctx.stored_subject(subject).await {
         // No stream stores this subject: a plain publish reaches its live subscribers.
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", msg_id.as_str());
         ctx.bus
-            .client()
-            .publish_with_headers(subject.to_owned(), headers, bytes.into())
+            .publish_plain(subject, &headers, bytes.into())
             .await
             .map_err(|e| StepError::Retryable(format!("publish {subject}: {e}")))?;
         return Ok(json!({ "subject": subject, "seq": null }));
     }
-    let publish = async_nats::jetstream::message::PublishMessage::build()
-        .payload(bytes.into())
-        .message_id(msg_id);
-    let ack = match ctx
+    match ctx
         .bus
-        .jetstream()
-        .send_publish(subject.to_owned(), publish)
+        .publish_stored(subject, &headers, bytes.into())
         .await
     {
-        Ok(ack) => ack.await,
-        Err(err) => Err(err),
-    };
-    match ack {
-        Ok(ack) => Ok(json!({ "subject": subject, "seq": ack.sequence })),
+        Ok(seq) => Ok(json!({ "subject": subject, "seq": seq })),
         Err(err) => Err(StepError::Retryable(format!("publish {subject}: {err}"))),
     }
 }
@@ -600,12 +590,7 @@ impl StepContext {
         {
             return *stored;
         }
-        let stored = self
-            .bus
-            .jetstream()
-            .stream_by_subject(subject)
-            .await
-            .is_ok();
+        let stored = self.bus.stream_stores(subject).await;
         if let Ok(mut cache) = self.streams_by_subject.lock() {
             if cache.len() > 10_000 {
                 cache.clear();

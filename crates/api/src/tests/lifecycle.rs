@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use chrono::Utc;
 use drover_core::{InstanceId, InstanceState, NodeId};
 use drover_store::{
-    ClaimRequest, Claimed, Commit, Completion, NewCampaign, NewChild, OnErrorPermit, Transition,
+    Claimed, Commit, Completion, NewCampaign, NewChild, OnErrorPermit, StepJob, Transition,
 };
 use serde_json::{Value, json};
 
@@ -128,7 +128,7 @@ pub(super) async fn claim(env: &TestEnv, node: NodeId, id: InstanceId) -> Claime
         .store
         .claim(
             node,
-            &[ClaimRequest {
+            &[StepJob {
                 route: Default::default(),
                 instance: id,
                 step_seq: i.step_seq,
@@ -334,7 +334,7 @@ async fn pausing_a_ready_instance_fences_its_job_and_unpausing_dispatches_a_new_
         .store
         .claim(
             node,
-            &[ClaimRequest {
+            &[StepJob {
                 route: Default::default(),
                 instance: id,
                 step_seq: before.step_seq,

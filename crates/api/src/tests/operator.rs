@@ -5,7 +5,7 @@
 use axum::http::StatusCode;
 use chrono::Utc;
 use drover_core::{InstanceId, InstanceState, NodeId};
-use drover_store::{ClaimRequest, Commit, Completion, Resume, Resumed, Transition};
+use drover_store::{Commit, Completion, Resume, Resumed, StepJob, Transition};
 use serde_json::{Value, json};
 
 use super::{TestEnv, assert_error};
@@ -117,7 +117,7 @@ async fn run_step(
     let claimed = store
         .claim(
             node,
-            &[ClaimRequest {
+            &[StepJob {
                 route: Default::default(),
                 instance: id,
                 step_seq: instance.step_seq,

@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::http::{Method, StatusCode};
 use chrono::Utc;
 use drover_core::{InstanceId, InstanceState, NodeId};
-use drover_store::{ClaimRequest, Commit, Completion, Transition};
+use drover_store::{Commit, Completion, StepJob, Transition};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +45,7 @@ async fn instance(env: &TestEnv, park: bool) -> InstanceId {
             ))
             .await
             .expect("registers");
-        let job = ClaimRequest {
+        let job = StepJob {
             route: Default::default(),
             instance: id,
             step_seq: drover_core::StepSeq(0),

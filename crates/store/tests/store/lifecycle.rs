@@ -9,8 +9,8 @@ use std::time::Duration;
 use chrono::Utc;
 use drover_core::{InstanceId, InstanceState, NodeId};
 use drover_store::{
-    Acted, ClaimRequest, Completion, LifecycleAction, NewCampaign, NewInstance, OnErrorPermit,
-    Store, Transition,
+    Acted, Completion, LifecycleAction, NewCampaign, NewInstance, OnErrorPermit, StepJob, Store,
+    Transition,
 };
 use serde_json::json;
 use sqlx::PgPool;
@@ -18,7 +18,7 @@ use sqlx::PgPool;
 const LIMIT: i64 = 3;
 
 /// READY instances' jobs, as the stale-READY sweeper would find them.
-async fn ready_jobs(store: &Store) -> Vec<ClaimRequest> {
+async fn ready_jobs(store: &Store) -> Vec<StepJob> {
     store
         .stale_ready(-1_000_000, 100)
         .await

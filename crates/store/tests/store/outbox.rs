@@ -59,11 +59,11 @@ async fn relayed_events_past_the_window_are_purged_in_bounded_batches(pool: PgPo
 async fn an_instances_events_are_numbered_from_one_in_commit_order(pool: PgPool) {
     use crate::support::*;
     use drover_core::{Fence, StepSeq};
-    use drover_store::{ClaimRequest, Transition};
+    use drover_store::{StepJob, Transition};
 
     let (store, node) = setup(pool).await;
     let id = start(&store, "parent").await;
-    let job = |seq, fence| ClaimRequest {
+    let job = |seq, fence| StepJob {
         instance: id,
         step_seq: StepSeq(seq),
         fence: Fence(fence),
@@ -163,7 +163,7 @@ async fn the_relay_partitions_are_shared_fairly_among_the_alive_nodes(pool: PgPo
 async fn the_commit_that_ends_an_instance_announces_it_only_if_someone_waits(pool: PgPool) {
     use crate::support::*;
     use drover_core::{Fence, InstanceState, StepSeq};
-    use drover_store::{ClaimRequest, LifecycleAction, NewInstance, Transition};
+    use drover_store::{LifecycleAction, NewInstance, StepJob, Transition};
 
     let (store, node) = setup(pool).await;
     let mut listener = store.listen_instance_ends().await.expect("listens");
@@ -196,7 +196,7 @@ async fn the_commit_that_ends_an_instance_announces_it_only_if_someone_waits(poo
         let claimed = claim(
             &store,
             node,
-            ClaimRequest {
+            StepJob {
                 instance: instance.id,
                 step_seq: StepSeq(0),
                 fence: Fence(0),

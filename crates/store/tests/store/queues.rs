@@ -3,9 +3,7 @@
 //! continues only steps it serves.
 
 use drover_core::{InstanceId, InstanceState, NodeId, Queue, Route, StepSeq};
-use drover_store::{
-    ClaimRequest, Claimed, Commit, NewChild, NewInstance, NewNode, Store, Transition,
-};
+use drover_store::{Claimed, Commit, NewChild, NewInstance, NewNode, StepJob, Store, Transition};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -44,7 +42,7 @@ async fn worker(store: &Store, queues: Vec<Queue>, handlers: &[&str]) -> NodeId 
 }
 
 /// Starts an instance of `parent` whose entry step has `route`; returns its id and its job.
-async fn start_on(store: &Store, route: Route) -> (InstanceId, ClaimRequest) {
+async fn start_on(store: &Store, route: Route) -> (InstanceId, StepJob) {
     let campaign = store
         .campaign_by_name("default")
         .await
@@ -124,7 +122,7 @@ async fn move_on(
     claimed: &Claimed,
     step: &str,
     route: Route,
-) -> Result<Claimed, ClaimRequest> {
+) -> Result<Claimed, StepJob> {
     let done = store
         .commit_continuing(
             node,
@@ -143,7 +141,7 @@ async fn move_on(
         .await
         .expect("facts");
     assert_eq!(facts.map(|f| f.instance.route), Some(route.clone()), "kept");
-    Err(ClaimRequest {
+    Err(StepJob {
         instance: claimed.id,
         step_seq: seq,
         fence: claimed.fence,

@@ -7,8 +7,8 @@ use std::time::Duration;
 use chrono::Utc;
 use drover_core::{CampaignId, Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use drover_store::{
-    COORDINATOR_LEASE, ClaimRequest, Claimed, Commit, Completion, Created, DriftKind, Error,
-    NewCampaign, NewChild, NewInstance, OnErrorPermit, Resume, Resumed, Store, Transition,
+    COORDINATOR_LEASE, Claimed, Commit, Completion, Created, DriftKind, Error, NewCampaign,
+    NewChild, NewInstance, OnErrorPermit, Resume, Resumed, StepJob, Store, Transition,
 };
 use serde_json::json;
 use sqlx::PgPool;
@@ -60,7 +60,7 @@ async fn start(store: &Store, campaign: CampaignId, n: usize) -> (Vec<InstanceId
     (batch.iter().map(|i| i.id).collect(), created)
 }
 
-async fn claim(store: &Store, node: NodeId, job: ClaimRequest) -> Claimed {
+async fn claim(store: &Store, node: NodeId, job: StepJob) -> Claimed {
     let mut claimed = store
         .claim(node, std::slice::from_ref(&job))
         .await
@@ -75,7 +75,7 @@ async fn claim_now(store: &Store, node: NodeId, id: InstanceId) -> Claimed {
     claim(
         store,
         node,
-        ClaimRequest {
+        StepJob {
             route: Default::default(),
             instance: id,
             step_seq: i.step_seq,
@@ -715,9 +715,9 @@ async fn concurrent_starters_and_finishers_never_overshoot_and_counters_match(po
                 .fetch_all(store.pool())
                 .await
                 .expect("reads");
-                let jobs: Vec<ClaimRequest> = ready
+                let jobs: Vec<StepJob> = ready
                     .into_iter()
-                    .map(|(id, seq, fence)| ClaimRequest {
+                    .map(|(id, seq, fence)| StepJob {
                         route: Default::default(),
                         instance: InstanceId(id),
                         step_seq: StepSeq(seq),

@@ -3,7 +3,7 @@
 
 use chrono::Utc;
 use drover_core::{Fence, InstanceId, InstanceState, NodeId, StepSeq};
-use drover_store::{ClaimRequest, Claimed, Completion, NewInstance, Store, Transition};
+use drover_store::{Claimed, Completion, NewInstance, StepJob, Store, Transition};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -62,7 +62,7 @@ pub(crate) async fn start(store: &Store, workflow: &str) -> InstanceId {
     id
 }
 
-pub(crate) async fn claim(store: &Store, node: NodeId, job: ClaimRequest) -> Claimed {
+pub(crate) async fn claim(store: &Store, node: NodeId, job: StepJob) -> Claimed {
     let mut claimed = store
         .claim(node, std::slice::from_ref(&job))
         .await
@@ -119,8 +119,8 @@ pub(crate) async fn journal_row(
     )
 }
 
-pub(crate) fn job(id: InstanceId, seq: i64, fence: i64) -> ClaimRequest {
-    ClaimRequest {
+pub(crate) fn job(id: InstanceId, seq: i64, fence: i64) -> StepJob {
+    StepJob {
         route: Default::default(),
         instance: id,
         step_seq: StepSeq(seq),

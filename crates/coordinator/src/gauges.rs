@@ -1,0 +1,31 @@
+//! Cluster-wide gauges the leader samples for Prometheus (every node exports only its own
+//! counters; these describe the cluster, so exactly one node — the leader — sets them).
+
+use drover_store::{LeaderTerm, Store};
+
+use crate::Result;
+
+/// Sets the cluster gauges: instances per state, each limited campaign's permits in use,
+/// limit and queue, the outbox relay's backlog and lag, and the leader's term.
+pub(crate) async fn sample(store: &Store, term: LeaderTerm) -> Result<()> {
+    for (state, n) in store.count_by_state().await? {
+        metrics::gauge!("drover_instances", "state" => state.as_str()).set(n as f64);
+    }
+    for campaign in store.list_campaigns().await? {
+        let Some(limit) = campaign.max_running else {
+            continue;
+        };
+        let name = campaign.name.clone();
+        metrics::gauge!("drover_campaign_permits_in_use", "campaign" => name.clone())
+            .set(f64::from(campaign.running));
+        metrics::gauge!("drover_campaign_permits_limit", "campaign" => name.clone())
+            .set(f64::from(limit));
+        metrics::gauge!("drover_campaign_queued_instances", "campaign" => name)
+            .set(f64::from(campaign.queued));
+    }
+    let (backlog, lag) = store.relay_backlog().await?;
+    metrics::gauge!("drover_outbox_backlog_events").set(backlog as f64);
+    metrics::gauge!("drover_outbox_relay_lag_seconds").set(lag);
+    metrics::gauge!("drover_leader_term").set(term.0 as f64);
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! Running an operator command: its request to the API, then the answer printed (the API's
+//! JSON with `--json`, else for people).
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use drover_api::{
+    ApiClient, CreateCampaign, CreateToken, LifecycleCommand, LifecycleFilterRequest,
+    LifecycleRequest, ListQuery, ResumeMode, ResumeRequest, Secret, SetLimit, StartRequest,
+};
+use serde_json::Value;
+
+use super::args::{
+    CampaignCommand, InstanceCommand, LifecycleArgs, OperatorCommand, TokenCommand, WorkflowCommand,
+};
+use super::render::{View, render};
+
+/// Runs an operator command against the API at `api_url`, authenticated by `token`; `json`
+/// prints the API's JSON.
+pub async fn run(
+    command: OperatorCommand,
+    api_url: &str,
+    token: Option<Secret>,
+    json: bool,
+) -> Result<()> {
+    let mut client = ApiClient::new(api_url)?;
+    if let Some(token) = token.filter(|token| !token.expose().is_empty()) {
+        client = client.with_token(token);
+    }
+    let (answer, view) = match command {
+        OperatorCommand::Workflow(WorkflowCommand::Deploy { file }) => {
+            let source = read_source(&file).await?;
+            (client.deploy(source).await?, View::Deployed)
+        }
+        OperatorCommand::Workflow(WorkflowCommand::List) => {
+            (client.workflows().await?, View::Workflows)
+        }
+        OperatorCommand::Workflow(WorkflowCommand::Show { name, version }) => {
+            (client.workflow(&name, version).await?, View::Workflow)
+        }
+        OperatorCommand::Start {
+            workflow,
+            version,
+            campaign,
+            vars,
+            count,
+            wait,
+        } => {
+            let vars = vars.as_deref().map(parse_vars).transpose()?;
+            let request = StartRequest {
+                workflow,
+                version,
+                campaign,
+                vars,
+                count: Some(count),
+            };
+            (
+                client.start(&request, wait.as_deref()).await?,
+                View::Started,
+            )
+        }
+        OperatorCommand::Instance(InstanceCommand::List {
+            state,
+            campaign,
+            workflow,
+            limit,
+            before,
+        }) => {
+            let query = ListQuery {
+                state,
+                campaign,
+                workflow,
+                limit: Some(limit),
+                before,
+                include: None,
+            };
+            (client.instances(&query).await?, View::Instances)
+        }
+        OperatorCommand::Instance(InstanceCommand::Show { id }) => {
+            (client.instance(&id).await?, View::Instance)
+        }
+        OperatorCommand::Journal { id } => (client.journal(&id).await?, View::Journal),
+        OperatorCommand::Resume {
+            id,
+            current_step,
+            next_step,
+            set,
+        } => {
+            let mode = match (current_step, next_step) {
+                (true, false) => ResumeMode::CurrentStep,
+                (false, true) => ResumeMode::NextStep,
+                _ => bail!("give exactly one of --current-step and --next-step"),
+            };
+            let request = ResumeRequest {
+                mode,
+                set: (!set.is_empty()).then(|| Value::Object(set.into_iter().collect())),
+            };
+            (client.resume(&id, &request).await?, View::Resumed)
+        }
+        OperatorCommand::Pause(args) => lifecycle(&client, LifecycleCommand::Pause, args).await?,
+        OperatorCommand::Unpause(args) => {
+            lifecycle(&client, LifecycleCommand::Unpause, args).await?
+        }
+        OperatorCommand::Stop(args) => lifecycle(&client, LifecycleCommand::Stop, args).await?,
+        OperatorCommand::Kill(args) => lifecycle(&client, LifecycleCommand::Kill, args).await?,
+        OperatorCommand::Restart(args) => {
+            lifecycle(&client, LifecycleCommand::Restart, args).await?
+        }
+        OperatorCommand::Why { id } => (client.diagnosis(&id).await?, View::Diagnosis),
+        OperatorCommand::SendEvent { id, name, payload } => {
+            let payload = payload
+                .as_deref()
+                .map(serde_json::from_str::<Value>)
+                .transpose()
+                .context(r#"--payload is not valid JSON (e.g. --payload '{"approved":true}')"#)?;
+            let answer = client.send_event(&id, &name, payload.as_ref()).await?;
+            (answer, View::EventSent)
+        }
+        OperatorCommand::Campaign(command) => run_campaign(&client, command).await?,
+        OperatorCommand::Nodes => (client.nodes().await?, View::Nodes),
+        OperatorCommand::Leader => (client.leader().await?, View::Leader),
+        OperatorCommand::Token(command) => run_token(&client, command).await?,
+    };
+    let text = if json {
+        let mut text = serde_json::to_string_pretty(&answer).context("encoding the answer")?;
+        text.push('\n');
+        text
+    } else {
+        render(view, &answer)
+    };
+    emit(&text)?;
+    // A waited-for instance that did not complete in time fails the command.
+    let result = &answer["result"];
+    if matches!(view, View::Started) && result.is_object() {
+        let id = text_of(&result["instance"]["id"]);
+        let state = text_of(&result["instance"]["state"]);
+        if result["ended"] != Value::Bool(true) {
+            bail!("instance {id} is still {state}: the wait lapsed");
+        }
+        if state != "completed" {
+            bail!("instance {id} ended {state}");
+        }
+    }
+    Ok(())
+}
+
+fn text_of(value: &Value) -> String {
+    value
+        .as_str()
+        .map_or_else(|| value.to_string(), str::to_owned)
+}
+
+async fn lifecycle(
+    client: &ApiClient,
+    command: LifecycleCommand,
+    args: LifecycleArgs,
+) -> Result<(Value, View)> {
+    let (answer, many) = send_lifecycle(client, command, args).await?;
+    Ok((
+        answer,
+        if many {
+            View::LifecycleSummary
+        } else {
+            View::Lifecycle
+        },
+    ))
+}
+
+/// Sends the command; answers the API's JSON and whether it is a filter's summary.
+async fn send_lifecycle(
+    client: &ApiClient,
+    command: LifecycleCommand,
+    args: LifecycleArgs,
+) -> Result<(Value, bool)> {
+    match args.id {
+        Some(id) => {
+            let request = LifecycleRequest {};
+            Ok((client.lifecycle(&id, command, &request).await?, false))
+        }
+        None if args.campaign.is_none() && args.state.is_none() && args.workflow.is_none() => {
+            bail!("give an instance id, or select instances with --campaign, --state or --workflow")
+        }
+        None => {
+            let request = LifecycleFilterRequest {
+                campaign: args.campaign,
+                workflow: args.workflow,
+                state: args.state,
+            };
+            Ok((client.lifecycle_many(command, &request).await?, true))
+        }
+    }
+}
+
+/// Sends the command; answers the API's JSON and how to show it.
+async fn run_campaign(client: &ApiClient, command: CampaignCommand) -> Result<(Value, View)> {
+    Ok(match command {
+        CampaignCommand::Create {
+            name,
+            max_running,
+            on_error_permit,
+        } => {
+            let request = CreateCampaign {
+                name,
+                max_running,
+                on_error_permit,
+            };
+            (client.create_campaign(&request).await?, View::Campaign)
+        }
+        CampaignCommand::SetLimit { name, max_running } => {
+            let request = SetLimit { max_running };
+            (
+                client.set_campaign_limit(&name, &request).await?,
+                View::LimitChanged,
+            )
+        }
+        CampaignCommand::List => (client.campaigns().await?, View::Campaigns),
+        CampaignCommand::Show { name } => (client.campaign(&name).await?, View::Campaign),
+    })
+}
+
+/// Sends the command; answers the API's JSON and how to show it.
+async fn run_token(client: &ApiClient, command: TokenCommand) -> Result<(Value, View)> {
+    Ok(match command {
+        TokenCommand::Create {
+            name,
+            scope,
+            expires,
+        } => {
+            let request = CreateToken {
+                name,
+                scope,
+                expires_in: expires,
+            };
+            (client.create_token(&request).await?, View::TokenCreated)
+        }
+        TokenCommand::List => (client.tokens().await?, View::Tokens),
+        TokenCommand::Revoke { name } => (client.revoke_token(&name).await?, View::TokenRevoked),
+    })
+}
+
+/// Writes to stdout; a closed pipe (`drover instance list | head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(err).context("writing to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn read_source(file: &Path) -> Result<String> {
+    if file == Path::new("-") {
+        let mut source = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut tokio::io::stdin(), &mut source)
+            .await
+            .context("cannot read the definition from standard input")?;
+        return Ok(source);
+    }
+    tokio::fs::read_to_string(file)
+        .await
+        .with_context(|| format!("cannot read definition file {}", file.display()))
+}
+
+fn parse_vars(vars: &str) -> Result<Value> {
+    let example = r#"e.g. --vars '{"email":"a@example.com"}'"#;
+    let value: Value = serde_json::from_str(vars)
+        .with_context(|| format!("--vars is not valid JSON ({example})"))?;
+    if !value.is_object() {
+        bail!("--vars must be a JSON object, not {value} ({example})");
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn vars_must_be_a_json_object() {
+        assert_eq!(parse_vars(r#"{"a": 1}"#).ok(), Some(json!({"a": 1})));
+        let err = parse_vars("[1]").expect_err("an array");
+        assert!(err.to_string().contains("JSON object"), "{err}");
+        let err = parse_vars("{nope").expect_err("not JSON");
+        assert!(err.to_string().contains("--vars"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_definition_file_is_named_in_the_error() {
+        let err = read_source(Path::new("/nonexistent/welcome.yaml"))
+            .await
+            .expect_err("missing");
+        assert!(
+            format!("{err:#}").contains("/nonexistent/welcome.yaml"),
+            "{err:#}"
+        );
+    }
+}
