@@ -125,10 +125,16 @@ fn build_provider() -> anyhow::Result<SdkTracerProvider> {
     if !named {
         resource = resource.with_service_name("drover");
     }
-    Ok(SdkTracerProvider::builder()
+    let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
-        .build())
+        // Random ids, except an instance root span's, derived from the instance id.
+        .with_id_generator(drover_bus::trace::TraceIds::default())
+        .build();
+    // The instance root spans are recorded through the global tracer.
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    drover_bus::trace::enable();
+    Ok(provider)
 }
 
 /// The http/protobuf exporter's client: the workspace's reqwest 0.12 (rustls) rather than the

@@ -561,6 +561,8 @@ impl Runner {
             attempt = claimed.step_attempt,
             node.id = %self.node,
         );
+        // Its own trace, linked to the instance's root (no trace grows with the instance).
+        drover_bus::trace::link_to_instance_root(&span, claimed.id);
         self.tasks
             .spawn(run_one(self.clone(), claimed, delivery, permit, done_tx).instrument(span));
     }
