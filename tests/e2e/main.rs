@@ -18,4 +18,5 @@ mod recovery;
 mod security;
 mod semaphore;
 mod support;
+mod telemetry;
 mod waiting;
