@@ -270,6 +270,37 @@ async fn one_instance_on_two_workers_exports_a_step_span_each_linked_to_its_root
     }
     assert_eq!(nodes.len(), 2, "the steps ran on both workers");
 
+    // The first job carried the API request's trace context in its headers: the first step
+    // links to the `POST /v1/instances` request span.
+    let requests_spans: Vec<Received> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| {
+            s.name == "POST /v1/instances"
+                && s.attributes.get("http.route").map(String::as_str) == Some("/v1/instances")
+        })
+        .collect();
+    assert!(
+        requests_spans.iter().any(|r| r
+            .attributes
+            .get("http.response.status_code")
+            .map(String::as_str)
+            == Some("201")
+            && by_seq[0]
+                .links
+                .contains(&(r.trace_id.clone(), r.span_id.clone()))),
+        "the first step links to the start request: {:?} {requests_spans:#?}",
+        by_seq[0]
+    );
+    // Logs carry the trace id of the span they were written in.
+    let started = api_node.log_lines("instances started");
+    assert!(
+        requests_spans.iter().any(|r| started
+            .iter()
+            .any(|l| l.contains(&format!("trace_id={}", r.trace_id)))),
+        "the start request's log line carries its trace id: {started:?}"
+    );
+
     // The http step sent its own span's trace context.
     let call = by_seq
         .iter()

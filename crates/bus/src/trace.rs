@@ -12,12 +12,16 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use drover_core::InstanceId;
+use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
 };
 use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::Delivery;
 
 /// Set once by the node when spans are exported.
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -105,8 +109,42 @@ pub fn record_instance_roots(
 /// Links `span` (a step's) to `instance`'s root span.
 pub fn link_to_instance_root(span: &tracing::Span, instance: InstanceId) {
     if is_enabled() {
-        span.add_link(instance_root(instance));
+        span.add_link_with_attributes(
+            instance_root(instance),
+            vec![KeyValue::new("drover.link", "instance")],
+        );
     }
+}
+
+/// Links `span` (a step's) to the span that published the job it runs, when the job carried
+/// one (a job re-dispatched from the database by the leader carries the sweep's).
+pub fn link_to_publisher<T>(span: &tracing::Span, delivery: &Delivery<T>) {
+    if !is_enabled() {
+        return;
+    }
+    if let Some(publisher) = delivery.trace_context() {
+        span.add_link_with_attributes(
+            publisher,
+            vec![KeyValue::new("drover.link", "published_by")],
+        );
+    }
+}
+
+/// Reads a W3C `traceparent` header value.
+pub(crate) fn parse_traceparent(traceparent: &str) -> Option<SpanContext> {
+    struct One<'a>(&'a str);
+    impl opentelemetry::propagation::Extractor for One<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            (key == "traceparent").then_some(self.0)
+        }
+        fn keys(&self) -> Vec<&str> {
+            vec!["traceparent"]
+        }
+    }
+    let cx = TraceContextPropagator::new().extract(&One(traceparent));
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.clone())
 }
 
 /// The W3C `traceparent` of the current span, when it is traced.
@@ -125,4 +163,31 @@ pub fn current_traceparent() -> Option<String> {
             sc.trace_flags().to_u8()
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_reads_back_as_the_span_context_it_was_written_from() {
+        let sc = parse_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .expect("a valid traceparent");
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        assert_eq!(sc.span_id().to_string(), "b7ad6b7169203331");
+        assert!(sc.is_sampled() && sc.is_remote());
+        assert!(parse_traceparent("garbage").is_none());
+    }
+
+    #[test]
+    fn the_instance_root_is_the_instance_id_and_its_low_half() {
+        let id = InstanceId::new();
+        let root = instance_root(id);
+        let hex = id.0.simple().to_string();
+        assert_eq!(root.trace_id().to_string(), hex);
+        assert_eq!(root.span_id().to_string(), hex[16..]);
+    }
 }
