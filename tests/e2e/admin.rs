@@ -189,3 +189,126 @@ async fn readyz_names_a_migration_the_database_lacks() -> anyhow::Result<()> {
     env.cleanup().await;
     Ok(())
 }
+
+/// The `drover_*` metric names a PromQL text queries (histogram series by their base name).
+fn queried_metrics(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("drover_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        names.insert(base.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The metric names a Prometheus exposition text has series of (histograms by base name).
+fn exposed_metrics(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .map(|name| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name)
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_and_alerts_query_exists_on_a_live_cluster() -> anyhow::Result<()>
+{
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/observability");
+    let dashboard = std::fs::read_to_string(format!("{root}/grafana-dashboard.json"))?;
+    let alerts = std::fs::read_to_string(format!("{root}/prometheus-alerts.yml"))?;
+    let exprs: Vec<String> = serde_json::from_str::<Value>(&dashboard)?["panels"]
+        .as_array()
+        .context("panels")?
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    let mut wanted = queried_metrics(&exprs.join("\n"));
+    assert!(wanted.len() > 20, "the dashboard queries {wanted:?}");
+    let rules: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .collect();
+    assert_eq!(
+        rules.len(),
+        4,
+        "no leader, outbox backlog, permit drift, stuck ready"
+    );
+    wanted.extend(queried_metrics(&rules.join("\n")));
+
+    // A cluster that ran a little of everything the panels show: handler, http and assign
+    // steps in a limited campaign.
+    let env = TestEnv::new().await?;
+    let recorder = drover_tests::Recorder::default();
+    let url = recorder.start().await?;
+    let (coordinator, coordinator_admin) = spawn_with_admin(&env, "coordinator,api", &[]).await?;
+    let (_worker, worker_admin) = spawn_with_admin(&env, "worker", &[]).await?;
+    let api = coordinator.api().to_owned();
+    let (status, body) = crate::support::post_json(
+        &format!("{api}/v1/campaigns"),
+        &json!({ "name": "metered", "max_running": 2 }),
+    )
+    .await?;
+    assert_eq!(status, 201, "{body}");
+    deploy(
+        &api,
+        &format!(
+            r#"
+name: metered
+steps:
+  - {{ id: compute, kind: handler, handler: double, input: {{ n: "2" }}, next: [{{ to: call }}] }}
+  - {{ id: call, kind: http, method: POST, url: "{url}/ok/m", next: [{{ to: done }}] }}
+  - {{ id: done, kind: end, status: completed }}
+"#
+        ),
+    )
+    .await?;
+    let (status, body) = crate::support::post_json(
+        &format!("{api}/v1/instances"),
+        &json!({ "workflow": "metered", "campaign": "metered", "count": 5 }),
+    )
+    .await?;
+    assert_eq!(status, 201, "{body}");
+    wait_settled(&env, 5, Duration::from_secs(60)).await?;
+
+    let missing = wait_until(
+        "every queried metric on the nodes",
+        Duration::from_secs(30),
+        || async {
+            let mut exposed = std::collections::BTreeSet::new();
+            for admin in [&coordinator_admin, &worker_admin] {
+                let (_, body) = fetch(&format!("{admin}/metrics")).await?;
+                exposed.extend(exposed_metrics(body.as_str().unwrap_or_default()));
+            }
+            let missing: Vec<String> = wanted.difference(&exposed).cloned().collect();
+            Ok(missing.is_empty().then_some(missing))
+        },
+    )
+    .await;
+    if missing.is_err() {
+        let mut exposed = std::collections::BTreeSet::new();
+        for admin in [&coordinator_admin, &worker_admin] {
+            let (_, body) = fetch(&format!("{admin}/metrics")).await?;
+            exposed.extend(exposed_metrics(body.as_str().unwrap_or_default()));
+        }
+        let missing: Vec<&String> = wanted.difference(&exposed).collect();
+        panic!("queried but not exposed: {missing:?}");
+    }
+    env.cleanup().await;
+    Ok(())
+}

@@ -143,6 +143,65 @@ async fn a_killed_workers_instances_resume_at_their_last_checkpoint_long_before_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_under_load_finishes_its_steps_hands_the_rest_over_and_leaves()
+-> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let coordinator = env.spawn_node("coordinator,api").await?;
+    let mut leaving = env.spawn_node("worker").await?;
+    let _staying = env.spawn_node("worker").await?;
+    let api = coordinator.api();
+    deploy(api, STEADY).await?;
+    start(api, "steady", json!({}), 200).await?;
+    wait_running_on(&env, leaving.id, 20).await?;
+
+    let status = leaving.stop().await?;
+    assert!(status.success(), "SIGTERM exits 0, not {status}");
+    let node = env
+        .store
+        .list_nodes()
+        .await?
+        .into_iter()
+        .find(|n| n.id == leaving.id)
+        .context("the node row stays")?;
+    assert_eq!(node.status, "left");
+    let left_at = node.died_at.context("left at")?;
+
+    let states = wait_settled(&env, 200, Duration::from_secs(90)).await?;
+    assert_eq!(states, vec![("completed".to_owned(), 200)]);
+    // Every step it started, it finished: nothing was taken back, every step ran once.
+    assert_steady_checkpoints(&env, 200).await?;
+    let (requeued,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM journal WHERE outcome = 'requeued'")
+            .fetch_one(env.store.pool())
+            .await?;
+    assert_eq!(requeued, 0, "no step was interrupted");
+    // The instances it last moved on went on elsewhere at once: long before the stale-READY
+    // sweep (3 s here) or a redelivery (30 s) would have rescued them.
+    let (handed_over, slowest): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), max(extract(epoch FROM n.started_at - $2) * 1000)::float8
+         FROM journal j
+         JOIN journal n ON n.instance_id = j.instance_id AND n.step_seq = j.step_seq + 1
+         WHERE j.node_id = $1
+           AND j.step_seq = (SELECT max(step_seq) FROM journal WHERE instance_id = j.instance_id
+                                                                 AND node_id = $1)",
+    )
+    .bind(leaving.id.0)
+    .bind(left_at)
+    .fetch_one(env.store.pool())
+    .await?;
+    println!(
+        "{handed_over} instances handed over; the slowest went on {slowest:?} ms after it left"
+    );
+    assert!(handed_over > 0, "it had instances to hand over");
+    assert!(
+        slowest.unwrap_or(0.0) < 2500.0,
+        "an instance waited {slowest:?} ms after the node left"
+    );
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_worker_is_fenced_out_and_rejoins_under_a_new_id_when_it_wakes()
 -> anyhow::Result<()> {
     let env = TestEnv::new().await?;

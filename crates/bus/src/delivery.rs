@@ -71,6 +71,7 @@ impl<T> Delivery<T> {
     pub async fn settle(&self, fate: Fate) -> Result<()> {
         let kind = match fate {
             Fate::Ack => AckKind::Ack,
+            Fate::Nak(delay) if delay.is_zero() => AckKind::Nak(None),
             Fate::Nak(delay) => AckKind::Nak(Some(delay)),
             Fate::Term => AckKind::Term,
             Fate::Progress => AckKind::Progress,

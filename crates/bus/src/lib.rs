@@ -548,6 +548,20 @@ impl Bus {
             .await
     }
 
+    /// Jobs of worker queue `queue` waiting for a worker (not yet delivered), and those
+    /// delivered but not yet settled.
+    pub async fn pending_jobs(&self, queue: &Queue) -> Result<(u64, u64)> {
+        let mut consumer = self.worker_consumer(queue).await?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|err| Error::Subscribe(format!("reading consumer info: {err}")))?;
+        Ok((
+            info.num_pending,
+            u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX),
+        ))
+    }
+
     /// The consumer of worker queue `queue` (one of the configuration's `worker_queues`),
     /// provisioned again first if it or its stream is gone; the flag says whether that was
     /// needed (the jobs the stream held are then lost: re-dispatch).

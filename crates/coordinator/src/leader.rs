@@ -165,7 +165,7 @@ impl LeaderLoop {
             return Ok(());
         }
         self.last_sample = Some(Instant::now());
-        crate::gauges::sample(&self.store, term).await
+        crate::gauges::sample(&self.store, &self.bus, term).await
     }
 
     /// Rows of nodes dead or left for longer than the retention go, once a minute.

@@ -115,3 +115,67 @@ impl Coordinator {
         a.and(b)
     }
 }
+
+/// Describes the coordinator's metrics (their `# HELP`) and registers those a quiet cluster has
+/// not recorded yet, so that dashboards and alerts find every series from the start.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "drover_instances",
+        "Instances per state (sampled by the leader)."
+    );
+    describe_gauge!(
+        "drover_campaign_permits_in_use",
+        "Permits held in a limited campaign (sampled by the leader)."
+    );
+    describe_gauge!(
+        "drover_campaign_permits_limit",
+        "A limited campaign's limit (sampled by the leader)."
+    );
+    describe_gauge!(
+        "drover_campaign_queued_instances",
+        "Instances queued for a limited campaign's permits (sampled by the leader)."
+    );
+    describe_gauge!(
+        "drover_outbox_backlog_events",
+        "Events written and not yet published (sampled by the leader)."
+    );
+    describe_gauge!(
+        "drover_outbox_relay_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest event not yet published (sampled by the leader)."
+    );
+    describe_gauge!(
+        "drover_jobs_pending",
+        "Jobs of a worker queue not yet delivered (sampled by the leader)."
+    );
+    describe_gauge!(
+        "drover_jobs_unsettled",
+        "Jobs of a worker queue delivered and not yet settled (sampled by the leader)."
+    );
+    describe_gauge!(
+        "drover_leader_term",
+        "The leader's lease term (set by the leader)."
+    );
+    describe_gauge!(
+        "drover_leader_is_leader",
+        "1 on the coordinator that leads, else 0."
+    );
+    describe_counter!(
+        "drover_semaphore_drift_total",
+        "Campaign permit counters found wrong (and repaired) by the leader."
+    );
+    describe_counter!(
+        "drover_recovery_instances_requeued_total",
+        "Instances of dead or departed nodes taken back."
+    );
+    describe_histogram!(
+        "drover_recovery_redispatch_seconds",
+        Unit::Seconds,
+        "From a dead node's last heartbeat to its instances re-dispatched."
+    );
+    metrics::counter!("drover_recovery_instances_requeued_total").increment(0);
+    metrics::counter!("drover_semaphore_drift_total").increment(0);
+    metrics::gauge!("drover_leader_is_leader").set(0.0);
+    let _ = metrics::histogram!("drover_recovery_redispatch_seconds");
+}

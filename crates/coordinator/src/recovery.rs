@@ -3,9 +3,8 @@
 use std::time::Duration;
 
 use drover_bus::{Bus, Delivery, Fate, RecoveryTask};
-use drover_core::InstanceState;
 use drover_core::backoff::{Backoff, SharedOutage};
-use drover_store::{Orphan, Store};
+use drover_store::Store;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -179,6 +178,15 @@ impl RecoveryConsumer {
         delivery: &Delivery<RecoveryTask>,
     ) -> Result<usize> {
         let total = self.requeue_running(task, delivery).await?;
+        if total > 0 {
+            metrics::counter!("drover_recovery_instances_requeued_total").increment(total as u64);
+            // From the node's last sign of life to its instances re-dispatched.
+            if let Some(seen) = self.store.last_heartbeat(task.node).await? {
+                let since = (chrono::Utc::now() - seen).to_std().unwrap_or_default();
+                metrics::histogram!("drover_recovery_redispatch_seconds")
+                    .record(since.as_secs_f64());
+            }
+        }
         let ready = self.store.ready_after_dead_node(task.node).await?;
         if !ready.is_empty() {
             self.bus
@@ -199,17 +207,11 @@ impl RecoveryConsumer {
                 .store
                 .requeue_orphans(task.node, self.node, self.config.requeue_batch)
                 .await?;
-            let orphans = requeued.orphans;
-            if orphans.is_empty() {
+            if requeued.orphans.is_empty() {
                 return Ok(total);
             }
-            total += orphans.len();
-            let jobs: Vec<_> = orphans
-                .iter()
-                .filter(|o| o.state == InstanceState::Ready)
-                .map(Orphan::job)
-                .chain(requeued.admitted.iter().map(|a| a.job()))
-                .collect();
+            total += requeued.orphans.len();
+            let jobs = requeued.jobs();
             // The rows are READY already: if this publish fails, the stale-READY sweeper
             // re-dispatches them.
             if let Err(err) = self.bus.publish_jobs(&jobs).await {

@@ -407,9 +407,7 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
                 shutdown.cancel();
             }
         }
-        if let Err(err) = store.set_node_status(node, "left").await {
-            tracing::warn!(%err, "could not mark the node left");
-        }
+        leave(&store, &bus, node).await;
         tracing::info!(node.id = %node, "node stopped");
         break;
     }
@@ -439,7 +437,21 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
 fn install_metrics(
     args: &NodeArgs,
 ) -> anyhow::Result<Option<metrics_exporter_prometheus::PrometheusHandle>> {
-    let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    // Durations as histograms with buckets (they add up across nodes); sizes likewise.
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".to_owned()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ],
+        )
+        .context("histogram buckets")?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_size".to_owned()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+        )
+        .context("histogram buckets")?;
     let recorder = match (args.metrics_listen, args.admin_listen) {
         (Some(addr), _) => {
             // Spawns its own upkeep.
@@ -472,6 +484,12 @@ fn install_metrics(
     };
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+    if args.roles.contains(&Role::Worker) {
+        drover_worker::describe_metrics();
+    }
+    if args.roles.contains(&Role::Coordinator) {
+        drover_coordinator::describe_metrics();
+    }
     Ok(Some(handle))
 }
 
@@ -741,6 +759,36 @@ async fn heartbeat(
         } else {
             tracing::debug!(node.id = %node, %err, "heartbeat failed again");
         }
+    }
+}
+
+/// Marks the drained node `left` (it takes no more work; nobody waits for its silence) and
+/// takes back what it still ran — steps that did not finish within the drain — publishing
+/// their jobs so that other workers go on with them at once.
+async fn leave(store: &Store, bus: &Bus, node: NodeId) {
+    if let Err(err) = store.set_node_status(node, "left").await {
+        tracing::warn!(node.id = %node, %err, "could not mark the node left; it will be declared dead");
+        return;
+    }
+    let mut taken_back = 0;
+    loop {
+        let requeued = match store.requeue_orphans(node, node, 500).await {
+            Ok(requeued) => requeued,
+            Err(err) => {
+                tracing::warn!(node.id = %node, %err, "could not take back unfinished steps; recovery will");
+                return;
+            }
+        };
+        if requeued.orphans.is_empty() {
+            break;
+        }
+        taken_back += requeued.orphans.len();
+        if let Err(err) = bus.publish_jobs(&requeued.jobs()).await {
+            tracing::warn!(node.id = %node, %err, "publishing the jobs of unfinished steps failed; the sweeper re-dispatches them");
+        }
+    }
+    if taken_back > 0 {
+        tracing::info!(node.id = %node, instances = taken_back, "left: unfinished steps go on elsewhere");
     }
 }
 

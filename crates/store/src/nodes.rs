@@ -96,6 +96,32 @@ impl Store {
         Ok(())
     }
 
+    /// When `node` last heartbeat; `None` for an unknown node.
+    pub async fn last_heartbeat(&self, node: NodeId) -> Result<Option<DateTime<Utc>>> {
+        let row: Option<(DateTime<Utc>,)> =
+            sqlx::query_as("SELECT heartbeat_at FROM node WHERE id = $1")
+                .bind(node.0)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(at,)| at))
+    }
+
+    /// The queues the alive workers serve.
+    pub async fn served_queues(&self) -> Result<Vec<Queue>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT unnest(queues) FROM node
+             WHERE status = 'alive' AND 'worker' = ANY (roles) ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(q,)| {
+                q.parse::<Queue>()
+                    .map_err(|err| Error::Corrupt(format!("node queue {q:?}: {err}")))
+            })
+            .collect()
+    }
+
     /// Deletes up to `limit` rows of nodes dead or left for over `retention_ms` that own no
     /// RUNNING instance (the journal keeps their ids); returns how many.
     pub async fn prune_nodes(&self, retention_ms: i64, limit: i64) -> Result<u64> {

@@ -186,6 +186,18 @@ pub struct Requeued {
     pub admitted: Vec<Admitted>,
 }
 
+impl Requeued {
+    /// The jobs to publish: the READY orphans' and the admitted instances'.
+    pub fn jobs(&self) -> Vec<StepJob> {
+        self.orphans
+            .iter()
+            .filter(|o| o.state == InstanceState::Ready)
+            .map(Orphan::job)
+            .chain(self.admitted.iter().map(Admitted::job))
+            .collect()
+    }
+}
+
 /// Moves locked RUNNING rows on: READY (fence+1) or, for a non-retryable step, IN_ERROR
 /// (releasing its permit if its campaign says so); journals each (`outcome`, actor
 /// `recovery:<by>`) and writes their `requeued` or `in_error` events, in `tx`.

@@ -219,6 +219,8 @@ impl Committer {
             self.done_tx.upgrade()
         };
         let continuing = done_tx.is_some();
+        metrics::histogram!("drover_worker_commit_batch_size").record(completions.len() as f64);
+        let clock = std::time::Instant::now();
         // A commit waits out a Postgres outage (holding its steps' permits, so the worker
         // takes no new work meanwhile): its steps ran, and giving up would leave their
         // instances RUNNING until the node is declared dead or their deadline passes.
@@ -235,6 +237,8 @@ impl Committer {
             "committing checkpoints",
         )
         .await;
+        metrics::histogram!("drover_worker_commit_duration_seconds")
+            .record(clock.elapsed().as_secs_f64());
         let (results, also_ready, continued) = match commit {
             Ok(done) => (done.results, done.ready, done.continued),
             Err(err) if !err.is_transient() => {

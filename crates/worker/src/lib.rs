@@ -205,6 +205,9 @@ pub struct Worker {
     missing_handlers: std::sync::Mutex<HashSet<String>>,
 }
 
+/// How long a draining worker keeps giving back deliveries that were already on their way.
+const GIVE_BACK_WINDOW: Duration = Duration::from_millis(100);
+
 /// The longest a worker leaves a job it cannot run before it is delivered again.
 pub const LEAVE_DELAY_MAX: Duration = Duration::from_secs(30);
 
@@ -301,7 +304,7 @@ impl Worker {
             let permit = tokio::select! {
                 () = shutdown.cancelled() => {
                     for delivery in &batch {
-                        settle(delivery, Outcome::Returned).await;
+                        settle(delivery, Outcome::GivenBack).await;
                     }
                     break;
                 }
@@ -315,7 +318,29 @@ impl Worker {
                 .await;
         }
 
-        // Drain: no new jobs; let in-flight steps finish and commit within the grace period.
+        // Drain: no new jobs — those delivered here but not started go back at once, for the
+        // other workers to take now rather than after the ack wait — and in-flight steps
+        // finish and commit within the grace period.
+        let mut given_back = 0;
+        // Deliveries already on their way land within moments: look for a short while.
+        let until = tokio::time::Instant::now() + GIVE_BACK_WINDOW;
+        loop {
+            match jobs.next_now() {
+                Some(delivery) => {
+                    settle(&delivery, Outcome::GivenBack).await;
+                    given_back += 1;
+                }
+                None if tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                None => break,
+            }
+        }
+        // No more pulls: what the server would send now goes to the other workers.
+        drop(jobs);
+        if given_back > 0 {
+            tracing::info!(node.id = %self.node, jobs = given_back, "draining: gave back the jobs not started");
+        }
         tasks.close();
         drop(done_tx);
         if tokio::time::timeout(self.config.drain_timeout, tasks.wait())
@@ -365,7 +390,12 @@ impl Worker {
         if jobs.is_empty() {
             return;
         }
-        let claimed = match commit::with_retries(|| self.store.claim(self.node, &jobs)).await {
+        metrics::histogram!("drover_worker_claim_batch_size").record(jobs.len() as f64);
+        let clock = std::time::Instant::now();
+        let claimed = commit::with_retries(|| self.store.claim(self.node, &jobs)).await;
+        metrics::histogram!("drover_worker_claim_duration_seconds")
+            .record(clock.elapsed().as_secs_f64());
+        let claimed = match claimed {
             Ok(claimed) => {
                 commit::postgres_ok(&self.postgres);
                 claimed
@@ -582,8 +612,13 @@ async fn run_one(
 ) {
     let ctx = Arc::clone(&runner.ctx);
     let started_at = Utc::now();
+    let clock = std::time::Instant::now();
+    let mut kind = "unknown";
     let completion = match load_definition(&runner, &claimed.workflow, claimed.version).await {
         Ok(def) => {
+            kind = def
+                .step(&claimed.current_step)
+                .map_or("unknown", |step| step.kind.name());
             let progress_every = ctx.bus.config().ack_wait / 3;
             let step = step::run(Arc::clone(&ctx), def, &claimed, started_at);
             tokio::pin!(step);
@@ -616,6 +651,10 @@ async fn run_one(
             return;
         }
     };
+    metrics::counter!("drover_worker_steps_total", "kind" => kind, "outcome" => completion.outcome.clone())
+        .increment(1);
+    metrics::histogram!("drover_worker_step_duration_seconds", "kind" => kind)
+        .record(clock.elapsed().as_secs_f64());
     // The committer never goes away before the steps it serves.
     let _ = done_tx
         .send(Done {
@@ -625,4 +664,78 @@ async fn run_one(
             route: claimed.route.clone(),
         })
         .await;
+}
+
+/// Describes the worker's metrics (their `# HELP`) and registers those a quiet node has not
+/// recorded yet, so that dashboards and alerts find every series from the start.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!(
+        "drover_worker_steps_total",
+        "Steps run, by step kind and outcome."
+    );
+    describe_histogram!(
+        "drover_worker_step_duration_seconds",
+        Unit::Seconds,
+        "Time a step ran, by step kind."
+    );
+    describe_histogram!(
+        "drover_worker_claim_batch_size",
+        "Jobs claimed in one statement."
+    );
+    describe_histogram!(
+        "drover_worker_claim_duration_seconds",
+        Unit::Seconds,
+        "Time of one claim statement (with its retries)."
+    );
+    describe_histogram!(
+        "drover_worker_commit_batch_size",
+        "Completions committed in one group commit."
+    );
+    describe_histogram!(
+        "drover_worker_commit_duration_seconds",
+        Unit::Seconds,
+        "Time of one group commit (with its retries)."
+    );
+    describe_counter!(
+        "drover_http_step_responses_total",
+        "Responses http steps got, by status class."
+    );
+    for (name, help) in [
+        (
+            "drover_worker_steps_committed_total",
+            "Checkpoints committed.",
+        ),
+        (
+            "drover_worker_steps_continued_total",
+            "Instances claimed again by this node in the commit of their previous step.",
+        ),
+        (
+            "drover_worker_stale_deliveries_total",
+            "Deliveries whose claim found the instance moved on.",
+        ),
+        (
+            "drover_worker_jobs_left_total",
+            "Handler jobs left for a worker that has the handler.",
+        ),
+        (
+            "drover_worker_garbage_jobs_total",
+            "Job messages that could not be decoded.",
+        ),
+        (
+            "drover_worker_fenced_commits_total",
+            "Completions refused by the fence.",
+        ),
+    ] {
+        describe_counter!(name, help);
+        metrics::counter!(name).increment(0);
+    }
+    for name in [
+        "drover_worker_claim_batch_size",
+        "drover_worker_claim_duration_seconds",
+        "drover_worker_commit_batch_size",
+        "drover_worker_commit_duration_seconds",
+    ] {
+        let _ = metrics::histogram!(name);
+    }
 }

@@ -18,6 +18,8 @@ pub(crate) enum Outcome {
     /// Not run here after all — the node cannot heartbeat, the worker stops, the claim or the
     /// commit was given up — so another delivery, soon, goes to whichever worker can.
     Returned,
+    /// Delivered to a worker that is draining before it started it: for another worker, now.
+    GivenBack,
     /// A job for a handler this worker lacks, on its `delivered`th delivery (1 the first
     /// time): left for a worker that has it, a little later each time round.
     Left { delivered: i64 },
@@ -35,6 +37,7 @@ pub(crate) fn fate(outcome: Outcome) -> Fate {
     match outcome {
         Outcome::Finished => Fate::Ack,
         Outcome::Returned => Fate::Nak(RETURN_DELAY),
+        Outcome::GivenBack => Fate::Nak(Duration::ZERO),
         // Doubling from 1 s up to LEAVE_DELAY_MAX, so a job goes round the queue's workers
         // without spinning.
         Outcome::Left { delivered } => {
@@ -79,6 +82,7 @@ mod tests {
     fn every_outcome_has_its_fate() {
         assert_eq!(fate(Outcome::Finished), Fate::Ack);
         assert_eq!(fate(Outcome::Returned), Fate::Nak(RETURN_DELAY));
+        assert_eq!(fate(Outcome::GivenBack), Fate::Nak(Duration::ZERO));
         assert_eq!(fate(Outcome::Garbage), Fate::Term);
         assert_eq!(fate(Outcome::Running), Fate::Progress);
     }

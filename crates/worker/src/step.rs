@@ -478,6 +478,14 @@ async fn http_call(
         url = next;
     };
     let status = response.status();
+    let class = match status.as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("drover_http_step_responses_total", "class" => class).increment(1);
     if response
         .content_length()
         .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
