@@ -10,7 +10,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use drover_tests::{Recorder, TestEnv, wait_until};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 use prost::Message;
@@ -54,39 +59,68 @@ impl Receiver {
     fn spans(&self) -> Vec<Received> {
         self.spans.lock().map(|s| s.clone()).unwrap_or_default()
     }
+
+    /// Serves OTLP/gRPC on a free loopback port instead.
+    async fn start_grpc(&self) -> anyhow::Result<String> {
+        let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse()?)?;
+        let addr = incoming.local_addr()?;
+        let service = TraceServiceServer::new(self.clone());
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        Ok(format!("http://{addr}"))
+    }
+
+    fn record(&self, request: ExportTraceServiceRequest) {
+        let mut received = Vec::new();
+        for resource_spans in request.resource_spans {
+            let service = resource_spans
+                .resource
+                .map(|r| attributes(&r.attributes))
+                .and_then(|mut a| a.remove("service.name"))
+                .unwrap_or_default();
+            for scope_spans in resource_spans.scope_spans {
+                for span in scope_spans.spans {
+                    received.push(Received {
+                        name: span.name.clone(),
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        links: span
+                            .links
+                            .iter()
+                            .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+                            .collect(),
+                        attributes: attributes(&span.attributes),
+                        service: service.clone(),
+                    });
+                }
+            }
+        }
+        if let Ok(mut spans) = self.spans.lock() {
+            spans.extend(received);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.record(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
 }
 
 async fn receive(State(receiver): State<Receiver>, body: Bytes) -> axum::http::StatusCode {
     let Ok(request) = ExportTraceServiceRequest::decode(body) else {
         return axum::http::StatusCode::BAD_REQUEST;
     };
-    let mut received = Vec::new();
-    for resource_spans in request.resource_spans {
-        let service = resource_spans
-            .resource
-            .map(|r| attributes(&r.attributes))
-            .and_then(|mut a| a.remove("service.name"))
-            .unwrap_or_default();
-        for scope_spans in resource_spans.scope_spans {
-            for span in scope_spans.spans {
-                received.push(Received {
-                    name: span.name.clone(),
-                    trace_id: hex(&span.trace_id),
-                    span_id: hex(&span.span_id),
-                    links: span
-                        .links
-                        .iter()
-                        .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
-                        .collect(),
-                    attributes: attributes(&span.attributes),
-                    service: service.clone(),
-                });
-            }
-        }
-    }
-    if let Ok(mut spans) = receiver.spans.lock() {
-        spans.extend(received);
-    }
+    receiver.record(request);
     // An empty ExportTraceServiceResponse is an empty protobuf message.
     axum::http::StatusCode::OK
 }
@@ -312,5 +346,56 @@ async fn one_instance_on_two_workers_exports_a_step_span_each_linked_to_its_root
         requests[0].traceparent.as_deref(),
         Some(format!("00-{}-{}-01", call.trace_id, call.span_id).as_str())
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_grpc_protocol_the_spans_reach_an_otlp_grpc_receiver() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let receiver = Receiver::default();
+    let endpoint = receiver.start_grpc().await?;
+    let recorder = Recorder::default();
+    let recorder_url = recorder.start().await?;
+    let otel = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL".to_owned(), "grpc".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
+    ];
+    let node = env
+        .spawn_node_env("worker,api,coordinator", &["--queues", "default,b"], &otel)
+        .await?;
+    let api = node.api();
+    deploy(api, &traced_workflow(&recorder_url)).await?;
+    let id = start(api, "traced", json!({}), 1)
+        .await?
+        .first()
+        .cloned()
+        .unwrap_or_default();
+    let root_trace = Uuid::parse_str(&id)?.simple().to_string();
+    let root = (root_trace.clone(), root_trace[16..].to_owned());
+    let steps = wait_until(
+        "the root and four step spans over grpc",
+        Duration::from_secs(30),
+        || {
+            let spans = receiver.spans();
+            let (id, root) = (id.clone(), root.clone());
+            async move {
+                let has_root = spans.iter().any(|s| {
+                    s.name == "instance" && (s.trace_id.clone(), s.span_id.clone()) == root
+                });
+                let steps: Vec<Received> = spans
+                    .into_iter()
+                    .filter(|s| s.name == "step" && s.attributes.get("instance.id") == Some(&id))
+                    .collect();
+                Ok((has_root && steps.len() >= 4).then_some(steps))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(steps.len(), 4, "{steps:#?}");
+    for span in &steps {
+        assert!(span.links.contains(&root), "linked to the root: {span:?}");
+        assert_eq!(span.service, "drover", "the default service name");
+    }
     Ok(())
 }
