@@ -15,6 +15,7 @@ mod nats_login;
 mod operator;
 mod queues;
 mod recovery;
+mod schedules;
 mod security;
 mod semaphore;
 mod support;

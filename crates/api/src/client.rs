@@ -12,6 +12,7 @@ use crate::dto::{JournalQuery, ListQuery, VersionQuery};
 use crate::error::ErrorBody;
 use crate::lifecycle::{LifecycleCommand, LifecycleFilterRequest, LifecycleRequest};
 use crate::operator::ResumeRequest;
+use crate::schedules::{Backfill, CreateSchedule, PauseSchedule, ScheduleSpec};
 use crate::start::StartRequest;
 use crate::tokens::CreateToken;
 
@@ -276,6 +277,100 @@ impl ApiClient {
     /// `GET /v1/campaigns`.
     pub async fn campaigns(&self) -> Result<Value, ClientError> {
         self.get(&["v1", "campaigns"], None::<&()>).await
+    }
+
+    /// `GET /v1/schedules`.
+    pub async fn schedules(&self) -> Result<Value, ClientError> {
+        self.get(&["v1", "schedules"], None::<&()>).await
+    }
+
+    /// `GET /v1/schedules/{name}`: with the next fire times and recent fires.
+    pub async fn schedule(&self, name: &str) -> Result<Value, ClientError> {
+        self.get(&["v1", "schedules", name], None::<&()>).await
+    }
+
+    /// `POST /v1/schedules`.
+    pub async fn create_schedule(&self, request: &CreateSchedule) -> Result<Value, ClientError> {
+        self.send_json(Method::POST, &["v1", "schedules"], Some(request))
+            .await
+    }
+
+    /// `PATCH /v1/schedules/{name}`.
+    pub async fn update_schedule(
+        &self,
+        name: &str,
+        request: &ScheduleSpec,
+    ) -> Result<Value, ClientError> {
+        self.send_json(Method::PATCH, &["v1", "schedules", name], Some(request))
+            .await
+    }
+
+    /// `DELETE /v1/schedules/{name}`.
+    pub async fn delete_schedule(&self, name: &str) -> Result<Value, ClientError> {
+        self.send_json(Method::DELETE, &["v1", "schedules", name], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/schedules/{name}/pause`.
+    pub async fn pause_schedule(
+        &self,
+        name: &str,
+        request: &PauseSchedule,
+    ) -> Result<Value, ClientError> {
+        self.send_json(
+            Method::POST,
+            &["v1", "schedules", name, "pause"],
+            Some(request),
+        )
+        .await
+    }
+
+    /// `POST /v1/schedules/{name}/unpause`.
+    pub async fn unpause_schedule(&self, name: &str) -> Result<Value, ClientError> {
+        self.send_json(
+            Method::POST,
+            &["v1", "schedules", name, "unpause"],
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `POST /v1/schedules/{name}/trigger`: runs it now.
+    pub async fn trigger_schedule(&self, name: &str) -> Result<Value, ClientError> {
+        self.send_json(
+            Method::POST,
+            &["v1", "schedules", name, "trigger"],
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `POST /v1/schedules/{name}/backfill`.
+    pub async fn backfill_schedule(
+        &self,
+        name: &str,
+        request: &Backfill,
+    ) -> Result<Value, ClientError> {
+        self.send_json(
+            Method::POST,
+            &["v1", "schedules", name, "backfill"],
+            Some(request),
+        )
+        .await
+    }
+
+    async fn send_json<B: serde::Serialize + ?Sized>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&B>,
+    ) -> Result<Value, ClientError> {
+        let url = self.url(segments)?;
+        let mut builder = self.http.request(method, url.clone());
+        if let Some(body) = body {
+            builder = builder.json(body);
+        }
+        self.send(builder, &url).await
     }
 
     /// `GET /v1/campaigns/{name}`.

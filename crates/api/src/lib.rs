@@ -22,6 +22,7 @@
 //! | `POST /v1/instances/{id}/events/{name}` | deliver an event ([`deliver_event`]; NATS: [`SignalListener`]) |
 //! | `POST /v1/campaigns`, `GET /v1/campaigns/{name}`, `PUT /v1/campaigns/{name}/limit` | campaigns and their limits ([`CreateCampaign`], [`SetLimit`]) |
 //! | `GET /v1/campaigns`, `GET /v1/nodes`, `GET /v1/leader`, `GET /v1/stats` | cluster |
+//! | `GET, POST /v1/schedules`, `GET, PATCH, DELETE /v1/schedules/{name}`, `POST …/{pause,unpause,trigger,backfill}` | schedules (admin to change, viewer to read) |
 //! | `POST /v1/tokens`, `GET /v1/tokens`, `DELETE /v1/tokens/{name}` | API tokens (admin) |
 //! | `GET /v1/openapi.json`, `GET /healthz`, `GET /readyz` | this API's description, liveness, readiness (no token) |
 //! | `GET /v1/asyncapi.json`, `GET /v1/schemas/events/{type}` | the events' AsyncAPI document and JSON Schemas ([`drover_bus::contract`]; no token) |
@@ -37,6 +38,7 @@ mod extract;
 mod lifecycle;
 mod operator;
 mod routes;
+mod schedules;
 mod signal;
 mod start;
 mod tokens;
@@ -63,6 +65,10 @@ pub use lifecycle::{
     LifecycleResult, LifecycleSummary, RefusalEntry,
 };
 pub use operator::{Leader, ResumeMode, ResumeRequest};
+pub use schedules::{
+    Backfill, CreateSchedule, DeletedSchedule, FireRecord, ManualFireView, ManualFired,
+    PauseSchedule, ScheduleDetail, ScheduleList, ScheduleSpec, ScheduleView,
+};
 pub use signal::{Delivered, EventDelivered, SignalListener, deliver_event};
 pub use start::{
     DEFAULT_CAMPAIGN, DefinitionCache, MAX_START_COUNT, START_CHUNK, StartQuery, StartRequest,
@@ -171,6 +177,20 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/stats", get(routes::stats))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", delete(tokens::revoke))
+        .route(
+            "/v1/schedules",
+            get(schedules::list).post(schedules::create),
+        )
+        .route(
+            "/v1/schedules/{name}",
+            get(schedules::show)
+                .patch(schedules::update)
+                .delete(schedules::delete),
+        )
+        .route("/v1/schedules/{name}/pause", post(schedules::pause))
+        .route("/v1/schedules/{name}/unpause", post(schedules::unpause))
+        .route("/v1/schedules/{name}/trigger", post(schedules::trigger))
+        .route("/v1/schedules/{name}/backfill", post(schedules::backfill))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

@@ -76,6 +76,15 @@ pub(crate) const MAX_JOURNAL_PAGE_BYTES: usize = 4 * 1024 * 1024;
         crate::tokens::create,
         crate::tokens::list,
         crate::tokens::revoke,
+        crate::schedules::list,
+        crate::schedules::create,
+        crate::schedules::show,
+        crate::schedules::update,
+        crate::schedules::delete,
+        crate::schedules::pause,
+        crate::schedules::unpause,
+        crate::schedules::trigger,
+        crate::schedules::backfill,
         openapi,
         crate::contract::asyncapi,
         crate::contract::event_schema,
@@ -119,6 +128,17 @@ pub(crate) const MAX_JOURNAL_PAGE_BYTES: usize = 4 * 1024 * 1024;
         crate::tokens::TokenInfo,
         crate::tokens::TokenList,
         crate::tokens::ScopeSchema,
+        crate::schedules::CreateSchedule,
+        crate::schedules::ScheduleSpec,
+        crate::schedules::PauseSchedule,
+        crate::schedules::Backfill,
+        crate::schedules::FireRecord,
+        crate::schedules::ScheduleView,
+        crate::schedules::ScheduleDetail,
+        crate::schedules::ScheduleList,
+        crate::schedules::ManualFired,
+        crate::schedules::ManualFireView,
+        crate::schedules::DeletedSchedule,
         Readiness,
         ReadinessChecks
     )),
@@ -126,7 +146,8 @@ pub(crate) const MAX_JOURNAL_PAGE_BYTES: usize = 4 * 1024 * 1024;
     tags(
         (name = "workflows", description = "Workflow definitions and their versions"),
         (name = "instances", description = "Starting and inspecting workflow instances"),
-        (name = "cluster", description = "Campaigns, nodes and counts")
+        (name = "cluster", description = "Campaigns, nodes and counts"),
+        (name = "schedules", description = "Workflows started on a cron or interval schedule")
     )
 )]
 pub(crate) struct ApiDoc;

@@ -97,7 +97,9 @@ event_types! {
     Instance "stop_requested",
     Instance "stopped",
     Instance "restarted",
+    Instance "schedule_fired",
     Campaign "permit_drift",
+    Campaign "schedule_skipped",
 }
 
 /// The event type `kind` (`started`, `permit_drift`, …), if there is one.
@@ -411,7 +413,7 @@ mod tests {
 
     /// Every [`EventKind`]. The match below fails to compile when a kind is added, so a new
     /// kind cannot ship without its schema.
-    const ALL_KINDS: [EventKind; 20] = [
+    const ALL_KINDS: [EventKind; 22] = [
         EventKind::Started,
         EventKind::StepCompleted,
         EventKind::StepRetry,
@@ -432,11 +434,13 @@ mod tests {
         EventKind::Admitted,
         EventKind::PermitReleased,
         EventKind::PermitDrift,
+        EventKind::ScheduleFired,
+        EventKind::ScheduleSkipped,
     ];
 
     fn scope_of(kind: EventKind) -> EventScope {
         match kind {
-            EventKind::PermitDrift => EventScope::Campaign,
+            EventKind::PermitDrift | EventKind::ScheduleSkipped => EventScope::Campaign,
             EventKind::Started
             | EventKind::StepCompleted
             | EventKind::StepRetry
@@ -455,7 +459,8 @@ mod tests {
             | EventKind::Restarted
             | EventKind::Queued
             | EventKind::Admitted
-            | EventKind::PermitReleased => EventScope::Instance,
+            | EventKind::PermitReleased
+            | EventKind::ScheduleFired => EventScope::Instance,
         }
     }
 

@@ -403,6 +403,14 @@ impl Grants<'_> {
                         Some(&s.recovery_filter()),
                     ));
                     p.allow_publish([s.recovery_filter()]);
+                    // The leader samples each worker queue's pending jobs (read only).
+                    for queue in &self.config.worker_queues {
+                        p.allow_publish([js_api(&format!(
+                            "CONSUMER.INFO.{}.{}",
+                            s.jobs_stream(),
+                            worker_consumer_name(queue)
+                        ))]);
+                    }
                 }
                 NatsRole::Api => {
                     p.allow_subscribe([s.signal_filter()]);

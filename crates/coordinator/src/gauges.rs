@@ -30,7 +30,15 @@ pub(crate) async fn sample(store: &Store, bus: &Bus, term: LeaderTerm) -> Result
     metrics::gauge!("drover_outbox_relay_lag_seconds").set(lag);
     metrics::gauge!("drover_leader_term").set(term.0 as f64);
     for queue in store.served_queues().await? {
-        let (pending, unsettled) = bus.pending_jobs(&queue).await?;
+        // Best effort: a NATS user without the right to look (an older configuration) only
+        // leaves the gauge out.
+        let (pending, unsettled) = match bus.pending_jobs(&queue).await {
+            Ok(counts) => counts,
+            Err(err) => {
+                tracing::debug!(%err, %queue, "cannot sample the queue's pending jobs");
+                continue;
+            }
+        };
         metrics::gauge!("drover_jobs_pending", "queue" => queue.as_str().to_owned())
             .set(pending as f64);
         metrics::gauge!("drover_jobs_unsettled", "queue" => queue.as_str().to_owned())

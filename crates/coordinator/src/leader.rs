@@ -24,6 +24,8 @@ pub struct LeaderLoop {
     last_reconcile: Option<Instant>,
     last_prune: Option<Instant>,
     last_sample: Option<Instant>,
+    /// When the earliest schedule is due (checked between ticks too).
+    schedule_due: Option<Instant>,
     /// No node is declared dead before this: after an outage of this loop's own (Postgres
     /// away, most likely for everyone), the others get `dead_after` to heartbeat again
     /// before their silence counts.
@@ -43,6 +45,7 @@ impl LeaderLoop {
             last_reconcile: None,
             last_prune: None,
             last_sample: None,
+            schedule_due: None,
             declare_after: None,
         }
     }
@@ -75,6 +78,17 @@ impl LeaderLoop {
                     && let Err(err) = self.declare_dead(term).await
                 {
                     tracing::debug!(%err, leader.term = %term, "looking for gone nodes failed");
+                }
+                if let Some(term) = self.term
+                    && self.schedule_due.is_some_and(|at| Instant::now() >= at)
+                {
+                    match crate::scheduler::fire_due(&self.store, &self.bus, self.node, term).await
+                    {
+                        Ok(due) => self.schedule_due = due,
+                        Err(err) => {
+                            tracing::debug!(%err, leader.term = %term, "firing schedules failed")
+                        }
+                    }
                 }
             }
             if shutdown.is_cancelled() {
@@ -149,6 +163,8 @@ impl LeaderLoop {
         self.rescan_orphans(term).await?;
         self.requeue_overdue(term).await?;
         self.wake_due(term).await?;
+        self.schedule_due =
+            crate::scheduler::fire_due(&self.store, &self.bus, self.node, term).await?;
         self.redispatch_stale_ready().await?;
         self.reconcile_permits(term).await?;
         self.prune_nodes().await?;
@@ -165,7 +181,11 @@ impl LeaderLoop {
             return Ok(());
         }
         self.last_sample = Some(Instant::now());
-        crate::gauges::sample(&self.store, &self.bus, term).await
+        // Metrics never stop the leader's work.
+        if let Err(err) = crate::gauges::sample(&self.store, &self.bus, term).await {
+            tracing::debug!(%err, "sampling the cluster gauges failed");
+        }
+        Ok(())
     }
 
     /// Rows of nodes dead or left for longer than the retention go, once a minute.

@@ -4,7 +4,8 @@
 //!   `dead_after` of silence — or, every `liveness_every`, once their process is gone (their
 //!   liveness lock released) and their heartbeat `gone_after` late — and publishes one recovery
 //!   task per dead node, and runs the
-//!   sweepers: stale READY rows re-dispatched, RUNNING rows past their deadline taken back.
+//!   sweepers: stale READY rows re-dispatched, RUNNING rows past their deadline taken back;
+//!   and fires the due schedules (see `scheduler`).
 //!   Every leader write checks the lease term in its own statement, so a leader that was
 //!   paused past its lease writes nothing.
 //! - **Every replica** ([`RecoveryConsumer`]) consumes recovery tasks from a work queue, so
@@ -15,6 +16,7 @@
 mod gauges;
 mod leader;
 mod recovery;
+mod scheduler;
 
 use std::time::Duration;
 

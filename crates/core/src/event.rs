@@ -51,11 +51,16 @@ pub enum EventKind {
     PermitReleased,
     /// The campaign reconciler found a semaphore invariant broken (a campaign event).
     PermitDrift,
+    /// Started by a schedule at one of its fire times (data: `schedule`, `fire_at`, `reason`).
+    ScheduleFired,
+    /// A schedule's fire time passed without an instance: missed beyond its catch-up window,
+    /// or its overlap policy said so (a campaign event).
+    ScheduleSkipped,
 }
 
 impl EventKind {
     /// Every kind, in the order the contract lists them.
-    pub const ALL: [EventKind; 20] = [
+    pub const ALL: [EventKind; 22] = [
         Self::Started,
         Self::Queued,
         Self::Admitted,
@@ -76,6 +81,8 @@ impl EventKind {
         Self::Restarted,
         Self::PermitReleased,
         Self::PermitDrift,
+        Self::ScheduleFired,
+        Self::ScheduleSkipped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -100,12 +107,14 @@ impl EventKind {
             Self::Admitted => "admitted",
             Self::PermitReleased => "permit_released",
             Self::PermitDrift => "permit_drift",
+            Self::ScheduleFired => "schedule_fired",
+            Self::ScheduleSkipped => "schedule_skipped",
         }
     }
 
     /// Is this an event about a campaign itself (not one instance)?
     pub fn is_campaign_event(self) -> bool {
-        self == Self::PermitDrift
+        matches!(self, Self::PermitDrift | Self::ScheduleSkipped)
     }
 }
 

@@ -63,6 +63,10 @@ uuid_id!(
     /// One node process; a restart gets a new id.
     NodeId
 );
+uuid_id!(
+    /// A schedule (a row of `schedule`).
+    ScheduleId
+);
 
 macro_rules! int_id {
     ($(#[$meta:meta])* $name:ident) => {

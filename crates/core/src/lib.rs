@@ -12,13 +12,14 @@ pub mod job;
 pub mod lifecycle;
 pub mod list;
 pub mod route;
+pub mod schedule;
 pub mod scope;
 pub mod state;
 pub mod subject;
 
 pub use definition::{Definition, DefinitionError, DefinitionErrors, Step, StepKind};
 pub use event::{EventKind, Fact};
-pub use ids::{CampaignId, Fence, InstanceId, NodeId, SignalId, StepSeq};
+pub use ids::{CampaignId, Fence, InstanceId, NodeId, ScheduleId, SignalId, StepSeq};
 pub use job::StepJob;
 pub use route::{Queue, Route};
 pub use scope::Scope;

@@ -635,8 +635,8 @@ impl Life<'_> {
 
         // Held until this registration has drained: released, it tells the leader the process
         // is gone.
-        let mut liveness = None;
-        let beat = heartbeat(store, node, in_flight, &gate, health, &life, &mut liveness);
+        let liveness = tokio::spawn(keep_liveness(store.clone(), node));
+        let beat = heartbeat(store, node, in_flight, &gate, health, &life);
         let end = tokio::select! {
             beat = beat => match beat {
                 Beat::DeclaredDead => LifeEnd::DeclaredDead,
@@ -668,9 +668,7 @@ impl Life<'_> {
         if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
             tracing::warn!(node.id = %node, "roles did not drain in time");
         }
-        if let Some(liveness) = liveness {
-            liveness.release().await;
-        }
+        liveness.abort();
         end
     }
 }
@@ -703,8 +701,7 @@ enum Beat {
 /// (its liveness lock released) by a heartbeat only [`HEARTBEAT_EVERY`] late.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
 
-/// Renews the node row every [`HEARTBEAT_EVERY`], and keeps (or takes again) the node's
-/// liveness lock in `liveness`. A heartbeat that fails (or hangs past [`HEARTBEAT_TIMEOUT`])
+/// Renews the node row every [`HEARTBEAT_EVERY`]. A heartbeat that fails (or hangs past [`HEARTBEAT_TIMEOUT`])
 /// closes the claim gate until one succeeds again: a node that cannot heartbeat may be declared
 /// dead meanwhile, and must not take more work. Returns once the node finds itself declared
 /// dead, or `life` is cancelled.
@@ -715,7 +712,6 @@ async fn heartbeat(
     gate: &ClaimGate,
     health: &Health,
     life: &CancellationToken,
-    liveness: &mut Option<Liveness>,
 ) -> Beat {
     let mut ticker = tokio::time::interval(HEARTBEAT_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -738,7 +734,6 @@ async fn heartbeat(
             Ok(Ok(Heartbeat::Alive)) => {
                 health.set_postgres(true);
                 gate.open();
-                keep_liveness(store, node, liveness).await;
                 if let Some(recovered) = outage.succeeded() {
                     tracing::info!(node.id = %node, after = ?recovered.after, "heartbeating again");
                 }
@@ -792,24 +787,29 @@ async fn leave(store: &Store, bus: &Bus, node: NodeId) {
     }
 }
 
-/// Checks the liveness lock's session, taking the lock again if it is gone (its connection
-/// broke). Failing is harmless: the heartbeat alone keeps the node alive, and the next beat
-/// tries again.
-async fn keep_liveness(store: &Store, node: NodeId, liveness: &mut Option<Liveness>) {
-    if let Some(held) = liveness.as_mut() {
-        match tokio::time::timeout(HEARTBEAT_TIMEOUT, held.check()).await {
-            Ok(Ok(())) => return,
-            Ok(Err(err)) => {
-                tracing::info!(node.id = %node, %err, "liveness lock lost; taking it again")
+/// Holds node `node`'s liveness lock for as long as it runs (aborting it releases the lock),
+/// checking its session every second and taking the lock again if the session broke. Its own
+/// task, so that a slow check never delays a heartbeat, and a slow session is never given up
+/// (that would release the lock of a live node).
+async fn keep_liveness(store: Store, node: NodeId) {
+    let mut held: Option<Liveness> = None;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Some(lock) = held.as_mut() {
+            match lock.check().await {
+                Ok(()) => continue,
+                Err(err) => {
+                    tracing::info!(node.id = %node, %err, "liveness lock lost; taking it again");
+                    held = None;
+                }
             }
-            Err(_) => tracing::info!(node.id = %node, "liveness lock unanswered; taking it again"),
         }
-        *liveness = None;
-    }
-    match tokio::time::timeout(HEARTBEAT_TIMEOUT, store.hold_liveness(node)).await {
-        Ok(Ok(held)) => *liveness = Some(held),
-        Ok(Err(err)) => tracing::debug!(node.id = %node, %err, "taking the liveness lock failed"),
-        Err(_) => tracing::debug!(node.id = %node, "taking the liveness lock timed out"),
+        match store.hold_liveness(node).await {
+            Ok(lock) => held = Some(lock),
+            Err(err) => tracing::debug!(node.id = %node, %err, "taking the liveness lock failed"),
+        }
     }
 }
 

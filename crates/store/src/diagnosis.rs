@@ -297,7 +297,7 @@ impl Store {
             None => None,
         };
 
-        let route = crate::instances::parse_route(r.step_queue, r.step_handler)?;
+        let route = crate::model::parse_route(r.step_queue, r.step_handler)?;
         let (live_workers, capable_workers, last_worker_heartbeat): (
             i64,
             i64,

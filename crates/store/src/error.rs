@@ -43,6 +43,16 @@ pub enum Error {
     /// A live (neither revoked nor expired) token has this name.
     #[error("token {0:?} exists already; revoke it first to reuse its name")]
     TokenExists(String),
+    /// A schedule name that is not a slug.
+    #[error("schedule name {0:?} is not a slug ([a-z0-9][a-z0-9_-]{{0,62}})")]
+    InvalidScheduleName(String),
+    /// A cron expression, time zone, interval, bound or backfill range that cannot be used.
+    #[error("invalid schedule: {0}")]
+    InvalidSchedule(String),
+    #[error("schedule {0:?} exists already")]
+    ScheduleExists(String),
+    #[error("unknown schedule {0:?}")]
+    UnknownSchedule(String),
     #[error("unknown node {0}")]
     UnknownNode(NodeId),
     /// Another session holds the node's liveness lock.

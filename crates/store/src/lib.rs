@@ -11,6 +11,10 @@
 //! wrong. Events are written to `event_fact` in the transaction of the transition they describe
 //! (see the `facts` module).
 
+mod campaigns;
+mod claim;
+mod commit;
+mod definitions;
 mod diagnosis;
 mod error;
 mod facts;
@@ -22,6 +26,7 @@ mod model;
 mod nodes;
 mod operator;
 mod recovery;
+mod schedules;
 mod semaphore;
 mod tokens;
 mod waiting;
@@ -48,6 +53,10 @@ pub use model::*;
 pub use nodes::{Heartbeat, NewNode};
 pub use operator::{Resume, Resumed};
 pub use recovery::Requeued;
+pub use schedules::{
+    CadenceSpec, DEFAULT_CATCHUP_WINDOW, MAX_BACKFILL, ManualFire, ManualFires, NewSchedule,
+    Schedule, ScheduleFire, SchedulerPass,
+};
 pub use semaphore::{
     Admitted, CampaignStatus, Drift, DriftKind, LIMIT_RANGE, LimitSet, NewCampaign, OnErrorPermit,
     Reconciled, SEMAPHORE_ACTOR,

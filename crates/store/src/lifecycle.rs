@@ -46,8 +46,8 @@ use uuid::Uuid;
 
 use crate::diagnosis::parse_state;
 use crate::facts::{NewFact, insert_facts};
-use crate::instances::parse_route;
 use crate::model::StepJob;
+use crate::model::parse_route;
 use crate::semaphore::{self, Admission, Admitted};
 use crate::{Error, Result, Store};
 

@@ -8,6 +8,9 @@ use drover_core::{
 };
 use serde::Serialize;
 use serde_json::Value;
+use uuid::Uuid;
+
+use crate::{Error, Result};
 
 /// A stored workflow definition version.
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
@@ -478,4 +481,22 @@ pub struct PendingSignal {
     pub id: SignalId,
     pub payload: Value,
     pub received_at: DateTime<Utc>,
+}
+
+/// A READY instance's job from its row: `(id, step_seq, fence, step_queue, step_handler)`.
+pub(crate) type JobRow = (Uuid, i64, i64, String, Option<String>);
+
+pub(crate) fn job_row((id, seq, fence, queue, handler): JobRow) -> Result<StepJob> {
+    Ok(StepJob {
+        instance: InstanceId(id),
+        step_seq: StepSeq(seq),
+        fence: Fence(fence),
+        route: parse_route(queue, handler)?,
+    })
+}
+
+/// The route of a step as its instance row keeps it (`step_queue`, `step_handler`).
+pub(crate) fn parse_route(queue: String, handler: Option<String>) -> Result<Route> {
+    let queue = Queue::try_from(queue).map_err(|e| Error::Corrupt(e.to_string()))?;
+    Ok(Route { queue, handler })
 }

@@ -9,8 +9,8 @@ use drover_core::{Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::instances::parse_route;
 use crate::lease::{COORDINATOR_LEASE, LeaderTerm};
+use crate::model::parse_route;
 use crate::model::{Orphan, StepJob};
 use crate::semaphore::{Admitted, release_permits};
 use crate::{Error, Result, Store};
@@ -80,7 +80,7 @@ impl Store {
         .bind(node.0)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(crate::instances::job_row).collect()
+        rows.into_iter().map(crate::model::job_row).collect()
     }
 
     /// Takes back up to `limit` RUNNING instances of the dead (or left) node `node` in one

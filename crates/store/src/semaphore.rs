@@ -369,7 +369,7 @@ async fn admit(
             step_seq: StepSeq(r.step_seq),
             fence: Fence(r.fence),
             queue_seq: r.queue_seq,
-            route: crate::instances::parse_route(r.step_queue, r.step_handler)?,
+            route: crate::model::parse_route(r.step_queue, r.step_handler)?,
         });
     }
     Ok(admitted)

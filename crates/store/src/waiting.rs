@@ -187,7 +187,7 @@ impl TryFrom<WaitingRow> for Woken {
             current_step: r.current_step,
             step_seq: StepSeq(r.step_seq + 1),
             fence: Fence(r.fence),
-            route: crate::instances::parse_route(r.step_queue, r.step_handler)?,
+            route: crate::model::parse_route(r.step_queue, r.step_handler)?,
         })
     }
 }

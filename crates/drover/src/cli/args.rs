@@ -105,6 +105,9 @@ pub enum OperatorCommand {
     /// API tokens (admin scope).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Schedules: workflows started on a cron or interval schedule.
+    #[command(subcommand)]
+    Schedule(super::schedule::ScheduleCommand),
 }
 
 #[derive(clap::Subcommand, Debug)]

@@ -10,6 +10,7 @@
 mod args;
 mod render;
 mod run;
+mod schedule;
 
 pub use args::{
     CampaignCommand, InstanceCommand, LifecycleArgs, OperatorCommand, TokenCommand, WorkflowCommand,

@@ -440,7 +440,12 @@ fn render_token_revoked(answer: &Value) -> String {
 }
 
 /// A table of `rows` (an array of objects), or `empty` when there are none.
-fn list(rows: &Value, empty: &str, header: &[&str], row: impl Fn(&Value) -> Vec<String>) -> String {
+pub(super) fn list(
+    rows: &Value,
+    empty: &str,
+    header: &[&str],
+    row: impl Fn(&Value) -> Vec<String>,
+) -> String {
     let rows = rows.as_array().map(Vec::as_slice).unwrap_or_default();
     if rows.is_empty() {
         return format!("{empty}\n");
@@ -453,7 +458,7 @@ fn list(rows: &Value, empty: &str, header: &[&str], row: impl Fn(&Value) -> Vec<
     finish(&table)
 }
 
-fn key_values(rows: &[(&str, String)]) -> String {
+pub(super) fn key_values(rows: &[(&str, String)]) -> String {
     let mut table = table();
     for (key, value) in rows {
         table.add_row(vec![format!("{key}:"), value.clone()]);
@@ -483,7 +488,7 @@ fn finish(table: &Table) -> String {
 }
 
 /// A JSON value as a cell: strings bare, null as `-`, the rest as compact JSON.
-fn text(value: &Value) -> String {
+pub(super) fn text(value: &Value) -> String {
     match value {
         Value::Null => "-".to_owned(),
         Value::String(s) => s.clone(),
@@ -492,7 +497,7 @@ fn text(value: &Value) -> String {
 }
 
 /// An RFC 3339 timestamp to the second, in UTC; anything else as [`text`].
-fn time(value: &Value) -> String {
+pub(super) fn time(value: &Value) -> String {
     value
         .as_str()
         .and_then(|s| s.parse::<DateTime<Utc>>().ok())

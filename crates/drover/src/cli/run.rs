@@ -121,6 +121,9 @@ pub async fn run(
         OperatorCommand::Nodes => (client.nodes().await?, View::Nodes),
         OperatorCommand::Leader => (client.leader().await?, View::Leader),
         OperatorCommand::Token(command) => run_token(&client, command).await?,
+        OperatorCommand::Schedule(command) => {
+            return super::schedule::run(&client, command, json).await;
+        }
     };
     let text = if json {
         let mut text = serde_json::to_string_pretty(&answer).context("encoding the answer")?;
@@ -240,7 +243,7 @@ async fn run_token(client: &ApiClient, command: TokenCommand) -> Result<(Value, 
 }
 
 /// Writes to stdout; a closed pipe (`drover instance list | head`) is not an error.
-fn emit(text: &str) -> Result<()> {
+pub(super) fn emit(text: &str) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     match stdout
         .write_all(text.as_bytes())

@@ -6,6 +6,7 @@ mod lifecycle;
 mod liveness;
 mod outbox;
 mod queues;
+mod schedules;
 mod semaphore;
 mod support;
 mod tls;

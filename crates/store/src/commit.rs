@@ -1,0 +1,733 @@
+//! The group commit of step completions (checkpoints), with their permits and events.
+
+use drover_core::event::EventKind;
+use drover_core::{Fence, InstanceId, InstanceState, NodeId, StepSeq};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::claim::ClaimRow;
+use crate::facts::{NewFact, completion_facts, facts_json, insert_facts};
+use crate::model::*;
+use crate::semaphore::{Admitted, release_permits};
+use crate::{Error, Result, Store};
+
+impl Store {
+    /// Group-commits a batch of step completions by `node` (one fsync for the batch).
+    ///
+    /// Each completion is a CAS on its instance row (fence, step_seq, RUNNING, owned by
+    /// `node`); for those that pass, the journal entry `step_seq + 1` and the events are
+    /// written in the same transaction. Returns one [`Commit`] per completion, in order.
+    ///
+    /// Instances this commit makes READY besides the completions' own (children started,
+    /// parents woken, queued instances admitted) are re-dispatched by the stale-READY sweeper
+    /// only: workers call [`Store::commit_waking`], which returns their jobs.
+    pub async fn commit(&self, node: NodeId, completions: &[Completion]) -> Result<Vec<Commit>> {
+        Ok(self.commit_waking(node, completions).await?.results)
+    }
+
+    /// [`Store::commit`], also returning the jobs of the other instances the commit made READY.
+    ///
+    /// Besides each completion's own transition, in the same transaction:
+    /// - `Transition::Wait` parks the instance WAITING (`wake_at`, `wait_event`,
+    ///   `wait_child`); a `child` is created READY (journal row 0 `started`, actor
+    ///   `parent:<id>`, `call_depth + 1`, the parent's campaign, no permit of its own: it runs
+    ///   under its parent's). A wait for an event that was delivered while the step ran, or for
+    ///   a child that finished meanwhile, goes READY instead (the step runs again and finds
+    ///   it).
+    /// - A completion that `consumes` a signal marks it consumed.
+    /// - A child reaching `completed`, `failed` or `stopped` wakes its WAITING parent (READY
+    ///   at the same step, `step_seq + 1`, journal `woken` by `child:<id>`, a `woken`
+    ///   event). Any other transition leaves the current step's wait behind.
+    /// - Operator requests are honoured: with `stop_requested_by` set, an instance that would
+    ///   go on (READY, WAITING or IN_ERROR) is STOPPED instead (journal outcome `stopped`,
+    ///   actor the operator); with `pause_requested_by` set, one that would be READY is PAUSED
+    ///   (keeping its permit; `paused_by`/`paused_at` set, the request cleared). Each gets a
+    ///   `stopped`/`paused` event.
+    /// - A permit holder that finishes (or goes IN_ERROR under `on_error_permit: release`)
+    ///   releases its permit, which passes to its campaign's oldest QUEUED instances
+    ///   (ARCHITECTURE.md, "Semaphore"), with `permit_released` and `admitted` events.
+    ///
+    /// Most commits change no permit and honour no request: they are one statement, and
+    /// touch no campaign row. Completions that do are committed in a second transaction that
+    /// locks their instance rows (id order), then their campaign rows (id order).
+    pub async fn commit_waking(
+        &self,
+        node: NodeId,
+        completions: &[Completion],
+    ) -> Result<GroupCommit> {
+        self.group_commit(node, completions, false).await
+    }
+
+    /// [`Store::commit_waking`], where each completion that moves on to its next step and
+    /// would be READY is claimed again by `node` in the same statement (RUNNING, fence + 1,
+    /// exactly as [`Store::claim`] would, and only while `node` is alive): the worker runs
+    /// that step at once, without a job round trip through NATS or a claim statement. Those
+    /// instances are in [`GroupCommit::continued`]; nobody else is sent their job. A node
+    /// that dies before committing such a step leaves it RUNNING under a dead owner, as any
+    /// claim does, for recovery.
+    pub async fn commit_continuing(
+        &self,
+        node: NodeId,
+        completions: &[Completion],
+    ) -> Result<GroupCommit> {
+        self.group_commit(node, completions, true).await
+    }
+
+    async fn group_commit(
+        &self,
+        node: NodeId,
+        completions: &[Completion],
+        continuing: bool,
+    ) -> Result<GroupCommit> {
+        if completions.is_empty() {
+            return Ok(GroupCommit {
+                results: Vec::new(),
+                ready: Vec::new(),
+                continued: Vec::new(),
+            });
+        }
+        let rows = completion_rows(completions);
+        let mut results: Vec<CommitRow> = sqlx::query_as(COMMIT)
+            .bind(Value::Array(rows.clone()))
+            .bind(node.0)
+            .bind(false)
+            .bind(continuing)
+            .fetch_all(&self.pool)
+            .await?;
+        if results.len() != completions.len() {
+            return Err(Error::Corrupt(format!(
+                "group commit answered {} results for {} completions",
+                results.len(),
+                completions.len()
+            )));
+        }
+        // Left out of the fast path: they change a permit or honour an operator's request (or
+        // are fenced: the second pass finds that again).
+        let deferred: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.committed && !r.existed)
+            .map(|(idx, _)| idx)
+            .collect();
+        let mut admitted = Vec::new();
+        if !deferred.is_empty() {
+            let (second, also) = self
+                .commit_with_permits(node, completions, &rows, &deferred, continuing)
+                .await?;
+            for row in second {
+                let slot = usize::try_from(row.idx)
+                    .ok()
+                    .and_then(|idx| results.get_mut(idx))
+                    .ok_or_else(|| {
+                        Error::Corrupt(format!("group commit answered index {}", row.idx))
+                    })?;
+                *slot = row;
+            }
+            admitted = also;
+        }
+
+        let mut ready = Vec::new();
+        let mut continued = Vec::new();
+        let mut commits = Vec::with_capacity(results.len());
+        for (idx, (row, completion)) in results.into_iter().zip(completions).enumerate() {
+            commits.push(match (row.committed, row.existed) {
+                (true, _) => Commit::Committed,
+                (false, true) => Commit::AlreadyCommitted,
+                (false, false) => Commit::Fenced,
+            });
+            if !row.committed {
+                continue;
+            }
+            if let Some(claimed) = row.continued {
+                continued.push((idx, claimed.0.into_claimed()?));
+            }
+            if let (
+                Some(child),
+                Transition::Wait {
+                    child: Some(new), ..
+                },
+            ) = (row.child_id, &completion.transition)
+            {
+                ready.push(StepJob {
+                    instance: InstanceId(child),
+                    step_seq: StepSeq(0),
+                    fence: Fence(0),
+                    route: new.route.clone(),
+                });
+            }
+            if let (Some(id), Some(seq), Some(fence), Some(queue)) = (
+                row.parent_id,
+                row.parent_seq,
+                row.parent_fence,
+                row.parent_queue,
+            ) {
+                ready.push(StepJob {
+                    instance: InstanceId(id),
+                    step_seq: StepSeq(seq),
+                    fence: Fence(fence),
+                    route: parse_route(queue, row.parent_handler)?,
+                });
+            }
+            // A wait that went READY at once: its job is not one the caller expects.
+            if matches!(completion.transition, Transition::Wait { .. })
+                && row.state.as_deref() == Some("ready")
+                && let (Some(seq), Some(fence), Some(queue)) =
+                    (row.step_seq, row.fence, row.step_queue)
+            {
+                ready.push(StepJob {
+                    instance: completion.instance,
+                    step_seq: StepSeq(seq),
+                    fence: Fence(fence),
+                    route: parse_route(queue, row.step_handler)?,
+                });
+            }
+        }
+        ready.extend(admitted.iter().map(Admitted::job));
+        Ok(GroupCommit {
+            results: commits,
+            ready,
+            continued,
+        })
+    }
+
+    /// The second pass of [`Store::commit_waking`]: the completions at `deferred` (indexes into
+    /// `completions` and their `rows`) committed in one transaction that may change permits:
+    /// instance rows locked first (id order), the commit, its `stopped`/`paused` events, then
+    /// the permits released and passed on. Returns the commit rows and the admitted instances.
+    async fn commit_with_permits(
+        &self,
+        node: NodeId,
+        completions: &[Completion],
+        rows: &[Value],
+        deferred: &[usize],
+        continuing: bool,
+    ) -> Result<(Vec<CommitRow>, Vec<Admitted>)> {
+        let mut ids: Vec<Uuid> = deferred
+            .iter()
+            .filter_map(|&idx| completions.get(idx))
+            .map(|c| c.instance.0)
+            .collect();
+        ids.sort_unstable();
+        let rows: Vec<Value> = deferred
+            .iter()
+            .filter_map(|&idx| rows.get(idx).cloned())
+            .collect();
+        #[derive(sqlx::FromRow)]
+        struct Locked {
+            id: Uuid,
+            holds_permit: bool,
+        }
+        let mut tx = self.pool.begin().await?;
+        let locked: Vec<Locked> = sqlx::query_as(
+            "SELECT id, holds_permit FROM instance
+             WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let results: Vec<CommitRow> = sqlx::query_as(COMMIT)
+            .bind(Value::Array(rows))
+            .bind(node.0)
+            .bind(true)
+            .bind(continuing)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut released = Vec::new();
+        let mut facts = Vec::new();
+        for row in results.iter().filter(|r| r.committed) {
+            let Some(completion) = usize::try_from(row.idx)
+                .ok()
+                .and_then(|idx| completions.get(idx))
+            else {
+                return Err(Error::Corrupt(format!(
+                    "group commit answered index {}",
+                    row.idx
+                )));
+            };
+            let Some(before) = locked.iter().find(|l| l.id == completion.instance.0) else {
+                continue;
+            };
+            if before.holds_permit && row.holds_permit == Some(false) {
+                released.push(completion.instance);
+            }
+            let honoured = match (row.state.as_deref(), &completion.transition) {
+                (Some("stopped"), Transition::Stop { state })
+                    if *state == InstanceState::Stopped =>
+                {
+                    None
+                }
+                (Some("stopped"), _) => Some((EventKind::Stopped, &row.stop_requested_by)),
+                (Some("paused"), _) => Some((EventKind::Paused, &row.paused_by)),
+                _ => None,
+            };
+            if let Some((kind, actor)) = honoured {
+                facts.push(NewFact::new(
+                    completion.instance,
+                    kind,
+                    json!({
+                        "state": row.state,
+                        "step": row.current_step,
+                        "step_seq": row.step_seq,
+                        "actor": actor,
+                        "requested": true,
+                    }),
+                ));
+            }
+        }
+        insert_facts(&mut tx, &facts).await?;
+        let admitted = release_permits(&mut tx, &released, &[], "commit").await?;
+        tx.commit().await?;
+        Ok((results, admitted))
+    }
+}
+
+/// One completion as a row of the commit statement's `$1` (`idx` = its index in the batch).
+fn completion_rows(completions: &[Completion]) -> Vec<Value> {
+    completions
+        .iter()
+        .enumerate()
+        .map(|(idx, c)| {
+            let (next_state, next_step, retry, delay_ms) = match &c.transition {
+                Transition::Next { step, .. } => ("ready", Some(step.as_str()), false, 0),
+                Transition::Retry { delay_ms } => ("ready", None, true, *delay_ms),
+                Transition::Stop { state } => (state.as_str(), None, false, 0),
+                Transition::Wait { .. } => ("waiting", None, false, 0),
+            };
+            let (allow_retry, timeout_ms, route) = match &c.transition {
+                Transition::Next {
+                    allow_retry,
+                    timeout_ms,
+                    route,
+                    ..
+                } => (Some(*allow_retry), Some(*timeout_ms), Some(route)),
+                _ => (None, None, None),
+            };
+            let (wait, wake_at_ms, wait_event, child) = match &c.transition {
+                Transition::Wait {
+                    wake_at_ms,
+                    event,
+                    child,
+                } => (true, *wake_at_ms, event.as_deref(), child.as_deref()),
+                _ => (false, None, None, None),
+            };
+            let transition = next_step.unwrap_or(next_state);
+            let mut row = json!({
+                "idx": idx,
+                "instance_id": c.instance,
+                "fence": c.fence,
+                "step_seq": c.step_seq,
+                "step_id": c.step_id,
+                "attempt": c.attempt,
+                "started_at": c.started_at,
+                "outcome": c.outcome,
+                "transition": transition,
+                "next_state": next_state,
+                "next_step": next_step,
+                "allow_retry": allow_retry,
+                "timeout_ms": timeout_ms,
+                "retry": retry,
+                "delay_ms": delay_ms,
+                "vars": c.vars,
+                "output": c.output,
+                "error": c.error,
+                "events": facts_json(&completion_facts(c)),
+                "wait": wait,
+            });
+            // The rest only when present (absent keys read as NULL): most completions are
+            // plain steps, and the statement parses every byte.
+            if let Some(row) = row.as_object_mut() {
+                let mut put = |key: &str, value: Value| {
+                    if !value.is_null() {
+                        row.insert(key.to_owned(), value);
+                    }
+                };
+                if let Some(route) = route {
+                    put("queue", json!(route.queue));
+                    put("handler", json!(route.handler));
+                }
+                put("wake_at_ms", json!(wake_at_ms));
+                put("wait_event", json!(wait_event));
+                put("signal_id", json!(c.consumes));
+                if let Some(k) = child {
+                    put("child_id", json!(k.id));
+                    put("child_workflow", json!(k.workflow));
+                    put("child_version", json!(k.version));
+                    put("child_entry", json!(k.entry_step));
+                    put("child_allow_retry", json!(k.allow_retry));
+                    put("child_timeout_ms", json!(k.timeout_ms));
+                    put("child_queue", json!(k.route.queue));
+                    put("child_handler", json!(k.route.handler));
+                    put("child_vars", k.vars.clone());
+                }
+            }
+            row
+        })
+        .collect()
+}
+
+/// What the commit statement answers per completion.
+#[derive(sqlx::FromRow)]
+struct CommitRow {
+    idx: i32,
+    committed: bool,
+    existed: bool,
+    state: Option<String>,
+    step_seq: Option<i64>,
+    fence: Option<i64>,
+    current_step: Option<String>,
+    holds_permit: Option<bool>,
+    stop_requested_by: Option<String>,
+    paused_by: Option<String>,
+    child_id: Option<Uuid>,
+    parent_id: Option<Uuid>,
+    parent_seq: Option<i64>,
+    parent_fence: Option<i64>,
+    /// The route of the instance's step after the commit, and of the parent it woke.
+    step_queue: Option<String>,
+    step_handler: Option<String>,
+    parent_queue: Option<String>,
+    parent_handler: Option<String>,
+    /// The instance claimed again by the committing node for its next step (see
+    /// [`Store::commit_continuing`]).
+    continued: Option<sqlx::types::Json<ClaimRow>>,
+}
+
+/// Does a completion's wait end at once? It waits for an event that was delivered while the
+/// step ran (`signal_pending`), or keeps waiting for a child that has finished meanwhile.
+macro_rules! wait_ends_at_once {
+    () => {
+        "(c.wait AND ((c.wait_event IS NOT NULL AND i.signal_pending)
+                      OR (c.child_id IS NULL AND i.wait_child IS NOT NULL
+                          AND i.pending_children = 0)))"
+    };
+}
+
+/// The state a completion asks for, a wait that ends at once being READY.
+macro_rules! asked_state {
+    () => {
+        concat!(
+            "(CASE WHEN ",
+            wait_ends_at_once!(),
+            " THEN 'ready' ELSE c.next_state END)"
+        )
+    };
+}
+
+/// The state the instance ends up in: what it asks for, unless an operator asked to stop it
+/// (anything but finishing becomes STOPPED) or to pause it (READY becomes PAUSED).
+macro_rules! final_state {
+    () => {
+        concat!(
+            "(CASE WHEN i.stop_requested_by IS NOT NULL
+                        AND ",
+            asked_state!(),
+            " IN ('ready', 'waiting', 'in_error') THEN 'stopped'
+                   WHEN i.pause_requested_by IS NOT NULL AND ",
+            asked_state!(),
+            " = 'ready' THEN 'paused'
+                   ELSE ",
+            asked_state!(),
+            " END)"
+        )
+    };
+}
+
+/// Does the committing node claim the instance again at once for its next step? Only when
+/// asked (`$4`, [`Store::commit_continuing`]), for a plain move to the next step that would
+/// leave it READY, while the node is alive (as a claim requires), and if it serves the next
+/// step's queue and has its handler (its node row).
+macro_rules! continues {
+    () => {
+        concat!(
+            "($4 AND c.next_step IS NOT NULL AND NOT c.retry AND NOT c.wait AND t.alive
+              AND c.queue = ANY (t.queues) AND (c.handler IS NULL OR c.handler = ANY (t.handlers))
+              AND ",
+            final_state!(),
+            " = 'ready')"
+        )
+    };
+}
+
+/// Does the instance give its permit back? It finishes, or goes IN_ERROR in a campaign whose
+/// `on_error_permit` is `release`. (`$state` is the state it ends up in.)
+macro_rules! gives_back {
+    ($($state:tt)*) => {
+        concat!(
+            "(",
+            $($state)*,
+            " IN ('completed', 'failed', 'stopped')
+              OR (",
+            $($state)*,
+            " = 'in_error'
+                  AND (SELECT on_error_permit FROM campaign WHERE id = i.campaign_id) = 'release'))"
+        )
+    };
+}
+
+/// The group commit (see [`Store::commit_waking`]): `$1` the completions as JSON, `$2` the
+/// node, `$3` whether permits may change, `$4` whether the node continues instances on
+/// their next step ([`Store::commit_continuing`]).
+///
+/// With `$3` false (the fast path, autocommit) a completion that would release a permit or
+/// honour an operator's stop or pause request is left alone (not committed, not existed):
+/// such a commit must lock its campaign row and admit queued instances in the same
+/// transaction, which needs statements after this one. With `$3` true it is committed; the
+/// caller, in the same transaction, does the rest.
+///
+/// A child's terminal commit locks its parent row (`pl`) whatever the parent's state, and
+/// always decrements `pending_children`: so a parent that commits a wait for that child at the
+/// same moment either is seen WAITING here (and woken), or sees `pending_children = 0` itself
+/// (and goes READY). Neither can miss the other.
+const COMMIT: &str = concat!(
+    "WITH c AS (
+        SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(
+            idx int, instance_id uuid, fence bigint, step_seq bigint, step_id text,
+            attempt int, started_at timestamptz, outcome text, transition text,
+            next_state text, next_step text, allow_retry bool, timeout_ms bigint,
+            queue text, handler text, retry bool, delay_ms bigint, vars jsonb, output jsonb, error text,
+            events jsonb, wait bool, wake_at_ms bigint, wait_event text, signal_id bigint,
+            child_id uuid, child_workflow text, child_version int,
+            child_entry text, child_allow_retry bool, child_timeout_ms bigint,
+            child_queue text, child_handler text, child_vars jsonb)
+     ), t AS (
+        SELECT clock_timestamp() AS now,
+               EXISTS (SELECT 1 FROM node WHERE id = $2 AND status = 'alive') AS alive,
+               (SELECT queues FROM node WHERE id = $2) AS queues,
+               (SELECT handlers FROM node WHERE id = $2) AS handlers
+     ), upd AS (
+        UPDATE instance i SET
+            state = CASE WHEN ",
+    continues!(),
+    " THEN 'running' ELSE ",
+    final_state!(),
+    " END,
+            owner_node = CASE WHEN ",
+    continues!(),
+    " THEN $2 END,
+            claimed_at = CASE WHEN ",
+    continues!(),
+    " THEN t.now END,
+            fence = i.fence + CASE WHEN ",
+    continues!(),
+    " THEN 1 ELSE 0 END,
+            signal_pending = i.signal_pending AND NOT ",
+    continues!(),
+    ",
+            step_seq = i.step_seq + 1,
+            event_seq = i.event_seq + jsonb_array_length(c.events),
+            current_step = coalesce(c.next_step, i.current_step),
+            step_entered_seq = CASE WHEN c.next_step IS NOT NULL THEN i.step_seq + 1
+                                    ELSE i.step_entered_seq END,
+            step_attempt = CASE WHEN c.retry THEN i.step_attempt + 1
+                                WHEN c.next_step IS NOT NULL THEN 1
+                                ELSE i.step_attempt END,
+            step_claims = CASE WHEN ",
+    continues!(),
+    " THEN 1 ELSE 0 END,
+            step_retryable = coalesce(c.allow_retry, i.step_retryable),
+            step_timeout_ms = coalesce(c.timeout_ms, i.step_timeout_ms),
+            step_queue = coalesce(c.queue, i.step_queue),
+            step_handler = CASE WHEN c.next_step IS NOT NULL THEN c.handler ELSE i.step_handler END,
+            run_deadline = CASE WHEN ",
+    continues!(),
+    " THEN t.now + (coalesce(c.timeout_ms, i.step_timeout_ms) + 30000)
+                                       * interval '1 millisecond' END,
+            steps_run = i.steps_run + CASE WHEN c.retry OR c.wait THEN 0 ELSE 1 END,
+            vars = coalesce(c.vars, i.vars),
+            outputs = CASE WHEN c.output IS NULL THEN i.outputs
+                           ELSE i.outputs || jsonb_build_object(c.step_id, c.output) END,
+            error = c.error,
+            ready_at = CASE WHEN ",
+    final_state!(),
+    " <> 'ready' OR ",
+    continues!(),
+    " THEN NULL
+                            WHEN ",
+    wait_ends_at_once!(),
+    " THEN t.now
+                            ELSE t.now + c.delay_ms * interval '1 millisecond'
+                       END,
+            finished_at = CASE WHEN ",
+    final_state!(),
+    " IN ('completed', 'failed', 'stopped') THEN t.now END,
+            holds_permit = i.holds_permit AND NOT ",
+    gives_back!(final_state!()),
+    ",
+            wake_at = CASE WHEN c.wake_at_ms IS NOT NULL AND ",
+    final_state!(),
+    " = 'waiting'
+                           THEN coalesce(i.wait_deadline,
+                                         t.now + c.wake_at_ms * interval '1 millisecond')
+                      END,
+            -- Kept across waits and retries of the step (a retry must not restart a timeout).
+            wait_deadline = CASE WHEN c.wait
+                                 THEN coalesce(i.wait_deadline,
+                                               t.now + c.wake_at_ms * interval '1 millisecond')
+                                 WHEN c.retry THEN i.wait_deadline
+                            END,
+            wait_event = CASE WHEN c.wait THEN c.wait_event END,
+            -- A child is created only for an instance that does wait (not one stopped instead).
+            wait_child = CASE WHEN c.child_id IS NOT NULL AND ",
+    final_state!(),
+    " = 'waiting' THEN c.child_id
+                              WHEN c.child_id IS NULL AND c.wait THEN i.wait_child END,
+            pending_children = CASE WHEN c.child_id IS NOT NULL AND ",
+    final_state!(),
+    " = 'waiting' THEN 1
+                                    WHEN c.child_id IS NULL AND c.wait THEN i.pending_children
+                                    ELSE 0 END,
+            pause_requested_by = CASE WHEN ",
+    final_state!(),
+    " = 'paused' THEN NULL ELSE i.pause_requested_by END,
+            paused_by = CASE WHEN ",
+    final_state!(),
+    " = 'paused' THEN i.pause_requested_by ELSE i.paused_by END,
+            paused_at = CASE WHEN ",
+    final_state!(),
+    " = 'paused' THEN t.now ELSE i.paused_at END,
+            updated_at = t.now
+        FROM c, t
+        WHERE i.id = c.instance_id AND i.fence = c.fence AND i.step_seq = c.step_seq
+          AND i.state = 'running' AND i.owner_node = $2
+          -- A node declared dead (or gone) abandons its steps: none of its writes land.
+          AND EXISTS (SELECT 1 FROM node WHERE id = $2 AND status NOT IN ('dead', 'left'))
+          AND ($3 OR NOT (i.stop_requested_by IS NOT NULL OR i.pause_requested_by IS NOT NULL
+                          OR (i.holds_permit AND ",
+    gives_back!(asked_state!()),
+    ")))
+        RETURNING c.idx, i.id, i.state, i.step_seq, i.fence, i.campaign_id, i.call_depth,
+                  i.parent_instance_id, i.wake_at, i.wait_child, i.current_step,
+                  i.holds_permit, i.stop_requested_by, i.paused_by, i.event_seq,
+                  i.workflow, i.version, i.step_queue, i.step_handler,
+                  CASE WHEN i.state = 'running' THEN jsonb_build_object(
+                      'id', i.id, 'workflow', i.workflow, 'version', i.version,
+                      'campaign', (SELECT name FROM campaign WHERE id = i.campaign_id),
+                      'current_step', i.current_step, 'step_seq', i.step_seq,
+                      'step_entered_seq', i.step_entered_seq, 'step_attempt', i.step_attempt,
+                      'fence', i.fence, 'step_claims', i.step_claims, 'steps_run', i.steps_run,
+                      'vars', i.vars, 'outputs', i.outputs, 'created_at', i.created_at,
+                      'claimed_at', i.claimed_at, 'wait_deadline', i.wait_deadline,
+                      'wait_child', i.wait_child, 'parent_instance_id', i.parent_instance_id,
+                      'call_depth', i.call_depth, 'step_queue', i.step_queue,
+                      'step_handler', i.step_handler) END AS continued
+     ), j AS (
+        INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                             attempt, node_id, actor, started_at, finished_at, output, error)
+        SELECT c.instance_id, c.step_seq + 1, c.step_id,
+               CASE WHEN upd.state = 'stopped' AND c.next_state <> 'stopped' THEN 'stopped'
+                    ELSE c.outcome END,
+               CASE WHEN c.wait OR (upd.state IN ('stopped', 'paused')
+                                    AND upd.state <> c.next_state)
+                    THEN upd.state ELSE c.transition END,
+               c.fence, c.attempt, $2,
+               CASE WHEN upd.state = 'stopped' AND c.next_state <> 'stopped'
+                    THEN upd.stop_requested_by
+                    WHEN upd.state = 'paused' THEN upd.paused_by END,
+               c.started_at, clock_timestamp(),
+               CASE WHEN c.wait
+                    THEN jsonb_strip_nulls(jsonb_build_object(
+                        'wake_at', upd.wake_at, 'event', c.wait_event,
+                        'child', upd.wait_child))
+                    ELSE c.output END,
+               c.error
+        FROM c JOIN upd ON upd.idx = c.idx
+     ), ev AS (
+        INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
+        SELECT e.id, upd.id, cp.name, upd.workflow, upd.version,
+               upd.event_seq - jsonb_array_length(c.events) + e.ord, e.kind, e.data
+        FROM c JOIN upd ON upd.idx = c.idx JOIN campaign cp ON cp.id = upd.campaign_id,
+             jsonb_to_recordset(c.events) AS e(ord int, id uuid, kind text, data jsonb)
+     ), sig AS (
+        UPDATE instance_signal s SET consumed_at = clock_timestamp(),
+                                     consumed_seq = c.step_seq + 1
+        FROM c JOIN upd ON upd.idx = c.idx
+        WHERE c.signal_id IS NOT NULL
+          AND s.id = c.signal_id AND s.instance_id = c.instance_id AND s.consumed_at IS NULL
+     ), child AS (
+        INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
+                              step_retryable, step_timeout_ms, step_queue, step_handler,
+                              ready_at, vars, initial_vars, parent_instance_id, call_depth,
+                              event_seq)
+        SELECT c.child_id, upd.campaign_id, c.child_workflow, c.child_version, 'ready',
+               c.child_entry, c.child_allow_retry, c.child_timeout_ms, c.child_queue,
+               c.child_handler, clock_timestamp(), c.child_vars, c.child_vars, upd.id,
+               upd.call_depth + 1, 1
+        FROM c JOIN upd ON upd.idx = c.idx
+        WHERE c.child_id IS NOT NULL AND upd.state = 'waiting'
+        RETURNING id, current_step, created_at, parent_instance_id, campaign_id, workflow,
+                  version
+     ), child_ev AS (
+        INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
+        SELECT gen_random_uuid(), child.id, cp.name, child.workflow, child.version, 1,
+               'started',
+               jsonb_build_object('state', 'ready', 'step', child.current_step,
+                                  'parent', child.parent_instance_id,
+                                  'actor', 'parent:' || child.parent_instance_id)
+        FROM child JOIN campaign cp ON cp.id = child.campaign_id
+     ), child_j AS (
+        INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                             attempt, actor, started_at, finished_at)
+        SELECT id, 0, current_step, 'started', 'ready', 0, 1, 'parent:' || parent_instance_id,
+               created_at, created_at
+        FROM child
+     ), pl AS (
+        SELECT p.id, p.state, p.wait_child, upd.id AS child_id, upd.state AS child_state,
+               upd.idx
+        FROM instance p JOIN upd ON p.id = upd.parent_instance_id
+        WHERE upd.state IN ('completed', 'failed', 'stopped')
+        FOR UPDATE OF p
+     ), pw AS (
+        UPDATE instance p SET
+            state = 'ready', step_seq = p.step_seq + 1, event_seq = p.event_seq + 1,
+            pending_children = greatest(p.pending_children - 1, 0),
+            wake_at = NULL, wait_event = NULL, ready_at = clock_timestamp(),
+            updated_at = clock_timestamp()
+        FROM pl
+        WHERE p.id = pl.id AND pl.state = 'waiting' AND pl.wait_child = pl.child_id
+        RETURNING p.id, p.step_seq, p.fence, p.current_step, p.step_attempt, pl.child_id,
+                  pl.child_state, pl.idx, p.event_seq, p.workflow, p.version, p.campaign_id,
+                  p.step_queue, p.step_handler
+     ), pdec AS (
+        UPDATE instance p SET pending_children = greatest(p.pending_children - 1, 0),
+                              updated_at = clock_timestamp()
+        FROM pl
+        WHERE p.id = pl.id AND pl.state <> 'waiting' AND pl.wait_child = pl.child_id
+     ), pj AS (
+        INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                             attempt, actor, started_at, finished_at, output)
+        SELECT id, step_seq, current_step, 'woken', 'ready', fence, step_attempt,
+               'child:' || child_id, clock_timestamp(), clock_timestamp(),
+               jsonb_build_object('child', child_id, 'status', child_state)
+        FROM pw
+     ), pev AS (
+        INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
+        SELECT gen_random_uuid(), pw.id, cp.name, pw.workflow, pw.version, pw.event_seq,
+               'woken',
+               jsonb_build_object('state', 'ready', 'step', pw.current_step,
+                                  'step_seq', pw.step_seq, 'by', 'child',
+                                  'child', pw.child_id, 'child_state', pw.child_state)
+        FROM pw JOIN campaign cp ON cp.id = pw.campaign_id
+     )
+     SELECT c.idx, upd.idx IS NOT NULL AS committed,
+            coalesce(ex.existed, false) AS existed,
+            upd.state, upd.step_seq, upd.fence, upd.current_step, upd.holds_permit,
+            upd.stop_requested_by, upd.paused_by,
+            child.id AS child_id,
+            pw.id AS parent_id, pw.step_seq AS parent_seq, pw.fence AS parent_fence,
+            upd.step_queue, upd.step_handler, pw.step_queue AS parent_queue,
+            pw.step_handler AS parent_handler, upd.continued
+     FROM c LEFT JOIN upd ON upd.idx = c.idx
+            -- Probed by primary key for the completions that did not commit only: a lateral
+            -- LIMIT 1 cannot be turned into a hash of the whole journal (which the planner
+            -- picks for a plain EXISTS while the journal's statistics are small, making
+            -- every commit's cost grow with history).
+            LEFT JOIN LATERAL (
+                SELECT true AS existed FROM journal jr
+                WHERE upd.idx IS NULL
+                  AND jr.instance_id = c.instance_id AND jr.step_seq = c.step_seq + 1
+                LIMIT 1
+            ) ex ON true
+            LEFT JOIN child ON child.parent_instance_id = c.instance_id
+            LEFT JOIN pw ON pw.idx = c.idx
+     ORDER BY c.idx"
+);
