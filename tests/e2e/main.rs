@@ -19,4 +19,5 @@ mod schedules;
 mod security;
 mod semaphore;
 mod support;
+mod telemetry;
 mod waiting;

@@ -307,6 +307,11 @@ pub async fn start_instances(
                 "publishing start jobs failed; the sweeper will re-dispatch them"
             );
         }
+        drover_bus::trace::record_instance_roots(
+            instances.iter().map(|instance| instance.id),
+            &stored.name,
+            &campaign.name,
+        );
         ids.extend(instances.iter().map(|instance| instance.id));
     }
     tracing::info!(

@@ -60,6 +60,12 @@ impl<T> Delivery<T> {
         self.message.info().map_or(1, |info| info.delivered.max(1))
     }
 
+    /// The trace context its publisher sent (`traceparent`), if any and well-formed.
+    pub fn trace_context(&self) -> Option<opentelemetry::trace::SpanContext> {
+        let traceparent = self.message.headers.as_ref()?.get("traceparent")?;
+        crate::trace::parse_traceparent(traceparent.as_str())
+    }
+
     /// Settles the message as `fate` says. Fire and forget (the server does not confirm): a
     /// settle that fails, or is lost, means a redelivery after the ack wait.
     pub async fn settle(&self, fate: Fate) -> Result<()> {

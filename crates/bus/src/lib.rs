@@ -10,6 +10,7 @@ mod event;
 mod job;
 pub mod permissions;
 mod subjects;
+pub mod trace;
 
 use std::time::Duration;
 
@@ -724,14 +725,19 @@ impl Bus {
 
     async fn send_jobs(&self, jobs: &[StepJob], tag: Option<&str>) -> Result<()> {
         let mut acks = Vec::with_capacity(jobs.len());
+        // The publisher's trace context (the API request, the step that led here, the sweep).
+        let traceparent = trace::current_traceparent();
         for job in jobs {
             let msg_id = match tag {
                 Some(tag) => format!("{}:{tag}", job::msg_id(job)),
                 None => job::msg_id(job),
             };
-            let publish = jetstream::message::PublishMessage::build()
+            let mut publish = jetstream::message::PublishMessage::build()
                 .payload(job::encode_job(job))
                 .message_id(msg_id);
+            if let Some(traceparent) = &traceparent {
+                publish = publish.header("traceparent", traceparent.as_str());
+            }
             let ack = self
                 .js
                 .send_publish(self.subjects.job(&job.route.queue), publish)

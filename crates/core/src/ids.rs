@@ -45,6 +45,20 @@ uuid_id!(
     /// One workflow instance (a row of `instance`).
     InstanceId
 );
+impl InstanceId {
+    /// The W3C trace id and span id of the instance's root span: derived from the id, so every
+    /// step span of the instance can link to it on any node, after any recovery or
+    /// re-dispatch, without the root's context having to be stored or carried. The trace id is
+    /// the instance id; the span id its low 64 bits (never zero, as the spec requires).
+    pub fn trace_root(&self) -> (u128, u64) {
+        let id = self.0.as_u128();
+        // Truncation intended: the low half of the id.
+        #[allow(clippy::cast_possible_truncation)]
+        let span = (id as u64).max(1);
+        (id, span)
+    }
+}
+
 uuid_id!(
     /// One node process; a restart gets a new id.
     NodeId

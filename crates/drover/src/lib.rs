@@ -93,11 +93,13 @@ pub fn main(handlers: Handlers) -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Node(args) => {
-                telemetry::init();
-                node::run(*args, handlers).await
+                let telemetry = telemetry::init();
+                let ran = node::run(*args, handlers).await;
+                telemetry.shutdown().await;
+                ran
             }
             Command::Migrate { database_url } => {
-                telemetry::init();
+                let _logs = telemetry::init();
                 let store = drover_store::Store::connect(&drover_store::StoreConfig {
                     url: database_url,
                     max_connections: 2,

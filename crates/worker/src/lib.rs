@@ -592,6 +592,11 @@ impl Runner {
             attempt = claimed.step_attempt,
             node.id = %self.node,
         );
+        // Its own trace, linked to the instance's root (no trace grows with the instance).
+        drover_bus::trace::link_to_instance_root(&span, claimed.id);
+        if let Some(delivery) = &delivery {
+            drover_bus::trace::link_to_publisher(&span, delivery);
+        }
         self.tasks
             .spawn(run_one(self.clone(), claimed, delivery, permit, done_tx).instrument(span));
     }

@@ -483,8 +483,12 @@ fn short(body: &Value) -> String {
     s
 }
 
-/// W3C trace context: the trace id is the instance id, so one instance is one trace.
+/// W3C trace context: the step span's when spans are exported; otherwise one made up from the
+/// instance id (the trace id) and the step attempt, so a receiver still correlates the calls.
 fn traceparent(claimed: &Claimed) -> String {
+    if let Some(traceparent) = drover_bus::trace::current_traceparent() {
+        return traceparent;
+    }
     let span: u64 = rand_span(claimed);
     format!("00-{}-{span:016x}-01", claimed.id.0.simple())
 }
