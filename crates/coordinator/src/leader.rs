@@ -57,6 +57,8 @@ impl LeaderLoop {
         let cap = (self.config.lease_ttl / 4).max(self.config.tick);
         let mut backoff = Backoff::new(self.config.tick, cap);
         let mut delay = Duration::ZERO;
+        // Whether the last tick succeeded.
+        let mut healthy = true;
         loop {
             // Between ticks, while leading, look for nodes whose process is gone.
             let next_tick = Instant::now() + delay;
@@ -73,7 +75,11 @@ impl LeaderLoop {
                 if shutdown.is_cancelled() {
                     break;
                 }
+                // Not while the leader's own ticks fail: after an outage (a Postgres restart
+                // ends every session, so every liveness lock) nodes need a moment to lock and
+                // heartbeat again, which the tick's grace (`declare_after`) gives them.
                 if let Some(term) = self.term
+                    && healthy
                     && Instant::now() < next_tick
                     && let Err(err) = self.declare_dead(term).await
                 {
@@ -95,7 +101,9 @@ impl LeaderLoop {
                 break;
             }
             delay = self.config.tick;
-            match self.tick().await {
+            let ticked = self.tick().await;
+            healthy = ticked.is_ok();
+            match ticked {
                 Ok(()) => {
                     if let Some(recovered) = backoff.succeeded() {
                         tracing::info!(after = ?recovered.after, failures = recovered.failures, leader.term = ?self.term, "coordinator working again");
