@@ -1,8 +1,9 @@
 //! Recovery: `kill -9` a worker holding running instances, again and again, and measure how
 //! long until its instances are re-dispatched and until their interrupted step completes
-//! elsewhere; then kill the leader coordinator and measure the failover. The baselines are
-//! the configured floors of the same run: the dead-node deadline (3 s of heartbeat silence)
-//! and the lease TTL (5 s).
+//! elsewhere; freeze one (SIGSTOP) and measure how long until every instance it ran or may
+//! have held a job of is on its next step; then kill the leader coordinator and measure the
+//! failover. The baselines are the configured floors of the same run: the dead-node deadline
+//! (3 s of heartbeat silence) and the lease TTL (5 s).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -34,6 +35,9 @@ pub(crate) struct Options {
     /// Worker kills to measure.
     #[arg(long, default_value_t = 20)]
     pub(crate) kills: usize,
+    /// Worker freezes (SIGSTOP) to measure.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) freezes: usize,
     /// Leader kills to measure.
     #[arg(long, default_value_t = 3)]
     pub(crate) failovers: usize,
@@ -46,6 +50,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             kills: 20,
+            freezes: 5,
             failovers: 3,
             instances: 200,
         }
@@ -122,8 +127,11 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
             || async { Ok(running(env, victim_id).await?.len() >= 5) },
         )
         .await?;
-        let orphans: HashMap<InstanceId, i64> =
-            running(env, victim_id).await?.into_iter().collect();
+        let orphans: HashMap<InstanceId, i64> = running(env, victim_id)
+            .await?
+            .into_iter()
+            .map(|(id, seq)| (id, seq + 2))
+            .collect();
         workers[victim].0.kill().await?;
         let killed = Instant::now();
         poll("re-dispatch", Duration::from_secs(30), || async {
@@ -135,19 +143,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         poll(
             "the interrupted steps to complete",
             Duration::from_secs(60),
-            || async {
-                let ids: Vec<Uuid> = orphans.keys().map(|id| id.0).collect();
-                let rows: Vec<(Uuid, i64)> =
-                    sqlx::query_as("SELECT id, step_seq FROM instance WHERE id = ANY($1)")
-                        .bind(&ids)
-                        .fetch_all(env.store.pool())
-                        .await?;
-                Ok(rows.iter().all(|(id, seq)| {
-                    orphans
-                        .get(&InstanceId(*id))
-                        .is_some_and(|old| *seq >= old + 2)
-                }))
-            },
+            || async { progressed(env, &orphans).await },
         )
         .await?;
         complete.push(killed.elapsed().as_secs_f64() * 1000.0);
@@ -158,6 +154,49 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
             redispatch[round],
             complete[round]
         );
+        workers[victim] = node(env, "worker").await?;
+    }
+
+    eprintln!("freezing a busy worker {} times…", options.freezes);
+    let mut unfrozen = Vec::new();
+    for round in 0..options.freezes {
+        let victim = round % workers.len();
+        let victim_id = workers[victim].1;
+        poll(
+            "the victim to hold running instances",
+            Duration::from_secs(30),
+            || async { Ok(running(env, victim_id).await?.len() >= 5) },
+        )
+        .await?;
+        // Affected: what it runs (requeued, then the step again: +2) and every READY instance,
+        // whose job it may hold unstarted (+1).
+        let mut affected: HashMap<InstanceId, i64> = running(env, victim_id)
+            .await?
+            .into_iter()
+            .map(|(id, seq)| (id, seq + 2))
+            .collect();
+        let ready: Vec<(Uuid, i64)> =
+            sqlx::query_as("SELECT id, step_seq FROM instance WHERE state = 'ready'")
+                .fetch_all(env.store.pool())
+                .await?;
+        affected.extend(ready.into_iter().map(|(id, seq)| (InstanceId(id), seq + 1)));
+        signal(&workers[victim].0, "-STOP")?;
+        let frozen = Instant::now();
+        poll(
+            "every affected instance to commit its next step",
+            Duration::from_secs(60),
+            || async { progressed(env, &affected).await },
+        )
+        .await?;
+        unfrozen.push(frozen.elapsed().as_secs_f64() * 1000.0);
+        eprintln!(
+            "  freeze {}: {} affected, all on their next step in {:.0} ms",
+            round + 1,
+            affected.len(),
+            unfrozen[round]
+        );
+        signal(&workers[victim].0, "-CONT")?;
+        workers[victim].0.kill().await?;
         workers[victim] = node(env, "worker").await?;
     }
 
@@ -223,6 +262,15 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         floor,
         "dead-node deadline",
     );
+    let z = row(
+        &format!(
+            "SIGSTOP → affected on their next step ({})",
+            options.freezes
+        ),
+        &unfrozen,
+        floor,
+        "dead-node deadline",
+    );
     let f = row(
         &format!("leader kill -9 → new leader ({} kills)", options.failovers),
         &failover,
@@ -263,6 +311,13 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
                 "dead-node deadline",
             ),
             figure(
+                "SIGSTOP → every affected instance on its next step, p99",
+                &unfrozen,
+                0.99,
+                floor,
+                "dead-node deadline",
+            ),
+            figure(
                 "leader kill -9 → new leader, p50",
                 &failover,
                 0.5,
@@ -270,6 +325,31 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
                 "lease TTL",
             ),
         ],
-        json: json!({ "kill_to_redispatch": r, "kill_to_complete": c, "leader_failover": f }),
+        json: json!({ "kill_to_redispatch": r, "kill_to_complete": c, "stop_to_next_step": z, "leader_failover": f }),
     })
+}
+
+/// Whether every instance of `targets` reached its step number.
+async fn progressed(env: &BenchEnv, targets: &HashMap<InstanceId, i64>) -> anyhow::Result<bool> {
+    let ids: Vec<Uuid> = targets.keys().map(|id| id.0).collect();
+    let rows: Vec<(Uuid, i64)> =
+        sqlx::query_as("SELECT id, step_seq FROM instance WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(env.store.pool())
+            .await?;
+    Ok(rows.iter().all(|(id, seq)| {
+        targets
+            .get(&InstanceId(*id))
+            .is_some_and(|target| *seq >= *target)
+    }))
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to a node process.
+fn signal(child: &Child, signal: &str) -> anyhow::Result<()> {
+    let pid = child.id().context("the node has exited")?;
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+    Ok(())
 }

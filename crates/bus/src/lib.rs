@@ -861,12 +861,21 @@ pub struct Relayed {
 }
 
 /// Opens the message stream of a pull consumer, `batch` messages pulled at a time.
+/// How long one pull request stays open on the server. Short, so that a node that stops
+/// reading (frozen, or dead before anyone noticed) is sent nothing more after this: the
+/// server hands the jobs to the nodes still pulling instead of into a socket nobody reads.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
+/// The server's idle heartbeat on an open pull request (at most half its expiry); two missed
+/// ones end the message stream, which the worker then opens again.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+
 async fn pull_stream(consumer: &consumer::PullConsumer, batch: usize) -> Result<pull::Stream> {
     consumer
         .stream()
         .max_messages_per_batch(batch)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
+        .heartbeat(PULL_HEARTBEAT)
+        .expires(PULL_EXPIRES)
         .messages()
         .await
         .map_err(|err| Error::Subscribe(format!("pulling from consumer: {err}")))

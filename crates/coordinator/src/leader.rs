@@ -12,6 +12,16 @@ use drover_core::definition::millis;
 
 use crate::{CoordinatorConfig, Result};
 
+/// READY for this long when a node is declared dead: its job may be one the dead node held.
+/// A node is declared dead at least `gone_after` (600 ms) after its last heartbeat, and a
+/// frozen one's last pull request has expired by then (2 s, within the 3 s of silence), so
+/// every job it could have held was sent to it — its instance READY — before this.
+const HELD_JOB_AGE: Duration = Duration::from_millis(500);
+
+/// At most this many READY instances published again when nodes die (the oldest first; the
+/// stale-READY sweeper takes the rest).
+const REDISPATCH_AT_DEATH: i64 = 5000;
+
 /// Holds (or waits for) the leader lease and, while leading, does the leader's work.
 pub struct LeaderLoop {
     node: NodeId,
@@ -230,12 +240,40 @@ impl LeaderLoop {
                 millis(self.config.gone_after),
             )
             .await?;
-        for node in dead {
+        for node in &dead {
             tracing::warn!(node.id = %node, leader.term = %term, "node declared dead");
             self.bus
-                .publish_recovery(&RecoveryTask::new(node, term.0), &format!("t{term}"))
+                .publish_recovery(&RecoveryTask::new(*node, term.0), &format!("t{term}"))
                 .await?;
         }
+        if let Some(first) = dead.first() {
+            self.redispatch_held_jobs(*first).await?;
+        }
+        Ok(())
+    }
+
+    /// A dead node may have held jobs it was sent but never started (prefetched, unacked):
+    /// the server hands them out again only after the ack wait, and the stale-READY sweeper
+    /// only after `stale_ready_after`. So when nodes are declared dead, the READY instances
+    /// waiting for longer than a pull request lives are published again at once, under a
+    /// message id of their own. A job is only a hint: where the first copy also arrives,
+    /// one claim wins and the other finds the instance moved on.
+    async fn redispatch_held_jobs(&self, dead: NodeId) -> Result<()> {
+        let held = self
+            .store
+            .stale_ready(millis(HELD_JOB_AGE), REDISPATCH_AT_DEATH)
+            .await?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            count = held.len(),
+            node.id = %dead,
+            "re-dispatching READY instances whose jobs the dead node may have held"
+        );
+        self.bus
+            .redispatch_jobs(&held, &format!("d{}", dead.0.simple()))
+            .await?;
         Ok(())
     }
 
