@@ -30,8 +30,8 @@
 
 pub mod auth;
 mod campaigns;
-mod console;
 mod client;
+mod console;
 mod contract;
 mod diagnosis;
 pub mod dto;

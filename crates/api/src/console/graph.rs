@@ -1,6 +1,6 @@
 //! A workflow's steps and transitions drawn as SVG, server-side: steps in layers by their
-//! distance from the entry step (breadth first), edges downwards as straight arrows, edges
-//! back up (loops) or within a layer as curves on the right. Each edge carries its
+//! distance from the entry step (breadth first), edges downwards or within a layer as straight
+//! arrows, edges back up (loops) as curves on the right. Each edge carries its
 //! condition, shortened; the full text is the edge's `<title>` (a tooltip).
 
 use std::collections::{HashMap, VecDeque};
@@ -123,8 +123,18 @@ pub(crate) fn svg(definition: &Definition) -> Markup {
                 let (x2, y2) = (b.x + BOX_W / 2.0, b.y);
                 path = format!("M{x1:.1},{y1:.1} L{x2:.1},{y2:.1}");
                 (lx, ly) = ((x1 + x2) / 2.0 + 4.0, (y1 + y2) / 2.0 + order as f64 * 12.0);
+            } else if layer[to] == layer[from] && from != to {
+                // Within a layer: side to side.
+                let (x1, x2) = if b.x > a.x {
+                    (a.x + BOX_W, b.x)
+                } else {
+                    (a.x, b.x + BOX_W)
+                };
+                let y = a.y + BOX_H / 2.0;
+                path = format!("M{x1:.1},{y:.1} L{x2:.1},{y:.1}");
+                (lx, ly) = ((x1 + x2) / 2.0 - 20.0, y - 6.0);
             } else {
-                // Back up, or to a step of the same layer: around the right side.
+                // Back up, or to itself: around the right side.
                 let (x1, y1) = (a.x + BOX_W, a.y + BOX_H / 2.0);
                 let (x2, y2) = (b.x + BOX_W, b.y + BOX_H / 2.0 + 6.0);
                 let bulge = right + 30.0 + order as f64 * 20.0;

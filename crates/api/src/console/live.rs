@@ -52,33 +52,30 @@ fn changes(
     events: impl Stream<Item = EventSeen> + Send + Unpin + 'static,
     stop: CancellationToken,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    futures::stream::unfold(
-        (events, stop),
-        |(mut events, stop)| async move {
-            let mut last = tokio::select! {
+    futures::stream::unfold((events, stop), |(mut events, stop)| async move {
+        let mut last = tokio::select! {
+            () = stop.cancelled() => return None,
+            seen = events.next() => seen?,
+        };
+        let mut count = 1u64;
+        let deadline = tokio::time::sleep(COALESCE);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
                 () = stop.cancelled() => return None,
-                seen = events.next() => seen?,
-            };
-            let mut count = 1u64;
-            let deadline = tokio::time::sleep(COALESCE);
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return None,
-                    () = &mut deadline => break,
-                    seen = events.next() => match seen {
-                        Some(seen) => {
-                            count += 1;
-                            last = seen;
-                        }
-                        None => break,
-                    },
-                }
+                () = &mut deadline => break,
+                seen = events.next() => match seen {
+                    Some(seen) => {
+                        count += 1;
+                        last = seen;
+                    }
+                    None => break,
+                },
             }
-            let event = Event::default()
-                .event("change")
-                .data(format!("{count} {} {}", last.instance, last.kind));
-            Some((Ok(event), (events, stop)))
-        },
-    )
+        }
+        let event = Event::default()
+            .event("change")
+            .data(format!("{count} {} {}", last.instance, last.kind));
+        Some((Ok(event), (events, stop)))
+    })
 }

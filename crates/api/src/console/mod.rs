@@ -122,7 +122,10 @@ pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Who the cookie's token is, or why not.
-pub(crate) async fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+pub(crate) async fn authenticate(
+    state: &ApiState,
+    headers: &HeaderMap,
+) -> Result<Principal, ApiError> {
     let token = cookie_token(headers);
     let authorization = token.map(|token| format!("Bearer {token}"));
     state
@@ -199,7 +202,8 @@ pub(crate) fn cross_site(headers: &HeaderMap) -> Option<String> {
         .strip_prefix("http://")
         .or_else(|| origin.strip_prefix("https://"))
         .unwrap_or("");
-    (bare.is_empty() || bare != host).then(|| format!("Origin {origin:?} is not this host {host:?}"))
+    (bare.is_empty() || bare != host)
+        .then(|| format!("Origin {origin:?} is not this host {host:?}"))
 }
 
 /// The `Set-Cookie` value that logs `token` in (`None`: logs out).
@@ -245,7 +249,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         assert!(cross_site(&headers).is_some(), "neither header");
         headers.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
-        headers.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:8080"));
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:8080"),
+        );
         assert_eq!(cross_site(&headers), None);
         headers.insert(header::ORIGIN, HeaderValue::from_static("http://evil.test"));
         assert!(cross_site(&headers).is_some());
@@ -254,7 +261,10 @@ mod tests {
         headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
         assert!(cross_site(&headers).is_some());
         headers.insert("sec-fetch-site", HeaderValue::from_static("same-site"));
-        assert!(cross_site(&headers).is_some(), "a sibling subdomain is not this origin");
+        assert!(
+            cross_site(&headers).is_some(),
+            "a sibling subdomain is not this origin"
+        );
     }
 
     #[test]

@@ -127,7 +127,9 @@ pub(crate) async fn login(
         return login_form(
             StatusCode::BAD_REQUEST,
             form.next.as_deref(),
-            Some("this token cannot be kept in a cookie (spaces, quotes, commas, semicolons or backslashes); log in with a token from `drover token create`"),
+            Some(
+                "this token cannot be kept in a cookie (spaces, quotes, commas, semicolons or backslashes); log in with a token from `drover token create`",
+            ),
         );
     }
     let authorization = format!("Bearer {token}");
@@ -144,7 +146,11 @@ pub(crate) async fn login(
                 .insert(header::SET_COOKIE, session_cookie(Some(token), &headers));
             response
         }
-        Err(err) => login_form(err.status(), form.next.as_deref(), Some(&err.public_message())),
+        Err(err) => login_form(
+            err.status(),
+            form.next.as_deref(),
+            Some(&err.public_message()),
+        ),
     }
 }
 
@@ -280,7 +286,14 @@ pub(crate) async fn instances(
             }
         }
     };
-    Ok(page("Instances", Nav::Instances, Some(&session), Some("/ui/live"), body).into_response())
+    Ok(page(
+        "Instances",
+        Nav::Instances,
+        Some(&session),
+        Some("/ui/live"),
+        body,
+    )
+    .into_response())
 }
 
 fn instance_table(listed: &InstanceList) -> Markup {
@@ -559,7 +572,10 @@ async fn resume(
 }
 
 fn lifecycle_message(result: &LifecycleResult) -> String {
-    let mut message = format!("{}: {} (now {})", result.action, result.outcome, result.state);
+    let mut message = format!(
+        "{}: {} (now {})",
+        result.action, result.outcome, result.state
+    );
     if let Some(new) = result.restarted_as {
         message.push_str(&format!("; restarted as {new}"));
     }
@@ -642,7 +658,14 @@ async fn campaigns_page(
             }
         }
     };
-    Ok(page("Campaigns", Nav::Campaigns, Some(session), Some("/ui/live"), body).into_response())
+    Ok(page(
+        "Campaigns",
+        Nav::Campaigns,
+        Some(session),
+        Some("/ui/live"),
+        body,
+    )
+    .into_response())
 }
 
 fn bar(value: i32, scale: i32, what: &str) -> Markup {
@@ -706,7 +729,12 @@ pub(crate) async fn set_limit(
             )
         }),
     };
-    campaigns_page(&state, &session, Some(outcome.map_err(|e| e.public_message()))).await
+    campaigns_page(
+        &state,
+        &session,
+        Some(outcome.map_err(|e| e.public_message())),
+    )
+    .await
 }
 
 // --- workflows ------------------------------------------------------------------------------
@@ -770,7 +798,9 @@ pub(crate) async fn workflow(
     };
     let drawn = match Definition::parse(&shown.source) {
         Ok(definition) => graph::svg(&definition),
-        Err(errors) => html! { p.error { "The definition no longer parses: " (errors.to_string()) } },
+        Err(errors) => {
+            html! { p.error { "The definition no longer parses: " (errors.to_string()) } }
+        }
     };
     let body = html! {
         nav.versions aria-label="Versions" {
@@ -803,9 +833,7 @@ pub(crate) async fn workflow(
 
 pub(crate) async fn schedules(State(state): State<ApiState>, session: Session) -> Page {
     let fail = fail(&session);
-    let Json(list) = schedules::list(State(state.clone()))
-        .await
-        .map_err(&fail)?;
+    let Json(list) = schedules::list(State(state.clone())).await.map_err(&fail)?;
     let body = html! {
         @if list.schedules.is_empty() { p.muted { "No schedules." } }
         @else {
@@ -839,13 +867,23 @@ pub(crate) async fn schedules(State(state): State<ApiState>, session: Session) -
             }
         }
     };
-    Ok(page("Schedules", Nav::Schedules, Some(&session), Some("/ui/live"), body).into_response())
+    Ok(page(
+        "Schedules",
+        Nav::Schedules,
+        Some(&session),
+        Some("/ui/live"),
+        body,
+    )
+    .into_response())
 }
 
 pub(crate) async fn nodes(State(state): State<ApiState>, session: Session) -> Page {
     let fail = fail(&session);
     let Json(list) = routes::nodes(State(state.clone())).await.map_err(&fail)?;
-    let leader = operator::leader(State(state.clone())).await.ok().map(|Json(l)| l);
+    let leader = operator::leader(State(state.clone()))
+        .await
+        .ok()
+        .map(|Json(l)| l);
     let body = html! {
         div #nodes data-live {
             p #leader {
