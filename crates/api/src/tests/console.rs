@@ -17,7 +17,7 @@ enum Site {
     /// `Sec-Fetch-Site: same-origin`, as a browser sends for this site's forms.
     SameOrigin,
     /// `Sec-Fetch-Site: cross-site`.
-    OtherSite,
+    Foreign,
     /// Only `Origin`, of another site (a browser without `Sec-Fetch-Site`).
     OtherOrigin,
     /// Neither header.
@@ -47,7 +47,7 @@ async fn ui(
     }
     request = match from {
         Site::SameOrigin => request.header("sec-fetch-site", "same-origin"),
-        Site::OtherSite => request
+        Site::Foreign => request
             .header("sec-fetch-site", "cross-site")
             .header(header::ORIGIN, "http://evil.test"),
         Site::OtherOrigin => request.header(header::ORIGIN, "http://evil.test"),
@@ -219,7 +219,7 @@ async fn console_actions_from_another_site_are_refused() {
     let id = one(&env, "steps").await;
     let token = env.token.clone();
     let uri = format!("/ui/instances/{id}/action");
-    for from in [Site::OtherSite, Site::OtherOrigin, Site::Nowhere] {
+    for from in [Site::Foreign, Site::OtherOrigin, Site::Nowhere] {
         let answer = ui(
             &env,
             Method::POST,
