@@ -313,6 +313,10 @@ pub struct ListQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[param(pattern = "^[a-z0-9][a-z0-9_-]{0,62}$", nullable = false)]
     pub workflow: Option<String>,
+    /// Only the children of this instance (the sub-workflow instances it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(format = Uuid, nullable = false)]
+    pub parent: Option<String>,
     /// At most this many: 100 when absent; a larger value than 1000 lists 1000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[param(minimum = 1, nullable = false)]

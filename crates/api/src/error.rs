@@ -178,7 +178,7 @@ impl ApiError {
     }
 
     /// What the client is told. Infrastructure failures are described in the log only.
-    fn public_message(&self) -> String {
+    pub(crate) fn public_message(&self) -> String {
         match self {
             Self::Store(
                 err @ (drover_store::Error::UnknownCampaign(_)

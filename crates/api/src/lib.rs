@@ -26,10 +26,12 @@
 //! | `POST /v1/tokens`, `GET /v1/tokens`, `DELETE /v1/tokens/{name}` | API tokens (admin) |
 //! | `GET /v1/openapi.json`, `GET /healthz`, `GET /readyz` | this API's description, liveness, readiness (no token) |
 //! | `GET /v1/asyncapi.json`, `GET /v1/schemas/events/{type}` | the events' AsyncAPI document and JSON Schemas ([`drover_bus::contract`]; no token) |
+//! | `/ui/…` | the web console (HTML; a login form sets a cookie holding the token) |
 
 pub mod auth;
 mod campaigns;
 mod client;
+mod console;
 mod contract;
 mod diagnosis;
 pub mod dto;
@@ -92,6 +94,9 @@ pub struct ApiState {
     pub publish: PublishPolicy,
     /// Requests waiting for their instance's end (`POST /v1/instances?wait=`).
     pub ends: wait::EndWatch,
+    /// Ends the console's event streams (`/ui/live`) when the API stops, so a graceful
+    /// shutdown does not wait for browsers to go away.
+    pub live_stop: CancellationToken,
 }
 
 impl ApiState {
@@ -106,6 +111,7 @@ impl ApiState {
             auth: Authenticator::new(AuthMode::On { bootstrap: None }),
             publish,
             ends: wait::EndWatch::new(),
+            live_stop: CancellationToken::new(),
         }
     }
 
@@ -196,6 +202,7 @@ pub fn router(state: ApiState) -> Router {
             auth::require_token,
         ))
         .merge(public)
+        .merge(console::router(state.clone()))
         .fallback(routes::no_route)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -251,6 +258,8 @@ pub async fn serve(
     // The caller announces the address; this is for debugging the API alone.
     tracing::debug!(%addr, "api serving");
     let stop_watching = shutdown.child_token();
+    let mut state = state;
+    state.live_stop = shutdown.child_token();
     let ends = tokio::spawn(
         state
             .ends

@@ -391,10 +391,12 @@ fn instance_filter(query: ListQuery) -> Result<InstanceFilter> {
         }
     }
     let before = query.before.as_deref().map(parse_id).transpose()?;
+    let parent = query.parent.as_deref().map(parse_id).transpose()?;
     Ok(InstanceFilter {
         state,
         campaign: query.campaign,
         workflow: query.workflow,
+        parent,
         before,
         limit,
         vars_budget: (query.include == Some(ListInclude::Vars)).then_some(MAX_LIST_VARS_BYTES),

@@ -21,6 +21,7 @@ use crate::{ApiClient, ApiState, ClientError, ListQuery, MAX_BODY_BYTES, StartRe
 
 mod auth;
 mod campaigns;
+mod console;
 mod contract;
 mod diagnosis;
 mod input;

@@ -708,6 +708,27 @@ impl Bus {
             .map_err(|e| Error::Subscribe(e.to_string()))
     }
 
+    /// Follows the events the relay publishes, live (a plain subscription, no consumer: what
+    /// was published before, or while the subscriber lagged, is not seen): every event, or
+    /// only those about `instance`. Gives each event's instance and kind. The web console's
+    /// live updates.
+    pub async fn follow_events(
+        &self,
+        instance: Option<drover_core::InstanceId>,
+    ) -> Result<impl futures::Stream<Item = EventSeen> + Send + Unpin + 'static> {
+        use futures::StreamExt as _;
+        let subject = match instance {
+            Some(id) => self.subjects.instance_event_filter(&id.to_string()),
+            None => self.subjects.event_filter(),
+        };
+        let subscriber = self
+            .client
+            .subscribe(subject)
+            .await
+            .map_err(|e| Error::Subscribe(e.to_string()))?;
+        Ok(subscriber.map(|message| EventSeen::of_subject(&message.subject)))
+    }
+
     /// Publishes jobs pipelined (all sent, then all acks awaited), each to its queue's
     /// subject. Each carries `Nats-Msg-Id = j:{instance}:{step_seq}:{fence}`, so a
     /// re-dispatch of the same job inside the duplicate window is dropped by the server.
@@ -915,5 +936,22 @@ mod tests {
             .await
             .expect_err("nothing listens");
         assert!(unreachable(&err), "{err}");
+    }
+}
+
+/// An event seen on its subject (`<prefix>.evt.<campaign>.<workflow>.<instance>.<kind>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventSeen {
+    /// The instance id as the subject spells it (`_` for a campaign's own events).
+    pub instance: String,
+    pub kind: String,
+}
+
+impl EventSeen {
+    fn of_subject(subject: &str) -> Self {
+        let mut tokens = subject.rsplit('.');
+        let kind = tokens.next().unwrap_or_default().to_owned();
+        let instance = tokens.next().unwrap_or_default().to_owned();
+        Self { instance, kind }
     }
 }

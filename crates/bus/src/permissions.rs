@@ -20,6 +20,7 @@
 //! - coordinator: provisions the RECOVERY stream and its `coordinators` consumer, publishes
 //!   recovery tasks and pulls and acks them;
 //! - api: listens for signals (`<prefix>.signal.*.*`) and answers them (`allow_responses`);
+//!   subscribes to events (`<prefix>.evt.>`, live only, no consumer) for the web console;
 //! - events-reader (a program outside the cluster): subscribes to events and reads the EVENTS
 //!   stream through its own durable consumer(s); publishes nothing else;
 //! - signaler (a program outside the cluster): delivers events to waiting instances by
@@ -414,6 +415,8 @@ impl Grants<'_> {
                 }
                 NatsRole::Api => {
                     p.allow_subscribe([s.signal_filter()]);
+                    // The web console's live updates: plain subscriptions, no consumer.
+                    p.allow_subscribe([s.event_filter()]);
                     p.allow_responses = true;
                 }
                 NatsRole::EventsReader => {
@@ -660,6 +663,7 @@ mod tests {
             }
             let api = of(&users, "api");
             assert!(api.may_subscribe(&s.signal_filter()));
+            assert!(api.may_subscribe(&s.event_filter()));
             assert!(api.allow_responses);
             let node = of(&users, "node");
             for subject in worker.publish.iter().chain(&coordinator.publish) {

@@ -69,6 +69,11 @@ impl Subjects {
         format!("{}.evt.>", self.prefix)
     }
 
+    /// Every event about one instance: `<prefix>.evt.*.*.<instance>.*`.
+    pub fn instance_event_filter(&self, instance: &str) -> String {
+        format!("{}.evt.*.*.{instance}.*", self.prefix)
+    }
+
     /// `<prefix>.evt.<campaign>.<workflow>.<instance>.<kind>`.
     pub fn event(&self, campaign: &str, workflow: &str, instance: &str, kind: &str) -> String {
         format!(

@@ -322,6 +322,7 @@ impl Store {
                AND ($2::text IS NULL OR c.name = $2) \
                AND ($3::text IS NULL OR i.workflow = $3) \
                AND ($4::uuid IS NULL OR i.id < $4) \
+               AND ($7::uuid IS NULL OR i.parent_instance_id = $7) \
              ORDER BY i.id DESC LIMIT $5"
         ))
         .bind(filter.state.map(|s| s.as_str()))
@@ -330,6 +331,7 @@ impl Store {
         .bind(before.map(|id| id.0))
         .bind(limit)
         .bind(SUMMARY_ERROR_CHARS)
+        .bind(filter.parent.map(|id| id.0))
         .fetch_all(&self.pool)
         .await?)
     }

@@ -127,6 +127,8 @@ pub struct InstanceFilter {
     pub state: Option<InstanceState>,
     pub campaign: Option<String>,
     pub workflow: Option<String>,
+    /// Only the children of this instance (the sub-workflow instances it started).
+    pub parent: Option<InstanceId>,
     /// Only instances created before this one (keyset pagination).
     pub before: Option<InstanceId>,
     pub limit: i64,

@@ -71,6 +71,7 @@ pub async fn run(
                 state,
                 campaign,
                 workflow,
+                parent: None,
                 limit: Some(limit),
                 before,
                 include: None,
