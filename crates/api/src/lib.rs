@@ -21,6 +21,7 @@
 //! | `GET /v1/instances/{id}/diagnosis` | why it is not running ([`Diagnosis`]) |
 //! | `POST /v1/instances/{id}/events/{name}` | deliver an event ([`deliver_event`]; NATS: [`SignalListener`]) |
 //! | `POST /v1/campaigns`, `GET /v1/campaigns/{name}`, `PUT /v1/campaigns/{name}/limit` | campaigns and their limits ([`CreateCampaign`], [`SetLimit`]) |
+//! | `GET`, `PUT /v1/campaigns/{name}/retention` | how long finished instances are kept ([`SetRetention`]) |
 //! | `GET /v1/campaigns`, `GET /v1/nodes`, `GET /v1/leader`, `GET /v1/stats` | cluster |
 //! | `GET, POST /v1/schedules`, `GET, PATCH, DELETE /v1/schedules/{name}`, `POST …/{pause,unpause,trigger,backfill}` | schedules (admin to change, viewer to read) |
 //! | `POST /v1/tokens`, `GET /v1/tokens`, `DELETE /v1/tokens/{name}` | API tokens (admin) |
@@ -29,6 +30,7 @@
 
 pub mod auth;
 mod campaigns;
+mod retention;
 mod client;
 mod contract;
 mod diagnosis;
@@ -56,6 +58,7 @@ use utoipa::OpenApi;
 
 pub use auth::{AuthMode, Authenticator, Principal, Secret};
 pub use campaigns::{CreateCampaign, LimitChanged, SetLimit};
+pub use retention::{Retention, SetRetention};
 pub use client::{ApiClient, ClientError};
 pub use diagnosis::{Diagnosis, LIVE_WITHIN_MS, diagnose};
 pub use dto::{JournalQuery, ListInclude, ListQuery};
@@ -172,6 +175,10 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/campaigns/{name}", get(campaigns::show))
         .route("/v1/campaigns/{name}/limit", put(campaigns::set_limit))
+        .route(
+            "/v1/campaigns/{name}/retention",
+            get(retention::show).put(retention::set),
+        )
         .route("/v1/nodes", get(routes::nodes))
         .route("/v1/leader", get(operator::leader))
         .route("/v1/stats", get(routes::stats))
