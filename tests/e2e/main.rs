@@ -19,5 +19,6 @@ mod schedules;
 mod security;
 mod semaphore;
 mod support;
+mod technical;
 mod telemetry;
 mod waiting;
