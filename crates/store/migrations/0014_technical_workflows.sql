@@ -18,3 +18,8 @@ CREATE INDEX instance_finished ON instance (campaign_id, finished_at, id)
     WHERE state IN ('completed', 'failed', 'stopped');
 -- The paused-too-long check: paused instances by when they were paused.
 CREATE INDEX instance_paused ON instance (paused_at) WHERE state = 'paused';
+
+-- Deleting an instance checks the foreign keys that point at it: without these, each deleted
+-- row would scan `instance` (for `wait_child`) and `instance_signal` (its cascade) whole.
+CREATE INDEX instance_wait_child ON instance (wait_child) WHERE wait_child IS NOT NULL;
+CREATE INDEX instance_signal_instance ON instance_signal (instance_id);

@@ -417,7 +417,10 @@ mod tests {
         assert_eq!(deletable(&chain, HashSet::new()).len(), 3);
         // A child whose parent is not in the batch stays; so do its own children.
         let orphans = [c(5, Some(4), None), c(6, Some(5), None), c(7, None, None)];
-        assert_eq!(deletable(&orphans, HashSet::new()), vec![Uuid::from_u128(7)]);
+        assert_eq!(
+            deletable(&orphans, HashSet::new()),
+            vec![Uuid::from_u128(7)]
+        );
         // A restart that stays keeps what it restarted; one that goes does not.
         let restarts = [c(8, None, None), c(9, None, Some(8))];
         assert_eq!(deletable(&restarts, HashSet::new()).len(), 2);

@@ -145,7 +145,15 @@ async fn cleanup_deletes_only_finished_instances_past_retention_in_batches(pool:
         .expect("relayed");
     let mut doomed = old.clone();
     doomed.extend([gone_parent, gone_child]);
-    assert!(count(&pool, "SELECT count(*) FROM journal WHERE instance_id = ANY($1)", &doomed).await > 0);
+    assert!(
+        count(
+            &pool,
+            "SELECT count(*) FROM journal WHERE instance_id = ANY($1)",
+            &doomed
+        )
+        .await
+            > 0
+    );
 
     // The campaign keeps its instances 50 days: nothing is old enough.
     store
@@ -154,7 +162,10 @@ async fn cleanup_deletes_only_finished_instances_past_retention_in_batches(pool:
         .expect("retention");
     assert_eq!(sweep(&store, 30 * DAY, 4).await.iter().sum::<u64>(), 0);
     for &id in &doomed {
-        assert!(exists(&pool, id).await, "{id} is within the campaign's retention");
+        assert!(
+            exists(&pool, id).await,
+            "{id} is within the campaign's retention"
+        );
     }
 
     // Back to the default of 30 days: batches of at most 4 delete the 13 old ones.
@@ -163,7 +174,11 @@ async fn cleanup_deletes_only_finished_instances_past_retention_in_batches(pool:
         .await
         .expect("retention");
     let batches = sweep(&store, 30 * DAY, 4).await;
-    assert_eq!(batches.iter().sum::<u64>(), doomed.len() as u64, "{batches:?}");
+    assert_eq!(
+        batches.iter().sum::<u64>(),
+        doomed.len() as u64,
+        "{batches:?}"
+    );
     assert!(batches.len() >= 4, "in batches: {batches:?}");
     for &id in &doomed {
         assert!(!exists(&pool, id).await, "{id} is past retention");
@@ -173,9 +188,21 @@ async fn cleanup_deletes_only_finished_instances_past_retention_in_batches(pool:
     }
     for table in ["journal", "event_fact", "instance_signal"] {
         let sql = format!("SELECT count(*) FROM {table} WHERE instance_id = ANY($1)");
-        assert_eq!(count(&pool, &sql, &doomed).await, 0, "{table} rows of deleted instances");
+        assert_eq!(
+            count(&pool, &sql, &doomed).await,
+            0,
+            "{table} rows of deleted instances"
+        );
     }
-    assert!(count(&pool, "SELECT count(*) FROM journal WHERE instance_id = ANY($1)", &[recent]).await > 0);
+    assert!(
+        count(
+            &pool,
+            "SELECT count(*) FROM journal WHERE instance_id = ANY($1)",
+            &[recent]
+        )
+        .await
+            > 0
+    );
     // Audited.
     let (audits,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM audit WHERE action = 'campaign.set_retention' AND target = 'default'",
@@ -192,7 +219,11 @@ async fn cleanup_deletes_only_finished_instances_past_retention_in_batches(pool:
 async fn paused_instances_are_found_with_their_severity_and_warned_once_per_check(pool: PgPool) {
     let (store, _node) = setup(pool.clone()).await;
     store
-        .deploy_definition("vital", &json!({ "name": "vital", "severity": "critical" }), "vital")
+        .deploy_definition(
+            "vital",
+            &json!({ "name": "vital", "severity": "critical" }),
+            "vital",
+        )
         .await
         .expect("deploy");
     let normal = start(&store, "parent").await;
@@ -227,24 +258,31 @@ async fn paused_instances_are_found_with_their_severity_and_warned_once_per_chec
         })
         .collect();
     let written = store
-        .record_paused_too_long(&actions, "paused longer than 30d", "system-paused-instances")
+        .record_paused_too_long(
+            &actions,
+            "paused longer than 30d",
+            "system-paused-instances",
+        )
         .await
         .expect("record");
     assert_eq!(written.len(), 2);
     for id in [normal, critical] {
         let kinds = crate::support::event_kinds(&store, id).await;
-        assert_eq!(kinds.last().map(String::as_str), Some("paused_too_long"), "{kinds:?}");
+        assert_eq!(
+            kinds.last().map(String::as_str),
+            Some("paused_too_long"),
+            "{kinds:?}"
+        );
     }
     let facts = store.instance_facts(normal).await.expect("facts");
     let last = facts.last().expect("a fact");
     assert_eq!(last.data["action"], "stop");
     assert_eq!(last.data["severity"], "normal");
-    let (audits,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM audit WHERE action = 'instance.paused_too_long'",
-    )
-    .fetch_one(&pool)
-    .await
-    .expect("audit");
+    let (audits,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM audit WHERE action = 'instance.paused_too_long'")
+            .fetch_one(&pool)
+            .await
+            .expect("audit");
     assert_eq!(audits, 2);
     // An instance unpaused since it was read is left alone.
     store
@@ -252,7 +290,11 @@ async fn paused_instances_are_found_with_their_severity_and_warned_once_per_chec
         .await
         .expect("unpause");
     let written = store
-        .record_paused_too_long(&actions, "paused longer than 30d", "system-paused-instances")
+        .record_paused_too_long(
+            &actions,
+            "paused longer than 30d",
+            "system-paused-instances",
+        )
         .await
         .expect("record");
     assert_eq!(written, vec![normal]);
