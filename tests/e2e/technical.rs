@@ -59,31 +59,39 @@ async fn state(env: &TestEnv, id: &str) -> anyhow::Result<Option<String>> {
 /// instance's id and final variables.
 async fn run_now(env: &TestEnv, api: &str, name: &str) -> anyhow::Result<(Uuid, Value)> {
     env.cli(api, &["schedule", "trigger", name]).await?;
-    let id: Uuid = wait_until(&format!("{name} to fire"), Duration::from_secs(10), || async {
-        let row: Option<(Uuid,)> = sqlx::query_as(
-            "SELECT f.instance_id FROM schedule_fire f JOIN schedule s ON s.id = f.schedule_id
+    let id: Uuid = wait_until(
+        &format!("{name} to fire"),
+        Duration::from_secs(10),
+        || async {
+            let row: Option<(Uuid,)> = sqlx::query_as(
+                "SELECT f.instance_id FROM schedule_fire f JOIN schedule s ON s.id = f.schedule_id
              WHERE s.name = $1 AND f.instance_id IS NOT NULL ORDER BY f.recorded_at DESC LIMIT 1",
-        )
-        .bind(name)
-        .fetch_optional(env.store.pool())
-        .await?;
-        Ok(row.map(|(id,)| id))
-    })
+            )
+            .bind(name)
+            .fetch_optional(env.store.pool())
+            .await?;
+            Ok(row.map(|(id,)| id))
+        },
+    )
     .await?;
-    let vars = wait_until(&format!("{name} to complete"), Duration::from_secs(60), || async {
-        let row: Option<(String, Value)> =
-            sqlx::query_as("SELECT state, vars FROM instance WHERE id = $1")
-                .bind(id)
-                .fetch_optional(env.store.pool())
-                .await?;
-        match row {
-            Some((state, vars)) if state == "completed" => Ok(Some(vars)),
-            Some((state, _)) if state == "in_error" || state == "failed" => {
-                anyhow::bail!("{name} instance {id} ended {state}")
+    let vars = wait_until(
+        &format!("{name} to complete"),
+        Duration::from_secs(60),
+        || async {
+            let row: Option<(String, Value)> =
+                sqlx::query_as("SELECT state, vars FROM instance WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(env.store.pool())
+                    .await?;
+            match row {
+                Some((state, vars)) if state == "completed" => Ok(Some(vars)),
+                Some((state, _)) if state == "in_error" || state == "failed" => {
+                    anyhow::bail!("{name} instance {id} ended {state}")
+                }
+                _ => Ok(None),
             }
-            _ => Ok(None),
-        }
-    })
+        },
+    )
     .await?;
     Ok((id, vars))
 }
@@ -97,23 +105,47 @@ async fn technical_workflows_are_installed_and_run_as_instances_that_do_their_wo
 
     // Installed by migrate, with their schedules; shown by `schedule list`.
     let first = migrate(&env, &api).await?;
-    assert!(first.contains("system-cleanup v1: deployed, schedule created"), "{first}");
+    assert!(
+        first.contains("system-cleanup v1: deployed, schedule created"),
+        "{first}"
+    );
     let list = env.cli(&api, &["schedule", "list"]).await?;
-    assert!(list.contains("system-cleanup") && list.contains("system-paused-instances"), "{list}");
+    assert!(
+        list.contains("system-cleanup") && list.contains("system-paused-instances"),
+        "{list}"
+    );
     // An operator re-times and pauses one; migrating again keeps that.
     env.cli(
         &api,
         &[
-            "schedule", "update", "system-paused-instances", "--workflow",
-            "system-paused-instances", "--cron", "30 6 * * 2",
-            "--vars", r#"{"warn_after": "0s", "stop_after": "1h"}"#,
+            "schedule",
+            "update",
+            "system-paused-instances",
+            "--workflow",
+            "system-paused-instances",
+            "--cron",
+            "30 6 * * 2",
+            "--vars",
+            r#"{"warn_after": "0s", "stop_after": "1h"}"#,
         ],
     )
     .await?;
-    env.cli(&api, &["schedule", "pause", "system-paused-instances", "--note", "tests"])
-        .await?;
+    env.cli(
+        &api,
+        &[
+            "schedule",
+            "pause",
+            "system-paused-instances",
+            "--note",
+            "tests",
+        ],
+    )
+    .await?;
     let again = migrate(&env, &api).await?;
-    assert!(again.contains("system-paused-instances v1: up to date, schedule kept as it is"), "{again}");
+    assert!(
+        again.contains("system-paused-instances v1: up to date, schedule kept as it is"),
+        "{again}"
+    );
     let (cron, paused, vars): (Option<String>, bool, Value) = sqlx::query_as(
         "SELECT cron, paused, vars FROM schedule WHERE name = 'system-paused-instances'",
     )
@@ -139,11 +171,18 @@ async fn technical_workflows_are_installed_and_run_as_instances_that_do_their_wo
     })
     .await?;
     let recent = start(&api, "chore", serde_json::json!({}), 1).await?;
-    wait_until("the recent chore to complete", Duration::from_secs(30), || async {
-        Ok((state(&env, &recent[0]).await?.as_deref() == Some("completed")).then_some(()))
-    })
+    wait_until(
+        "the recent chore to complete",
+        Duration::from_secs(30),
+        || async {
+            Ok((state(&env, &recent[0]).await?.as_deref() == Some("completed")).then_some(()))
+        },
+    )
     .await?;
-    let done_ids: Vec<Uuid> = done.iter().map(|id| Uuid::parse_str(id)).collect::<Result<_, _>>()?;
+    let done_ids: Vec<Uuid> = done
+        .iter()
+        .map(|id| Uuid::parse_str(id))
+        .collect::<Result<_, _>>()?;
     sqlx::query(
         "UPDATE instance SET finished_at = finished_at - interval '2 days',
                              created_at = created_at - interval '2 days'
@@ -153,21 +192,32 @@ async fn technical_workflows_are_installed_and_run_as_instances_that_do_their_wo
     .bind(Uuid::parse_str(&live[0])?)
     .execute(env.store.pool())
     .await?;
-    env.cli(&api, &["campaign", "set-retention", "default", "1d"]).await?;
+    env.cli(&api, &["campaign", "set-retention", "default", "1d"])
+        .await?;
     let shown = env.cli(&api, &["campaign", "retention", "default"]).await?;
     assert!(shown.contains("1day"), "{shown}");
     // Small batches, one per step: the cleanup loops through several journaled steps.
     env.cli(
         &api,
         &[
-            "schedule", "update", "system-cleanup", "--workflow", "system-cleanup", "--cron",
-            "0 4 * * *", "--vars", r#"{"batch_size": 7, "step_budget": "0s", "batch_pause": "0s"}"#,
+            "schedule",
+            "update",
+            "system-cleanup",
+            "--workflow",
+            "system-cleanup",
+            "--cron",
+            "0 4 * * *",
+            "--vars",
+            r#"{"batch_size": 7, "step_budget": "0s", "batch_pause": "0s"}"#,
         ],
     )
     .await?;
     let (cleanup, vars) = run_now(&env, &api, "system-cleanup").await?;
     assert_eq!(vars["deleted"]["instances"], 30, "{vars}");
-    assert!(vars["deleted"]["journal"].as_u64().context("journal")? >= 60, "{vars}");
+    assert!(
+        vars["deleted"]["journal"].as_u64().context("journal")? >= 60,
+        "{vars}"
+    );
     let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM instance WHERE id = ANY($1)")
         .bind(&done_ids)
         .fetch_one(env.store.pool())
@@ -183,7 +233,12 @@ async fn technical_workflows_are_installed_and_run_as_instances_that_do_their_wo
     .fetch_all(env.store.pool())
     .await?;
     assert!(sweeps.len() >= 5, "{sweeps:?}");
-    assert!(sweeps.iter().all(|(o,)| o["pass"]["instances"].as_u64() <= Some(7)), "{sweeps:?}");
+    assert!(
+        sweeps
+            .iter()
+            .all(|(o,)| o["pass"]["instances"].as_u64() <= Some(7)),
+        "{sweeps:?}"
+    );
     // Diagnosable like any instance.
     env.cli(&api, &["why", &cleanup.to_string()]).await?;
 
@@ -200,10 +255,15 @@ async fn technical_workflows_are_installed_and_run_as_instances_that_do_their_wo
         .await?;
         env.cli(&api, &["pause", id]).await?;
     }
-    sqlx::query("UPDATE instance SET paused_at = paused_at - interval '40 days' WHERE id = ANY($1)")
-        .bind(vec![Uuid::parse_str(old_normal)?, Uuid::parse_str(old_critical)?])
-        .execute(env.store.pool())
-        .await?;
+    sqlx::query(
+        "UPDATE instance SET paused_at = paused_at - interval '40 days' WHERE id = ANY($1)",
+    )
+    .bind(vec![
+        Uuid::parse_str(old_normal)?,
+        Uuid::parse_str(old_critical)?,
+    ])
+    .execute(env.store.pool())
+    .await?;
     run_now(&env, &api, "system-paused-instances").await?;
     let (check,): (Value,) = sqlx::query_as(
         "SELECT j.output FROM journal j JOIN schedule_fire f ON f.instance_id = j.instance_id
@@ -212,7 +272,11 @@ async fn technical_workflows_are_installed_and_run_as_instances_that_do_their_wo
     )
     .fetch_one(env.store.pool())
     .await?;
-    assert_eq!((check["warned"].as_u64(), check["stopped"].as_u64()), (Some(2), Some(1)), "{check}");
+    assert_eq!(
+        (check["warned"].as_u64(), check["stopped"].as_u64()),
+        (Some(2), Some(1)),
+        "{check}"
+    );
     assert_eq!(state(&env, old_normal).await?.as_deref(), Some("stopped"));
     assert_eq!(state(&env, new_normal).await?.as_deref(), Some("paused"));
     assert_eq!(state(&env, old_critical).await?.as_deref(), Some("paused"));

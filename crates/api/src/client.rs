@@ -409,7 +409,8 @@ impl ApiClient {
 
     /// `GET /v1/campaigns/{name}/retention`.
     pub async fn campaign_retention(&self, name: &str) -> Result<Value, ClientError> {
-        self.get(&["v1", "campaigns", name, "retention"], None::<&()>).await
+        self.get(&["v1", "campaigns", name, "retention"], None::<&()>)
+            .await
     }
 
     /// `GET /v1/nodes`.

@@ -30,7 +30,6 @@
 
 pub mod auth;
 mod campaigns;
-mod retention;
 mod client;
 mod contract;
 mod diagnosis;
@@ -39,6 +38,7 @@ mod error;
 mod extract;
 mod lifecycle;
 mod operator;
+mod retention;
 mod routes;
 mod schedules;
 mod signal;
@@ -58,7 +58,6 @@ use utoipa::OpenApi;
 
 pub use auth::{AuthMode, Authenticator, Principal, Secret};
 pub use campaigns::{CreateCampaign, LimitChanged, SetLimit};
-pub use retention::{Retention, SetRetention};
 pub use client::{ApiClient, ClientError};
 pub use diagnosis::{Diagnosis, LIVE_WITHIN_MS, diagnose};
 pub use dto::{JournalQuery, ListInclude, ListQuery};
@@ -68,6 +67,7 @@ pub use lifecycle::{
     LifecycleResult, LifecycleSummary, RefusalEntry,
 };
 pub use operator::{Leader, ResumeMode, ResumeRequest};
+pub use retention::{Retention, SetRetention};
 pub use schedules::{
     Backfill, CreateSchedule, DeletedSchedule, FireRecord, ManualFireView, ManualFired,
     PauseSchedule, ScheduleDetail, ScheduleList, ScheduleSpec, ScheduleView,

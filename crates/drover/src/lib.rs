@@ -86,7 +86,10 @@ pub(crate) async fn install_technical_workflows(store: &drover_store::Store) -> 
         } else {
             "schedule kept as it is"
         };
-        println!("technical workflow {} v{}: {deployed}, {scheduled}", w.name, w.version);
+        println!(
+            "technical workflow {} v{}: {deployed}, {scheduled}",
+            w.name, w.version
+        );
     }
     Ok(())
 }

@@ -256,7 +256,12 @@ async fn cleanup(store: &Store, input: &Value) -> Result<Value, StepError> {
                 };
                 let after = if c.id.0 == campaign { after } else { None };
                 let batch = store
-                    .delete_finished_batch(c.id, c.retention.unwrap_or(retention), after, batch_size)
+                    .delete_finished_batch(
+                        c.id,
+                        c.retention.unwrap_or(retention),
+                        after,
+                        batch_size,
+                    )
                     .await
                     .map_err(store_error)?;
                 pass.instances += batch.instances;
@@ -349,17 +354,18 @@ async fn paused_instances(store: &Store, bus: &Bus, input: &Value) -> Result<Val
         let found: Vec<_> = page
             .into_iter()
             .map(|p| {
-                let action = if p.paused_for >= stop_after && p.severity.stopped_when_paused_too_long()
-                {
-                    PausedAction::Stop
-                } else {
-                    PausedAction::Warn
-                };
+                let action =
+                    if p.paused_for >= stop_after && p.severity.stopped_when_paused_too_long() {
+                        PausedAction::Stop
+                    } else {
+                        PausedAction::Warn
+                    };
                 (p, action)
             })
             .collect();
         for (p, action) in &found {
-            let paused_for = humantime::format_duration(Duration::from_secs(p.paused_for.as_secs()));
+            let paused_for =
+                humantime::format_duration(Duration::from_secs(p.paused_for.as_secs()));
             if p.severity == Severity::Critical {
                 tracing::error!(instance.id = %p.id, workflow = %p.workflow, campaign = %p.campaign, severity = %p.severity, %paused_for, action = action.as_str(), "instance paused too long");
             } else {
@@ -433,8 +439,14 @@ mod tests {
             duration_arg(&input, "a", default),
             Ok(Duration::from_secs(30 * 86_400))
         );
-        assert_eq!(duration_arg(&input, "b", default), Ok(Duration::from_millis(250)));
-        assert!(matches!(duration_arg(&input, "c", default), Err(StepError::Permanent(_))));
+        assert_eq!(
+            duration_arg(&input, "b", default),
+            Ok(Duration::from_millis(250))
+        );
+        assert!(matches!(
+            duration_arg(&input, "c", default),
+            Err(StepError::Permanent(_))
+        ));
         assert_eq!(duration_arg(&input, "d", default), Ok(default));
         assert_eq!(duration_arg(&input, "e", default), Ok(default));
     }
@@ -447,6 +459,9 @@ mod tests {
         };
         let json = serde_json::to_value(&cursor).expect("json");
         assert_eq!(json["phase"], "instances_of");
-        assert_eq!(serde_json::from_value::<Cursor>(json).expect("a cursor"), cursor);
+        assert_eq!(
+            serde_json::from_value::<Cursor>(json).expect("a cursor"),
+            cursor
+        );
     }
 }

@@ -36,7 +36,9 @@ pub struct Definition {
 /// A definition's `severity`: how the `system-paused-instances` technical workflow treats its
 /// instances paused too long. `normal` ones are stopped past the stop threshold; `production`
 /// and `critical` ones are only warned about (critical ones logged as errors).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
     #[default]
@@ -414,8 +416,10 @@ mod tests {
 
     #[test]
     fn severity_defaults_to_normal_and_an_unknown_one_is_refused() {
-        let plain = Definition::parse(&with_first_step("    kind: end\n    status: completed"))
-            .expect("valid");
+        let plain = Definition::parse(&with_first_step(
+            "    kind: assign\n    set: {}\n    next: [{to: b}]",
+        ))
+        .expect("valid");
         assert_eq!(plain.severity, Severity::Normal);
         assert_eq!(plain.to_json().get("severity"), None);
 
@@ -424,7 +428,10 @@ mod tests {
         let critical = Definition::parse(source).expect("valid");
         assert_eq!(critical.severity, Severity::Critical);
         assert_eq!(critical.to_json()["severity"], "critical");
-        assert_eq!(Definition::from_json(&critical.to_json()).as_ref(), Ok(&critical));
+        assert_eq!(
+            Definition::from_json(&critical.to_json()).as_ref(),
+            Ok(&critical)
+        );
         assert!(!critical.severity.stopped_when_paused_too_long());
         assert!(Severity::Normal.stopped_when_paused_too_long());
 
