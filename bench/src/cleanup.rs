@@ -78,7 +78,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     let round = |n: u32| async move {
         let started = Instant::now();
         let ids = env
-            .start(&hot, (campaign.0, &campaign.1), n, true)
+            .start(hot, (campaign.0, &campaign.1), n, true)
             .await?
             .ids;
         env.wait_completed(&ids, started).await?;

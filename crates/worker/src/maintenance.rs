@@ -393,11 +393,11 @@ async fn paused_instances(store: &Store, bus: &Bus, input: &Value) -> Result<Val
                 .await
                 .map_err(store_error)?;
             let jobs = batch.jobs();
-            if !jobs.is_empty() {
-                if let Err(err) = bus.publish_jobs(&jobs).await {
-                    // The stale-READY sweeper publishes them again.
-                    tracing::warn!(%err, "publishing the jobs of instances a stop admitted");
-                }
+            if !jobs.is_empty()
+                && let Err(err) = bus.publish_jobs(&jobs).await
+            {
+                // The stale-READY sweeper publishes them again.
+                tracing::warn!(%err, "publishing the jobs of instances a stop admitted");
             }
             stopped.extend(to_stop);
         }
