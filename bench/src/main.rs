@@ -8,6 +8,7 @@
 
 mod baseline;
 mod chart;
+mod cleanup;
 mod env;
 mod latency;
 mod recovery;
@@ -50,7 +51,10 @@ enum Scenario {
     Semaphore(semaphore::Options),
     /// Steps/s and claim/commit latency as finished history grows (10k → 1M instances).
     Scale(scale::Options),
-    /// Every scenario with its defaults (about 8 minutes on 2 cores).
+    /// No-op steps/s while the `system-cleanup` technical workflow deletes many finished
+    /// instances past retention, beside the same load without it.
+    Cleanup(cleanup::Options),
+    /// Every scenario with its defaults (about 10 minutes on 2 cores).
     All,
 }
 
@@ -171,6 +175,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Recovery(o) => one("recovery", recovery::run(&o).await?),
             Scenario::Semaphore(o) => one("semaphore", semaphore::run(&o).await?),
             Scenario::Scale(o) => one("scale", scale::run(&o).await?),
+            Scenario::Cleanup(o) => one("cleanup", cleanup::run(&o).await?),
             Scenario::Single(o) => one("single", single::run(&o).await?),
             Scenario::All => all().await?,
         };
@@ -214,6 +219,7 @@ async fn all() -> anyhow::Result<(Vec<Figure>, Value)> {
     };
     add("latency", latency::run(&latency).await?);
     add("scale", scale::run(&scale::Options::default()).await?);
+    add("cleanup", cleanup::run(&cleanup::Options::default()).await?);
     add(
         "semaphore",
         semaphore::run(&semaphore::Options::default()).await?,

@@ -231,7 +231,12 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
 
 /// Adds `n` finished instances of `history` (created over the last 90 days), each with the
 /// four journal rows of a 3-step run, 100,000 per statement.
-async fn fill(env: &BenchEnv, campaign: CampaignId, version: i32, n: u64) -> anyhow::Result<()> {
+pub(crate) async fn fill(
+    env: &BenchEnv,
+    campaign: CampaignId,
+    version: i32,
+    n: u64,
+) -> anyhow::Result<()> {
     let mut left = i64::try_from(n)?;
     while left > 0 {
         let chunk = left.min(100_000);

@@ -20,5 +20,6 @@ mod schedules;
 mod security;
 mod semaphore;
 mod support;
+mod technical;
 mod telemetry;
 mod waiting;

@@ -396,6 +396,23 @@ impl ApiClient {
         self.send(builder, &url).await
     }
 
+    /// `PUT /v1/campaigns/{name}/retention`: answers the campaign's retention.
+    pub async fn set_campaign_retention(
+        &self,
+        name: &str,
+        request: &crate::SetRetention,
+    ) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "campaigns", name, "retention"])?;
+        let builder = self.http.request(Method::PUT, url.clone()).json(request);
+        self.send(builder, &url).await
+    }
+
+    /// `GET /v1/campaigns/{name}/retention`.
+    pub async fn campaign_retention(&self, name: &str) -> Result<Value, ClientError> {
+        self.get(&["v1", "campaigns", name, "retention"], None::<&()>)
+            .await
+    }
+
     /// `GET /v1/nodes`.
     pub async fn nodes(&self) -> Result<Value, ClientError> {
         self.get(&["v1", "nodes"], None::<&()>).await

@@ -21,6 +21,7 @@
 //! | `GET /v1/instances/{id}/diagnosis` | why it is not running ([`Diagnosis`]) |
 //! | `POST /v1/instances/{id}/events/{name}` | deliver an event ([`deliver_event`]; NATS: [`SignalListener`]) |
 //! | `POST /v1/campaigns`, `GET /v1/campaigns/{name}`, `PUT /v1/campaigns/{name}/limit` | campaigns and their limits ([`CreateCampaign`], [`SetLimit`]) |
+//! | `GET`, `PUT /v1/campaigns/{name}/retention` | how long finished instances are kept ([`SetRetention`]) |
 //! | `GET /v1/campaigns`, `GET /v1/nodes`, `GET /v1/leader`, `GET /v1/stats` | cluster |
 //! | `GET, POST /v1/schedules`, `GET, PATCH, DELETE /v1/schedules/{name}`, `POST …/{pause,unpause,trigger,backfill}` | schedules (admin to change, viewer to read) |
 //! | `POST /v1/tokens`, `GET /v1/tokens`, `DELETE /v1/tokens/{name}` | API tokens (admin) |
@@ -39,6 +40,7 @@ mod error;
 mod extract;
 mod lifecycle;
 mod operator;
+mod retention;
 mod routes;
 mod schedules;
 mod signal;
@@ -67,6 +69,7 @@ pub use lifecycle::{
     LifecycleResult, LifecycleSummary, RefusalEntry,
 };
 pub use operator::{Leader, ResumeMode, ResumeRequest};
+pub use retention::{Retention, SetRetention};
 pub use schedules::{
     Backfill, CreateSchedule, DeletedSchedule, FireRecord, ManualFireView, ManualFired,
     PauseSchedule, ScheduleDetail, ScheduleList, ScheduleSpec, ScheduleView,
@@ -178,6 +181,10 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/campaigns/{name}", get(campaigns::show))
         .route("/v1/campaigns/{name}/limit", put(campaigns::set_limit))
+        .route(
+            "/v1/campaigns/{name}/retention",
+            get(retention::show).put(retention::set),
+        )
         .route("/v1/nodes", get(routes::nodes))
         .route("/v1/leader", get(operator::leader))
         .route("/v1/stats", get(routes::stats))

@@ -27,6 +27,7 @@ mod diagnosis;
 mod input;
 mod lifecycle;
 mod operator;
+mod retention;
 mod signal;
 
 /// A fresh database and subject prefix, with the router over them. Requests carry the admin

@@ -98,6 +98,7 @@ event_types! {
     Instance "stopped",
     Instance "restarted",
     Instance "schedule_fired",
+    Instance "paused_too_long",
     Campaign "permit_drift",
     Campaign "schedule_skipped",
 }
@@ -413,7 +414,7 @@ mod tests {
 
     /// Every [`EventKind`]. The match below fails to compile when a kind is added, so a new
     /// kind cannot ship without its schema.
-    const ALL_KINDS: [EventKind; 22] = [
+    const ALL_KINDS: [EventKind; 23] = [
         EventKind::Started,
         EventKind::StepCompleted,
         EventKind::StepRetry,
@@ -436,6 +437,7 @@ mod tests {
         EventKind::PermitDrift,
         EventKind::ScheduleFired,
         EventKind::ScheduleSkipped,
+        EventKind::PausedTooLong,
     ];
 
     fn scope_of(kind: EventKind) -> EventScope {
@@ -460,7 +462,8 @@ mod tests {
             | EventKind::Queued
             | EventKind::Admitted
             | EventKind::PermitReleased
-            | EventKind::ScheduleFired => EventScope::Instance,
+            | EventKind::ScheduleFired
+            | EventKind::PausedTooLong => EventScope::Instance,
         }
     }
 

@@ -56,11 +56,14 @@ pub enum EventKind {
     /// A schedule's fire time passed without an instance: missed beyond its catch-up window,
     /// or its overlap policy said so (a campaign event).
     ScheduleSkipped,
+    /// PAUSED longer than the `system-paused-instances` technical workflow's warning threshold
+    /// (data: `paused_at`, `paused_for_ms`, `severity`, `action`: `warn` or `stop`).
+    PausedTooLong,
 }
 
 impl EventKind {
     /// Every kind, in the order the contract lists them.
-    pub const ALL: [EventKind; 22] = [
+    pub const ALL: [EventKind; 23] = [
         Self::Started,
         Self::Queued,
         Self::Admitted,
@@ -83,6 +86,7 @@ impl EventKind {
         Self::PermitDrift,
         Self::ScheduleFired,
         Self::ScheduleSkipped,
+        Self::PausedTooLong,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +113,7 @@ impl EventKind {
             Self::PermitDrift => "permit_drift",
             Self::ScheduleFired => "schedule_fired",
             Self::ScheduleSkipped => "schedule_skipped",
+            Self::PausedTooLong => "paused_too_long",
         }
     }
 

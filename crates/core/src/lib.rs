@@ -17,7 +17,7 @@ pub mod scope;
 pub mod state;
 pub mod subject;
 
-pub use definition::{Definition, DefinitionError, DefinitionErrors, Step, StepKind};
+pub use definition::{Definition, DefinitionError, DefinitionErrors, Severity, Step, StepKind};
 pub use event::{EventKind, Fact};
 pub use ids::{CampaignId, Fence, InstanceId, NodeId, ScheduleId, SignalId, StepSeq};
 pub use job::StepJob;

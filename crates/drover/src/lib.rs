@@ -73,6 +73,27 @@ pub enum Command {
     Operator(cli::OperatorCommand),
 }
 
+/// Installs the technical workflows and their schedules (an existing schedule is left as
+/// the operator set it), printing what it did.
+pub(crate) async fn install_technical_workflows(store: &drover_store::Store) -> anyhow::Result<()> {
+    let installed = drover_worker::maintenance::install_technical_workflows(store)
+        .await
+        .map_err(|e| anyhow::anyhow!("installing the technical workflows: {e}"))?;
+    for w in installed {
+        let deployed = if w.deployed { "deployed" } else { "up to date" };
+        let scheduled = if w.scheduled {
+            "schedule created"
+        } else {
+            "schedule kept as it is"
+        };
+        println!(
+            "technical workflow {} v{}: {deployed}, {scheduled}",
+            w.name, w.version
+        );
+    }
+    Ok(())
+}
+
 fn parse_secret(token: &str) -> Result<drover_api::Secret, String> {
     Ok(drover_api::Secret::new(token.trim()))
 }
@@ -107,6 +128,7 @@ pub fn main(handlers: Handlers) -> ExitCode {
                 .await?;
                 store.migrate().await?;
                 println!("migrations applied");
+                install_technical_workflows(&store).await?;
                 Ok(())
             }
             Command::NatsConfig(args) => nats::print_config(args),

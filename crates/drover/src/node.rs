@@ -220,7 +220,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 /// in time: a partition, a long pause) re-registers under a new id once Postgres answers
 /// again and restarts its worker, relay and coordinator roles (the api keeps serving; it holds
 /// nothing of the old id). While it cannot heartbeat, its worker claims nothing.
-pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()> {
+pub(crate) async fn run(args: NodeArgs, mut handlers: Handlers) -> anyhow::Result<()> {
     let auth = if args.roles.contains(&Role::Api) {
         Some(args.auth_mode()?)
     } else {
@@ -267,6 +267,7 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
     health.set_store(&store);
     if args.migrate {
         store.migrate().await.context("applying migrations")?;
+        crate::install_technical_workflows(&store).await?;
     }
     let Some(bus) = wait_for("NATS", &shutdown, || async {
         let bus_roles = args.roles.iter().map(|r| r.nats_role()).collect();
@@ -293,6 +294,8 @@ pub(crate) async fn run(args: NodeArgs, handlers: Handlers) -> anyhow::Result<()
         return Ok(());
     };
     health.set_bus(&bus);
+    // Every worker runs the technical workflows' steps.
+    handlers.add_maintenance(store.clone(), bus.clone());
 
     // The api serves for the life of the process, whatever id the node runs under.
     let mut serving: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();

@@ -34,8 +34,9 @@ impl Store {
                 None => 1,
             };
             let inserted = sqlx::query(
-                "INSERT INTO workflow_definition (name, version, body, source) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                "INSERT INTO workflow_definition (name, version, body, source, severity) \
+                 VALUES ($1, $2, $3, $4, coalesce($3->>'severity', 'normal')) \
+                 ON CONFLICT DO NOTHING",
             )
             .bind(name)
             .bind(version)

@@ -22,6 +22,7 @@ mod instances;
 mod lease;
 mod lifecycle;
 mod liveness;
+mod maintenance;
 mod model;
 mod nodes;
 mod operator;
@@ -49,6 +50,9 @@ pub use lifecycle::{
     Refusal, Restart, Restarted,
 };
 pub use liveness::Liveness;
+pub use maintenance::{
+    CampaignRetention, CleanupBatch, FinishedCursor, PausedAction, PausedInstance,
+};
 pub use model::*;
 pub use nodes::{Heartbeat, NewNode};
 pub use operator::{Resume, Resumed};

@@ -30,6 +30,7 @@ mod error;
 mod feed;
 mod gate;
 mod handler;
+pub mod maintenance;
 mod relay;
 mod settle;
 mod step;

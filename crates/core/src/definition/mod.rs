@@ -18,6 +18,7 @@ mod fixtures;
 
 pub use model::{
     DEFAULT_MAX_STEPS, DEFAULT_TIMEOUT, Definition, DefinitionError, DefinitionErrors, EndStatus,
-    HttpMethod, MAX_CALL_DEPTH, RetryPolicy, SleepUntil, Step, StepKind, Transition, millis,
+    HttpMethod, MAX_CALL_DEPTH, RetryPolicy, Severity, SleepUntil, Step, StepKind, Transition,
+    millis,
 };
 pub use validation::{MAX_DURATION, MAX_SOURCE_BYTES, MAX_STEP_COUNT};

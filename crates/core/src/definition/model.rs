@@ -24,11 +24,63 @@ pub struct Definition {
     /// The queue of its steps' jobs (only workers serving it run them); `None`: the
     /// [`Queue::DEFAULT`] queue.
     pub queue: Option<Queue>,
+    /// How the paused-too-long technical workflow treats its paused instances.
+    pub severity: Severity,
     pub vars: Map<String, Value>,
     /// The step budget of one instance; past it the instance goes to `in_error`.
     pub max_steps: u32,
     /// `steps[0]` is the entry point.
     pub steps: Vec<Step>,
+}
+
+/// A definition's `severity`: how the `system-paused-instances` technical workflow treats its
+/// instances paused too long. `normal` ones are stopped past the stop threshold; `production`
+/// and `critical` ones are only warned about (critical ones logged as errors).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    #[default]
+    Normal,
+    Production,
+    Critical,
+}
+
+impl Severity {
+    pub const ALL: [Severity; 3] = [Severity::Normal, Severity::Production, Severity::Critical];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Normal => "normal",
+            Severity::Production => "production",
+            Severity::Critical => "critical",
+        }
+    }
+
+    /// Are its instances stopped once paused past the stop threshold? (Else only warned.)
+    pub fn stopped_when_paused_too_long(self) -> bool {
+        self == Severity::Normal
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Severity {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Severity::ALL
+            .into_iter()
+            .find(|severity| severity.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown severity {s:?}; expected one of: normal, production, critical")
+            })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -360,6 +412,38 @@ mod tests {
         assert_eq!(plain.route(plain.entry()).queue, Queue::default());
         assert_eq!(plain.to_json().get("queue"), None);
         assert_eq!(plain.to_json()["steps"][0].get("queue"), None);
+    }
+
+    #[test]
+    fn severity_defaults_to_normal_and_an_unknown_one_is_refused() {
+        let plain = Definition::parse(&with_first_step(
+            "    kind: assign\n    set: {}\n    next: [{to: b}]",
+        ))
+        .expect("valid");
+        assert_eq!(plain.severity, Severity::Normal);
+        assert_eq!(plain.to_json().get("severity"), None);
+
+        let source = "name: w\nseverity: critical\nsteps:\n  - id: a\n    kind: end\n    \
+                      status: completed\n";
+        let critical = Definition::parse(source).expect("valid");
+        assert_eq!(critical.severity, Severity::Critical);
+        assert_eq!(critical.to_json()["severity"], "critical");
+        assert_eq!(
+            Definition::from_json(&critical.to_json()).as_ref(),
+            Ok(&critical)
+        );
+        assert!(!critical.severity.stopped_when_paused_too_long());
+        assert!(Severity::Normal.stopped_when_paused_too_long());
+
+        let errors = Definition::parse(&source.replace("critical", "urgent"))
+            .expect_err("an unknown severity");
+        assert_eq!(errors.0.len(), 1);
+        assert_eq!(errors.0[0].field, "severity");
+        assert!(
+            errors.0[0].message.contains("normal, production, critical"),
+            "{}",
+            errors.0[0].message
+        );
     }
 
     #[test]

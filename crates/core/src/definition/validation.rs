@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::model::{
     DEFAULT_MAX_STEPS, DEFAULT_TIMEOUT, Definition, DefinitionError, DefinitionErrors, EndStatus,
-    HttpMethod, RetryPolicy, SleepUntil, Step, StepKind, Transition,
+    HttpMethod, RetryPolicy, Severity, SleepUntil, Step, StepKind, Transition,
 };
 use crate::expr::{Expr, on_parse_stack};
 use crate::ids::is_slug;
@@ -23,7 +23,15 @@ pub const MAX_STEP_COUNT: usize = 1_000;
 /// timeout or back-off, and far from overflowing `Instant` or timestamp arithmetic downstream.
 pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 
-const TOP_FIELDS: &[&str] = &["name", "description", "queue", "vars", "max_steps", "steps"];
+const TOP_FIELDS: &[&str] = &[
+    "name",
+    "description",
+    "severity",
+    "queue",
+    "vars",
+    "max_steps",
+    "steps",
+];
 const STEP_FIELDS: &[&str] = &[
     "id",
     "kind",
@@ -375,6 +383,13 @@ impl Checker {
             self.slug(at, "name", name);
         }
         let description = self.optional_str(at, "description", object.get("description"));
+        let severity = match self.optional_str(at, "severity", object.get("severity")) {
+            None => Severity::default(),
+            Some(severity) => severity.parse().unwrap_or_else(|message: String| {
+                self.error(at, "severity", message);
+                Severity::default()
+            }),
+        };
         let queue = self.queue(at, object.get("queue"));
         let vars = match present(object.get("vars")) {
             None => Map::new(),
@@ -395,6 +410,7 @@ impl Checker {
             name: name?.to_owned(),
             description: description.map(str::to_owned),
             queue,
+            severity,
             vars,
             max_steps,
             steps: steps?,

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use super::model::{Definition, SleepUntil, Step, StepKind};
+use super::model::{Definition, Severity, SleepUntil, Step, StepKind};
 use crate::expr::Expr;
 
 impl Definition {
@@ -15,6 +15,10 @@ impl Definition {
         object.insert("name".into(), json!(self.name));
         if let Some(description) = &self.description {
             object.insert("description".into(), json!(description));
+        }
+        // Omitted when `normal`, so a definition stored before severities existed compares equal.
+        if self.severity != Severity::Normal {
+            object.insert("severity".into(), json!(self.severity.as_str()));
         }
         if let Some(queue) = &self.queue {
             object.insert("queue".into(), json!(queue));

@@ -204,6 +204,20 @@ pub enum CampaignCommand {
         #[arg(value_parser = clap::value_parser!(i64).range(1..=100_000))]
         max_running: i64,
     },
+    /// Keep a campaign's finished instances this long (`30d`, `12h`), or `default` for the
+    /// cluster default (the `system-cleanup` workflow's `retention` variable); the daily
+    /// cleanup deletes older ones.
+    SetRetention {
+        /// The campaign's name.
+        name: String,
+        /// A duration such as `30d`, or `default`.
+        retention: String,
+    },
+    /// Show how long a campaign's finished instances are kept.
+    Retention {
+        /// The campaign's name.
+        name: String,
+    },
     /// List campaigns with their limits and counts.
     List,
     /// Show a campaign: its limit, how many run and queue, and how long its queue has waited.

@@ -17,6 +17,7 @@ pub(super) enum View {
     Campaigns,
     Campaign,
     LimitChanged,
+    Retention,
     Nodes,
     Resumed,
     Leader,
@@ -165,6 +166,14 @@ fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
         View::Campaigns => render_campaigns(answer),
         View::Campaign => render_campaign(answer),
         View::LimitChanged => render_limit_changed(answer),
+        View::Retention => format!(
+            "campaign {}: finished instances kept {}\n",
+            text(&answer["campaign"]),
+            match answer["retention"].as_str() {
+                Some(retention) => retention.to_owned(),
+                None => "for the cluster default (system-cleanup's `retention`)".to_owned(),
+            }
+        ),
         View::Nodes => list(
             &answer["nodes"],
             "no nodes",

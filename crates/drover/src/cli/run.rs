@@ -218,6 +218,17 @@ async fn run_campaign(client: &ApiClient, command: CampaignCommand) -> Result<(V
                 View::LimitChanged,
             )
         }
+        CampaignCommand::SetRetention { name, retention } => {
+            let retention = (retention != "default").then_some(retention);
+            let request = drover_api::SetRetention { retention };
+            (
+                client.set_campaign_retention(&name, &request).await?,
+                View::Retention,
+            )
+        }
+        CampaignCommand::Retention { name } => {
+            (client.campaign_retention(&name).await?, View::Retention)
+        }
         CampaignCommand::List => (client.campaigns().await?, View::Campaigns),
         CampaignCommand::Show { name } => (client.campaign(&name).await?, View::Campaign),
     })

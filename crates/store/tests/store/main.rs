@@ -1,6 +1,7 @@
 //! Storage tests on real Postgres (`#[sqlx::test]`: a fresh database per test; set
 //! `DATABASE_URL`). One test binary for the crate.
 
+mod cleanup;
 mod continuing;
 mod lifecycle;
 mod liveness;
