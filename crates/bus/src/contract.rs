@@ -100,6 +100,11 @@ event_types! {
     Instance "schedule_fired",
     Campaign "permit_drift",
     Campaign "schedule_skipped",
+    Campaign "schedule_changed",
+    Campaign "campaign_paused",
+    Campaign "campaign_unpaused",
+    Campaign "campaign_deleted",
+    Campaign "workflow_deleted",
 }
 
 /// The event type `kind` (`started`, `permit_drift`, …), if there is one.
@@ -413,7 +418,7 @@ mod tests {
 
     /// Every [`EventKind`]. The match below fails to compile when a kind is added, so a new
     /// kind cannot ship without its schema.
-    const ALL_KINDS: [EventKind; 22] = [
+    const ALL_KINDS: [EventKind; 27] = [
         EventKind::Started,
         EventKind::StepCompleted,
         EventKind::StepRetry,
@@ -436,11 +441,22 @@ mod tests {
         EventKind::PermitDrift,
         EventKind::ScheduleFired,
         EventKind::ScheduleSkipped,
+        EventKind::ScheduleChanged,
+        EventKind::CampaignPaused,
+        EventKind::CampaignUnpaused,
+        EventKind::CampaignDeleted,
+        EventKind::WorkflowDeleted,
     ];
 
     fn scope_of(kind: EventKind) -> EventScope {
         match kind {
-            EventKind::PermitDrift | EventKind::ScheduleSkipped => EventScope::Campaign,
+            EventKind::PermitDrift
+            | EventKind::ScheduleSkipped
+            | EventKind::ScheduleChanged
+            | EventKind::CampaignPaused
+            | EventKind::CampaignUnpaused
+            | EventKind::CampaignDeleted
+            | EventKind::WorkflowDeleted => EventScope::Campaign,
             EventKind::Started
             | EventKind::StepCompleted
             | EventKind::StepRetry

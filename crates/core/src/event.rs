@@ -56,11 +56,23 @@ pub enum EventKind {
     /// A schedule's fire time passed without an instance: missed beyond its catch-up window,
     /// or its overlap policy said so (a campaign event).
     ScheduleSkipped,
+    /// An operator created, updated, deleted, paused or unpaused a schedule (data `action`; a
+    /// campaign event of the schedule's campaign).
+    ScheduleChanged,
+    /// An operator paused a campaign: it admits nothing until unpaused (a campaign event).
+    CampaignPaused,
+    /// An operator unpaused a campaign: its queue is admitted again (a campaign event).
+    CampaignUnpaused,
+    /// An operator deleted an empty campaign (a campaign event, its last).
+    CampaignDeleted,
+    /// An operator deleted a workflow, or one version of it (a campaign event of `default`:
+    /// a workflow belongs to no campaign).
+    WorkflowDeleted,
 }
 
 impl EventKind {
     /// Every kind, in the order the contract lists them.
-    pub const ALL: [EventKind; 22] = [
+    pub const ALL: [EventKind; 27] = [
         Self::Started,
         Self::Queued,
         Self::Admitted,
@@ -83,6 +95,11 @@ impl EventKind {
         Self::PermitDrift,
         Self::ScheduleFired,
         Self::ScheduleSkipped,
+        Self::ScheduleChanged,
+        Self::CampaignPaused,
+        Self::CampaignUnpaused,
+        Self::CampaignDeleted,
+        Self::WorkflowDeleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,12 +126,26 @@ impl EventKind {
             Self::PermitDrift => "permit_drift",
             Self::ScheduleFired => "schedule_fired",
             Self::ScheduleSkipped => "schedule_skipped",
+            Self::ScheduleChanged => "schedule_changed",
+            Self::CampaignPaused => "campaign_paused",
+            Self::CampaignUnpaused => "campaign_unpaused",
+            Self::CampaignDeleted => "campaign_deleted",
+            Self::WorkflowDeleted => "workflow_deleted",
         }
     }
 
     /// Is this an event about a campaign itself (not one instance)?
     pub fn is_campaign_event(self) -> bool {
-        matches!(self, Self::PermitDrift | Self::ScheduleSkipped)
+        matches!(
+            self,
+            Self::PermitDrift
+                | Self::ScheduleSkipped
+                | Self::ScheduleChanged
+                | Self::CampaignPaused
+                | Self::CampaignUnpaused
+                | Self::CampaignDeleted
+                | Self::WorkflowDeleted
+        )
     }
 }
 

@@ -17,6 +17,9 @@ pub(super) enum View {
     Campaigns,
     Campaign,
     LimitChanged,
+    CampaignPaused,
+    CampaignDeleted,
+    WorkflowDeleted,
     Nodes,
     Resumed,
     Leader,
@@ -165,6 +168,19 @@ fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
         View::Campaigns => render_campaigns(answer),
         View::Campaign => render_campaign(answer),
         View::LimitChanged => render_limit_changed(answer),
+        View::CampaignPaused => render_campaign_paused(answer),
+        View::CampaignDeleted => format!("deleted campaign {}\n", text(&answer["deleted"])),
+        View::WorkflowDeleted => {
+            let versions = answer["versions"]
+                .as_array()
+                .map(|v| v.iter().map(text).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            let stopped = answer["stopped"].as_array().map_or(0, Vec::len);
+            format!(
+                "deleted workflow {} (versions {versions}; {stopped} live instances killed)\n",
+                text(&answer["workflow"])
+            )
+        }
         View::Nodes => list(
             &answer["nodes"],
             "no nodes",
@@ -298,7 +314,38 @@ fn render_campaign(campaign: &Value) -> String {
             },
         ),
         ("on error", text(&campaign["on_error_permit"])),
+        (
+            "paused",
+            match campaign["paused_at"].as_str() {
+                Some(_) => format!(
+                    "since {} by {}",
+                    time(&campaign["paused_at"]),
+                    text(&campaign["paused_by"])
+                ),
+                None => "no".to_owned(),
+            },
+        ),
     ])
+}
+
+/// What a campaign pause or unpause did.
+fn render_campaign_paused(answer: &Value) -> String {
+    let campaign = &answer["campaign"];
+    let admitted = answer["admitted"].as_array().map_or(0, Vec::len);
+    let paused = campaign["paused_at"].is_string();
+    let state = match (paused, answer["changed"] == Value::Bool(true)) {
+        (true, true) => "paused".to_owned(),
+        (true, false) => "paused already".to_owned(),
+        (false, true) => format!("unpaused; {admitted} admitted now"),
+        (false, false) => "not paused".to_owned(),
+    };
+    format!(
+        "campaign {}: {state} ({} running, {} queued, limit {})\n",
+        text(&campaign["name"]),
+        text(&campaign["running"]),
+        text(&campaign["queued"]),
+        limit(campaign),
+    )
 }
 
 /// What a limit change did.

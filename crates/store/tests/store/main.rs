@@ -2,6 +2,7 @@
 //! `DATABASE_URL`). One test binary for the crate.
 
 mod continuing;
+mod deletes;
 mod lifecycle;
 mod liveness;
 mod outbox;
