@@ -22,6 +22,7 @@ use crate::{ApiClient, ApiState, ClientError, ListQuery, MAX_BODY_BYTES, StartRe
 mod auth;
 mod campaigns;
 mod contract;
+mod deletes;
 mod diagnosis;
 mod input;
 mod lifecycle;
@@ -863,6 +864,10 @@ async fn openapi_json_is_a_document_with_every_path() {
         ("/v1/instances/{id}", "get"),
         ("/v1/instances/{id}/journal", "get"),
         ("/v1/campaigns", "get"),
+        ("/v1/campaigns/{name}", "delete"),
+        ("/v1/campaigns/{name}/pause", "post"),
+        ("/v1/campaigns/{name}/unpause", "post"),
+        ("/v1/workflows/{name}", "delete"),
         ("/v1/nodes", "get"),
         ("/v1/stats", "get"),
         ("/v1/openapi.json", "get"),
