@@ -134,18 +134,24 @@ async fn a_paused_campaign_queues_its_starts_and_unpausing_runs_them_within_the_
         "the limit was reached, never passed"
     );
 
-    // Admitted in queue order, and the counters agree with the rows.
-    let admitted: Vec<(i64,)> = sqlx::query_as(
-        "SELECT i.queue_seq FROM journal j JOIN instance i ON i.id = j.instance_id
+    // Admitted in queue order: the unpause took the head three in one statement, then each
+    // freed permit the next. And the counters agree with the rows.
+    let admitted: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT i.queue_seq, j.output->>'by' FROM journal j JOIN instance i ON i.id = j.instance_id
          WHERE j.outcome = 'admitted' ORDER BY j.started_at, j.instance_id",
     )
     .fetch_all(env.store.pool())
     .await?;
     assert_eq!(admitted.len(), 6);
+    let mut seqs: Vec<i64> = admitted.iter().map(|(seq, _)| *seq).collect();
     assert!(
-        admitted.windows(2).all(|w| w[0].0 < w[1].0),
-        "FIFO: {admitted:?}"
+        admitted[..3]
+            .iter()
+            .all(|(_, by)| by.starts_with("unpause:")),
+        "{admitted:?}"
     );
+    seqs[..3].sort_unstable();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "FIFO: {admitted:?}");
     let (running, queued_count): (i32, i32) =
         sqlx::query_as("SELECT running, queued FROM campaign WHERE name = 'spring'")
             .fetch_one(env.store.pool())

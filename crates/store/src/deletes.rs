@@ -39,7 +39,7 @@ use uuid::Uuid;
 
 use crate::audit::insert_audit;
 use crate::facts::insert_campaign_fact;
-use crate::lifecycle::LifecycleAction;
+use crate::lifecycle::{Acted, LifecycleAction};
 use crate::model::Campaign;
 use crate::semaphore::{Admitted, LockedCampaign, SEMAPHORE_ACTOR, admit, write_counters};
 use crate::{Error, Result, Store};
@@ -155,8 +155,18 @@ impl Store {
             let batch = self
                 .apply_lifecycle_for(LifecycleAction::Kill, &ids, &delete.actor, Some(reason))
                 .await?;
-            done.stopped.extend(ids);
+            let killed: Vec<InstanceId> = batch
+                .results
+                .iter()
+                .filter(|(_, acted)| matches!(acted, Acted::Changed(_)))
+                .map(|(id, _)| *id)
+                .collect();
             done.jobs.extend(batch.jobs());
+            if killed.is_empty() {
+                // Nothing it could kill (each ended meanwhile): the delete looks again.
+                return Ok(());
+            }
+            done.stopped.extend(killed);
         }
     }
 
