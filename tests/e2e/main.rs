@@ -4,6 +4,7 @@
 mod admin;
 mod bad_input;
 mod console;
+mod deletes;
 mod egress;
 mod events;
 mod execution;

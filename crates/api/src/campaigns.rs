@@ -211,12 +211,12 @@ fn limit(max_running: i64) -> Result<i32> {
         })
 }
 
-fn unknown_campaign(name: &str) -> ApiError {
+pub(crate) fn unknown_campaign(name: &str) -> ApiError {
     ApiError::not_found("unknown_campaign", format!("unknown campaign {name:?}"))
 }
 
 /// The store's campaign errors as API errors.
-fn campaign_error(err: drover_store::Error) -> ApiError {
+pub(crate) fn campaign_error(err: drover_store::Error) -> ApiError {
     use drover_store::Error;
     match err {
         Error::UnknownCampaign(name) => unknown_campaign(&name),

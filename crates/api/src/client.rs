@@ -373,6 +373,30 @@ impl ApiClient {
         self.send(builder, &url).await
     }
 
+    /// `DELETE /v1/workflows/{name}?version=&stop_instances=`.
+    pub async fn delete_workflow(
+        &self,
+        name: &str,
+        query: &crate::DeleteWorkflowQuery,
+    ) -> Result<Value, ClientError> {
+        let url = self.url(&["v1", "workflows", name])?;
+        let builder = self.http.request(Method::DELETE, url.clone()).query(query);
+        self.send(builder, &url).await
+    }
+
+    /// `DELETE /v1/campaigns/{name}`.
+    pub async fn delete_campaign(&self, name: &str) -> Result<Value, ClientError> {
+        self.send_json(Method::DELETE, &["v1", "campaigns", name], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/campaigns/{name}/pause` (`paused` true) or `…/unpause`.
+    pub async fn pause_campaign(&self, name: &str, paused: bool) -> Result<Value, ClientError> {
+        let verb = if paused { "pause" } else { "unpause" };
+        self.send_json(Method::POST, &["v1", "campaigns", name, verb], None::<&()>)
+            .await
+    }
+
     /// `GET /v1/campaigns/{name}`.
     pub async fn campaign(&self, name: &str) -> Result<Value, ClientError> {
         self.get(&["v1", "campaigns", name], None::<&()>).await

@@ -34,7 +34,7 @@ pub struct Diagnosis {
     /// One sentence.
     pub summary: String,
     /// The cause, for scripts: `finished`, `in_error`, `failed_descendant`, `paused`,
-    /// `queued`, `waiting_timer`, `timer_due`, `waiting_event`, `waiting_child`, `retry_delay`,
+    /// `queued`, `campaign_paused`, `waiting_timer`, `timer_due`, `waiting_event`, `waiting_child`, `retry_delay`,
     /// `no_live_worker`, `no_capable_worker`, `no_leader`, `ready`, `running`, `node_dead`,
     /// `node_silent`.
     pub cause: String,
@@ -202,6 +202,25 @@ pub fn diagnose(facts: &DiagnosisFacts) -> Diagnosis {
             } else {
                 format!(": {}", holders.join(", "))
             };
+            if let Some(paused_at) = c.paused_at {
+                put("campaign_paused_at", json!(paused_at));
+                put("campaign_paused_by", json!(c.paused_by));
+                let by = c.paused_by.as_deref().unwrap_or("an operator");
+                return Diagnosis {
+                    summary: format!(
+                        "Instance {id} is queued at position {position} of {} because campaign \
+                         {:?} is paused (by {by} since {}): it admits nothing until \
+                         `drover campaign unpause {}` ({}/{limit} running{holders}).",
+                        c.queued,
+                        c.name,
+                        at(paused_at),
+                        c.name,
+                        c.running
+                    ),
+                    cause: "campaign_paused".to_owned(),
+                    details: Value::Object(details),
+                };
+            }
             (
                 "queued",
                 format!(
@@ -499,6 +518,7 @@ fn base_details(facts: &DiagnosisFacts) -> Map<String, Value> {
             "max_running": c.max_running,
             "running": c.running,
             "queued": c.queued,
+            "paused_at": c.paused_at,
         }),
     );
     details.insert(

@@ -74,6 +74,10 @@ pub struct Workflow {
     pub definition: Value,
     /// The source as deployed.
     pub source: String,
+    /// When this version was deleted (`workflow delete`); absent while it is not. A deleted
+    /// version starts nothing, but stays readable for the instances that ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<DateTime<Utc>>,
 }
 
 impl From<drover_store::StoredDefinition> for Workflow {
@@ -84,6 +88,7 @@ impl From<drover_store::StoredDefinition> for Workflow {
             created_at: d.created_at,
             definition: d.body,
             source: d.source,
+            deleted_at: d.deleted_at,
         }
     }
 }
@@ -415,6 +420,13 @@ pub struct Campaign {
     /// How long the head of its queue has waited, in milliseconds; absent when nothing queues.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_queued_age_ms: Option<i64>,
+    /// When it was paused (`campaign pause`: it admits nothing until unpaused); absent while
+    /// it is not paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<DateTime<Utc>>,
+    /// Who paused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_by: Option<String>,
 }
 
 impl From<drover_store::Campaign> for Campaign {
@@ -427,6 +439,8 @@ impl From<drover_store::Campaign> for Campaign {
             on_error_permit: c.on_error_permit,
             oldest_queued_at: None,
             oldest_queued_age_ms: None,
+            paused_at: c.paused_at,
+            paused_by: c.paused_by,
         }
     }
 }

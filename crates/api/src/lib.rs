@@ -12,6 +12,7 @@
 //! | --- | --- |
 //! | `POST /v1/workflows` | deploy a definition (raw YAML/JSON body) |
 //! | `GET /v1/workflows`, `GET /v1/workflows/{name}?version=N` | list, show |
+//! | `DELETE /v1/workflows/{name}?version=N&stop_instances=true` | delete a workflow or a version (admin; refused while live instances or schedules use it) |
 //! | `POST /v1/instances` | start instances ([`start_instances`]) |
 //! | `GET /v1/instances?state=&campaign=&workflow=&limit=&before=&include=vars` | list summaries, newest first, a page at a time (`next`) |
 //! | `GET /v1/instances/{id}`, `GET /v1/instances/{id}/journal?limit=&after=` | show, journal (a page at a time) |
@@ -22,6 +23,7 @@
 //! | `POST /v1/instances/{id}/events/{name}` | deliver an event ([`deliver_event`]; NATS: [`SignalListener`]) |
 //! | `POST /v1/campaigns`, `GET /v1/campaigns/{name}`, `PUT /v1/campaigns/{name}/limit` | campaigns and their limits ([`CreateCampaign`], [`SetLimit`]) |
 //! | `GET`, `PUT /v1/campaigns/{name}/retention` | how long finished instances are kept ([`SetRetention`]) |
+//! | `DELETE /v1/campaigns/{name}`, `POST /v1/campaigns/{name}/{pause,unpause}` | delete an empty campaign; pause its admissions (admin) |
 //! | `GET /v1/campaigns`, `GET /v1/nodes`, `GET /v1/leader`, `GET /v1/stats` | cluster |
 //! | `GET, POST /v1/schedules`, `GET, PATCH, DELETE /v1/schedules/{name}`, `POST …/{pause,unpause,trigger,backfill}` | schedules (admin to change, viewer to read) |
 //! | `POST /v1/tokens`, `GET /v1/tokens`, `DELETE /v1/tokens/{name}` | API tokens (admin) |
@@ -34,6 +36,7 @@ mod campaigns;
 mod client;
 mod console;
 mod contract;
+mod deletes;
 mod diagnosis;
 pub mod dto;
 mod error;
@@ -61,6 +64,9 @@ use utoipa::OpenApi;
 pub use auth::{AuthMode, Authenticator, Principal, Secret};
 pub use campaigns::{CreateCampaign, LimitChanged, SetLimit};
 pub use client::{ApiClient, ClientError};
+pub use deletes::{
+    CampaignDeletedView, CampaignPauseView, DeleteWorkflowQuery, WorkflowDeletedView,
+};
 pub use diagnosis::{Diagnosis, LIVE_WITHIN_MS, diagnose};
 pub use dto::{JournalQuery, ListInclude, ListQuery};
 pub use error::{ApiError, ErrorBody, ErrorDetail, Result};
@@ -143,7 +149,10 @@ pub fn router(state: ApiState) -> Router {
             "/v1/workflows",
             get(routes::list_workflows).post(routes::deploy),
         )
-        .route("/v1/workflows/{name}", get(routes::show_workflow))
+        .route(
+            "/v1/workflows/{name}",
+            get(routes::show_workflow).delete(deletes::delete_workflow),
+        )
         .route(
             "/v1/instances",
             get(routes::list_instances).post(routes::start),
@@ -179,7 +188,15 @@ pub fn router(state: ApiState) -> Router {
             "/v1/campaigns",
             get(routes::campaigns).post(campaigns::create),
         )
-        .route("/v1/campaigns/{name}", get(campaigns::show))
+        .route(
+            "/v1/campaigns/{name}",
+            get(campaigns::show).delete(deletes::delete_campaign),
+        )
+        .route("/v1/campaigns/{name}/pause", post(deletes::pause_campaign))
+        .route(
+            "/v1/campaigns/{name}/unpause",
+            post(deletes::unpause_campaign),
+        )
         .route("/v1/campaigns/{name}/limit", put(campaigns::set_limit))
         .route(
             "/v1/campaigns/{name}/retention",

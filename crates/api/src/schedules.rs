@@ -383,7 +383,7 @@ pub(crate) async fn create(
     let new = merge(&request.name, request.spec, None)?;
     let created = state
         .store
-        .create_schedule(&new)
+        .create_schedule(&new, &actor)
         .await
         .map_err(schedule_error)?;
     tracing::info!(schedule = %created.name, workflow = %created.workflow, %actor, "schedule created");
@@ -449,7 +449,7 @@ pub(crate) async fn update(
     let new = merge(&name, spec, Some(&base))?;
     let updated = state
         .store
-        .update_schedule(&new)
+        .update_schedule(&new, &actor)
         .await
         .map_err(schedule_error)?
         .ok_or_else(|| unknown(&name))?;
@@ -473,7 +473,7 @@ pub(crate) async fn delete(
     Extension(Principal { name: actor, .. }): Extension<Principal>,
     ApiPath(Slug(name)): ApiPath<Slug>,
 ) -> Result<Json<DeletedSchedule>> {
-    if !state.store.delete_schedule(&name).await? {
+    if !state.store.delete_schedule(&name, &actor).await? {
         return Err(unknown(&name));
     }
     tracing::info!(schedule = %name, %actor, "schedule deleted");
@@ -500,12 +500,13 @@ pub struct DeletedSchedule {
 )]
 pub(crate) async fn pause(
     State(state): State<ApiState>,
+    Extension(Principal { name: actor, .. }): Extension<Principal>,
     ApiPath(Slug(name)): ApiPath<Slug>,
     ApiJson(request): ApiJson<PauseSchedule>,
 ) -> Result<Json<ScheduleDetail>> {
     let schedule = state
         .store
-        .set_schedule_paused(&name, true, request.note.as_deref())
+        .set_schedule_paused(&name, true, request.note.as_deref(), &actor)
         .await?
         .ok_or_else(|| unknown(&name))?;
     Ok(Json(detail(&state, schedule).await?))
@@ -524,11 +525,12 @@ pub(crate) async fn pause(
 )]
 pub(crate) async fn unpause(
     State(state): State<ApiState>,
+    Extension(Principal { name: actor, .. }): Extension<Principal>,
     ApiPath(Slug(name)): ApiPath<Slug>,
 ) -> Result<Json<ScheduleDetail>> {
     let schedule = state
         .store
-        .set_schedule_paused(&name, false, None)
+        .set_schedule_paused(&name, false, None, &actor)
         .await?
         .ok_or_else(|| unknown(&name))?;
     Ok(Json(detail(&state, schedule).await?))

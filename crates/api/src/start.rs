@@ -227,6 +227,15 @@ pub async fn start_instances(
                 format!("unknown workflow {:?}", request.workflow),
             ),
         })?;
+    if stored.deleted_at.is_some() {
+        return Err(ApiError::not_found(
+            "unknown_workflow",
+            format!(
+                "version {} of workflow {:?} was deleted; it starts no instances",
+                stored.version, stored.name
+            ),
+        ));
+    }
     let definition = match definitions.get(&stored.name, stored.version) {
         Some(definition) => definition,
         None => {

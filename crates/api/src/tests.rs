@@ -23,6 +23,7 @@ mod auth;
 mod campaigns;
 mod console;
 mod contract;
+mod deletes;
 mod diagnosis;
 mod input;
 mod lifecycle;
@@ -865,6 +866,10 @@ async fn openapi_json_is_a_document_with_every_path() {
         ("/v1/instances/{id}", "get"),
         ("/v1/instances/{id}/journal", "get"),
         ("/v1/campaigns", "get"),
+        ("/v1/campaigns/{name}", "delete"),
+        ("/v1/campaigns/{name}/pause", "post"),
+        ("/v1/campaigns/{name}/unpause", "post"),
+        ("/v1/workflows/{name}", "delete"),
         ("/v1/nodes", "get"),
         ("/v1/stats", "get"),
         ("/v1/openapi.json", "get"),

@@ -101,6 +101,11 @@ event_types! {
     Instance "paused_too_long",
     Campaign "permit_drift",
     Campaign "schedule_skipped",
+    Campaign "schedule_changed",
+    Campaign "campaign_paused",
+    Campaign "campaign_unpaused",
+    Campaign "campaign_deleted",
+    Campaign "workflow_deleted",
 }
 
 /// The event type `kind` (`started`, `permit_drift`, …), if there is one.
@@ -414,7 +419,7 @@ mod tests {
 
     /// Every [`EventKind`]. The match below fails to compile when a kind is added, so a new
     /// kind cannot ship without its schema.
-    const ALL_KINDS: [EventKind; 23] = [
+    const ALL_KINDS: [EventKind; 28] = [
         EventKind::Started,
         EventKind::StepCompleted,
         EventKind::StepRetry,
@@ -438,11 +443,22 @@ mod tests {
         EventKind::ScheduleFired,
         EventKind::ScheduleSkipped,
         EventKind::PausedTooLong,
+        EventKind::ScheduleChanged,
+        EventKind::CampaignPaused,
+        EventKind::CampaignUnpaused,
+        EventKind::CampaignDeleted,
+        EventKind::WorkflowDeleted,
     ];
 
     fn scope_of(kind: EventKind) -> EventScope {
         match kind {
-            EventKind::PermitDrift | EventKind::ScheduleSkipped => EventScope::Campaign,
+            EventKind::PermitDrift
+            | EventKind::ScheduleSkipped
+            | EventKind::ScheduleChanged
+            | EventKind::CampaignPaused
+            | EventKind::CampaignUnpaused
+            | EventKind::CampaignDeleted
+            | EventKind::WorkflowDeleted => EventScope::Campaign,
             EventKind::Started
             | EventKind::StepCompleted
             | EventKind::StepRetry

@@ -59,11 +59,23 @@ pub enum EventKind {
     /// PAUSED longer than the `system-paused-instances` technical workflow's warning threshold
     /// (data: `paused_at`, `paused_for_ms`, `severity`, `action`: `warn` or `stop`).
     PausedTooLong,
+    /// An operator created, updated, deleted, paused or unpaused a schedule (data `action`; a
+    /// campaign event of the schedule's campaign).
+    ScheduleChanged,
+    /// An operator paused a campaign: it admits nothing until unpaused (a campaign event).
+    CampaignPaused,
+    /// An operator unpaused a campaign: its queue is admitted again (a campaign event).
+    CampaignUnpaused,
+    /// An operator deleted an empty campaign (a campaign event, its last).
+    CampaignDeleted,
+    /// An operator deleted a workflow, or one version of it (a campaign event of `default`:
+    /// a workflow belongs to no campaign).
+    WorkflowDeleted,
 }
 
 impl EventKind {
     /// Every kind, in the order the contract lists them.
-    pub const ALL: [EventKind; 23] = [
+    pub const ALL: [EventKind; 28] = [
         Self::Started,
         Self::Queued,
         Self::Admitted,
@@ -87,6 +99,11 @@ impl EventKind {
         Self::ScheduleFired,
         Self::ScheduleSkipped,
         Self::PausedTooLong,
+        Self::ScheduleChanged,
+        Self::CampaignPaused,
+        Self::CampaignUnpaused,
+        Self::CampaignDeleted,
+        Self::WorkflowDeleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -114,12 +131,26 @@ impl EventKind {
             Self::ScheduleFired => "schedule_fired",
             Self::ScheduleSkipped => "schedule_skipped",
             Self::PausedTooLong => "paused_too_long",
+            Self::ScheduleChanged => "schedule_changed",
+            Self::CampaignPaused => "campaign_paused",
+            Self::CampaignUnpaused => "campaign_unpaused",
+            Self::CampaignDeleted => "campaign_deleted",
+            Self::WorkflowDeleted => "workflow_deleted",
         }
     }
 
     /// Is this an event about a campaign itself (not one instance)?
     pub fn is_campaign_event(self) -> bool {
-        matches!(self, Self::PermitDrift | Self::ScheduleSkipped)
+        matches!(
+            self,
+            Self::PermitDrift
+                | Self::ScheduleSkipped
+                | Self::ScheduleChanged
+                | Self::CampaignPaused
+                | Self::CampaignUnpaused
+                | Self::CampaignDeleted
+                | Self::WorkflowDeleted
+        )
     }
 }
 

@@ -15,6 +15,8 @@ struct CampaignRow {
     queued: i32,
     on_error_permit: String,
     created_at: DateTime<Utc>,
+    paused_at: Option<DateTime<Utc>>,
+    paused_by: Option<String>,
 }
 
 impl From<CampaignRow> for Campaign {
@@ -27,15 +29,19 @@ impl From<CampaignRow> for Campaign {
             queued: r.queued,
             on_error_permit: r.on_error_permit,
             created_at: r.created_at,
+            paused_at: r.paused_at,
+            paused_by: r.paused_by,
         }
     }
 }
 
 impl Store {
+    /// A campaign that is not deleted; `None` if unknown (or deleted).
     pub async fn campaign_by_name(&self, name: &str) -> Result<Option<Campaign>> {
         let row: Option<CampaignRow> = sqlx::query_as(
-            "SELECT id, name, max_running, running, queued, on_error_permit, created_at \
-             FROM campaign WHERE name = $1",
+            "SELECT id, name, max_running, running, queued, on_error_permit, created_at, \
+                    paused_at, paused_by \
+             FROM campaign WHERE name = $1 AND deleted_at IS NULL",
         )
         .bind(name)
         .fetch_optional(&self.pool)
@@ -45,8 +51,9 @@ impl Store {
 
     pub async fn list_campaigns(&self) -> Result<Vec<Campaign>> {
         let rows: Vec<CampaignRow> = sqlx::query_as(
-            "SELECT id, name, max_running, running, queued, on_error_permit, created_at \
-             FROM campaign ORDER BY name",
+            "SELECT id, name, max_running, running, queued, on_error_permit, created_at, \
+                    paused_at, paused_by \
+             FROM campaign WHERE deleted_at IS NULL ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await?;

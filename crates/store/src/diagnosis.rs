@@ -156,6 +156,8 @@ struct Row {
     queued: i32,
     on_error_permit: String,
     campaign_created_at: DateTime<Utc>,
+    campaign_paused_at: Option<DateTime<Utc>>,
+    campaign_paused_by: Option<String>,
 }
 
 type HolderRow = (Uuid, String, String, String, DateTime<Utc>);
@@ -182,7 +184,8 @@ impl Store {
                     i.parent_instance_id, i.error, i.paused_at, i.paused_by, i.paused_from,
                     i.pause_requested_by, i.stop_requested_by, i.created_at, i.updated_at,
                     i.finished_at, c.id AS campaign_id, c.name AS campaign, c.max_running,
-                    c.running, c.queued, c.on_error_permit, c.created_at AS campaign_created_at
+                    c.running, c.queued, c.on_error_permit, c.created_at AS campaign_created_at,
+                    c.paused_at AS campaign_paused_at, c.paused_by AS campaign_paused_by
              FROM instance i JOIN campaign c ON c.id = i.campaign_id
              WHERE i.id = $1",
         )
@@ -388,6 +391,8 @@ impl Store {
                 queued: r.queued,
                 on_error_permit: r.on_error_permit,
                 created_at: r.campaign_created_at,
+                paused_at: r.campaign_paused_at,
+                paused_by: r.campaign_paused_by,
             },
             queue_position,
             permit_holders,

@@ -53,6 +53,53 @@ pub enum Error {
     ScheduleExists(String),
     #[error("unknown schedule {0:?}")]
     UnknownSchedule(String),
+    /// The workflow has no such version (or it was deleted).
+    #[error("workflow {workflow:?} has no version {version}")]
+    UnknownVersion { workflow: String, version: i32 },
+    /// A workflow (version) to delete is used by live instances (anything not ended).
+    #[error(
+        "workflow {workflow:?} is used by {live} live instances (e.g. {}); stop them first, or \
+         delete with --stop-instances to kill them", examples.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    WorkflowLive {
+        workflow: String,
+        live: i64,
+        /// A few of them.
+        examples: Vec<InstanceId>,
+    },
+    /// A workflow to delete (or its latest version) is what schedules start.
+    #[error(
+        "workflow {workflow:?} is started by schedules {}; delete them or point them at \
+         another workflow first", schedules.join(", ")
+    )]
+    WorkflowScheduled {
+        workflow: String,
+        schedules: Vec<String>,
+    },
+    /// A campaign to delete has instances live or queued.
+    #[error(
+        "campaign {campaign:?} is not empty: {live} instances live, {queued} of them queued; \
+         stop or finish them first"
+    )]
+    CampaignNotEmpty {
+        campaign: String,
+        live: i64,
+        queued: i64,
+    },
+    /// A campaign to delete is where schedules start their instances.
+    #[error(
+        "campaign {campaign:?} is used by schedules {}; delete them or move them to another \
+         campaign first", schedules.join(", ")
+    )]
+    CampaignScheduled {
+        campaign: String,
+        schedules: Vec<String>,
+    },
+    /// `default` is where instances started without a campaign go: it cannot be deleted.
+    #[error(
+        "campaign \"default\" cannot be deleted: instances started without --campaign go there"
+    )]
+    DefaultCampaign,
     #[error("unknown node {0}")]
     UnknownNode(NodeId),
     /// Another session holds the node's liveness lock.

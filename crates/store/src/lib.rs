@@ -11,10 +11,12 @@
 //! wrong. Events are written to `event_fact` in the transaction of the transition they describe
 //! (see the `facts` module).
 
+mod audit;
 mod campaigns;
 mod claim;
 mod commit;
 mod definitions;
+mod deletes;
 mod diagnosis;
 mod error;
 mod facts;
@@ -38,6 +40,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
+pub use deletes::{CampaignPauseChange, WorkflowDelete, WorkflowDeleted};
 pub use diagnosis::{
     ChildFacts, DiagnosedInstance, DiagnosisFacts, MAX_LISTED_HOLDERS, PermitHolder,
 };

@@ -299,9 +299,22 @@ impl Store {
         ids: &[InstanceId],
         actor: &str,
     ) -> Result<LifecycleBatch> {
+        self.apply_lifecycle_for(action, ids, actor, None).await
+    }
+
+    /// [`Store::apply_lifecycle`], with `reason` recorded in each audit row (`details.reason`):
+    /// why the operator's command acted, when it is part of a larger one (e.g. the instances a
+    /// `workflow delete --stop-instances` kills).
+    pub async fn apply_lifecycle_for(
+        &self,
+        action: LifecycleAction,
+        ids: &[InstanceId],
+        actor: &str,
+        reason: Option<&str>,
+    ) -> Result<LifecycleBatch> {
         let mut attempt = 1;
         loop {
-            match self.try_apply_lifecycle(action, ids, actor).await {
+            match self.try_apply_lifecycle(action, ids, actor, reason).await {
                 Err(err) if attempt < ATTEMPTS && is_lock_conflict(&err) => {
                     tracing::debug!(%err, attempt, action = action.as_str(), "retrying");
                     attempt += 1;
@@ -316,12 +329,14 @@ impl Store {
         action: LifecycleAction,
         ids: &[InstanceId],
         actor: &str,
+        reason: Option<&str>,
     ) -> Result<LifecycleBatch> {
         let mut tx = self.pool.begin().await?;
         lock_in_id_order(&mut tx, ids, Some(action)).await?;
         let mut run = Run {
             action,
             actor,
+            reason,
             batch: LifecycleBatch::default(),
             released: Vec::new(),
             dequeued: Vec::new(),
@@ -504,6 +519,8 @@ async fn lock(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<Option<(Locked, I
 struct Run<'a> {
     action: LifecycleAction,
     actor: &'a str,
+    /// Recorded in the audit rows, when the command is part of a larger one.
+    reason: Option<&'a str>,
     batch: LifecycleBatch,
     /// Instances whose permit this transaction took back.
     released: Vec<InstanceId>,
@@ -837,7 +854,7 @@ impl Run<'_> {
         change: LifecycleChange,
         node: Option<Uuid>,
     ) -> Result<LifecycleChange> {
-        write_change(tx, self.action.as_str(), &change, node).await?;
+        write_change(tx, self.action.as_str(), &change, node, self.reason).await?;
         Ok(change)
     }
 }
@@ -848,6 +865,7 @@ async fn write_change(
     action: &str,
     change: &LifecycleChange,
     node: Option<Uuid>,
+    reason: Option<&str>,
 ) -> Result<()> {
     use LifecycleOutcome as O;
     let journaled = !matches!(
@@ -864,6 +882,13 @@ async fn write_change(
         "fence": change.fence,
         "related": change.related,
     });
+    let details = match (details, reason) {
+        (Value::Object(mut map), Some(reason)) => {
+            map.insert("reason".to_owned(), json!(reason));
+            Value::Object(map)
+        }
+        (details, _) => details,
+    };
     sqlx::query(
         "WITH j AS (
             INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
@@ -1075,6 +1100,6 @@ async fn restart_one(
         actor,
         Some(restart.id),
     );
-    write_change(tx, "restart", &restarted, None).await?;
+    write_change(tx, "restart", &restarted, None, None).await?;
     Ok(Restarted::Started(started))
 }

@@ -22,6 +22,9 @@ pub struct StoredDefinition {
     /// What the operator deployed, as written.
     pub source: String,
     pub created_at: DateTime<Utc>,
+    /// When the version was deleted (`workflow delete`): it starts no instance any more, but
+    /// the instances that ran it keep reading it.
+    pub deleted_at: Option<DateTime<Utc>>,
 }
 
 /// How much of a definition's `description` a listing shows.
@@ -56,6 +59,10 @@ pub struct Campaign {
     pub queued: i32,
     pub on_error_permit: String,
     pub created_at: DateTime<Utc>,
+    /// When an operator paused it (`campaign pause`): it admits nothing until unpaused.
+    pub paused_at: Option<DateTime<Utc>>,
+    /// Who paused it.
+    pub paused_by: Option<String>,
 }
 
 /// One instance to create.

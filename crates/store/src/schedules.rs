@@ -29,6 +29,7 @@ use drover_core::{Definition, InstanceId, NodeId, ScheduleId};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::audit::{ScheduleChange, schedule_changed};
 use crate::facts::{NewFact, insert_campaign_fact, insert_facts};
 use crate::instances::{created, insert_instances};
 use crate::lease::COORDINATOR_LEASE;
@@ -367,7 +368,7 @@ async fn create_instance(
     id: InstanceId,
 ) -> Result<Vec<StepJob>> {
     let stored: Option<(i32, Value)> = sqlx::query_as(
-        "SELECT version, body FROM workflow_definition WHERE name = $1 \
+        "SELECT version, body FROM workflow_definition WHERE name = $1 AND deleted_at IS NULL \
          ORDER BY version DESC LIMIT 1",
     )
     .bind(&row.workflow)
@@ -505,42 +506,54 @@ impl Store {
         Ok(now)
     }
 
-    /// Creates a schedule; its first fire is the first fire time after now.
+    /// Creates a schedule; its first fire is the first fire time after now. Audited as
+    /// `schedule.create` by `actor`, announced by `schedule_changed`.
     ///
     /// Errors: [`Error::InvalidScheduleName`], [`Error::InvalidSchedule`],
     /// [`Error::UnknownWorkflow`], [`Error::UnknownCampaign`], [`Error::ScheduleExists`].
-    pub async fn create_schedule(&self, new: &NewSchedule) -> Result<Schedule> {
+    pub async fn create_schedule(&self, new: &NewSchedule, actor: &str) -> Result<Schedule> {
         if !is_slug(&new.name) {
             return Err(Error::InvalidScheduleName(new.name.clone()));
         }
         let id = ScheduleId::new();
-        self.write_schedule(Some(id), new).await?;
+        self.write_schedule(Some(id), new, actor).await?;
         self.get_schedule(&new.name)
             .await?
             .ok_or_else(|| Error::UnknownSchedule(new.name.clone()))
     }
 
     /// Replaces what schedule `new.name` does (its pause stays); its next fire is recomputed
-    /// from now. `None`: no such schedule.
-    pub async fn update_schedule(&self, new: &NewSchedule) -> Result<Option<Schedule>> {
-        if !self.write_schedule(None, new).await? {
+    /// from now. `None`: no such schedule. Audited as `schedule.update`.
+    pub async fn update_schedule(
+        &self,
+        new: &NewSchedule,
+        actor: &str,
+    ) -> Result<Option<Schedule>> {
+        if !self.write_schedule(None, new, actor).await? {
             return Ok(None);
         }
         self.get_schedule(&new.name).await
     }
 
     /// Inserts (`id` given) or updates schedule `new.name`; `false`: nothing to update.
-    async fn write_schedule(&self, id: Option<ScheduleId>, new: &NewSchedule) -> Result<bool> {
+    async fn write_schedule(
+        &self,
+        id: Option<ScheduleId>,
+        new: &NewSchedule,
+        actor: &str,
+    ) -> Result<bool> {
         let cal = calendar(&new.cadence, new.start_at, new.end_at)
             .map_err(|e| Error::InvalidSchedule(e.to_string()))?;
         if !new.vars.is_object() {
             return Err(Error::InvalidSchedule("vars must be a JSON object".into()));
         }
-        let known: Option<(i32,)> =
-            sqlx::query_as("SELECT version FROM workflow_definition WHERE name = $1 LIMIT 1")
-                .bind(&new.workflow)
-                .fetch_optional(&self.pool)
-                .await?;
+        let known: Option<(i32,)> = sqlx::query_as(
+            "SELECT version FROM workflow_definition WHERE name = $1 AND deleted_at IS NULL \
+                 LIMIT 1",
+        )
+        .bind(&new.workflow)
+        .fetch_optional(&self.pool)
+        .await?;
         if known.is_none() {
             return Err(Error::UnknownWorkflow(new.workflow.clone()));
         }
@@ -566,6 +579,12 @@ impl Store {
             CadenceSpec::Cron { expr, timezone } => (Some(expr.clone()), timezone.clone(), None),
             CadenceSpec::Every(every) => (None, "UTC".to_owned(), Some(millis(*every))),
         };
+        let details = json!({
+            "cron": cron, "timezone": timezone, "every_ms": every_ms,
+            "overlap": new.overlap.as_str(), "vars": new.vars,
+            "catchup_window_ms": millis(new.catchup_window), "jitter_ms": millis(new.jitter),
+            "start_at": new.start_at, "end_at": new.end_at,
+        });
         let sql = if id.is_some() {
             "INSERT INTO schedule (id, name, workflow, campaign_id, vars, cron, timezone, every_ms,
                                    overlap, catchup_window_ms, jitter_ms, start_at, end_at,
@@ -579,6 +598,7 @@ impl Store {
                     next_due_at = $15, updated_at = clock_timestamp()
              WHERE id = $1 AND name = $2"
         };
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(sql)
             .bind(sid)
             .bind(&new.name)
@@ -595,7 +615,7 @@ impl Store {
             .bind(new.end_at)
             .bind(next_fire)
             .bind(next_due)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             if id.is_some() {
@@ -603,6 +623,22 @@ impl Store {
             }
             return Ok(false);
         }
+        let change = if id.is_some() {
+            ScheduleChange::Create
+        } else {
+            ScheduleChange::Update
+        };
+        schedule_changed(
+            &mut tx,
+            change,
+            actor,
+            &new.name,
+            &new.workflow,
+            &campaign.name,
+            details,
+        )
+        .await?;
+        tx.commit().await?;
         Ok(true)
     }
 
@@ -651,23 +687,44 @@ impl Store {
             .collect()
     }
 
-    /// Deletes schedule `name` and its fire records; `false`: no such schedule.
-    pub async fn delete_schedule(&self, name: &str) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM schedule WHERE name = $1")
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
+    /// Deletes schedule `name` and its fire records; `false`: no such schedule. Audited as
+    /// `schedule.delete`.
+    pub async fn delete_schedule(&self, name: &str, actor: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let deleted: Option<(String, String)> = sqlx::query_as(
+            "DELETE FROM schedule s USING campaign c
+             WHERE s.name = $1 AND c.id = s.campaign_id
+             RETURNING s.workflow, c.name",
+        )
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((workflow, campaign)) = deleted else {
+            return Ok(false);
+        };
+        schedule_changed(
+            &mut tx,
+            ScheduleChange::Delete,
+            actor,
+            name,
+            &workflow,
+            &campaign,
+            json!({}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Pauses (with an optional note) or unpauses schedule `name`. Fire times that pass while
     /// it is paused are neither run nor recorded: unpausing resumes at the next fire time
-    /// after now. `None`: no such schedule.
+    /// after now. `None`: no such schedule. Audited as `schedule.pause` / `schedule.unpause`.
     pub async fn set_schedule_paused(
         &self,
         name: &str,
         paused: bool,
         note: Option<&str>,
+        actor: &str,
     ) -> Result<Option<Schedule>> {
         let Some(schedule) = self.get_schedule(name).await? else {
             return Ok(None);
@@ -680,6 +737,7 @@ impl Store {
                 .map_err(|e| Error::Corrupt(e.to_string()))?;
             next_fire(&cal, schedule.id, schedule.jitter, self.db_now().await?)
         };
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE schedule SET paused = $2, note = $3, next_fire_at = $4, next_due_at = $5,
                     updated_at = clock_timestamp()
@@ -690,8 +748,24 @@ impl Store {
         .bind(note)
         .bind(next_fire)
         .bind(next_due)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        let change = if paused {
+            ScheduleChange::Pause
+        } else {
+            ScheduleChange::Unpause
+        };
+        schedule_changed(
+            &mut tx,
+            change,
+            actor,
+            name,
+            &schedule.workflow,
+            &schedule.campaign,
+            json!({ "note": note }),
+        )
+        .await?;
+        tx.commit().await?;
         self.get_schedule(name).await
     }
 

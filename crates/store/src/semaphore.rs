@@ -18,6 +18,11 @@
 //! Unlimited campaigns (`max_running IS NULL`, e.g. `default`) take no permits, queue nothing
 //! and their rows are never locked: the common case has no hot row.
 //!
+//! A paused campaign (`campaign.paused_at`, see `deletes`) admits nothing: a new instance
+//! queues even with a permit free, and a released permit is not passed on. So I3 reads
+//! `queued > 0 ⇒ running ≥ max_running ∨ paused`; the others hold unchanged. Unpausing admits
+//! the head of the queue at once, in FIFO order, like a raised limit.
+//!
 //! # Events
 //! Every function that admits or releases writes the `queued`, `admitted` and
 //! `permit_released` facts in the same transaction.
@@ -176,7 +181,8 @@ pub enum DriftKind {
     RunningCount,
     /// I2: `campaign.queued` differs from the number of QUEUED instances.
     QueuedCount,
-    /// I3: instances were queued while a permit was free.
+    /// I3: instances were queued while a permit was free (and the campaign not paused: a
+    /// paused campaign's queue waits by design).
     StalledQueue,
     /// I4: a permit holder was admitted from the queue ahead of an instance queued before it.
     OutOfOrder,
@@ -202,7 +208,8 @@ impl DriftKind {
 
 /// The columns of [`CampaignRow`](crate::instances) plus queue age, for [`CampaignStatus`].
 const STATUS_COLUMNS: &str = "c.id, c.name, c.max_running, c.running, c.queued, \
-    c.on_error_permit, c.created_at, h.queued_at AS oldest_queued_at, \
+    c.on_error_permit, c.created_at, c.paused_at, c.paused_by, \
+    h.queued_at AS oldest_queued_at, \
     (extract(epoch FROM clock_timestamp() - h.queued_at) * 1000)::bigint AS oldest_queued_age_ms";
 
 /// The head of each campaign's queue (uses the `instance_queued` index).
@@ -220,6 +227,8 @@ struct StatusRow {
     queued: i32,
     on_error_permit: String,
     created_at: DateTime<Utc>,
+    paused_at: Option<DateTime<Utc>>,
+    paused_by: Option<String>,
     oldest_queued_at: Option<DateTime<Utc>>,
     oldest_queued_age_ms: Option<i64>,
 }
@@ -235,6 +244,8 @@ impl From<StatusRow> for CampaignStatus {
                 queued: r.queued,
                 on_error_permit: r.on_error_permit,
                 created_at: r.created_at,
+                paused_at: r.paused_at,
+                paused_by: r.paused_by,
             },
             oldest_queued_at: r.oldest_queued_at,
             oldest_queued_age_ms: r.oldest_queued_age_ms,
@@ -250,13 +261,16 @@ pub(crate) struct LockedCampaign {
     pub(crate) max_running: Option<i32>,
     pub(crate) running: i32,
     pub(crate) queued: i32,
+    /// Paused by an operator (`campaign pause`): it admits nothing, neither new instances nor
+    /// queued ones, until unpaused.
+    pub(crate) paused: bool,
 }
 
 impl LockedCampaign {
-    /// Permits free for the queue: none while over (or at) the limit.
+    /// Permits free for the queue: none while over (or at) the limit, none while paused.
     fn free(&self) -> i64 {
         match self.max_running {
-            Some(max) if self.queued > 0 => i64::from(max - self.running).max(0),
+            Some(max) if self.queued > 0 && !self.paused => i64::from(max - self.running).max(0),
             _ => 0,
         }
     }
@@ -272,7 +286,8 @@ pub(crate) async fn lock_limited_campaigns(
         return Ok(Vec::new());
     }
     Ok(sqlx::query_as(
-        "SELECT id, name, max_running, running, queued FROM campaign
+        "SELECT id, name, max_running, running, queued, paused_at IS NOT NULL AS paused
+                 FROM campaign
          WHERE id = ANY($1) AND max_running IS NOT NULL
          ORDER BY id FOR NO KEY UPDATE",
     )
@@ -290,7 +305,7 @@ pub(crate) async fn lock_limited_campaigns(
 /// A queued row another transaction has locked (an operator pausing or stopping it) is
 /// skipped rather than waited for: that transaction locked the instance before asking for
 /// the campaign, so waiting could deadlock. It keeps its place and goes next time.
-async fn admit(
+pub(crate) async fn admit(
     tx: &mut sqlx::PgConnection,
     campaign: &mut LockedCampaign,
     actor: &str,
@@ -376,7 +391,7 @@ async fn admit(
 }
 
 /// Writes the in-memory counters of locked campaigns back, and `facts`.
-async fn write_counters(
+pub(crate) async fn write_counters(
     tx: &mut sqlx::PgConnection,
     campaigns: &[LockedCampaign],
     facts: &[NewFact],
@@ -514,7 +529,7 @@ pub(crate) async fn admit_new(
             continue;
         };
         let max = campaign.max_running.unwrap_or(i32::MAX);
-        if campaign.queued == 0 && campaign.running < max {
+        if campaign.queued == 0 && campaign.running < max && !campaign.paused {
             campaign.running += 1;
             admissions.push(Admission::Permit);
         } else {
@@ -568,7 +583,8 @@ pub(crate) async fn save_counters(
 }
 
 impl Store {
-    /// Creates a campaign (audited as `campaign.create`).
+    /// Creates a campaign (audited as `campaign.create`). The name of a deleted campaign may
+    /// be used again: that revives the deleted row with the new settings.
     ///
     /// Errors: [`Error::InvalidCampaignName`], [`Error::InvalidLimit`],
     /// [`Error::CampaignExists`].
@@ -589,7 +605,15 @@ impl Store {
         let row: Option<Row> = sqlx::query_as(
             "WITH c AS (
                 INSERT INTO campaign (name, max_running, on_error_permit)
-                VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING
+                VALUES ($1, $2, $3)
+                -- A deleted campaign's name revives it (same row: its finished instances
+                -- and event sequence stay with it); a live one's is taken.
+                ON CONFLICT (name) DO UPDATE SET
+                    max_running = EXCLUDED.max_running,
+                    on_error_permit = EXCLUDED.on_error_permit,
+                    created_at = clock_timestamp(),
+                    deleted_at = NULL, deleted_by = NULL, paused_at = NULL, paused_by = NULL
+                WHERE campaign.deleted_at IS NOT NULL
                 RETURNING id, created_at
              ), a AS (
                 INSERT INTO audit (actor, action, target, details)
@@ -614,6 +638,8 @@ impl Store {
             queued: 0,
             on_error_permit: new.on_error_permit.as_str().to_owned(),
             created_at: row.created_at,
+            paused_at: None,
+            paused_by: None,
         })
     }
 
@@ -636,8 +662,9 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         let locked: Option<LockedCampaign> = sqlx::query_as(
-            "SELECT id, name, max_running, running, queued FROM campaign
-             WHERE name = $1 FOR NO KEY UPDATE",
+            "SELECT id, name, max_running, running, queued, paused_at IS NOT NULL AS paused
+                 FROM campaign
+             WHERE name = $1 AND deleted_at IS NULL FOR NO KEY UPDATE",
         )
         .bind(name)
         .fetch_optional(&mut *tx)
@@ -683,7 +710,7 @@ impl Store {
     /// A campaign with the age of its queue; `None` if unknown.
     pub async fn campaign_status(&self, name: &str) -> Result<Option<CampaignStatus>> {
         let row: Option<StatusRow> = sqlx::query_as(&format!(
-            "SELECT {STATUS_COLUMNS} FROM campaign c {QUEUE_HEAD} WHERE c.name = $1"
+            "SELECT {STATUS_COLUMNS} FROM campaign c {QUEUE_HEAD} WHERE c.name = $1 AND c.deleted_at IS NULL"
         ))
         .bind(name)
         .fetch_optional(&self.pool)
@@ -694,7 +721,7 @@ impl Store {
     /// Every campaign with the age of its queue, by name.
     pub async fn campaign_statuses(&self) -> Result<Vec<CampaignStatus>> {
         let rows: Vec<StatusRow> = sqlx::query_as(&format!(
-            "SELECT {STATUS_COLUMNS} FROM campaign c {QUEUE_HEAD} ORDER BY c.name"
+            "SELECT {STATUS_COLUMNS} FROM campaign c {QUEUE_HEAD} WHERE c.deleted_at IS NULL ORDER BY c.name"
         ))
         .fetch_all(&self.pool)
         .await?;
@@ -723,7 +750,8 @@ impl Store {
         for (id,) in ids {
             let mut tx = self.pool.begin().await?;
             let locked: Option<LockedCampaign> = sqlx::query_as(
-                "SELECT id, name, max_running, running, queued FROM campaign
+                "SELECT id, name, max_running, running, queued, paused_at IS NOT NULL AS paused
+                 FROM campaign
                  WHERE id = $1 AND max_running IS NOT NULL
                    AND EXISTS (SELECT 1 FROM leader_lease
                                WHERE name = $4 AND holder = $2 AND term = $3

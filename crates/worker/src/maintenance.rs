@@ -99,7 +99,7 @@ pub async fn install_technical_workflows(store: &Store) -> Result<Vec<Installed>
             start_at: None,
             end_at: None,
         };
-        let scheduled = match store.create_schedule(&schedule).await {
+        let scheduled = match store.create_schedule(&schedule, "drover migrate").await {
             Ok(_) => true,
             Err(drover_store::Error::ScheduleExists(_)) => false,
             Err(e) => return Err(format!("scheduling {}: {e}", shipped.name)),

@@ -127,6 +127,18 @@ pub enum WorkflowCommand {
         #[arg(long)]
         version: Option<i32>,
     },
+    /// Delete a workflow (every version) or one version. Refused while live instances use it
+    /// (unless --stop-instances) or a schedule starts it. Instances that ran it stay readable.
+    Delete {
+        /// The workflow's name.
+        name: String,
+        /// Delete only this version.
+        #[arg(long)]
+        version: Option<i32>,
+        /// Kill the live instances that use it first (audited), instead of refusing.
+        #[arg(long)]
+        stop_instances: bool,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -222,6 +234,22 @@ pub enum CampaignCommand {
     List,
     /// Show a campaign: its limit, how many run and queue, and how long its queue has waited.
     Show {
+        /// The campaign's name.
+        name: String,
+    },
+    /// Pause a limited campaign: it starts nothing (new and queued instances wait in its
+    /// queue) until unpaused; running ones finish.
+    Pause {
+        /// The campaign's name.
+        name: String,
+    },
+    /// Unpause a campaign: its queue starts at once, oldest first, up to its limit.
+    Unpause {
+        /// The campaign's name.
+        name: String,
+    },
+    /// Delete an empty campaign (nothing live or queued, no schedule starting into it).
+    Delete {
         /// The campaign's name.
         name: String,
     },

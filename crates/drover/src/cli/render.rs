@@ -18,6 +18,9 @@ pub(super) enum View {
     Campaign,
     LimitChanged,
     Retention,
+    CampaignPaused,
+    CampaignDeleted,
+    WorkflowDeleted,
     Nodes,
     Resumed,
     Leader,
@@ -174,6 +177,19 @@ fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
                 None => "for the cluster default (system-cleanup's `retention`)".to_owned(),
             }
         ),
+        View::CampaignPaused => render_campaign_paused(answer),
+        View::CampaignDeleted => format!("deleted campaign {}\n", text(&answer["deleted"])),
+        View::WorkflowDeleted => {
+            let versions = answer["versions"]
+                .as_array()
+                .map(|v| v.iter().map(text).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            let stopped = answer["stopped"].as_array().map_or(0, Vec::len);
+            format!(
+                "deleted workflow {} (versions {versions}; {stopped} live instances killed)\n",
+                text(&answer["workflow"])
+            )
+        }
         View::Nodes => list(
             &answer["nodes"],
             "no nodes",
@@ -307,7 +323,38 @@ fn render_campaign(campaign: &Value) -> String {
             },
         ),
         ("on error", text(&campaign["on_error_permit"])),
+        (
+            "paused",
+            match campaign["paused_at"].as_str() {
+                Some(_) => format!(
+                    "since {} by {}",
+                    time(&campaign["paused_at"]),
+                    text(&campaign["paused_by"])
+                ),
+                None => "no".to_owned(),
+            },
+        ),
     ])
+}
+
+/// What a campaign pause or unpause did.
+fn render_campaign_paused(answer: &Value) -> String {
+    let campaign = &answer["campaign"];
+    let admitted = answer["admitted"].as_array().map_or(0, Vec::len);
+    let paused = campaign["paused_at"].is_string();
+    let state = match (paused, answer["changed"] == Value::Bool(true)) {
+        (true, true) => "paused".to_owned(),
+        (true, false) => "paused already".to_owned(),
+        (false, true) => format!("unpaused; {admitted} admitted now"),
+        (false, false) => "not paused".to_owned(),
+    };
+    format!(
+        "campaign {}: {state} ({} running, {} queued, limit {})\n",
+        text(&campaign["name"]),
+        text(&campaign["running"]),
+        text(&campaign["queued"]),
+        limit(campaign),
+    )
 }
 
 /// What a limit change did.

@@ -6,8 +6,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use drover_api::{
-    ApiClient, CreateCampaign, CreateToken, LifecycleCommand, LifecycleFilterRequest,
-    LifecycleRequest, ListQuery, ResumeMode, ResumeRequest, Secret, SetLimit, StartRequest,
+    ApiClient, CreateCampaign, CreateToken, DeleteWorkflowQuery, LifecycleCommand,
+    LifecycleFilterRequest, LifecycleRequest, ListQuery, ResumeMode, ResumeRequest, Secret,
+    SetLimit, StartRequest,
 };
 use serde_json::Value;
 
@@ -38,6 +39,20 @@ pub async fn run(
         }
         OperatorCommand::Workflow(WorkflowCommand::Show { name, version }) => {
             (client.workflow(&name, version).await?, View::Workflow)
+        }
+        OperatorCommand::Workflow(WorkflowCommand::Delete {
+            name,
+            version,
+            stop_instances,
+        }) => {
+            let query = DeleteWorkflowQuery {
+                version,
+                stop_instances,
+            };
+            (
+                client.delete_workflow(&name, &query).await?,
+                View::WorkflowDeleted,
+            )
         }
         OperatorCommand::Start {
             workflow,
@@ -231,6 +246,17 @@ async fn run_campaign(client: &ApiClient, command: CampaignCommand) -> Result<(V
         }
         CampaignCommand::List => (client.campaigns().await?, View::Campaigns),
         CampaignCommand::Show { name } => (client.campaign(&name).await?, View::Campaign),
+        CampaignCommand::Pause { name } => (
+            client.pause_campaign(&name, true).await?,
+            View::CampaignPaused,
+        ),
+        CampaignCommand::Unpause { name } => (
+            client.pause_campaign(&name, false).await?,
+            View::CampaignPaused,
+        ),
+        CampaignCommand::Delete { name } => {
+            (client.delete_campaign(&name).await?, View::CampaignDeleted)
+        }
     })
 }
 

@@ -3,6 +3,7 @@
 
 mod cleanup;
 mod continuing;
+mod deletes;
 mod lifecycle;
 mod liveness;
 mod outbox;

@@ -82,11 +82,10 @@ async fn fires(store: &Store, name: &str) -> Vec<drover_store::ScheduleFire> {
 async fn missed_fires_inside_the_window_run_once_each_and_older_ones_are_skipped(pool: PgPool) {
     let (store, leader, term) = setup(pool).await;
     store
-        .create_schedule(&every_second(
-            "s",
-            OverlapPolicy::AllowAll,
-            Duration::from_secs(4),
-        ))
+        .create_schedule(
+            &every_second("s", OverlapPolicy::AllowAll, Duration::from_secs(4)),
+            "op",
+        )
         .await
         .expect("creates");
     let first = owe_since(&store, "s", 10).await;
@@ -173,11 +172,10 @@ async fn concurrent_passes_never_fire_a_time_twice(pool: PgPool) {
     let (store, leader, term) = setup(pool).await;
     for name in ["a", "b", "c"] {
         store
-            .create_schedule(&every_second(
-                name,
-                OverlapPolicy::AllowAll,
-                Duration::from_secs(60),
-            ))
+            .create_schedule(
+                &every_second(name, OverlapPolicy::AllowAll, Duration::from_secs(60)),
+                "op",
+            )
             .await
             .expect("creates");
         owe_since(&store, name, 20).await;
@@ -205,11 +203,10 @@ async fn concurrent_passes_never_fire_a_time_twice(pool: PgPool) {
 async fn a_stale_term_fires_nothing(pool: PgPool) {
     let (store, leader, term) = setup(pool).await;
     store
-        .create_schedule(&every_second(
-            "s",
-            OverlapPolicy::AllowAll,
-            Duration::from_secs(60),
-        ))
+        .create_schedule(
+            &every_second("s", OverlapPolicy::AllowAll, Duration::from_secs(60)),
+            "op",
+        )
         .await
         .expect("creates");
     owe_since(&store, "s", 3).await;
@@ -226,15 +223,14 @@ async fn a_stale_term_fires_nothing(pool: PgPool) {
 async fn a_paused_schedule_does_not_fire_and_unpausing_resumes_from_now(pool: PgPool) {
     let (store, leader, term) = setup(pool).await;
     store
-        .create_schedule(&every_second(
-            "s",
-            OverlapPolicy::AllowAll,
-            Duration::from_secs(60),
-        ))
+        .create_schedule(
+            &every_second("s", OverlapPolicy::AllowAll, Duration::from_secs(60)),
+            "op",
+        )
         .await
         .expect("creates");
     let paused = store
-        .set_schedule_paused("s", true, Some("maintenance"))
+        .set_schedule_paused("s", true, Some("maintenance"), "op")
         .await
         .expect("pauses")
         .expect("exists");
@@ -247,7 +243,7 @@ async fn a_paused_schedule_does_not_fire_and_unpausing_resumes_from_now(pool: Pg
         .expect("runs");
     assert_eq!(pass.fired + pass.skipped, 0);
     let unpaused = store
-        .set_schedule_paused("s", false, None)
+        .set_schedule_paused("s", false, None, "op")
         .await
         .expect("unpauses")
         .expect("exists");
@@ -258,11 +254,10 @@ async fn a_paused_schedule_does_not_fire_and_unpausing_resumes_from_now(pool: Pg
 async fn skip_records_fires_while_a_run_is_live(pool: PgPool) {
     let (store, leader, term) = setup(pool).await;
     store
-        .create_schedule(&every_second(
-            "s",
-            OverlapPolicy::Skip,
-            Duration::from_secs(60),
-        ))
+        .create_schedule(
+            &every_second("s", OverlapPolicy::Skip, Duration::from_secs(60)),
+            "op",
+        )
         .await
         .expect("creates");
     owe_since(&store, "s", 3).await;
@@ -285,11 +280,10 @@ async fn skip_records_fires_while_a_run_is_live(pool: PgPool) {
 async fn buffer_one_starts_one_waiting_fire_when_the_live_run_ends(pool: PgPool) {
     let (store, leader, term) = setup(pool).await;
     store
-        .create_schedule(&every_second(
-            "s",
-            OverlapPolicy::BufferOne,
-            Duration::from_secs(60),
-        ))
+        .create_schedule(
+            &every_second("s", OverlapPolicy::BufferOne, Duration::from_secs(60)),
+            "op",
+        )
         .await
         .expect("creates");
     owe_since(&store, "s", 3).await;
@@ -337,7 +331,7 @@ async fn cancel_and_terminate_other_name_the_live_runs(pool: PgPool) {
         ("t", OverlapPolicy::TerminateOther),
     ] {
         store
-            .create_schedule(&every_second(name, policy, Duration::from_secs(60)))
+            .create_schedule(&every_second(name, policy, Duration::from_secs(60)), "op")
             .await
             .expect("creates");
         owe_since(&store, name, 1).await;
@@ -361,7 +355,7 @@ async fn trigger_and_backfill_start_one_instance_per_fire_time(pool: PgPool) {
         expr: "0 * * * *".to_owned(),
         timezone: "Europe/Paris".to_owned(),
     };
-    store.create_schedule(&new).await.expect("creates");
+    store.create_schedule(&new, "op").await.expect("creates");
     let triggered = store
         .trigger_schedule("s")
         .await
@@ -406,21 +400,21 @@ async fn bad_schedules_are_refused(pool: PgPool) {
         timezone: "UTC".to_owned(),
     };
     assert!(matches!(
-        store.create_schedule(&new).await,
+        store.create_schedule(&new, "op").await,
         Err(drover_store::Error::InvalidSchedule(_))
     ));
     let mut new = every_second("s", OverlapPolicy::Skip, Duration::from_secs(60));
     new.workflow = "missing".to_owned();
     assert!(matches!(
-        store.create_schedule(&new).await,
+        store.create_schedule(&new, "op").await,
         Err(drover_store::Error::UnknownWorkflow(_))
     ));
     let new = every_second("s", OverlapPolicy::Skip, Duration::from_secs(60));
-    store.create_schedule(&new).await.expect("creates");
+    store.create_schedule(&new, "op").await.expect("creates");
     assert!(matches!(
-        store.create_schedule(&new).await,
+        store.create_schedule(&new, "op").await,
         Err(drover_store::Error::ScheduleExists(_))
     ));
-    assert!(store.delete_schedule("s").await.expect("deletes"));
-    assert!(!store.delete_schedule("s").await.expect("deletes"));
+    assert!(store.delete_schedule("s", "op").await.expect("deletes"));
+    assert!(!store.delete_schedule("s", "op").await.expect("deletes"));
 }
