@@ -36,6 +36,7 @@ pub mod dto;
 mod error;
 mod extract;
 mod lifecycle;
+mod operations;
 mod operator;
 mod routes;
 mod schedules;
@@ -56,7 +57,7 @@ use utoipa::OpenApi;
 
 pub use auth::{AuthMode, Authenticator, Principal, Secret};
 pub use campaigns::{CreateCampaign, LimitChanged, SetLimit};
-pub use client::{ApiClient, ClientError};
+pub use client::{ApiClient, ClientError, DEFAULT_REQUEST_TIMEOUT};
 pub use diagnosis::{Diagnosis, LIVE_WITHIN_MS, diagnose};
 pub use dto::{JournalQuery, ListInclude, ListQuery};
 pub use error::{ApiError, ErrorBody, ErrorDetail, Result};
@@ -64,6 +65,7 @@ pub use lifecycle::{
     Cascaded, LIFECYCLE_BATCH, LifecycleCommand, LifecycleFilterRequest, LifecycleRequest,
     LifecycleResult, LifecycleSummary, RefusalEntry,
 };
+pub use operations::{KEEP_FINISHED, Operation, Operations, StartOperation};
 pub use operator::{Leader, ResumeMode, ResumeRequest};
 pub use schedules::{
     Backfill, CreateSchedule, DeletedSchedule, FireRecord, ManualFireView, ManualFired,
@@ -92,6 +94,8 @@ pub struct ApiState {
     pub publish: PublishPolicy,
     /// Requests waiting for their instance's end (`POST /v1/instances?wait=`).
     pub ends: wait::EndWatch,
+    /// Bulk commands running as operations (`/v1/operations`).
+    pub operations: operations::Operations,
 }
 
 impl ApiState {
@@ -106,6 +110,7 @@ impl ApiState {
             auth: Authenticator::new(AuthMode::On { bootstrap: None }),
             publish,
             ends: wait::EndWatch::new(),
+            operations: operations::Operations::default(),
         }
     }
 
@@ -164,6 +169,9 @@ pub fn router(state: ApiState) -> Router {
             "/v1/instances/restart",
             post(lifecycle::handlers::restart_many),
         )
+        .route("/v1/operations", post(operations::start))
+        .route("/v1/operations/{id}", get(operations::show))
+        .route("/v1/operations/{id}/cancel", post(operations::cancel))
         .route("/v1/instances/{id}/diagnosis", get(diagnosis::diagnosis))
         .route("/v1/instances/{id}/events/{name}", post(signal::send_event))
         .route(
@@ -257,9 +265,11 @@ pub async fn serve(
             .clone()
             .run(state.store.clone(), stop_watching.clone()),
     );
+    let operations = state.operations.clone();
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
+    operations.stop().await;
     stop_watching.cancel();
     let _ = ends.await;
     served?;
