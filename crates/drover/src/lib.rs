@@ -15,6 +15,7 @@
 
 mod admin;
 pub mod cli;
+mod dev;
 mod health;
 mod nats;
 mod node;
@@ -77,6 +78,10 @@ pub enum Command {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
     },
+    /// Start a throwaway local cluster (no Docker): Postgres and nats-server in a temporary
+    /// directory on free ports, every role in this process, the examples deployed; prints the
+    /// console URL and an admin token. Ctrl-C stops it and deletes the directory.
+    Dev(dev::DevArgs),
     /// Print a shell completion script: `drover completions bash > /etc/bash_completion.d/drover`,
     /// `drover completions zsh > "${fpath[1]}/_drover"`, `drover completions fish >
     /// ~/.config/fish/completions/drover.fish`.
@@ -154,6 +159,12 @@ pub fn main(handlers: Handlers) -> ExitCode {
                 Ok(())
             }
             Command::NatsConfig(args) => nats::print_config(args),
+            Command::Dev(args) => {
+                let telemetry = telemetry::init();
+                let ran = dev::run(args, handlers).await;
+                telemetry.shutdown().await;
+                ran
+            }
             Command::Completions { shell } => {
                 let mut command = <Cli as clap::CommandFactory>::command();
                 clap_complete::generate(shell, &mut command, "drover", &mut std::io::stdout());
