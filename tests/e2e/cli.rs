@@ -139,3 +139,95 @@ async fn a_server_that_never_answers_times_out_with_a_clear_message() -> anyhow:
     env.cleanup().await;
     Ok(())
 }
+
+/// Whether `drover dev` can find its programs here; `None` says what is missing.
+fn dev_binaries_missing() -> Option<&'static str> {
+    let on_path = |program: &str| {
+        std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
+        })
+    };
+    let nats = std::env::var_os("NATS_SERVER_BIN")
+        .is_some_and(|p| std::path::Path::new(&p).is_file())
+        || on_path("nats-server");
+    let postgres = on_path("initdb")
+        || std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|v| v.path().join("bin/initdb").is_file());
+    match (nats, postgres) {
+        (false, _) => Some("nats-server is not installed"),
+        (_, false) => Some("the Postgres server programs (initdb, pg_ctl) are not installed"),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drover_dev_starts_a_cluster_with_the_examples_and_stops_it_on_ctrl_c()
+-> anyhow::Result<()> {
+    if let Some(missing) = dev_binaries_missing() {
+        eprintln!("skipped: {missing}");
+        return Ok(());
+    }
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(drover_tests::node_bin())
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let (mut api, mut token, mut dir) = (None, None, None);
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await? {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["API", url, ..] => api = Some((*url).to_owned()),
+                ["admin", "token", t] => token = Some((*t).to_owned()),
+                ["Drover", "dev", "cluster", "ready", ..] => {
+                    dir = line
+                        .split("deletes ")
+                        .nth(1)
+                        .map(|d| d.trim_end_matches(')').to_owned());
+                }
+                ["export", ..] => break,
+                _ => {}
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("drover dev did not announce itself in 120s"))??;
+    let (Some(api), Some(token), Some(dir)) = (api, token, dir) else {
+        anyhow::bail!("drover dev did not print its API, token and directory");
+    };
+    let workflows: Value = reqwest::Client::new()
+        .get(format!("{api}/v1/workflows"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(
+        workflows["workflows"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["name"] == "welcome")),
+        "{workflows}"
+    );
+    let pid = child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()?;
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .map_err(|_| anyhow::anyhow!("drover dev did not stop on SIGINT"))??;
+    assert!(status.success(), "{status}");
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "{dir} was not removed"
+    );
+    Ok(())
+}
