@@ -41,7 +41,9 @@ async fn the_cli_summarises_bulk_work_on_a_pipe_and_reports_errors_with_exit_cod
 
     // The live instances of the unlimited default campaign are counted.
     wait_until("the instances to wait", Duration::from_secs(30), || async {
-        let out = env.cli(api, &["--json", "campaign", "show", "default"]).await?;
+        let out = env
+            .cli(api, &["--json", "campaign", "show", "default"])
+            .await?;
         let campaign: Value = serde_json::from_str(&out)?;
         Ok((campaign["running"] == 2503).then_some(()))
     })
@@ -49,7 +51,10 @@ async fn the_cli_summarises_bulk_work_on_a_pipe_and_reports_errors_with_exit_cod
 
     // A bulk command by filter runs as an operation and ends in its counts.
     let out = env
-        .cli(api, &["kill", "--campaign", "default", "--workflow", "waiter"])
+        .cli(
+            api,
+            &["kill", "--campaign", "default", "--workflow", "waiter"],
+        )
         .await?;
     assert!(out.starts_with("kill: 2503 matched, 2503 changed"), "{out}");
 
@@ -69,9 +74,7 @@ async fn the_cli_summarises_bulk_work_on_a_pipe_and_reports_errors_with_exit_cod
     );
     // A conflict (resuming an instance that is not in_error) exits 4.
     let id = ids.lines().next().unwrap_or_default();
-    let out = env
-        .cli_raw(api, &["resume", id, "--current-step"])
-        .await?;
+    let out = env.cli_raw(api, &["resume", id, "--current-step"]).await?;
     assert_eq!(
         code(&out),
         Some(4),
@@ -143,9 +146,8 @@ async fn a_server_that_never_answers_times_out_with_a_clear_message() -> anyhow:
 /// Whether `drover dev` can find its programs here; `None` says what is missing.
 fn dev_binaries_missing() -> Option<&'static str> {
     let on_path = |program: &str| {
-        std::env::var_os("PATH").is_some_and(|path| {
-            std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
-        })
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
     };
     let nats = std::env::var_os("NATS_SERVER_BIN")
         .is_some_and(|p| std::path::Path::new(&p).is_file())
@@ -164,8 +166,8 @@ fn dev_binaries_missing() -> Option<&'static str> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drover_dev_starts_a_cluster_with_the_examples_and_stops_it_on_ctrl_c()
--> anyhow::Result<()> {
+async fn drover_dev_starts_a_cluster_with_the_examples_and_stops_it_on_ctrl_c() -> anyhow::Result<()>
+{
     if let Some(missing) = dev_binaries_missing() {
         eprintln!("skipped: {missing}");
         return Ok(());
@@ -178,7 +180,10 @@ async fn drover_dev_starts_a_cluster_with_the_examples_and_stops_it_on_ctrl_c()
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let (mut api, mut token, mut dir) = (None, None, None);
     tokio::time::timeout(Duration::from_secs(120), async {

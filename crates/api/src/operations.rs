@@ -80,7 +80,10 @@ impl Entry {
     }
 
     fn update(&self, f: impl FnOnce(&mut Operation)) {
-        f(&mut self.operation.lock().unwrap_or_else(PoisonError::into_inner));
+        f(&mut self
+            .operation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner));
     }
 }
 
@@ -142,7 +145,9 @@ fn parse_command(command: &str) -> Result<LifecycleCommand> {
         .ok_or_else(|| {
             ApiError::invalid(
                 "invalid_request",
-                format!("unknown command {command:?}; expected pause, unpause, stop, kill or restart"),
+                format!(
+                    "unknown command {command:?}; expected pause, unpause, stop, kill or restart"
+                ),
             )
         })
 }

@@ -55,13 +55,16 @@ mod tests {
     }
 
     fn layers(texts: &[&'static str]) -> Layer {
-        texts.iter().rev().fold(None, |source, text| {
-            Some(Layer {
-                text,
-                source: source.map(Box::new),
+        texts
+            .iter()
+            .rev()
+            .fold(None, |source, text| {
+                Some(Layer {
+                    text,
+                    source: source.map(Box::new),
+                })
             })
-        })
-        .expect("invariant: at least one layer")
+            .expect("invariant: at least one layer")
     }
 
     #[test]
@@ -77,7 +80,10 @@ mod tests {
             "error sending request for url (http://127.0.0.1:9/): tcp connect error: \
              Connection refused (os error 111)"
         );
-        let err = layers(&["connecting to NATS: connection refused", "connection refused"]);
+        let err = layers(&[
+            "connecting to NATS: connection refused",
+            "connection refused",
+        ]);
         assert_eq!(
             super::error_chain(&err),
             "connecting to NATS: connection refused"

@@ -93,7 +93,14 @@ impl Cluster {
 
         let nats_log = std::fs::File::create(self.dir.join("nats.log"))?;
         let nats = Command::new(nats_bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &nats_port.to_string(),
+                "-sd",
+            ])
             .arg(self.dir.join("nats"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

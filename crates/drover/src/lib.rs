@@ -199,7 +199,11 @@ fn report(err: &anyhow::Error, json: bool) {
         {
             Some(client) => client.to_json(),
             None => {
-                let code = if exit_code(err) == 2 { "usage" } else { "failure" };
+                let code = if exit_code(err) == 2 {
+                    "usage"
+                } else {
+                    "failure"
+                };
                 serde_json::json!({ "error": { "code": code, "message": chain(err) } })
             }
         };
@@ -250,7 +254,9 @@ mod tests {
         for needle in ["0 ok", "2 usage", "3 not found", "4 conflict"] {
             assert!(help.contains(needle), "{needle} missing from {help}");
         }
-        let Command::Node(args) = Cli::try_parse_from(["drover", "node"]).expect("parses").command
+        let Command::Node(args) = Cli::try_parse_from(["drover", "node"])
+            .expect("parses")
+            .command
         else {
             panic!("not a node");
         };
@@ -267,7 +273,10 @@ mod tests {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "drover", &mut script);
             let script = String::from_utf8(script).expect("a script is text");
-            assert!(script.contains("campaign") && script.contains("set-limit"), "{shell}");
+            assert!(
+                script.contains("campaign") && script.contains("set-limit"),
+                "{shell}"
+            );
         }
         assert!(Cli::try_parse_from(["drover", "completions", "tcsh"]).is_err());
     }

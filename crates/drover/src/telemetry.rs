@@ -250,8 +250,14 @@ mod tests {
     #[test]
     fn logs_are_coloured_only_on_a_terminal_without_no_color() {
         assert!(colour(true, None));
-        assert!(colour(true, Some(OsStr::new(""))), "an empty NO_COLOR is unset");
+        assert!(
+            colour(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR is unset"
+        );
         assert!(!colour(true, Some(OsStr::new("1"))));
-        assert!(!colour(false, None), "a file or a pipe gets no colour codes");
+        assert!(
+            !colour(false, None),
+            "a file or a pipe gets no colour codes"
+        );
     }
 }

@@ -17,11 +17,11 @@ use super::dto::{
     RefusalEntry,
 };
 use super::refusal::refused;
-use tokio_util::sync::CancellationToken;
 use crate::ApiState;
 use crate::error::{ApiError, Result, unknown_instance};
 use crate::extract::parse_id;
 use crate::operator::definition_of;
+use tokio_util::sync::CancellationToken;
 
 /// Instances per transaction when a command applies to a filter.
 pub const LIFECYCLE_BATCH: i64 = 200;
@@ -153,7 +153,15 @@ pub(super) async fn many(
     actor: &str,
 ) -> Result<LifecycleSummary> {
     let filter = prepare(state, command, request).await?;
-    by_filter(state, command, &filter, actor, |_| {}, &CancellationToken::new()).await
+    by_filter(
+        state,
+        command,
+        &filter,
+        actor,
+        |_| {},
+        &CancellationToken::new(),
+    )
+    .await
 }
 
 /// Checks a filter command's request: a filter given, a known state and campaign.

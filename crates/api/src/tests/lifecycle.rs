@@ -1149,7 +1149,10 @@ async fn a_bulk_command_runs_as_an_operation_whose_progress_and_result_can_be_re
 
     // Bad requests are refused before anything runs.
     let (status, body) = env
-        .post_json("/v1/operations", &json!({"command": "explode", "state": "paused"}))
+        .post_json(
+            "/v1/operations",
+            &json!({"command": "explode", "state": "paused"}),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let (status, body) = env
@@ -1157,7 +1160,10 @@ async fn a_bulk_command_runs_as_an_operation_whose_progress_and_result_can_be_re
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let (status, body) = env
-        .post_json("/v1/operations", &json!({"command": "kill", "campaign": "nope"}))
+        .post_json(
+            "/v1/operations",
+            &json!({"command": "kill", "campaign": "nope"}),
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_error(&body, "unknown_campaign");

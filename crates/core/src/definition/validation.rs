@@ -1310,7 +1310,9 @@ mod tests {
                 }
                 step
             })
-            .chain([json!({"id": format!("c{}", steps.len()), "kind": "end", "status": "completed"})])
+            .chain([
+                json!({"id": format!("c{}", steps.len()), "kind": "end", "status": "completed"}),
+            ])
             .collect();
         Definition::parse(&json!({"name": "caller", "steps": calls}).to_string())
             .expect("a valid caller")
@@ -1323,7 +1325,10 @@ mod tests {
         assert_eq!(caller.check_subworkflows(&deployed), Ok(()));
 
         let caller = callers(&[("child", Some(3)), ("nowhere", None), ("child", Some(1))]);
-        let errors = caller.check_subworkflows(&deployed).expect_err("two errors").0;
+        let errors = caller
+            .check_subworkflows(&deployed)
+            .expect_err("two errors")
+            .0;
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0].step.as_deref(), Some("c0"));
         assert_eq!(errors[0].field, "version");
@@ -1335,12 +1340,30 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_workflows_parse_as_written() {
+        let readme = include_str!("../../../../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|rest| rest.split("```").next())
+            .collect();
+        assert!(blocks.len() >= 2, "the README shows workflows");
+        for block in blocks {
+            Definition::parse(block)
+                .unwrap_or_else(|e| panic!("a README workflow does not deploy: {e}\n{block}"));
+        }
+    }
+
+    #[test]
     fn the_shipped_examples_parse_with_the_deploy_time_rules() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
         let mut seen = 0;
         for entry in std::fs::read_dir(dir).expect("examples/ exists") {
             let path = entry.expect("a directory entry").path();
-            if !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+            if !matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
                 continue;
             }
             let source = std::fs::read_to_string(&path).expect("readable");
@@ -1349,7 +1372,9 @@ mod tests {
             let deployed = HashMap::new();
             definition
                 .check_subworkflows(&deployed)
-                .unwrap_or_else(|e| panic!("{} calls a workflow not in examples/: {e}", path.display()));
+                .unwrap_or_else(|e| {
+                    panic!("{} calls a workflow not in examples/: {e}", path.display())
+                });
             seen += 1;
         }
         assert!(seen > 0, "no example in {dir}");

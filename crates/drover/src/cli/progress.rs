@@ -52,7 +52,9 @@ pub(super) async fn start_all(client: &ApiClient, mut request: StartRequest) -> 
         })?;
         // Later chunks run the version the first one pinned, even if another is deployed
         // meanwhile.
-        request.version = answer["version"].as_i64().and_then(|v| i32::try_from(v).ok());
+        request.version = answer["version"]
+            .as_i64()
+            .and_then(|v| i32::try_from(v).ok());
         queued += answer["queued"].as_u64().unwrap_or(0);
         ids.extend(answer["ids"].as_array().cloned().unwrap_or_default());
         progress.set_position(ids.len() as u64);

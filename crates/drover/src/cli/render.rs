@@ -604,7 +604,8 @@ mod tests {
             render(View::Started, &answer),
             "started 2 instances of w v1 in campaign default (1 running, 1 queued)\n"
         );
-        let one = json!({"ids": ["a"], "queued": 0, "workflow": "w", "version": 1, "campaign": "c"});
+        let one =
+            json!({"ids": ["a"], "queued": 0, "workflow": "w", "version": 1, "campaign": "c"});
         assert_eq!(
             render(View::Started, &one),
             "started instance a of w v1 in campaign c (running)\n"

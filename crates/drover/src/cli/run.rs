@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use drover_api::{
     ApiClient, CreateCampaign, CreateToken, LifecycleCommand, LifecycleFilterRequest,
-    LifecycleRequest, ListQuery, ResumeMode, StartOperation, ResumeRequest, Secret, SetLimit, StartRequest,
+    LifecycleRequest, ListQuery, ResumeMode, ResumeRequest, Secret, SetLimit, StartOperation,
+    StartRequest,
 };
 use serde_json::Value;
 
@@ -231,7 +232,10 @@ async fn send_lifecycle(
                     state: args.state,
                 },
             };
-            Ok((super::progress::follow_operation(client, &request).await?, true))
+            Ok((
+                super::progress::follow_operation(client, &request).await?,
+                true,
+            ))
         }
     }
 }
