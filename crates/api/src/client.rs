@@ -36,8 +36,6 @@ pub enum ClientError {
         message: String,
         /// `[{step, field, message}, …]` for `invalid_definition`.
         details: Option<Value>,
-        /// The API's whole error JSON (`{"error": {…}}`), when it answered with one.
-        body: Option<Value>,
     },
     /// The API took longer than the request timeout to answer.
     #[error(
@@ -93,10 +91,18 @@ impl ClientError {
     /// `invalid_url`, `invalid_token`).
     pub fn to_json(&self) -> Value {
         if let Self::Api {
-            body: Some(body), ..
+            code,
+            message,
+            details,
+            ..
         } = self
         {
-            return body.clone();
+            // The API's error JSON, field by field (`ErrorBody`).
+            let mut error = serde_json::json!({ "code": code, "message": message });
+            if let Some(details) = details {
+                error["details"] = details.clone();
+            }
+            return serde_json::json!({ "error": error });
         }
         let code = match self {
             Self::Api { code, .. } => code.as_str(),
@@ -527,14 +533,12 @@ impl ApiClient {
                 reason: err.to_string(),
             });
         }
-        let raw: Option<Value> = serde_json::from_slice(&body).ok();
         Err(match serde_json::from_slice::<ErrorBody>(&body) {
             Ok(ErrorBody { error }) => ClientError::Api {
                 status: status.as_u16(),
                 code: error.code,
                 message: error.message,
                 details: error.details,
-                body: raw,
             },
             Err(_) => {
                 let text = String::from_utf8_lossy(&body);
@@ -549,7 +553,6 @@ impl ApiClient {
                     code: "http_error".to_owned(),
                     message,
                     details: None,
-                    body: None,
                 }
             }
         })

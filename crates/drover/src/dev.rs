@@ -62,7 +62,7 @@ pub(crate) async fn run(args: DevArgs, handlers: Handlers) -> anyhow::Result<()>
         postgres_started: false,
     };
     let mut cluster = cluster;
-    let result = cluster.run(args, &nats_bin, handlers).await;
+    let result = Box::pin(cluster.run(args, &nats_bin, handlers)).await;
     cluster.stop().await;
     result
 }
@@ -182,8 +182,7 @@ impl Cluster {
 
         let api_url = format!("http://{listen}");
         let announce = announce(api_url.clone(), token.clone(), database_url, nats_url, self);
-        let node = crate::node::run(node_args, handlers);
-        tokio::pin!(node);
+        let mut node = Box::pin(crate::node::run(node_args, handlers));
         tokio::select! {
             ran = &mut node => return ran,
             announced = announce => {

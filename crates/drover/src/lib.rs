@@ -161,7 +161,7 @@ pub fn main(handlers: Handlers) -> ExitCode {
             Command::NatsConfig(args) => nats::print_config(args),
             Command::Dev(args) => {
                 let telemetry = telemetry::init();
-                let ran = dev::run(args, handlers).await;
+                let ran = Box::pin(dev::run(args, handlers)).await;
                 telemetry.shutdown().await;
                 ran
             }
@@ -289,7 +289,6 @@ mod tests {
                 code: "x".into(),
                 message: "m".into(),
                 details: None,
-                body: None,
             })
             .context("showing the instance")
         };
