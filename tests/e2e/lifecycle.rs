@@ -87,6 +87,7 @@ async fn lifecycle_commands_from_the_cli_hand_a_campaigns_only_permit_along() ->
             &[
                 "start",
                 "chores",
+                "--ids",
                 "--campaign",
                 "solo",
                 "--count",
@@ -198,6 +199,7 @@ async fn lifecycle_commands_from_the_cli_hand_a_campaigns_only_permit_along() ->
             &[
                 "start",
                 "chores",
+                "--ids",
                 "--campaign",
                 "solo",
                 "--count",

@@ -5,6 +5,7 @@ mod admin;
 mod bad_input;
 mod console;
 mod deletes;
+mod cli;
 mod egress;
 mod events;
 mod execution;

@@ -423,7 +423,7 @@ impl TestEnv {
 }
 
 /// The `drover-test-node` binary: cargo builds it beside the test binary's `deps/` folder.
-fn node_bin() -> PathBuf {
+pub fn node_bin() -> PathBuf {
     if let Ok(path) = std::env::var("DROVER_TEST_NODE_BIN") {
         return PathBuf::from(path);
     }

@@ -266,7 +266,8 @@ fn bearer(authorization: Option<&str>) -> Result<Secret, ApiError> {
     Ok(Secret::new(token))
 }
 
-/// The scope a request needs: reads need `viewer`; starting, lifecycle commands, resume,
+/// The scope a request needs: reads need `viewer`; starting, lifecycle commands (and their
+/// operations), resume,
 /// events and campaign limits need `operator`; everything else that writes (deploying,
 /// creating campaigns, tokens, and any route not listed here) needs `admin`. Token listings
 /// are `admin` too.
@@ -277,7 +278,8 @@ pub fn required_scope(method: &Method, route: &str) -> Scope {
     if method == Method::GET || method == Method::HEAD {
         return Scope::Viewer;
     }
-    let operator = (method == Method::POST && route.starts_with("/v1/instances"))
+    let operator = (method == Method::POST
+        && (route.starts_with("/v1/instances") || route.starts_with("/v1/operations")))
         || (method == Method::PUT && route == "/v1/campaigns/{name}/limit");
     if operator {
         Scope::Operator

@@ -11,6 +11,7 @@ use crate::campaigns::{CreateCampaign, SetLimit};
 use crate::dto::{JournalQuery, ListQuery, VersionQuery};
 use crate::error::ErrorBody;
 use crate::lifecycle::{LifecycleCommand, LifecycleFilterRequest, LifecycleRequest};
+use crate::operations::StartOperation;
 use crate::operator::ResumeRequest;
 use crate::schedules::{Backfill, CreateSchedule, PauseSchedule, ScheduleSpec};
 use crate::start::StartRequest;
@@ -18,8 +19,9 @@ use crate::tokens::CreateToken;
 
 /// How long to wait for a TCP connection to the API.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one request may take in all; starting 10,000 instances takes a few seconds.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one request may take in all, unless [`ApiClient::with_timeout`] says otherwise;
+/// starting 10,000 instances takes a few seconds.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,12 @@ pub enum ClientError {
         /// `[{step, field, message}, …]` for `invalid_definition`.
         details: Option<Value>,
     },
+    /// The API took longer than the request timeout to answer.
+    #[error(
+        "the Drover API at {url} did not answer within {after} (is it overloaded or stuck? \
+         raise --timeout or DROVER_TIMEOUT to wait longer)"
+    )]
+    Timeout { url: String, after: String },
     /// No connection could be made.
     #[error(
         "could not reach the Drover API at {url}: {reason} (check --api-url or DROVER_API_URL)"
@@ -77,20 +85,58 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The error as the API's error JSON: what the API answered, or, when it did not, the
+    /// same shape with a code saying why (`unreachable`, `timeout`, `transport`, `not_json`,
+    /// `invalid_url`, `invalid_token`).
+    pub fn to_json(&self) -> Value {
+        if let Self::Api {
+            code,
+            message,
+            details,
+            ..
+        } = self
+        {
+            // The API's error JSON, field by field (`ErrorBody`).
+            let mut error = serde_json::json!({ "code": code, "message": message });
+            if let Some(details) = details {
+                error["details"] = details.clone();
+            }
+            return serde_json::json!({ "error": error });
+        }
+        let code = match self {
+            Self::Api { code, .. } => code.as_str(),
+            Self::Timeout { .. } => "timeout",
+            Self::Unreachable { .. } => "unreachable",
+            Self::Transport { .. } => "transport",
+            Self::NotJson { .. } => "not_json",
+            Self::InvalidUrl { .. } => "invalid_url",
+            Self::InvalidToken => "invalid_token",
+        };
+        serde_json::json!({ "error": { "code": code, "message": self.to_string() } })
+    }
 }
 
 /// A client of one API base URL (e.g. `http://127.0.0.1:8080`). Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ApiClient {
     http: reqwest::Client,
+    /// How long one request may take in all.
+    timeout: Duration,
     base: Url,
     /// Sent as `Authorization: Bearer …` with every request; `Secret` never prints it.
     token: Option<Secret>,
 }
 
 impl ApiClient {
-    /// Checks `base_url` (http or https); no I/O.
+    /// Checks `base_url` (http or https); no I/O. Requests time out after
+    /// [`DEFAULT_REQUEST_TIMEOUT`].
     pub fn new(base_url: &str) -> Result<Self, ClientError> {
+        Self::with_timeout(base_url, DEFAULT_REQUEST_TIMEOUT)
+    }
+
+    /// As [`ApiClient::new`], each request giving up after `timeout` in all.
+    pub fn with_timeout(base_url: &str, timeout: Duration) -> Result<Self, ClientError> {
         let invalid = |reason: String| ClientError::InvalidUrl {
             url: base_url.to_owned(),
             reason,
@@ -102,11 +148,12 @@ impl ApiClient {
         let http = reqwest::Client::builder()
             .user_agent(concat!("drover/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(timeout)
             .build()
             .map_err(|err| invalid(describe(&err)))?;
         Ok(Self {
             http,
+            timeout,
             base,
             token: None,
         })
@@ -250,6 +297,28 @@ impl ApiClient {
         let url = self.url(&["v1", "instances", command.as_str()])?;
         let builder = self.http.request(Method::POST, url.clone()).json(request);
         self.send(builder, &url).await
+    }
+
+    /// `POST /v1/operations`: starts a lifecycle command on the instances of a filter;
+    /// answers the operation at once (its `id`, `state` `running`).
+    pub async fn start_operation(&self, request: &StartOperation) -> Result<Value, ClientError> {
+        self.send_json(Method::POST, &["v1", "operations"], Some(request))
+            .await
+    }
+
+    /// `GET /v1/operations/{id}`: its progress, and its result once it ended.
+    pub async fn operation(&self, id: &str) -> Result<Value, ClientError> {
+        self.get(&["v1", "operations", id], None::<&()>).await
+    }
+
+    /// `POST /v1/operations/{id}/cancel`: it stops after its current batch.
+    pub async fn cancel_operation(&self, id: &str) -> Result<Value, ClientError> {
+        self.send_json(
+            Method::POST,
+            &["v1", "operations", id, "cancel"],
+            None::<&()>,
+        )
+        .await
     }
 
     /// `GET /v1/instances/{id}/diagnosis`: why it is not running.
@@ -492,12 +561,12 @@ impl ApiClient {
         let response = request
             .send()
             .await
-            .map_err(|err| transport_error(url, &err))?;
+            .map_err(|err| self.transport_error(url, &err))?;
         let status = response.status();
         let body = response
             .bytes()
             .await
-            .map_err(|err| transport_error(url, &err))?;
+            .map_err(|err| self.transport_error(url, &err))?;
         if status.is_success() {
             return serde_json::from_slice(&body).map_err(|err| ClientError::NotJson {
                 url: url.to_string(),
@@ -531,13 +600,21 @@ impl ApiClient {
     }
 }
 
-fn transport_error(url: &Url, err: &reqwest::Error) -> ClientError {
-    let url = url.to_string();
-    let reason = describe(err);
-    if err.is_connect() {
-        ClientError::Unreachable { url, reason }
-    } else {
-        ClientError::Transport { url, reason }
+impl ApiClient {
+    fn transport_error(&self, url: &Url, err: &reqwest::Error) -> ClientError {
+        let url = url.to_string();
+        if err.is_timeout() && !err.is_connect() {
+            return ClientError::Timeout {
+                url,
+                after: humantime::format_duration(self.timeout).to_string(),
+            };
+        }
+        let reason = describe(err);
+        if err.is_connect() {
+            ClientError::Unreachable { url, reason }
+        } else {
+            ClientError::Transport { url, reason }
+        }
     }
 }
 

@@ -410,6 +410,9 @@ pub struct Campaign {
     pub name: String,
     /// How many instances may run at once; unlimited when absent.
     pub max_running: Option<i32>,
+    /// Permits in use (instances admitted and not finished); for an unlimited campaign (in
+    /// `GET /v1/campaigns` and `GET /v1/campaigns/{name}`), its ready, running and waiting
+    /// instances.
     pub running: i32,
     pub queued: i32,
     /// Whether an `in_error` instance keeps its permit (`hold`) or gives it back (`release`).

@@ -42,6 +42,7 @@ pub mod dto;
 mod error;
 mod extract;
 mod lifecycle;
+mod operations;
 mod operator;
 mod retention;
 mod routes;
@@ -63,7 +64,7 @@ use utoipa::OpenApi;
 
 pub use auth::{AuthMode, Authenticator, Principal, Secret};
 pub use campaigns::{CreateCampaign, LimitChanged, SetLimit};
-pub use client::{ApiClient, ClientError};
+pub use client::{ApiClient, ClientError, DEFAULT_REQUEST_TIMEOUT};
 pub use deletes::{
     CampaignDeletedView, CampaignPauseView, DeleteWorkflowQuery, WorkflowDeletedView,
 };
@@ -74,6 +75,7 @@ pub use lifecycle::{
     Cascaded, LIFECYCLE_BATCH, LifecycleCommand, LifecycleFilterRequest, LifecycleRequest,
     LifecycleResult, LifecycleSummary, RefusalEntry,
 };
+pub use operations::{KEEP_FINISHED, Operation, Operations, StartOperation};
 pub use operator::{Leader, ResumeMode, ResumeRequest};
 pub use retention::{Retention, SetRetention};
 pub use schedules::{
@@ -106,6 +108,8 @@ pub struct ApiState {
     /// Ends the console's event streams (`/ui/live`) when the API stops, so a graceful
     /// shutdown does not wait for browsers to go away.
     pub live_stop: CancellationToken,
+    /// Bulk commands running as operations (`/v1/operations`).
+    pub operations: operations::Operations,
 }
 
 impl ApiState {
@@ -121,6 +125,7 @@ impl ApiState {
             publish,
             ends: wait::EndWatch::new(),
             live_stop: CancellationToken::new(),
+            operations: operations::Operations::default(),
         }
     }
 
@@ -182,6 +187,9 @@ pub fn router(state: ApiState) -> Router {
             "/v1/instances/restart",
             post(lifecycle::handlers::restart_many),
         )
+        .route("/v1/operations", post(operations::start))
+        .route("/v1/operations/{id}", get(operations::show))
+        .route("/v1/operations/{id}/cancel", post(operations::cancel))
         .route("/v1/instances/{id}/diagnosis", get(diagnosis::diagnosis))
         .route("/v1/instances/{id}/events/{name}", post(signal::send_event))
         .route(
@@ -290,9 +298,11 @@ pub async fn serve(
             .clone()
             .run(state.store.clone(), stop_watching.clone()),
     );
+    let operations = state.operations.clone();
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
+    operations.stop().await;
     stop_watching.cancel();
     let _ = ends.await;
     served?;

@@ -64,6 +64,9 @@ pub(crate) const MAX_JOURNAL_PAGE_BYTES: usize = 4 * 1024 * 1024;
         crate::lifecycle::handlers::stop_many,
         crate::lifecycle::handlers::kill_many,
         crate::lifecycle::handlers::restart_many,
+        crate::operations::start,
+        crate::operations::show,
+        crate::operations::cancel,
         crate::diagnosis::diagnosis,
         crate::signal::send_event,
         campaigns,
@@ -131,6 +134,8 @@ pub(crate) const MAX_JOURNAL_PAGE_BYTES: usize = 4 * 1024 * 1024;
         crate::lifecycle::LifecycleSummary,
         crate::lifecycle::Cascaded,
         crate::lifecycle::RefusalEntry,
+        crate::operations::StartOperation,
+        crate::operations::Operation,
         crate::diagnosis::Diagnosis,
         crate::signal::EventDelivered,
         crate::signal::Delivered,
@@ -216,44 +221,22 @@ pub(crate) async fn deploy(
     Ok((status, Json(deployed.into())))
 }
 
-/// Every `subworkflow` must name a deployed workflow (and version, when it gives one); a
-/// definition may name itself, its recursion bounded by the call depth.
+/// Every `subworkflow` must name a deployed workflow (and version, when it gives one): the
+/// rule is core's ([`Definition::check_subworkflows`]); this reads what the store holds of the
+/// workflows it names.
 async fn check_subworkflows(state: &ApiState, definition: &Definition) -> Result<()> {
-    let mut errors = Vec::new();
-    for (step, workflow, version) in definition.subworkflows() {
-        if workflow == definition.name {
+    let mut deployed = std::collections::HashMap::new();
+    for (_, workflow, _) in definition.subworkflows() {
+        if deployed.contains_key(workflow) {
             continue;
         }
-        let (field, message) = if state.store.get_definition(workflow, None).await?.is_none() {
-            (
-                "workflow",
-                format!("no workflow named {workflow:?} is deployed; deploy it first"),
-            )
-        } else if let Some(version) = version
-            && state
-                .store
-                .get_definition(workflow, Some(version))
-                .await?
-                .is_none()
-        {
-            (
-                "version",
-                format!("workflow {workflow:?} has no version {version}"),
-            )
-        } else {
-            continue;
-        };
-        errors.push(DefinitionError {
-            step: Some(step.to_owned()),
-            field: field.to_owned(),
-            message,
-        });
+        if let Some(latest) = state.store.get_definition(workflow, None).await? {
+            deployed.insert(workflow.to_owned(), latest.version);
+        }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::invalid_definition(&DefinitionErrors(errors)))
-    }
+    definition
+        .check_subworkflows(&deployed)
+        .map_err(|errors| ApiError::invalid_definition(&errors))
 }
 
 /// List workflows (the latest version of each).

@@ -1065,3 +1065,32 @@ async fn the_client_speaks_to_a_served_api_and_reports_errors_with_code_and_stat
     ));
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_request_to_a_server_that_never_answers_times_out_naming_the_flag() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds a free port");
+    let addr = listener.local_addr().expect("a local address");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    let client = ApiClient::with_timeout(
+        &format!("http://{addr}"),
+        std::time::Duration::from_millis(300),
+    )
+    .expect("a valid URL");
+    let err = client.nodes().await.expect_err("no answer");
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("300ms") && message.contains("DROVER_TIMEOUT"),
+        "{message}"
+    );
+    assert_eq!(err.to_json()["error"]["code"], "timeout");
+    held.abort();
+}

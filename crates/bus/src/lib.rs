@@ -140,12 +140,14 @@ impl BusConfig {
                 Ok(client) => return Ok(client),
                 Err(err) => err,
             };
+            // async-nats says "IO error"; its source says "connection refused".
+            let why = drover_core::error_chain(&err);
             if !unreachable(&err) {
-                return Err(Error::Refused(err.to_string()));
+                return Err(Error::Refused(why));
             }
             if tokio::time::Instant::now() + pause > deadline {
                 return Err(Error::Connect(format!(
-                    "no server of {} answered within {CONNECT_WAIT:?}: {err}",
+                    "no server of {} answered within {CONNECT_WAIT:?}: {why}",
                     redact_url(&self.url)
                 )));
             }

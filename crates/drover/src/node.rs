@@ -67,14 +67,17 @@ impl Role {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct NodeArgs {
-    /// Roles to run, comma-separated.
+    /// Roles to run, comma-separated: `worker` (runs steps), `api` (the HTTP API and
+    /// console), `coordinator` (leader election, recovery, timers, schedules). All three by
+    /// default, so a single node is a complete cluster; a cluster needs at least one of each.
     #[arg(
         long,
         env = "DROVER_ROLES",
         value_delimiter = ',',
-        default_value = "worker,api"
+        default_value = "worker,api,coordinator"
     )]
     pub roles: Vec<Role>,
+    /// The Postgres database, e.g. `postgres://user@host:5432/drover`.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
     #[command(flatten)]

@@ -65,7 +65,12 @@ pub(crate) fn init() -> Telemetry {
         .as_ref()
         .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("drover")));
     let traced = provider.is_some();
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ));
     let fmt = if json {
         fmt.event_format(WithTraceId {
             inner: tracing_subscriber::fmt::format().json(),
@@ -88,6 +93,12 @@ pub(crate) fn init() -> Telemetry {
         .with(otel)
         .try_init();
     Telemetry { provider }
+}
+
+/// Colour codes only for a person at a terminal: never in a file or a pipe, never with
+/// `NO_COLOR` set to anything but the empty string (<https://no-color.org>).
+fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
 }
 
 fn otlp_configured() -> bool {
@@ -227,5 +238,26 @@ where
             Some(rest) => write!(writer, "{{\"trace_id\":\"{trace_id}\",{rest}"),
             None => writer.write_str(&line),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::colour;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(
+            colour(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(
+            !colour(false, None),
+            "a file or a pipe gets no colour codes"
+        );
     }
 }

@@ -207,7 +207,13 @@ impl DriftKind {
 }
 
 /// The columns of [`CampaignRow`](crate::instances) plus queue age, for [`CampaignStatus`].
-const STATUS_COLUMNS: &str = "c.id, c.name, c.max_running, c.running, c.queued, \
+/// An unlimited campaign holds no permits, so its `running` counter stays 0: its live
+/// instances (ready, running, waiting) are counted instead, through the per-state partial
+/// indexes.
+const STATUS_COLUMNS: &str = "c.id, c.name, c.max_running, \
+    CASE WHEN c.max_running IS NULL THEN (SELECT count(*) FROM instance i \
+        WHERE i.campaign_id = c.id AND i.state IN ('ready', 'running', 'waiting'))::int \
+    ELSE c.running END AS running, c.queued, \
     c.on_error_permit, c.created_at, c.paused_at, c.paused_by, \
     h.queued_at AS oldest_queued_at, \
     (extract(epoch FROM clock_timestamp() - h.queued_at) * 1000)::bigint AS oldest_queued_age_ms";

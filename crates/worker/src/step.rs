@@ -378,7 +378,10 @@ async fn http_call(
             if let Some(refusal) = crate::egress::refusal_in(&e) {
                 return refused(refusal);
             }
-            StepError::Retryable(format!("http {url}: {}", e.without_url()))
+            // reqwest's own text is "error sending request"; the cause says why (connection
+            // refused, a DNS failure, a timeout).
+            let e = e.without_url();
+            StepError::Retryable(format!("http {url}: {}", drover_core::error_chain(&e)))
         })?;
         let status = response.status();
         let next = status
@@ -438,7 +441,11 @@ async fn http_call(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.contains("json"));
     let bytes = response.bytes().await.map_err(|e| {
-        StepError::Retryable(format!("http {url}: reading body: {}", e.without_url()))
+        let e = e.without_url();
+        StepError::Retryable(format!(
+            "http {url}: reading body: {}",
+            drover_core::error_chain(&e)
+        ))
     })?;
     if bytes.len() > MAX_RESPONSE_BYTES {
         return Err(StepError::Permanent(format!(

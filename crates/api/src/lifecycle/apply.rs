@@ -21,6 +21,7 @@ use crate::ApiState;
 use crate::error::{ApiError, Result, unknown_instance};
 use crate::extract::parse_id;
 use crate::operator::definition_of;
+use tokio_util::sync::CancellationToken;
 
 /// Instances per transaction when a command applies to a filter.
 pub const LIFECYCLE_BATCH: i64 = 200;
@@ -151,6 +152,24 @@ pub(super) async fn many(
     request: LifecycleFilterRequest,
     actor: &str,
 ) -> Result<LifecycleSummary> {
+    let filter = prepare(state, command, request).await?;
+    by_filter(
+        state,
+        command,
+        &filter,
+        actor,
+        |_| {},
+        &CancellationToken::new(),
+    )
+    .await
+}
+
+/// Checks a filter command's request: a filter given, a known state and campaign.
+pub(crate) async fn prepare(
+    state: &ApiState,
+    command: LifecycleCommand,
+    request: LifecycleFilterRequest,
+) -> Result<LifecycleFilter> {
     if request.campaign.is_none() && request.workflow.is_none() && request.state.is_none() {
         return Err(ApiError::invalid(
             "invalid_request",
@@ -175,12 +194,24 @@ pub(super) async fn many(
             format!("unknown campaign {campaign:?}"),
         ));
     }
-    let filter = LifecycleFilter {
+    Ok(LifecycleFilter {
         campaign: request.campaign,
         workflow: request.workflow,
         state: instance_state,
-    };
+    })
+}
 
+/// Applies `command` to the instances of `filter`, one transaction per
+/// [`LIFECYCLE_BATCH`]; `progress` sees the counts after each batch. Cancelling `cancel` stops
+/// it between batches (what is done stays done), answering the counts so far.
+pub(crate) async fn by_filter(
+    state: &ApiState,
+    command: LifecycleCommand,
+    filter: &LifecycleFilter,
+    actor: &str,
+    mut progress: impl FnMut(&LifecycleSummary),
+    cancel: &CancellationToken,
+) -> Result<LifecycleSummary> {
     let mut summary = LifecycleSummary {
         action: command.as_str().to_owned(),
         ..Default::default()
@@ -188,9 +219,12 @@ pub(super) async fn many(
     let mut definitions = HashMap::new();
     let mut after = None;
     loop {
+        if cancel.is_cancelled() {
+            break;
+        }
         let ids = state
             .store
-            .lifecycle_targets(&filter, command.action(), after, LIFECYCLE_BATCH)
+            .lifecycle_targets(filter, command.action(), after, LIFECYCLE_BATCH)
             .await?;
         let Some(last) = ids.last().copied() else {
             break;
@@ -221,6 +255,7 @@ pub(super) async fn many(
                 }
             }
         }
+        progress(&summary);
         if (ids.len() as i64) < LIFECYCLE_BATCH {
             break;
         }

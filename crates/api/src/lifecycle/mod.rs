@@ -17,7 +17,7 @@
 //! - `apply`: a command carried out, by id or by filter, and its jobs published;
 //! - `refusal`: the 409 of a command the instance's state does not allow.
 
-mod apply;
+pub(crate) mod apply;
 mod dto;
 pub(crate) mod handlers;
 mod refusal;

@@ -114,6 +114,56 @@ impl Definition {
     }
 }
 
+impl Definition {
+    /// Every `subworkflow` must name a deployed workflow, and a version it has when it gives
+    /// one. `deployed` holds the latest version of each deployed workflow the store knows
+    /// (versions run 1..=latest and are never deleted); a definition may call itself, its
+    /// recursion bounded by the call depth, so its own name always counts as deployed.
+    pub fn check_subworkflows(
+        &self,
+        deployed: &HashMap<String, i32>,
+    ) -> Result<(), DefinitionErrors> {
+        let mut errors = Vec::new();
+        for (step, workflow, version) in self.subworkflows() {
+            let latest = if workflow == self.name {
+                None
+            } else {
+                match deployed.get(workflow) {
+                    Some(latest) => Some(*latest),
+                    None => {
+                        errors.push(DefinitionError {
+                            step: Some(step.to_owned()),
+                            field: "workflow".into(),
+                            message: format!(
+                                "no workflow named {workflow:?} is deployed; deploy it first"
+                            ),
+                        });
+                        continue;
+                    }
+                }
+            };
+            // A self-call's version is the one being deployed or an earlier one; the store
+            // decides at run time, as before.
+            if let (Some(version), Some(latest)) = (version, latest)
+                && version > latest
+            {
+                errors.push(DefinitionError {
+                    step: Some(step.to_owned()),
+                    field: "version".into(),
+                    message: format!(
+                        "workflow {workflow:?} has no version {version} (its latest is {latest})"
+                    ),
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(DefinitionErrors(errors))
+        }
+    }
+}
+
 impl StepKind {
     /// The fields a kind adds to the common ones; `None` for an unknown kind.
     fn fields(kind: &str) -> Option<&'static [&'static str]> {
@@ -1264,6 +1314,88 @@ mod tests {
         assert_error(&bad, Some("a"), "input.n", "does not compile");
     }
 
+    fn callers(steps: &[(&str, Option<i32>)]) -> Definition {
+        let calls: Vec<Value> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, (workflow, version))| {
+                let mut step = json!({"id": format!("c{i}"), "kind": "subworkflow",
+                    "workflow": workflow, "next": [{"to": format!("c{}", i + 1)}]});
+                if let Some(version) = version {
+                    step["version"] = json!(version);
+                }
+                step
+            })
+            .chain([
+                json!({"id": format!("c{}", steps.len()), "kind": "end", "status": "completed"}),
+            ])
+            .collect();
+        Definition::parse(&json!({"name": "caller", "steps": calls}).to_string())
+            .expect("a valid caller")
+    }
+
+    #[test]
+    fn a_subworkflow_naming_no_deployed_workflow_or_version_names_the_step_and_field() {
+        let deployed = HashMap::from([("child".to_owned(), 2)]);
+        let caller = callers(&[("child", None), ("child", Some(2)), ("caller", Some(9))]);
+        assert_eq!(caller.check_subworkflows(&deployed), Ok(()));
+
+        let caller = callers(&[("child", Some(3)), ("nowhere", None), ("child", Some(1))]);
+        let errors = caller
+            .check_subworkflows(&deployed)
+            .expect_err("two errors")
+            .0;
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[0].step.as_deref(), Some("c0"));
+        assert_eq!(errors[0].field, "version");
+        assert!(errors[0].message.contains("no version 3"), "{errors:?}");
+        assert_eq!(errors[1].step.as_deref(), Some("c1"));
+        assert_eq!(errors[1].field, "workflow");
+        assert!(errors[1].message.contains("\"nowhere\""), "{errors:?}");
+        assert!(errors[1].message.contains("deploy it first"), "{errors:?}");
+    }
+
+    #[test]
+    fn the_readme_workflows_parse_as_written() {
+        let readme = include_str!("../../../../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|rest| rest.split("```").next())
+            .collect();
+        assert!(blocks.len() >= 2, "the README shows workflows");
+        for block in blocks {
+            Definition::parse(block)
+                .unwrap_or_else(|e| panic!("a README workflow does not deploy: {e}\n{block}"));
+        }
+    }
+
+    #[test]
+    fn the_shipped_examples_parse_with_the_deploy_time_rules() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("examples/ exists") {
+            let path = entry.expect("a directory entry").path();
+            if !matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
+                continue;
+            }
+            let source = std::fs::read_to_string(&path).expect("readable");
+            let definition = Definition::parse(&source)
+                .unwrap_or_else(|e| panic!("{} does not deploy: {e}", path.display()));
+            let deployed = HashMap::new();
+            definition
+                .check_subworkflows(&deployed)
+                .unwrap_or_else(|e| {
+                    panic!("{} calls a workflow not in examples/: {e}", path.display())
+                });
+            seen += 1;
+        }
+        assert!(seen > 0, "no example in {dir}");
+    }
+
     #[test]
     fn unknown_target_names_the_step_and_field() {
         let source = with_first_step(
@@ -1730,6 +1862,36 @@ mod tests {
             if let Err(errors) = Definition::parse(&source) {
                 prop_assert!(!errors.0.is_empty());
             }
+        }
+
+        #[test]
+        fn exactly_the_calls_to_undeployed_workflows_or_versions_are_rejected(
+            calls in prop::collection::vec((0usize..4, prop::option::of(1i32..6)), 1..6),
+            latest in prop::collection::vec(prop::option::of(1i32..5), 4),
+        ) {
+            let names = ["a", "b", "c", "caller"];
+            let deployed: HashMap<String, i32> = names.iter().zip(&latest)
+                .filter_map(|(name, latest)| Some(((*name).to_owned(), (*latest)?)))
+                .collect();
+            let steps: Vec<(&str, Option<i32>)> = calls.iter().map(|(w, v)| (names[*w], *v)).collect();
+            let caller = callers(&steps);
+            let mut flagged: Vec<(String, String)> = match caller.check_subworkflows(&deployed) {
+                Ok(()) => Vec::new(),
+                Err(errors) => errors.0.into_iter().map(|e| (e.step.unwrap_or_default(), e.field)).collect(),
+            };
+            flagged.sort();
+            // The oracle: a call is fine when it names itself, or a deployed workflow with no
+            // version or one at most its latest.
+            let mut expected: Vec<(String, String)> = steps.iter().enumerate().filter_map(|(i, (w, v))| {
+                if *w == "caller" { return None; }
+                match (deployed.get(*w), v) {
+                    (None, _) => Some((format!("c{i}"), "workflow".to_owned())),
+                    (Some(latest), Some(v)) if v > latest => Some((format!("c{i}"), "version".to_owned())),
+                    _ => None,
+                }
+            }).collect();
+            expected.sort();
+            prop_assert_eq!(flagged, expected);
         }
 
         #[test]

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use drover_api::MAX_START_COUNT;
+/// The most instances one `drover start` starts (in requests of `START_CHUNK`).
+pub(super) const MAX_CLI_START_COUNT: u32 = 1_000_000;
 use drover_core::{InstanceState, Scope};
 use serde_json::Value;
 
@@ -12,7 +13,8 @@ pub enum OperatorCommand {
     /// Deploy and inspect workflow definitions.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
-    /// Start instances of a workflow; prints their ids.
+    /// Start instances of a workflow; prints a one-line summary (their ids with --ids or
+    /// --json). Many are sent in requests of 1000, with a progress bar on a terminal.
     Start {
         /// The workflow's name.
         workflow: String,
@@ -25,9 +27,12 @@ pub enum OperatorCommand {
         /// A JSON object overriding the definition's vars key by key, e.g. '{"email":"a@b.c"}'.
         #[arg(long)]
         vars: Option<String>,
-        /// How many instances to start.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_START_COUNT)))]
+        /// How many instances to start (at most 1000000, sent in requests of 1000).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CLI_START_COUNT)))]
         count: u32,
+        /// Print the started instances' ids, one a line, instead of a summary.
+        #[arg(long)]
+        ids: bool,
         /// Wait up to this long (e.g. `30s`, at most `5m`) for the instance to end and print
         /// its final state and vars; exits non-zero unless it completed in time.
         #[arg(long, conflicts_with = "count")]
@@ -386,7 +391,7 @@ mod tests {
     #[test]
     fn bad_counts_and_states_are_refused_before_any_request() {
         assert!(parse(&["start", "w", "--count", "0"]).is_err());
-        assert!(parse(&["start", "w", "--count", "10001"]).is_err());
+        assert!(parse(&["start", "w", "--count", "1000001"]).is_err());
         let err = parse(&["instance", "list", "--state", "RUNNING"]).expect_err("unknown state");
         assert!(
             err.to_string().contains("in_error"),

@@ -5,9 +5,11 @@
 //!
 //! - `args`: the command line (clap), parsed and checked before any request;
 //! - `run`: each command's request to the API;
+//! - `progress`: bulk commands in chunks, with a progress bar on a terminal;
 //! - `render`: the answers for people.
 
 mod args;
+mod progress;
 mod render;
 mod run;
 mod schedule;
@@ -15,4 +17,4 @@ mod schedule;
 pub use args::{
     CampaignCommand, InstanceCommand, LifecycleArgs, OperatorCommand, TokenCommand, WorkflowCommand,
 };
-pub use run::run;
+pub use run::{Api, run};

@@ -11,6 +11,7 @@ pub(super) enum View {
     Workflows,
     Workflow,
     Started,
+    StartedIds,
     Instances,
     Instance,
     Journal,
@@ -87,7 +88,8 @@ fn render_at(view: View, answer: &Value, now: DateTime<Utc>) -> String {
             }
             out
         }
-        View::Started => answer["ids"]
+        View::Started => render_started(answer),
+        View::StartedIds => answer["ids"]
             .as_array()
             .map(|ids| ids.iter().map(|id| format!("{}\n", text(id))).collect())
             .unwrap_or_default(),
@@ -445,6 +447,43 @@ fn render_lifecycle_summary(answer: &Value) -> String {
     out
 }
 
+/// `drover start`: one line, e.g. `started 5,000 instances of welcome v3 in campaign default
+/// (4,981 running, 19 queued)`; one instance is named by its id.
+fn render_started(answer: &Value) -> String {
+    let ids = answer["ids"].as_array().map_or(0, Vec::len) as u64;
+    let queued = answer["queued"].as_u64().unwrap_or(0).min(ids);
+    let what = format!(
+        "of {} v{} in campaign {}",
+        text(&answer["workflow"]),
+        text(&answer["version"]),
+        text(&answer["campaign"])
+    );
+    if ids == 1 {
+        let state = if queued == 1 { "queued" } else { "running" };
+        let id = text(&answer["ids"][0]);
+        return format!("started instance {id} {what} ({state})\n");
+    }
+    format!(
+        "started {} instances {what} ({} running, {} queued)\n",
+        thousands(ids),
+        thousands(ids - queued),
+        thousands(queued)
+    )
+}
+
+/// `4981` as `4,981`.
+pub(super) fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
 /// `drover why`: the one sentence.
 fn render_diagnosis(answer: &Value) -> String {
     format!("{}\n", text(&answer["summary"]))
@@ -615,11 +654,21 @@ mod tests {
             &json!({"name": "welcome-series", "version": 2, "created": false}),
         );
         assert_eq!(same, "welcome-series v2 (unchanged)\n");
-        let started = render(
-            View::Started,
-            &json!({"ids": ["a", "b"], "workflow": "w", "version": 1, "campaign": "default"}),
+        let answer = json!({"ids": ["a", "b"], "queued": 1, "workflow": "w", "version": 1, "campaign": "default"});
+        assert_eq!(render(View::StartedIds, &answer), "a\nb\n");
+        assert_eq!(
+            render(View::Started, &answer),
+            "started 2 instances of w v1 in campaign default (1 running, 1 queued)\n"
         );
-        assert_eq!(started, "a\nb\n");
+        let one =
+            json!({"ids": ["a"], "queued": 0, "workflow": "w", "version": 1, "campaign": "c"});
+        assert_eq!(
+            render(View::Started, &one),
+            "started instance a of w v1 in campaign c (running)\n"
+        );
+        assert_eq!(thousands(4981), "4,981");
+        assert_eq!(thousands(1_000_000), "1,000,000");
+        assert_eq!(thousands(999), "999");
 
         let instance = json!({
             "id": "0190", "workflow": "w", "state": "ready", "error": null,

@@ -3,12 +3,13 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use drover_api::{
     ApiClient, CreateCampaign, CreateToken, DeleteWorkflowQuery, LifecycleCommand,
     LifecycleFilterRequest, LifecycleRequest, ListQuery, ResumeMode, ResumeRequest, Secret,
-    SetLimit, StartRequest,
+    SetLimit, StartOperation, StartRequest,
 };
 use serde_json::Value;
 
@@ -16,17 +17,38 @@ use super::args::{
     CampaignCommand, InstanceCommand, LifecycleArgs, OperatorCommand, TokenCommand, WorkflowCommand,
 };
 use super::render::{View, render};
+use crate::UsageError;
 
-/// Runs an operator command against the API at `api_url`, authenticated by `token`; `json`
-/// prints the API's JSON.
-pub async fn run(
-    command: OperatorCommand,
-    api_url: &str,
-    token: Option<Secret>,
-    json: bool,
-) -> Result<()> {
-    let mut client = ApiClient::new(api_url)?;
-    if let Some(token) = token.filter(|token| !token.expose().is_empty()) {
+/// Where the operator commands send their requests, and how.
+#[derive(Debug)]
+pub struct Api {
+    /// The API's base URL (`--api-url`).
+    pub url: String,
+    /// The bearer token (`--token`); none sends no `Authorization`.
+    pub token: Option<Secret>,
+    /// How long one request may take (`--timeout`).
+    pub timeout: Duration,
+}
+
+/// How much longer than its `?wait=` a waiting start may take: the server answers when the
+/// wait lapses, then the answer travels.
+const WAIT_SLACK: Duration = Duration::from_secs(10);
+
+/// Runs an operator command against `api`; `json` prints the API's JSON.
+pub async fn run(command: OperatorCommand, api: &Api, json: bool) -> Result<()> {
+    // A start that waits for its instance may take its wait, whatever the request timeout.
+    let wait = match &command {
+        OperatorCommand::Start {
+            wait: Some(wait), ..
+        } => Some(
+            humantime::parse_duration(wait)
+                .map_err(|err| UsageError(format!("--wait {wait:?}: {err} (e.g. --wait 30s)")))?,
+        ),
+        _ => None,
+    };
+    let timeout = wait.map_or(api.timeout, |wait| api.timeout.max(wait + WAIT_SLACK));
+    let mut client = ApiClient::with_timeout(&api.url, timeout)?;
+    if let Some(token) = api.token.clone().filter(|token| !token.expose().is_empty()) {
         client = client.with_token(token);
     }
     let (answer, view) = match command {
@@ -60,6 +82,7 @@ pub async fn run(
             campaign,
             vars,
             count,
+            ids,
             wait,
         } => {
             let vars = vars.as_deref().map(parse_vars).transpose()?;
@@ -70,10 +93,15 @@ pub async fn run(
                 vars,
                 count: Some(count),
             };
-            (
-                client.start(&request, wait.as_deref()).await?,
-                View::Started,
-            )
+            if wait.is_some() {
+                (
+                    client.start(&request, wait.as_deref()).await?,
+                    View::Started,
+                )
+            } else {
+                let answer = super::progress::start_all(&client, request).await?;
+                (answer, if ids { View::StartedIds } else { View::Started })
+            }
         }
         OperatorCommand::Instance(InstanceCommand::List {
             state,
@@ -129,7 +157,11 @@ pub async fn run(
                 .as_deref()
                 .map(serde_json::from_str::<Value>)
                 .transpose()
-                .context(r#"--payload is not valid JSON (e.g. --payload '{"approved":true}')"#)?;
+                .map_err(|err| {
+                    UsageError(format!(
+                        r#"--payload is not valid JSON: {err} (e.g. --payload '{{"approved":true}}')"#
+                    ))
+                })?;
             let answer = client.send_event(&id, &name, payload.as_ref()).await?;
             (answer, View::EventSent)
         }
@@ -149,6 +181,12 @@ pub async fn run(
         render(view, &answer)
     };
     emit(&text)?;
+    if matches!(view, View::LifecycleSummary) && answer["state"] == "cancelled" {
+        bail!(
+            "operation {} was cancelled: the counts above are what it did",
+            text_of(&answer["operation"])
+        );
+    }
     // A waited-for instance that did not complete in time fails the command.
     let result = &answer["result"];
     if matches!(view, View::Started) && result.is_object() {
@@ -201,12 +239,18 @@ async fn send_lifecycle(
             bail!("give an instance id, or select instances with --campaign, --state or --workflow")
         }
         None => {
-            let request = LifecycleFilterRequest {
-                campaign: args.campaign,
-                workflow: args.workflow,
-                state: args.state,
+            let request = StartOperation {
+                command: command.as_str().to_owned(),
+                filter: LifecycleFilterRequest {
+                    campaign: args.campaign,
+                    workflow: args.workflow,
+                    state: args.state,
+                },
             };
-            Ok((client.lifecycle_many(command, &request).await?, true))
+            Ok((
+                super::progress::follow_operation(client, &request).await?,
+                true,
+            ))
         }
     }
 }
@@ -307,12 +351,14 @@ async fn read_source(file: &Path) -> Result<String> {
         .with_context(|| format!("cannot read definition file {}", file.display()))
 }
 
-fn parse_vars(vars: &str) -> Result<Value> {
+fn parse_vars(vars: &str) -> Result<Value, UsageError> {
     let example = r#"e.g. --vars '{"email":"a@example.com"}'"#;
     let value: Value = serde_json::from_str(vars)
-        .with_context(|| format!("--vars is not valid JSON ({example})"))?;
+        .map_err(|err| UsageError(format!("--vars is not valid JSON: {err} ({example})")))?;
     if !value.is_object() {
-        bail!("--vars must be a JSON object, not {value} ({example})");
+        return Err(UsageError(format!(
+            "--vars must be a JSON object, not {value} ({example})"
+        )));
     }
     Ok(value)
 }

@@ -85,20 +85,31 @@ pub enum ScheduleCommand {
     /// List schedules with their next fire time and last outcome.
     List,
     /// Show a schedule: its next 5 fire times and recent fires with their instances.
-    Show { name: String },
+    Show {
+        /// The schedule's name.
+        name: String,
+    },
     /// Pause a schedule: fire times pass unrun until it is unpaused.
     Pause {
+        /// The schedule's name.
         name: String,
         /// Why, for the next person.
         #[arg(long)]
         note: Option<String>,
     },
     /// Unpause a schedule: it fires again from its next fire time after now.
-    Unpause { name: String },
+    Unpause {
+        /// The schedule's name.
+        name: String,
+    },
     /// Run a schedule now.
-    Trigger { name: String },
+    Trigger {
+        /// The schedule's name.
+        name: String,
+    },
     /// Run a schedule once for each of its fire times in [--from, --to] not run yet.
     Backfill {
+        /// The schedule's name.
         name: String,
         /// RFC 3339.
         #[arg(long)]
@@ -109,12 +120,16 @@ pub enum ScheduleCommand {
     },
     /// Change a schedule; options not given keep their value.
     Update {
+        /// The schedule's name.
         name: String,
         #[command(flatten)]
         spec: SpecArgs,
     },
     /// Delete a schedule (the instances it started stay).
-    Delete { name: String },
+    Delete {
+        /// The schedule's name.
+        name: String,
+    },
 }
 
 /// Sends the command and prints the answer (`json`: the API's JSON).
