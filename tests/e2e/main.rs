@@ -3,9 +3,9 @@
 
 mod admin;
 mod bad_input;
+mod cli;
 mod console;
 mod deletes;
-mod cli;
 mod egress;
 mod events;
 mod execution;
