@@ -1,8 +1,9 @@
 //! The web console in a real browser: headless Chromium driven through chromedriver
 //! (WebDriver, `fantoccini`) against a live node. Logs in, finds an instance, reads its
 //! journal, resumes it from `in_error` with an edited variable and watches it complete (the
-//! page updates itself from the event stream), lowers a campaign's limit, and looks at every
-//! page. Screenshots of each page land in `target/console-screenshots/`.
+//! page updates itself from the event stream), lowers a campaign's limit, pauses and unpauses
+//! its admissions, and looks at every page. Screenshots of each page land in
+//! `target/console-screenshots/`.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (CI installs them); without chromedriver
 //! the test fails and says so.
@@ -216,6 +217,7 @@ async fn an_operator_resumes_an_instance_and_lowers_a_limit_in_the_browser() -> 
     assert_eq!(instance["vars"]["celebrated"], true);
     let (_, campaign) = get(&format!("{api}/v1/campaigns/batch")).await?;
     assert_eq!(campaign["max_running"], 1, "{campaign}");
+    assert!(campaign["paused_at"].is_null(), "unpaused: {campaign}");
     env.cleanup().await;
     Ok(())
 }
@@ -292,6 +294,26 @@ async fn scenario(client: &Client, api: &str, id: &str) -> anyhow::Result<()> {
     let result = wait_text(client, "#result", "limit").await?;
     anyhow::ensure!(result.contains("5 → 1"), "{result}");
     wait_text(client, "#campaign-batch .limit", "1").await?;
+
+    // Pause its admissions, then unpause them.
+    confirm_submit(
+        client,
+        "#campaign-batch form[action$='/pause'] button[type=submit]",
+    )
+    .await?;
+    wait_text(client, "#result", "paused").await?;
+    wait_text(client, "#campaign-batch th", "paused").await?;
+    let (_, paused) = get(&format!("{api}/v1/campaigns/batch")).await?;
+    anyhow::ensure!(
+        paused["paused_at"].is_string(),
+        "the API shows the campaign paused: {paused}"
+    );
+    confirm_submit(
+        client,
+        "#campaign-batch form[action$='/pause'] button[type=submit]",
+    )
+    .await?;
+    wait_text(client, "#result", "unpaused").await?;
 
     // The other pages.
     client.goto(&format!("{api}/ui/workflows")).await?;

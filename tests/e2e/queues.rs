@@ -91,9 +91,16 @@ async fn a_handler_step_waits_for_a_worker_with_its_handler_and_runs_once_one_st
     let api_node = env.spawn_node("api,coordinator").await?;
     let without = [("DROVER_TEST_HANDLERS".to_owned(), String::new())];
     let lacking = env.spawn_node_env("worker", &[], &without).await?;
+    // Only the built-in maintenance handlers every worker has.
     assert_eq!(
         advertised(&env, lacking.id).await?,
-        (vec!["default".to_owned()], vec![])
+        (
+            vec!["default".to_owned()],
+            vec![
+                "system.cleanup".to_owned(),
+                "system.paused-instances".to_owned()
+            ]
+        )
     );
     let api = api_node.api();
     deploy(api, DOUBLER).await?;

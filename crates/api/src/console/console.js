@@ -49,6 +49,11 @@ document.addEventListener("submit", (event) => {
     }
   }
   const source = new EventSource(url);
+  // Subscribed (or subscribed again): what changed between this page's rendering and now,
+  // or while the stream was down, sent no event here; look once.
+  source.addEventListener("open", () => {
+    if (!timer) timer = setTimeout(refresh, 0);
+  });
   source.addEventListener("change", () => {
     if (!timer) timer = setTimeout(refresh, 700);
   });

@@ -52,6 +52,7 @@ pub(crate) fn router(state: ApiState) -> Router<ApiState> {
         .route("/ui/instances/{id}/action", post(pages::instance_action))
         .route("/ui/campaigns", get(pages::campaigns))
         .route("/ui/campaigns/{name}/limit", post(pages::set_limit))
+        .route("/ui/campaigns/{name}/pause", post(pages::pause_campaign))
         .route("/ui/workflows", get(pages::workflows))
         .route("/ui/workflows/{name}", get(pages::workflow))
         .route("/ui/schedules", get(pages::schedules))

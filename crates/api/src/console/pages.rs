@@ -626,13 +626,18 @@ async fn campaigns_page(
                     th scope="col" { "Campaign" } th scope="col" { "Limit" }
                     th scope="col" { "Running" } th scope="col" { "Queued" }
                     th scope="col" { "Oldest queued" }
-                    @if session.is_operator() { th scope="col" { "Set limit" } }
+                    @if session.is_operator() { th scope="col" { "Set limit" } th scope="col" { "Admissions" } }
                 } }
                 tbody {
                     @for c in &list.campaigns {
                         @let scale = c.max_running.map_or(c.running.max(c.queued).max(1), |m| m.max(c.running).max(c.queued).max(1));
                         tr #{"campaign-" (c.name)} {
-                            th scope="row" { (c.name) }
+                            th scope="row" {
+                                (c.name)
+                                @if let Some(at) = c.paused_at {
+                                    " " span.state.s-paused title={ "paused by " (c.paused_by.as_deref().unwrap_or("?")) " at " (at.format("%Y-%m-%d %H:%M:%S")) } { "paused" }
+                                }
+                            }
                             td.limit { @match c.max_running { Some(m) => (m), None => "unlimited" } }
                             td { (bar(c.running, scale, "running")) }
                             td { (bar(c.queued, scale, "queued")) }
@@ -649,6 +654,16 @@ async fn campaigns_page(
                                         }
                                     } @else {
                                         span.muted { "unlimited" }
+                                    }
+                                }
+                            }
+                            @if session.is_operator() && c.max_running.is_some() {
+                                td {
+                                    @let pause = c.paused_at.is_none();
+                                    form.inline method="post" action={"/ui/campaigns/" (c.name) "/pause"}
+                                        data-confirm={ (if pause { "Pause" } else { "Unpause" }) " campaign " (c.name) "?" } {
+                                        input type="hidden" name="pause" value=(if pause { "1" } else { "0" });
+                                        button type="submit" { (if pause { "Pause" } else { "Unpause" }) }
                                     }
                                 }
                             }
@@ -729,6 +744,64 @@ pub(crate) async fn set_limit(
             )
         }),
     };
+    campaigns_page(
+        &state,
+        &session,
+        Some(outcome.map_err(|e| e.public_message())),
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PauseForm {
+    /// "1" to pause, "0" to unpause.
+    pause: String,
+    confirmed: Option<String>,
+}
+
+/// Pauses or unpauses a limited campaign's admissions, after a confirmation.
+pub(crate) async fn pause_campaign(
+    State(state): State<ApiState>,
+    session: Session,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    Form(form): Form<PauseForm>,
+) -> Page {
+    let fail = fail(&session);
+    let pause = form.pause == "1";
+    let route = if pause {
+        "/v1/campaigns/{name}/pause"
+    } else {
+        "/v1/campaigns/{name}/unpause"
+    };
+    session.may(&Method::POST, route).map_err(&fail)?;
+    let verb = if pause { "Pause" } else { "Unpause" };
+    if form.confirmed.as_deref() != Some("1") {
+        let body = html! {
+            p { (verb) " campaign " strong { (name) } "?" }
+            form method="post" action={"/ui/campaigns/" (name) "/pause"} {
+                input type="hidden" name="pause" value=(form.pause);
+                input type="hidden" name="confirmed" value="1";
+                button type="submit" { "Yes, " (verb.to_lowercase()) " it" }
+                " " a href="/ui/campaigns" { "Cancel" }
+            }
+        };
+        return Ok(page("Confirm", Nav::Campaigns, Some(&session), None, body).into_response());
+    }
+    let (principal, path) = (
+        Extension(session.principal.clone()),
+        ApiPath(Slug(name.clone())),
+    );
+    let changed = if pause {
+        crate::deletes::pause_campaign(State(state.clone()), principal, path).await
+    } else {
+        crate::deletes::unpause_campaign(State(state.clone()), principal, path).await
+    };
+    let outcome = changed.map(|Json(view)| match (pause, view.changed) {
+        (true, true) => format!("campaign {name} paused: it admits nothing until unpaused"),
+        (false, true) => format!("campaign {name} unpaused; {} admitted", view.admitted.len()),
+        (true, false) => format!("campaign {name} was paused already"),
+        (false, false) => format!("campaign {name} was not paused"),
+    });
     campaigns_page(
         &state,
         &session,
