@@ -121,17 +121,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     for round in 0..options.kills {
         let victim = round % workers.len();
         let victim_id = workers[victim].1;
-        poll(
-            "the victim to hold running instances",
-            Duration::from_secs(30),
-            || async { Ok(running(env, victim_id).await?.len() >= 5) },
-        )
-        .await?;
-        let orphans: HashMap<InstanceId, i64> = running(env, victim_id)
-            .await?
-            .into_iter()
-            .map(|(id, seq)| (id, seq + 2))
-            .collect();
+        let orphans = busy(env, victim_id).await?;
         workers[victim].0.kill().await?;
         let killed = Instant::now();
         poll("re-dispatch", Duration::from_secs(30), || async {
@@ -161,20 +151,9 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     let mut unfrozen = Vec::new();
     for round in 0..options.freezes {
         let victim = round % workers.len();
-        let victim_id = workers[victim].1;
-        poll(
-            "the victim to hold running instances",
-            Duration::from_secs(30),
-            || async { Ok(running(env, victim_id).await?.len() >= 5) },
-        )
-        .await?;
-        // Affected: what it runs (requeued, then the step again: +2) and every READY instance,
-        // whose job it may hold unstarted (+1).
-        let mut affected: HashMap<InstanceId, i64> = running(env, victim_id)
-            .await?
-            .into_iter()
-            .map(|(id, seq)| (id, seq + 2))
-            .collect();
+        // Affected: what it runs and every READY instance, whose job it may hold unstarted
+        // (+1: claimed and committed once).
+        let mut affected = busy(env, workers[victim].1).await?;
         let ready: Vec<(Uuid, i64)> =
             sqlx::query_as("SELECT id, step_seq FROM instance WHERE state = 'ready'")
                 .fetch_all(env.store.pool())
@@ -327,6 +306,22 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         ],
         json: json!({ "kill_to_redispatch": r, "kill_to_complete": c, "stop_to_next_step": z, "leader_failover": f }),
     })
+}
+
+/// Once `node` runs at least 5 instances: each with the step number it reaches once it is
+/// requeued and its interrupted step is committed elsewhere (+2).
+async fn busy(env: &BenchEnv, node: NodeId) -> anyhow::Result<HashMap<InstanceId, i64>> {
+    poll(
+        "the victim to hold running instances",
+        Duration::from_secs(30),
+        || async { Ok(running(env, node).await?.len() >= 5) },
+    )
+    .await?;
+    Ok(running(env, node)
+        .await?
+        .into_iter()
+        .map(|(id, seq)| (id, seq + 2))
+        .collect())
 }
 
 /// Whether every instance of `targets` reached its step number.
