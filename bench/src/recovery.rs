@@ -150,7 +150,16 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     eprintln!("freezing a busy worker {} times…", options.freezes);
     let mut unfrozen = Vec::new();
     for round in 0..options.freezes {
-        let victim = round % workers.len();
+        // The busiest worker: a node keeps continuing what it runs, so a replaced one may
+        // hold nothing yet.
+        let mut victim = 0;
+        let mut most = 0;
+        for (i, (_, id)) in workers.iter().enumerate() {
+            let count = running(env, *id).await?.len();
+            if count > most {
+                (victim, most) = (i, count);
+            }
+        }
         // Affected: what it runs and every READY instance, whose job it may hold unstarted
         // (+1: claimed and committed once).
         let mut affected = busy(env, workers[victim].1).await?;
