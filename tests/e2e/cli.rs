@@ -145,23 +145,12 @@ async fn a_server_that_never_answers_times_out_with_a_clear_message() -> anyhow:
 
 /// Whether `drover dev` can find its programs here; `None` says what is missing.
 fn dev_binaries_missing() -> Option<&'static str> {
-    let on_path = |program: &str| {
-        std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-    };
-    let nats = std::env::var_os("NATS_SERVER_BIN")
-        .is_some_and(|p| std::path::Path::new(&p).is_file())
-        || on_path("nats-server");
-    let postgres = on_path("initdb")
-        || std::fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|v| v.path().join("bin/initdb").is_file());
-    match (nats, postgres) {
-        (false, _) => Some("nats-server is not installed"),
-        (_, false) => Some("the Postgres server programs (initdb, pg_ctl) are not installed"),
-        _ => None,
+    if drover::find_nats().is_none() {
+        return Some("nats-server is not installed");
+    }
+    match drover::pgserver::find_bindir() {
+        Ok(Some(_)) => None,
+        _ => Some("the Postgres server programs (initdb, pg_ctl) are not installed"),
     }
 }
 

