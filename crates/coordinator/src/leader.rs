@@ -259,22 +259,29 @@ impl LeaderLoop {
     /// message id of their own. A job is only a hint: where the first copy also arrives,
     /// one claim wins and the other finds the instance moved on.
     async fn redispatch_held_jobs(&self, dead: NodeId) -> Result<()> {
-        let held = self
-            .store
-            .stale_ready(millis(HELD_JOB_AGE), REDISPATCH_AT_DEATH)
+        let tag = format!("d{}", dead.0.simple());
+        let count = self
+            .redispatch_ready(HELD_JOB_AGE, REDISPATCH_AT_DEATH, &tag)
             .await?;
-        if held.is_empty() {
-            return Ok(());
+        if count > 0 {
+            tracing::info!(
+                count,
+                node.id = %dead,
+                "re-dispatched READY instances whose jobs the dead node may have held"
+            );
         }
-        tracing::info!(
-            count = held.len(),
-            node.id = %dead,
-            "re-dispatching READY instances whose jobs the dead node may have held"
-        );
-        self.bus
-            .redispatch_jobs(&held, &format!("d{}", dead.0.simple()))
-            .await?;
         Ok(())
+    }
+
+    /// Publishes again the jobs of up to `limit` READY instances waiting for longer than
+    /// `age` (oldest first, on queues a live worker serves), under message ids tagged `tag`;
+    /// how many.
+    async fn redispatch_ready(&self, age: Duration, limit: i64, tag: &str) -> Result<usize> {
+        let ready = self.store.stale_ready(millis(age), limit).await?;
+        if !ready.is_empty() {
+            self.bus.redispatch_jobs(&ready, tag).await?;
+        }
+        Ok(ready.len())
     }
 
     /// Dead nodes still owning RUNNING instances get their task again (one may have been
@@ -385,23 +392,18 @@ impl LeaderLoop {
             return Ok(());
         }
         self.last_stale_scan = Some(Instant::now());
-        let stale = self
-            .store
-            .stale_ready(millis(self.config.stale_ready_after), 5000)
-            .await?;
-        if stale.is_empty() {
-            return Ok(());
-        }
-        tracing::info!(count = stale.len(), "re-dispatching stale READY instances");
         // A fresh message id per 10 s window: the first publish may still be in the duplicate
         // window, unacknowledged with a worker that died, and must not swallow this one.
         let window = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() / 10)
             .unwrap_or(0);
-        self.bus
-            .redispatch_jobs(&stale, &format!("s{window}"))
+        let count = self
+            .redispatch_ready(self.config.stale_ready_after, 5000, &format!("s{window}"))
             .await?;
+        if count > 0 {
+            tracing::info!(count, "re-dispatched stale READY instances");
+        }
         Ok(())
     }
 }
