@@ -507,7 +507,20 @@ pub(crate) async fn instance_action(
     };
     session.may(&Method::POST, route).map_err(&fail)?;
     if form.confirmed.as_deref() != Some("1") {
-        return Ok(confirm_page(&session, &id, &form));
+        let mut fields = vec![("action", form.action.as_str())];
+        fields.extend(form.mode.as_deref().map(|mode| ("mode", mode)));
+        fields.extend(form.set.as_deref().map(|set| ("set", set)));
+        return Ok(confirm_page(
+            &session,
+            Nav::Instances,
+            html! { "Really " strong { (form.action) } " instance " code { (id) } "?" },
+            &Confirm {
+                action: &format!("/ui/instances/{id}/action"),
+                fields: &fields,
+                yes: &format!("Yes, {}", form.action),
+                cancel: &format!("/ui/instances/{id}"),
+            },
+        ));
     }
     let principal = Extension(session.principal.clone());
     let outcome = match form.action.as_str() {
@@ -585,21 +598,34 @@ fn lifecycle_message(result: &LifecycleResult) -> String {
     message
 }
 
-/// Without script: the question `data-confirm` would have asked, as a page.
-fn confirm_page(session: &Session, id: &str, form: &ActionForm) -> Response {
+/// A form to post again, confirmed.
+struct Confirm<'a> {
+    /// Where the form posts.
+    action: &'a str,
+    /// Its fields (besides `confirmed`).
+    fields: &'a [(&'a str, &'a str)],
+    /// The confirming button's text.
+    yes: &'a str,
+    /// Where "Cancel" goes.
+    cancel: &'a str,
+}
+
+/// Without script: the question `data-confirm` would have asked, as a page that posts the same
+/// form again with `confirmed=1`.
+fn confirm_page(session: &Session, nav: Nav, question: Markup, confirm: &Confirm<'_>) -> Response {
     let body = html! {
-        p { "Really " strong { (form.action) } " instance " code { (id) } "?" }
-        form method="post" action={"/ui/instances/" (id) "/action"} {
-            input type="hidden" name="action" value=(form.action);
-            @if let Some(mode) = &form.mode { input type="hidden" name="mode" value=(mode); }
-            @if let Some(set) = &form.set { input type="hidden" name="set" value=(set); }
+        p { (question) }
+        form method="post" action=(confirm.action) {
+            @for (name, value) in confirm.fields {
+                input type="hidden" name=(name) value=(value);
+            }
             input type="hidden" name="confirmed" value="1";
-            button type="submit" { "Yes, " (form.action) }
+            button type="submit" { (confirm.yes) }
             " "
-            a href={"/ui/instances/" (id)} { "Cancel" }
+            a href=(confirm.cancel) { "Cancel" }
         }
     };
-    page("Confirm", Nav::Instances, Some(session), None, body).into_response()
+    page("Confirm", nav, Some(session), None, body).into_response()
 }
 
 // --- campaigns ------------------------------------------------------------------------------
@@ -710,16 +736,17 @@ pub(crate) async fn set_limit(
         .may(&Method::PUT, "/v1/campaigns/{name}/limit")
         .map_err(&fail)?;
     if form.confirmed.as_deref() != Some("1") {
-        let body = html! {
-            p { "Set the limit of campaign " strong { (name) } " to " strong { (form.max_running) } "?" }
-            form method="post" action={"/ui/campaigns/" (name) "/limit"} {
-                input type="hidden" name="max_running" value=(form.max_running);
-                input type="hidden" name="confirmed" value="1";
-                button type="submit" { "Yes, set it" }
-                " " a href="/ui/campaigns" { "Cancel" }
-            }
-        };
-        return Ok(page("Confirm", Nav::Campaigns, Some(&session), None, body).into_response());
+        return Ok(confirm_page(
+            &session,
+            Nav::Campaigns,
+            html! { "Set the limit of campaign " strong { (name) } " to " strong { (form.max_running) } "?" },
+            &Confirm {
+                action: &format!("/ui/campaigns/{name}/limit"),
+                fields: &[("max_running", form.max_running.as_str())],
+                yes: "Yes, set it",
+                cancel: "/ui/campaigns",
+            },
+        ));
     }
     let outcome = match form.max_running.trim().parse::<i64>() {
         Err(_) => Err(ApiError::invalid_field(
@@ -776,16 +803,17 @@ pub(crate) async fn pause_campaign(
     session.may(&Method::POST, route).map_err(&fail)?;
     let verb = if pause { "Pause" } else { "Unpause" };
     if form.confirmed.as_deref() != Some("1") {
-        let body = html! {
-            p { (verb) " campaign " strong { (name) } "?" }
-            form method="post" action={"/ui/campaigns/" (name) "/pause"} {
-                input type="hidden" name="pause" value=(form.pause);
-                input type="hidden" name="confirmed" value="1";
-                button type="submit" { "Yes, " (verb.to_lowercase()) " it" }
-                " " a href="/ui/campaigns" { "Cancel" }
-            }
-        };
-        return Ok(page("Confirm", Nav::Campaigns, Some(&session), None, body).into_response());
+        return Ok(confirm_page(
+            &session,
+            Nav::Campaigns,
+            html! { (verb) " campaign " strong { (name) } "?" },
+            &Confirm {
+                action: &format!("/ui/campaigns/{name}/pause"),
+                fields: &[("pause", form.pause.as_str())],
+                yes: &format!("Yes, {} it", verb.to_lowercase()),
+                cancel: "/ui/campaigns",
+            },
+        ));
     }
     let (principal, path) = (
         Extension(session.principal.clone()),
