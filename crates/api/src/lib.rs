@@ -52,6 +52,8 @@ mod start;
 mod tokens;
 pub mod wait;
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
@@ -84,8 +86,8 @@ pub use schedules::{
 };
 pub use signal::{Delivered, EventDelivered, SignalListener, deliver_event};
 pub use start::{
-    DEFAULT_CAMPAIGN, DefinitionCache, MAX_START_COUNT, START_CHUNK, StartQuery, StartRequest,
-    Started, WaitResult, start_instances,
+    DEFAULT_CAMPAIGN, DefinitionCache, LOCAL_START_MAX, LocalRoom, LocalWorker, MAX_START_COUNT,
+    START_CHUNK, StartQuery, StartRequest, Started, WaitResult, start_instances,
 };
 pub use tokens::{CreateToken, CreatedToken, TokenInfo, TokenList};
 
@@ -110,6 +112,8 @@ pub struct ApiState {
     pub live_stop: CancellationToken,
     /// Bulk commands running as operations (`/v1/operations`).
     pub operations: operations::Operations,
+    /// The worker of this process, if it runs one: small starts run their first step there.
+    pub local: Option<Arc<dyn LocalWorker>>,
 }
 
 impl ApiState {
@@ -126,7 +130,14 @@ impl ApiState {
             ends: wait::EndWatch::new(),
             live_stop: CancellationToken::new(),
             operations: operations::Operations::default(),
+            local: None,
         }
+    }
+
+    /// Small starts run their first step on `local`, this process's worker, when it has room.
+    pub fn with_local_worker(mut self, local: Arc<dyn LocalWorker>) -> Self {
+        self.local = Some(local);
+        self
     }
 
     pub fn with_auth(mut self, mode: AuthMode) -> Self {

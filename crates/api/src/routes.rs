@@ -316,6 +316,7 @@ pub(crate) async fn start(
         &principal.name,
         request,
         wait.is_some(),
+        state.local.as_deref(),
     )
     .await?;
     if let (Some(wait), [id]) = (wait, started.ids.as_slice()) {

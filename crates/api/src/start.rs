@@ -8,13 +8,18 @@
 //! and start in FIFO order as permits free. A publish that fails after the commit is logged
 //! and otherwise ignored: the rows are the truth, and the sweeper re-dispatches READY
 //! instances whose job went missing.
+//!
+//! A small start (up to [`LOCAL_START_MAX`] instances) on a node that also runs a worker with
+//! free capacity ([`LocalWorker`]) is created already claimed by that node, which runs the
+//! first steps at once: no job round trip through NATS, no claim statement. What does not fit
+//! is published as usual.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use drover_bus::Bus;
-use drover_core::{Definition, InstanceId};
-use drover_store::{NewInstance, Store};
+use drover_core::{Definition, InstanceId, NodeId};
+use drover_store::{Claimed, LocalClaim, NewInstance, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -28,6 +33,27 @@ pub const DEFAULT_CAMPAIGN: &str = "default";
 pub const MAX_START_COUNT: u32 = 10_000;
 /// Instances created per transaction (and published per batch).
 pub const START_CHUNK: usize = 1_000;
+
+/// The most instances of one start that its node runs itself ([`LocalWorker`]): a larger
+/// start is spread over the cluster's workers through NATS.
+pub const LOCAL_START_MAX: usize = 16;
+
+/// The worker of this process, as a start sees it: room to run the first step of instances
+/// claimed for its node as they are created.
+pub trait LocalWorker: Send + Sync + std::fmt::Debug {
+    /// Room for up to `max` steps now, if the worker runs, can claim and has any free.
+    fn reserve(&self, max: usize) -> Option<Box<dyn LocalRoom>>;
+}
+
+/// Room on the local worker, given back when dropped unless used.
+pub trait LocalRoom: Send {
+    /// The node to claim the instances for.
+    fn node(&self) -> NodeId;
+    /// How many steps it has room for.
+    fn room(&self) -> usize;
+    /// Runs the first step of each of `claimed`.
+    fn start(self: Box<Self>, claimed: Vec<Claimed>);
+}
 
 /// Start `count` instances of a workflow.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -179,6 +205,7 @@ pub async fn start_instances(
     actor: &str,
     request: StartRequest,
     announce_end: bool,
+    local: Option<&dyn LocalWorker>,
 ) -> Result<Started> {
     // The API's extractor checked this already; other callers (a NATS start) may not have.
     for (field, text) in [
@@ -289,7 +316,18 @@ pub async fn start_instances(
                 announce_end,
             });
         }
-        let created = match store.create_instances(&instances, actor).await {
+        // Only a small start whose instances all fit one chunk runs here.
+        let room = local
+            .filter(|_| count <= LOCAL_START_MAX)
+            .and_then(|local| local.reserve(n));
+        let claim = room.as_ref().map(|room| LocalClaim {
+            node: room.node(),
+            max: room.room(),
+        });
+        let created = match store
+            .create_instances_claiming(&instances, actor, claim)
+            .await
+        {
             Ok(created) => created,
             Err(err) => {
                 if !ids.is_empty() {
@@ -306,6 +344,9 @@ pub async fn start_instances(
             }
         };
         queued += created.queued.len();
+        if let Some(room) = room {
+            room.start(created.claimed);
+        }
         let jobs = created.ready;
         if let Err(err) = bus.publish_jobs(&jobs).await {
             tracing::warn!(

@@ -15,8 +15,8 @@ use drover_core::backoff::Backoff;
 use drover_core::{NodeId, Queue};
 use drover_store::{Heartbeat, Liveness, NewNode, Store, StoreConfig};
 use drover_worker::{
-    ClaimGate, DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Handlers, OutboxRelay,
-    RelayConfig, Worker, WorkerConfig,
+    ClaimGate, DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Handlers, LocalStarts,
+    OutboxRelay, RelayConfig, Reservation, Worker, WorkerConfig,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -300,6 +300,8 @@ pub(crate) async fn run(args: NodeArgs, mut handlers: Handlers) -> anyhow::Resul
     // Every worker runs the technical workflows' steps.
     handlers.add_maintenance(store.clone(), bus.clone());
 
+    // The worker of each registration offers itself here to the api's small starts.
+    let local = LocalStarts::new();
     // The api serves for the life of the process, whatever id the node runs under.
     let mut serving: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     // Bound before the worker starts: its http steps must not reach this address.
@@ -324,9 +326,12 @@ pub(crate) async fn run(args: NodeArgs, mut handlers: Handlers) -> anyhow::Resul
             ),
             drover_api::AuthMode::On { bootstrap: Some(_) } => {}
         }
-        let state = drover_api::ApiState::new(store.clone(), bus.clone())
+        let mut state = drover_api::ApiState::new(store.clone(), bus.clone())
             .with_auth(auth)
             .with_publish_allow(args.publish_allow.clone());
+        if args.roles.contains(&Role::Worker) {
+            state = state.with_local_worker(Arc::new(LocalWorker(local.clone())));
+        }
         let token = shutdown.clone();
         let tracked = health.clone();
         serving.spawn(async move {
@@ -401,6 +406,7 @@ pub(crate) async fn run(args: NodeArgs, mut handlers: Handlers) -> anyhow::Resul
             bus: &bus,
             health: &health,
             egress: &egress,
+            local: &local,
         };
         match life.run(&shutdown).await {
             LifeEnd::DeclaredDead => {
@@ -560,6 +566,8 @@ struct Life<'a> {
     health: &'a Health,
     /// Where the worker's http steps may not go.
     egress: &'a EgressPolicy,
+    /// Where the worker offers itself to the api of the process.
+    local: &'a LocalStarts,
 }
 
 impl Life<'_> {
@@ -572,6 +580,7 @@ impl Life<'_> {
             bus,
             health,
             egress,
+            local,
         } = self;
         let life = shutdown.child_token();
         let gate = ClaimGate::default();
@@ -588,6 +597,7 @@ impl Life<'_> {
                     ..Default::default()
                 })
                 .claim_gate(gate.clone())
+                .local_starts(local.clone())
                 .build(node, store.clone(), bus.clone());
             in_flight = Some(worker.stats());
             let wakeup = worker.relay_wakeup();
@@ -691,6 +701,33 @@ impl Life<'_> {
         }
         liveness.abort();
         end
+    }
+}
+
+/// The worker of this process as the api's starts see it.
+#[derive(Debug)]
+struct LocalWorker(LocalStarts);
+
+impl drover_api::LocalWorker for LocalWorker {
+    fn reserve(&self, max: usize) -> Option<Box<dyn drover_api::LocalRoom>> {
+        let room: Box<dyn drover_api::LocalRoom> = Box::new(LocalRoom(self.0.reserve(max)?));
+        Some(room)
+    }
+}
+
+struct LocalRoom(Reservation);
+
+impl drover_api::LocalRoom for LocalRoom {
+    fn node(&self) -> NodeId {
+        self.0.node()
+    }
+
+    fn room(&self) -> usize {
+        self.0.len()
+    }
+
+    fn start(self: Box<Self>, claimed: Vec<drover_store::Claimed>) {
+        self.0.start(claimed);
     }
 }
 

@@ -5,6 +5,7 @@ use drover_core::{Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::claim::ClaimRow;
 use crate::model::*;
 use crate::semaphore::{Admission, LockedCampaign, admit_new, lock_limited_campaigns};
 use crate::{Error, Result, Store};
@@ -220,6 +221,22 @@ impl Store {
         instances: &[NewInstance],
         actor: &str,
     ) -> Result<Created> {
+        self.create_instances_claiming(instances, actor, None).await
+    }
+
+    /// [`Store::create_instances`], where up to `claim.max` of the instances created READY
+    /// are claimed at once by `claim.node` in the same statement (RUNNING, fence 1, exactly as
+    /// [`Store::claim`] would, and only while that node is alive, serves the entry step's
+    /// queue and has its handler): the caller runs their first step at once, with no job round
+    /// trip through NATS and no claim statement. They are in [`Created::claimed`], not in
+    /// [`Created::ready`]. A node that dies before committing such a step leaves it RUNNING
+    /// under a dead owner, as any claim does, for recovery.
+    pub async fn create_instances_claiming(
+        &self,
+        instances: &[NewInstance],
+        actor: &str,
+        claim: Option<LocalClaim>,
+    ) -> Result<Created> {
         if instances.is_empty() {
             return Ok(Created::default());
         }
@@ -236,16 +253,18 @@ impl Store {
         if limited.is_empty() {
             let admissions = vec![Admission::Free; instances.len()];
             let mut conn = self.pool.acquire().await?;
-            insert_instances(&mut conn, instances, &admissions, actor, &[]).await?;
-            return Ok(created(instances, &admissions));
+            let claimed =
+                insert_instances(&mut conn, instances, &admissions, actor, &[], claim).await?;
+            return Ok(created(instances, &admissions, claimed));
         }
         let mut tx = self.pool.begin().await?;
         let mut campaigns = lock_limited_campaigns(&mut tx, &campaign_ids).await?;
         let batch: Vec<i64> = instances.iter().map(|i| i.campaign.0).collect();
         let admissions = admit_new(&mut tx, &mut campaigns, &batch).await?;
-        insert_instances(&mut tx, instances, &admissions, actor, &campaigns).await?;
+        let claimed =
+            insert_instances(&mut tx, instances, &admissions, actor, &campaigns, claim).await?;
         tx.commit().await?;
-        Ok(created(instances, &admissions))
+        Ok(created(instances, &admissions, claimed))
     }
 
     pub async fn get_instance(&self, id: InstanceId) -> Result<Option<Instance>> {
@@ -478,32 +497,43 @@ impl Store {
 }
 
 /// The jobs and queue of a created batch.
-pub(crate) fn created(instances: &[NewInstance], admissions: &[Admission]) -> Created {
+pub(crate) fn created(
+    instances: &[NewInstance],
+    admissions: &[Admission],
+    claimed: Vec<Claimed>,
+) -> Created {
     let mut created = Created::default();
     for (instance, admission) in instances.iter().zip(admissions) {
         match admission {
-            Admission::Free | Admission::Permit => created.ready.push(StepJob {
-                instance: instance.id,
-                step_seq: StepSeq(0),
-                fence: Fence(0),
-                route: instance.route.clone(),
-            }),
+            Admission::Free | Admission::Permit if !claimed.iter().any(|c| c.id == instance.id) => {
+                created.ready.push(StepJob {
+                    instance: instance.id,
+                    step_seq: StepSeq(0),
+                    fence: Fence(0),
+                    route: instance.route.clone(),
+                })
+            }
+            Admission::Free | Admission::Permit => {}
             Admission::Queued(_) => created.queued.push(instance.id),
         }
     }
+    created.claimed = claimed;
     created
 }
 
 /// Inserts a batch of new instances as `admissions` decided, their journal entries 0, their
 /// `started` (and `queued`) events and the counters of the (locked) limited `campaigns`, in
-/// one statement.
+/// one statement; with `claim`, the first `claim.max` READY ones are claimed by `claim.node`
+/// (see [`Store::create_instances_claiming`]) and returned.
 pub(crate) async fn insert_instances(
     conn: &mut sqlx::PgConnection,
     instances: &[NewInstance],
     admissions: &[Admission],
     actor: &str,
     campaigns: &[LockedCampaign],
-) -> Result<()> {
+    claim: Option<LocalClaim>,
+) -> Result<Vec<Claimed>> {
+    let mut claims_left = claim.map_or(0, |c| c.max);
     let rows = Value::Array(
         instances
             .iter()
@@ -514,6 +544,10 @@ pub(crate) async fn insert_instances(
                     Admission::Permit => ("ready", true, None),
                     Admission::Queued(place) => ("queued", false, Some(*place)),
                 };
+                let claim = state == "ready" && claims_left > 0;
+                if claim {
+                    claims_left -= 1;
+                }
                 json!({
                     "id": i.id,
                     "campaign_id": i.campaign,
@@ -529,6 +563,7 @@ pub(crate) async fn insert_instances(
                     "holds_permit": permit,
                     "queue_seq": place,
                     "announce_end": i.announce_end,
+                    "claim": claim,
                 })
             })
             .collect(),
@@ -536,58 +571,90 @@ pub(crate) async fn insert_instances(
     let ids: Vec<i64> = campaigns.iter().map(|c| c.id).collect();
     let running: Vec<i32> = campaigns.iter().map(|c| c.running).collect();
     let queued: Vec<i32> = campaigns.iter().map(|c| c.queued).collect();
-    sqlx::query(
+    let rows: Vec<ClaimRow> = sqlx::query_as(
         "WITH n AS (
             SELECT * FROM jsonb_to_recordset($1::jsonb) AS n(
                 id uuid, campaign_id bigint, workflow text, version int,
                 entry_step text, allow_retry bool, timeout_ms bigint, queue text,
                 handler text, vars jsonb, state text, holds_permit bool, queue_seq bigint,
-                announce_end bool)
+                announce_end bool, claim bool)
+         ), t AS (
+            SELECT clock_timestamp() AS now, node.queues, node.handlers
+            FROM (SELECT 1) AS one
+                 LEFT JOIN node ON node.id = $6 AND node.status = 'alive'
+         ), m AS (
+            -- Claimed at once: READY, asked for, and the node may claim it (as a claim).
+            SELECT n.*, t.now,
+                   (n.claim AND n.queue = ANY (t.queues)
+                    AND (n.handler IS NULL OR n.handler = ANY (t.handlers)))
+                   IS TRUE AS claimed
+            FROM n, t
          ), ins AS (
             INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
                                   step_retryable, step_timeout_ms, step_queue, step_handler,
                                   ready_at, vars, initial_vars, holds_permit, queue_seq,
-                                  queued_at, event_seq, announce_end)
-            SELECT id, campaign_id, workflow, version, state, entry_step, allow_retry,
+                                  queued_at, event_seq, announce_end, owner_node, claimed_at,
+                                  fence, step_claims, run_deadline)
+            SELECT id, campaign_id, workflow, version,
+                   CASE WHEN claimed THEN 'running' ELSE state END, entry_step, allow_retry,
                    timeout_ms, queue, handler,
-                   CASE WHEN state = 'ready' THEN clock_timestamp() END, vars, vars,
+                   CASE WHEN state = 'ready' AND NOT claimed THEN now END, vars, vars,
                    holds_permit, queue_seq,
-                   CASE WHEN state = 'queued' THEN clock_timestamp() END,
-                   CASE WHEN state = 'queued' THEN 2 ELSE 1 END, announce_end
-            FROM n
-            RETURNING id, current_step, created_at, state, campaign_id, workflow, version,
-                      queue_seq
+                   CASE WHEN state = 'queued' THEN now END,
+                   CASE WHEN state = 'queued' THEN 2 ELSE 1 END, announce_end,
+                   CASE WHEN claimed THEN $6::uuid END, CASE WHEN claimed THEN now END,
+                   CASE WHEN claimed THEN 1 ELSE 0 END, CASE WHEN claimed THEN 1 ELSE 0 END,
+                   CASE WHEN claimed
+                        THEN now + (timeout_ms + 30000) * interval '1 millisecond' END
+            FROM m
+            RETURNING *
          ), j AS (
+            -- Entry 0 and the `started` event say READY for a claimed one too: the claim
+            -- itself, as any claim, is neither journaled nor an event.
             INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                                  attempt, actor, started_at, finished_at)
-            SELECT id, 0, current_step, 'started', state, 0, 1, $2, created_at, created_at
+            SELECT id, 0, current_step, 'started',
+                   CASE WHEN state = 'running' THEN 'ready' ELSE state END, 0, 1, $2,
+                   created_at, created_at
             FROM ins
          ), cnt AS (
             UPDATE campaign c SET running = d.running, queued = d.queued
             FROM unnest($3::bigint[], $4::int[], $5::int[]) AS d(id, running, queued)
             WHERE c.id = d.id
+         ), ev AS (
+            INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind,
+                                    data)
+            SELECT gen_random_uuid(), ins.id, c.name, ins.workflow, ins.version, e.seq,
+                   e.kind, e.data
+            FROM ins JOIN campaign c ON c.id = ins.campaign_id,
+                 LATERAL (VALUES
+                     (1, 'started', jsonb_build_object(
+                         'state', CASE WHEN ins.state = 'running' THEN 'ready' ELSE ins.state END,
+                         'step', ins.current_step, 'actor', $2::text)),
+                     (2, 'queued', jsonb_build_object('state', 'queued',
+                                                      'step', ins.current_step,
+                                                      'queue_seq', ins.queue_seq))
+                 ) AS e(seq, kind, data)
+            WHERE e.seq = 1 OR ins.state = 'queued'
+            ORDER BY ins.id, e.seq
          )
-         INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
-         SELECT gen_random_uuid(), ins.id, c.name, ins.workflow, ins.version, e.seq, e.kind,
-                e.data
-         FROM ins JOIN campaign c ON c.id = ins.campaign_id,
-              LATERAL (VALUES
-                  (1, 'started', jsonb_build_object('state', ins.state,
-                                                    'step', ins.current_step, 'actor', $2::text)),
-                  (2, 'queued', jsonb_build_object('state', 'queued', 'step', ins.current_step,
-                                                   'queue_seq', ins.queue_seq))
-              ) AS e(seq, kind, data)
-         WHERE e.seq = 1 OR ins.state = 'queued'
-         ORDER BY ins.id, e.seq",
+         SELECT ins.id, ins.workflow, ins.version, c.name AS campaign, ins.current_step,
+                ins.step_seq, ins.step_entered_seq, ins.step_attempt, ins.fence,
+                ins.step_claims, ins.steps_run, ins.vars, ins.outputs, ins.created_at,
+                ins.claimed_at, ins.wait_deadline, ins.wait_child, ins.parent_instance_id,
+                ins.call_depth, ins.step_queue, ins.step_handler
+         FROM ins JOIN campaign c ON c.id = ins.campaign_id
+         WHERE ins.state = 'running'",
     )
     .bind(rows)
     .bind(actor)
     .bind(&ids)
     .bind(&running)
     .bind(&queued)
-    .execute(&mut *conn)
+    .bind(claim.map(|c| c.node.0))
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(())
+    rows.into_iter().map(ClaimRow::into_claimed).collect()
 }
 
 /// The channel an instance's end is announced on (migration 0010).

@@ -126,6 +126,18 @@ pub struct Created {
     /// The instances created QUEUED behind their campaign's limit, in queue order: a freed
     /// permit admits them.
     pub queued: Vec<InstanceId>,
+    /// The instances claimed at once by the node that asked
+    /// ([`Store::create_instances_claiming`](crate::Store::create_instances_claiming)): it
+    /// runs their first step; nobody else is sent their job.
+    pub claimed: Vec<Claimed>,
+}
+
+/// Instances a node claims as they are created, to run their first step itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalClaim {
+    pub node: NodeId,
+    /// At most this many (the node's free capacity).
+    pub max: usize,
 }
 
 /// Which instances to list, newest first.

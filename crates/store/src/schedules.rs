@@ -407,15 +407,15 @@ async fn create_instance(
             .await?;
     let admissions = if limited.is_none() {
         let admissions = vec![Admission::Free];
-        insert_instances(tx, &instances, &admissions, &actor, &[]).await?;
+        insert_instances(tx, &instances, &admissions, &actor, &[], None).await?;
         admissions
     } else {
         let mut campaigns = lock_limited_campaigns(tx, &[row.campaign_id]).await?;
         let admissions = admit_new(tx, &mut campaigns, &[row.campaign_id]).await?;
-        insert_instances(tx, &instances, &admissions, &actor, &campaigns).await?;
+        insert_instances(tx, &instances, &admissions, &actor, &campaigns, None).await?;
         admissions
     };
-    Ok(created(&instances, &admissions).ready)
+    Ok(created(&instances, &admissions, Vec::new()).ready)
 }
 
 async fn fired_fact(

@@ -30,6 +30,7 @@ mod error;
 mod feed;
 mod gate;
 mod handler;
+mod local;
 pub mod maintenance;
 mod relay;
 mod settle;
@@ -55,6 +56,7 @@ pub use egress::{DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Refus
 pub use error::{Error, Result};
 pub use gate::ClaimGate;
 pub use handler::{HandlerInput, Handlers, StepError};
+pub use local::{LocalStarts, Reservation};
 pub use relay::{OutboxRelay, RelayConfig};
 
 use body::StepContext;
@@ -122,6 +124,7 @@ pub struct WorkerBuilder {
     handlers: Handlers,
     config: WorkerConfig,
     gate: ClaimGate,
+    local: LocalStarts,
 }
 
 impl WorkerBuilder {
@@ -151,6 +154,12 @@ impl WorkerBuilder {
         self
     }
 
+    /// Where this process's api finds the worker, to start small starts here at once.
+    pub fn local_starts(mut self, local: LocalStarts) -> Self {
+        self.local = local;
+        self
+    }
+
     pub fn build(self, node: NodeId, store: Store, bus: Bus) -> Worker {
         let egress = egress::Egress::new(self.config.egress.clone());
         let publish = PublishPolicy {
@@ -176,6 +185,7 @@ impl WorkerBuilder {
             postgres: Arc::new(SharedOutage::default()),
             nats: Arc::new(SharedOutage::default()),
             missing_handlers: Default::default(),
+            local: self.local,
         }
     }
 }
@@ -205,6 +215,8 @@ pub struct Worker {
     nats: Arc<SharedOutage>,
     /// The handlers jobs have asked for that this worker lacks: each is logged once.
     missing_handlers: std::sync::Mutex<HashSet<String>>,
+    /// Offered to the api of this process while the worker runs.
+    local: LocalStarts,
 }
 
 /// How long a draining worker keeps giving back deliveries that were already on their way.
@@ -272,6 +284,14 @@ impl Worker {
             gate: self.gate.clone(),
         };
         let committer = tokio::spawn(committer.run(done_rx, shutdown.clone()));
+        self.local.install(local::Slot {
+            node: self.node,
+            runner: runner.clone(),
+            permits: Arc::clone(&permits),
+            done_tx: done_tx.downgrade(),
+            gate: self.gate.clone(),
+            shutdown: shutdown.clone(),
+        });
         let queues: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
         tracing::info!(node.id = %self.node, ?queues, "worker pulling jobs");
 
@@ -320,6 +340,7 @@ impl Worker {
                 .await;
         }
 
+        self.local.clear();
         // Drain: no new jobs — those delivered here but not started go back at once, for the
         // other workers to take now rather than after the ack wait — and in-flight steps
         // finish and commit within the grace period.

@@ -1,8 +1,9 @@
 //! A node continuing an instance on its next step in the group commit itself
-//! (`Store::commit_continuing`), on real Postgres.
+//! (`Store::commit_continuing`), and claiming instances as they are created
+//! (`Store::create_instances_claiming`), on real Postgres.
 
-use drover_core::{Fence, InstanceState, StepSeq};
-use drover_store::{Commit, LifecycleAction, Transition};
+use drover_core::{Fence, InstanceId, InstanceState, StepSeq};
+use drover_store::{Commit, LifecycleAction, LocalClaim, NewInstance, Transition};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -152,5 +153,186 @@ async fn only_a_plain_next_step_on_a_live_node_without_requests_is_continued(poo
     assert_eq!(
         state(&store, ids[3]).await,
         (InstanceState::Ready, StepSeq(1))
+    );
+}
+
+fn new_instance(campaign: drover_core::CampaignId, handler: Option<&str>) -> NewInstance {
+    NewInstance {
+        route: drover_core::Route {
+            handler: handler.map(str::to_owned),
+            ..Default::default()
+        },
+        id: InstanceId::new(),
+        campaign,
+        workflow: "parent".to_owned(),
+        version: 1,
+        entry_step: "a".to_owned(),
+        allow_retry: false,
+        timeout_ms: 1_000,
+        vars: json!({ "n": 1 }),
+        announce_end: false,
+    }
+}
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn instances_created_claiming_are_claimed_by_their_node_up_to_its_room(pool: PgPool) {
+    let (store, node) = setup(pool.clone()).await;
+    let default = store
+        .campaign_by_name("default")
+        .await
+        .expect("reads")
+        .expect("exists")
+        .id;
+    // Three plain ones and one for a handler the node lacks; room for two.
+    let batch = vec![
+        new_instance(default, None),
+        new_instance(default, Some("missing")),
+        new_instance(default, None),
+        new_instance(default, None),
+    ];
+    let created = store
+        .create_instances_claiming(&batch, "test", Some(LocalClaim { node, max: 2 }))
+        .await
+        .expect("creates");
+    let claimed: Vec<InstanceId> = created.claimed.iter().map(|c| c.id).collect();
+    assert_eq!(
+        claimed,
+        vec![batch[0].id],
+        "the first ready ones up to the room, but never one for a handler the node lacks"
+    );
+    let first = &created.claimed[0];
+    assert_eq!(first.current_step, "a");
+    assert_eq!(first.step_seq, StepSeq(0));
+    assert_eq!(first.fence, Fence(1), "fenced as a claim of the start job");
+    assert_eq!(
+        first.step_claims, 1,
+        "claimed once: a non-retryable step may run"
+    );
+    assert_eq!(first.vars, json!({ "n": 1 }));
+    assert_eq!(first.campaign, "default");
+    let ready: Vec<InstanceId> = created.ready.iter().map(|j| j.instance).collect();
+    assert_eq!(
+        ready,
+        vec![batch[1].id, batch[2].id, batch[3].id],
+        "the rest are published as usual"
+    );
+    assert_eq!(
+        state(&store, batch[0].id).await,
+        (InstanceState::Running, StepSeq(0))
+    );
+    let (owner, deadline_set): (Option<uuid::Uuid>, bool) =
+        sqlx::query_as("SELECT owner_node, run_deadline > claimed_at FROM instance WHERE id = $1")
+            .bind(batch[0].id.0)
+            .fetch_one(&pool)
+            .await
+            .expect("reads");
+    assert_eq!(owner, Some(node.0));
+    assert!(
+        deadline_set,
+        "recovery finds it overdue like any claimed step"
+    );
+    // Journal entry 0 and the `started` event read as for any start.
+    let (outcome, transition, _) = journal_row(&store, batch[0].id, 0).await;
+    assert_eq!(
+        (outcome.as_str(), transition.as_str()),
+        ("started", "ready")
+    );
+    assert_eq!(event_kinds(&store, batch[0].id).await, vec!["started"]);
+    // Its start job, were one published, would be stale: nobody else claims it.
+    let other = drover_core::NodeId::new();
+    store
+        .register_node(&drover_store::NewNode::new(
+            other,
+            &["worker".to_owned()],
+            "test",
+            "0",
+        ))
+        .await
+        .expect("registers");
+    assert!(
+        store
+            .claim(other, &[job(batch[0].id, 0, 0)])
+            .await
+            .expect("claims")
+            .is_empty()
+    );
+    // Its first step commits as any claimed step does.
+    let commit = store
+        .commit_continuing(node, &[completion(first, "completed", next("b"))])
+        .await
+        .expect("commits");
+    assert_eq!(commit.results, vec![Commit::Committed]);
+}
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn no_instance_is_claimed_as_created_by_a_node_that_is_not_alive_or_over_a_limit(
+    pool: PgPool,
+) {
+    let (store, node) = setup(pool).await;
+    let default = store
+        .campaign_by_name("default")
+        .await
+        .expect("reads")
+        .expect("exists")
+        .id;
+    store
+        .set_node_status(node, "draining")
+        .await
+        .expect("drains");
+    let batch = vec![new_instance(default, None)];
+    let created = store
+        .create_instances_claiming(&batch, "test", Some(LocalClaim { node, max: 4 }))
+        .await
+        .expect("creates");
+    assert!(created.claimed.is_empty(), "{:?}", created.claimed);
+    assert_eq!(created.ready.len(), 1);
+    assert_eq!(state(&store, batch[0].id).await.0, InstanceState::Ready);
+
+    // In a limited campaign only the admitted are claimed; the queued wait their turn.
+    let alive = drover_core::NodeId::new();
+    store
+        .register_node(&drover_store::NewNode::new(
+            alive,
+            &["worker".to_owned()],
+            "test",
+            "0",
+        ))
+        .await
+        .expect("registers");
+    let limited = store
+        .create_campaign(&drover_store::NewCampaign {
+            name: "small".to_owned(),
+            max_running: Some(1),
+            on_error_permit: drover_store::OnErrorPermit::Release,
+            actor: "ada".to_owned(),
+        })
+        .await
+        .expect("creates the campaign")
+        .id;
+    let batch = vec![new_instance(limited, None), new_instance(limited, None)];
+    let created = store
+        .create_instances_claiming(
+            &batch,
+            "test",
+            Some(LocalClaim {
+                node: alive,
+                max: 2,
+            }),
+        )
+        .await
+        .expect("creates");
+    let claimed: Vec<InstanceId> = created.claimed.iter().map(|c| c.id).collect();
+    assert_eq!(claimed, vec![batch[0].id]);
+    assert_eq!(created.queued, vec![batch[1].id]);
+    assert!(created.ready.is_empty(), "{:?}", created.ready);
+    let status = store
+        .campaign_status("small")
+        .await
+        .expect("reads")
+        .expect("exists");
+    assert_eq!(
+        (status.campaign.running, status.campaign.queued),
+        (1, 1),
+        "the permit is held"
     );
 }
