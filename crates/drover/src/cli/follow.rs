@@ -189,10 +189,8 @@ pub(super) async fn follow(
     let terminal = std::io::stderr().is_terminal();
     let progress = bar(total, "waiting");
     progress.set_style(
-        ProgressStyle::with_template(
-            "waiting {bar:30} {human_pos}/{human_len} ended{msg} ({elapsed})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("waiting {bar:20} {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut pending = ids;
     let mut last_line = started;
@@ -218,8 +216,9 @@ pub(super) async fn follow(
         let done = pending.is_empty();
         followed.lapsed = !done && now >= deadline;
         if terminal {
+            // The message first: it holds the counts, the bar only follows them.
+            progress.set_message(followed.line());
             progress.set_position(followed.ended_count());
-            progress.set_message(followed.states());
         } else if !done && !followed.lapsed && now.duration_since(last_line) >= LINE_EVERY {
             last_line = now;
             eprintln!("waiting: {}", followed.line());
