@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use drover_tests::{TestEnv, wait_until};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::support::deploy;
 
@@ -223,5 +223,153 @@ async fn drover_dev_starts_a_cluster_with_the_examples_and_stops_it_on_ctrl_c() 
         !std::path::Path::new(&dir).exists(),
         "{dir} was not removed"
     );
+    Ok(())
+}
+
+const QUICK: &str = "name: quick\nvars: { n: 0 }\nsteps:\n  - { id: add, kind: assign, set: { n: 'vars.n + 1' }, next: [{ to: done }] }\n  - { id: done, kind: end, status: completed }\n";
+const DOOMED: &str = "name: doomed\nsteps:\n  - { id: give_up, kind: end, status: failed }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_wait_follows_many_instances_to_their_end_and_fails_unless_all_completed()
+-> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let node = env.spawn_node("worker,api").await?;
+    let api = node.api();
+    for source in [QUICK, DOOMED, WAITER] {
+        deploy(api, source).await?;
+    }
+
+    // All complete: the start's line, then how they ended; exit 0.
+    let out = env
+        .cli_raw(api, &["start", "quick", "--count", "1200", "--wait", "2m"])
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(0), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with("started 1,200 instances of quick v1 in campaign default"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with("all 1,200 ended in ") && lines[1].ends_with(": 1,200 completed"),
+        "{stdout}"
+    );
+    // On a pipe: no bar, at most a line every 5 s.
+    assert!(
+        stderr.lines().all(|line| line.starts_with("waiting: ")),
+        "{stderr:?}"
+    );
+
+    // Some ended otherwise: exit 1; with --json, one JSON document saying which.
+    let out = env
+        .cli_raw(
+            api,
+            &["--json", "start", "doomed", "--count", "3", "--wait", "2m"],
+        )
+        .await?;
+    assert_eq!(
+        code(&out),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(answer["ids"].as_array().map(Vec::len), Some(3), "{answer}");
+    let wait = &answer["wait"];
+    assert_eq!(
+        (&wait["total"], &wait["ended"], &wait["lapsed"]),
+        (&json!(3), &json!(3), &json!(false)),
+        "{answer}"
+    );
+    assert_eq!(wait["ended_by_state"], json!({"failed": 3}), "{answer}");
+    assert_eq!(wait["not_completed"].as_array().map(Vec::len), Some(3));
+
+    // The wait lapses: exit 1, the summary says what had not ended.
+    let out = env
+        .cli_raw(api, &["start", "waiter", "--count", "4", "--wait", "1s"])
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("the wait lapsed after 1s: 0/4 ended, 0 completed · 4 "),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("4 had not ended when the wait lapsed"),
+        "{stderr}"
+    );
+
+    drop(node);
+    env.cleanup().await;
+    Ok(())
+}
+
+/// Runs `drover args` under a pseudo-terminal (util-linux `script`), answering its exit code
+/// and everything it wrote to the terminal; `None` when `script` is not installed.
+async fn on_a_terminal(api: &str, args: &[&str]) -> anyhow::Result<Option<(Option<i32>, String)>> {
+    let command = std::iter::once(drover_tests::node_bin().display().to_string())
+        .chain(args.iter().map(|arg| (*arg).to_owned()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = match tokio::process::Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .env("DROVER_API_URL", api)
+        .env("DROVER_TOKEN", drover_tests::admin_token())
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+    {
+        Ok(out) => out,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err.into()),
+    };
+    Ok(Some((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_bulk_start_and_wait_draw_a_progress_bar() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let node = env.spawn_node("worker,api").await?;
+    let api = node.api();
+    deploy(api, QUICK).await?;
+    let Some((status, screen)) = on_a_terminal(api, &["start", "quick", "--count", "2500"]).await?
+    else {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return Ok(());
+    };
+    assert_eq!(status, Some(0), "{screen}");
+    // The bar (drawn, then cleared), then the summary.
+    assert!(screen.contains("starting "), "no bar drawn: {screen:?}");
+    assert!(screen.contains("/2,500"), "no bar drawn: {screen:?}");
+    assert!(
+        screen.contains(
+            "started 2,500 instances of quick v1 in campaign default (2,500 running, 0 queued)"
+        ),
+        "{screen:?}"
+    );
+
+    let Some((status, screen)) =
+        on_a_terminal(api, &["start", "quick", "--count", "1500", "--wait", "2m"]).await?
+    else {
+        anyhow::bail!("script went away");
+    };
+    assert_eq!(status, Some(0), "{screen}");
+    assert!(screen.contains("waiting "), "no wait bar drawn: {screen:?}");
+    assert!(
+        screen.contains("/1,500 ended"),
+        "no wait bar drawn: {screen:?}"
+    );
+    assert!(screen.contains("all 1,500 ended in "), "{screen:?}");
+    assert!(screen.contains(": 1,500 completed"), "{screen:?}");
+
+    drop(node);
+    env.cleanup().await;
     Ok(())
 }

@@ -266,8 +266,8 @@ fn bearer(authorization: Option<&str>) -> Result<Secret, ApiError> {
     Ok(Secret::new(token))
 }
 
-/// The scope a request needs: reads need `viewer`; starting, lifecycle commands (and their
-/// operations), resume,
+/// The scope a request needs: reads need `viewer` (`POST /v1/instances/states` is a read);
+/// starting, lifecycle commands (and their operations), resume,
 /// events and campaign limits need `operator`; everything else that writes (deploying,
 /// creating campaigns, tokens, and any route not listed here) needs `admin`. Token listings
 /// are `admin` too.
@@ -275,7 +275,8 @@ pub fn required_scope(method: &Method, route: &str) -> Scope {
     if route.starts_with("/v1/tokens") {
         return Scope::Admin;
     }
-    if method == Method::GET || method == Method::HEAD {
+    // Reading the states of many instances takes a body, so it is a POST.
+    if method == Method::GET || method == Method::HEAD || route == "/v1/instances/states" {
         return Scope::Viewer;
     }
     let operator = (method == Method::POST

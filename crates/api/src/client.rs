@@ -15,6 +15,7 @@ use crate::operations::StartOperation;
 use crate::operator::ResumeRequest;
 use crate::schedules::{Backfill, CreateSchedule, PauseSchedule, ScheduleSpec};
 use crate::start::StartRequest;
+use crate::states::StatesRequest;
 use crate::tokens::CreateToken;
 
 /// How long to wait for a TCP connection to the API.
@@ -303,6 +304,13 @@ impl ApiClient {
     /// answers the operation at once (its `id`, `state` `running`).
     pub async fn start_operation(&self, request: &StartOperation) -> Result<Value, ClientError> {
         self.send_json(Method::POST, &["v1", "operations"], Some(request))
+            .await
+    }
+
+    /// `POST /v1/instances/states`: where up to [`MAX_STATE_IDS`](crate::MAX_STATE_IDS)
+    /// instances stand.
+    pub async fn instance_states(&self, request: &StatesRequest) -> Result<Value, ClientError> {
+        self.send_json(Method::POST, &["v1", "instances", "states"], Some(request))
             .await
     }
 

@@ -16,9 +16,11 @@
 //! | `POST /v1/instances` | start instances ([`start_instances`]) |
 //! | `GET /v1/instances?state=&campaign=&workflow=&limit=&before=&include=vars` | list summaries, newest first, a page at a time (`next`) |
 //! | `GET /v1/instances/{id}`, `GET /v1/instances/{id}/journal?limit=&after=` | show, journal (a page at a time) |
+//! | `POST /v1/instances/states` | where up to 10000 instances stand ([`StatesRequest`]; a read) |
 //! | `POST /v1/instances/{id}/resume` | resume an `in_error` instance ([`ResumeRequest`]) |
 //! | `POST /v1/instances/{id}/{pause,unpause,stop,kill,restart}` | lifecycle commands ([`LifecycleRequest`]) |
 //! | `POST /v1/instances/{pause,unpause,stop,kill,restart}` | the same by filter ([`LifecycleFilterRequest`]) |
+//! | `POST /v1/operations`, `GET /v1/operations/{id}`, `POST /v1/operations/{id}/cancel` | the same as a background operation, kept in Postgres ([`StartOperation`]) |
 //! | `GET /v1/instances/{id}/diagnosis` | why it is not running ([`Diagnosis`]) |
 //! | `POST /v1/instances/{id}/events/{name}` | deliver an event ([`deliver_event`]; NATS: [`SignalListener`]) |
 //! | `POST /v1/campaigns`, `GET /v1/campaigns/{name}`, `PUT /v1/campaigns/{name}/limit` | campaigns and their limits ([`CreateCampaign`], [`SetLimit`]) |
@@ -49,6 +51,7 @@ mod routes;
 mod schedules;
 mod signal;
 mod start;
+mod states;
 mod tokens;
 pub mod wait;
 
@@ -89,6 +92,7 @@ pub use start::{
     DEFAULT_CAMPAIGN, DefinitionCache, LOCAL_START_MAX, LocalRoom, LocalWorker, MAX_START_COUNT,
     START_CHUNK, StartQuery, StartRequest, Started, WaitResult, start_instances,
 };
+pub use states::{InstanceAt, InstanceStates, MAX_STATE_IDS, StatesRequest};
 pub use tokens::{CreateToken, CreatedToken, TokenInfo, TokenList};
 
 /// The largest request body accepted (a definition source may be 1 MiB).
@@ -173,6 +177,7 @@ pub fn router(state: ApiState) -> Router {
             "/v1/instances",
             get(routes::list_instances).post(routes::start),
         )
+        .route("/v1/instances/states", post(states::states))
         .route("/v1/instances/{id}", get(routes::show_instance))
         .route("/v1/instances/{id}/journal", get(routes::journal))
         .route("/v1/instances/{id}/resume", post(operator::resume))

@@ -27,6 +27,7 @@ mod deletes;
 mod diagnosis;
 mod input;
 mod lifecycle;
+mod operations;
 mod operator;
 mod retention;
 mod signal;

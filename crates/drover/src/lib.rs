@@ -132,6 +132,12 @@ does not allow it).";
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// A failure the command's output already describes (`start --count N --wait` printed its
+/// summary, with `--json` as JSON): exit code 1, and with `--json` no error document after it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Reported(pub String);
+
 /// The exit code of a failed command: 2 usage, 3 not found, 4 conflict, else 1.
 fn exit_code(err: &anyhow::Error) -> u8 {
     if err.chain().any(|cause| cause.is::<UsageError>()) {
@@ -216,6 +222,9 @@ pub fn main(handlers: Handlers) -> ExitCode {
 /// Prints a failed command's error once, its causes after it (each only if it adds to the
 /// one before): with `--json`, as the API's error JSON on stdout.
 fn report(err: &anyhow::Error, json: bool) {
+    if json && err.chain().any(|cause| cause.is::<Reported>()) {
+        return;
+    }
     if json {
         let body = match err
             .chain()

@@ -306,6 +306,8 @@ pub(crate) async fn run(args: NodeArgs, mut handlers: Handlers) -> anyhow::Resul
     let mut serving: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     // Bound before the worker starts: its http steps must not reach this address.
     let mut egress = egress_policy(&args, None)?;
+    // The api's operations are owned by the node's current id, once it has one.
+    let mut operations = None;
     if let Some(auth) = auth {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
@@ -332,6 +334,7 @@ pub(crate) async fn run(args: NodeArgs, mut handlers: Handlers) -> anyhow::Resul
         if args.roles.contains(&Role::Worker) {
             state = state.with_local_worker(Arc::new(LocalWorker(local.clone())));
         }
+        operations = Some(state.operations.clone());
         let token = shutdown.clone();
         let tracked = health.clone();
         serving.spawn(async move {
@@ -394,6 +397,9 @@ pub(crate) async fn run(args: NodeArgs, mut handlers: Handlers) -> anyhow::Resul
             }
         }
         health.registered(node);
+        if let Some(operations) = &operations {
+            operations.set_node(node);
+        }
         tracing::info!(node.id = %node, roles = ?roles, queues = ?served.iter().map(Queue::as_str).collect::<Vec<_>>(), handlers = ?handler_names, %host, "node started");
         // Scripts and tests read this line to learn the node's id (again after a re-registration).
         println!("drover node {node} started");

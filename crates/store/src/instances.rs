@@ -355,6 +355,23 @@ impl Store {
         .await?)
     }
 
+    /// The state of each of `ids` that exists (in no particular order; unknown ids are left
+    /// out). One index lookup per id: callers bound `ids`.
+    pub async fn instance_states(
+        &self,
+        ids: &[InstanceId],
+    ) -> Result<Vec<(InstanceId, InstanceState)>> {
+        let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let rows: Vec<(Uuid, String)> =
+            sqlx::query_as("SELECT id, state FROM instance WHERE id = ANY ($1)")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|(id, state)| Ok((InstanceId(id), parse_state(&state)?)))
+            .collect()
+    }
+
     /// Counts instances by state (all states, zeros included).
     pub async fn count_by_state(&self) -> Result<Vec<(InstanceState, i64)>> {
         let rows: Vec<(String, i64)> =

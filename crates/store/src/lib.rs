@@ -27,6 +27,7 @@ mod liveness;
 mod maintenance;
 mod model;
 mod nodes;
+mod operations;
 mod operator;
 mod recovery;
 mod schedules;
@@ -58,6 +59,7 @@ pub use maintenance::{
 };
 pub use model::*;
 pub use nodes::{Heartbeat, NewNode};
+pub use operations::{NewOperation, OperationEnd, OperationRecord};
 pub use operator::{Resume, Resumed};
 pub use recovery::Requeued;
 pub use schedules::{

@@ -153,15 +153,16 @@ pub(super) async fn many(
     actor: &str,
 ) -> Result<LifecycleSummary> {
     let filter = prepare(state, command, request).await?;
-    by_filter(
+    let (summary, _complete) = by_filter(
         state,
         command,
         &filter,
         actor,
-        |_| {},
+        &mut NoProgress,
         &CancellationToken::new(),
     )
-    .await
+    .await?;
+    Ok(summary)
 }
 
 /// Checks a filter command's request: a filter given, a known state and campaign.
@@ -201,23 +202,40 @@ pub(crate) async fn prepare(
     })
 }
 
+/// What a filter command does after each batch.
+pub(crate) trait Progress {
+    /// Sees the counts so far; answers whether to go on.
+    fn after_batch(&mut self, summary: &LifecycleSummary) -> impl Future<Output = bool> + Send;
+}
+
+/// Goes on, recording nothing.
+struct NoProgress;
+
+impl Progress for NoProgress {
+    async fn after_batch(&mut self, _summary: &LifecycleSummary) -> bool {
+        true
+    }
+}
+
 /// Applies `command` to the instances of `filter`, one transaction per
-/// [`LIFECYCLE_BATCH`]; `progress` sees the counts after each batch. Cancelling `cancel` stops
-/// it between batches (what is done stays done), answering the counts so far.
+/// [`LIFECYCLE_BATCH`]; `progress` sees the counts after each batch and answers whether to go
+/// on. Cancelling `cancel`, or `progress` answering false, stops it between batches (what is
+/// done stays done). Answers the counts, and whether it went through every instance.
 pub(crate) async fn by_filter(
     state: &ApiState,
     command: LifecycleCommand,
     filter: &LifecycleFilter,
     actor: &str,
-    mut progress: impl FnMut(&LifecycleSummary),
+    progress: &mut impl Progress,
     cancel: &CancellationToken,
-) -> Result<LifecycleSummary> {
+) -> Result<(LifecycleSummary, bool)> {
     let mut summary = LifecycleSummary {
         action: command.as_str().to_owned(),
         ..Default::default()
     };
     let mut definitions = HashMap::new();
     let mut after = None;
+    let mut complete = false;
     loop {
         if cancel.is_cancelled() {
             break;
@@ -227,6 +245,7 @@ pub(crate) async fn by_filter(
             .lifecycle_targets(filter, command.action(), after, LIFECYCLE_BATCH)
             .await?;
         let Some(last) = ids.last().copied() else {
+            complete = true;
             break;
         };
         after = Some(last);
@@ -255,8 +274,12 @@ pub(crate) async fn by_filter(
                 }
             }
         }
-        progress(&summary);
+        let go_on = progress.after_batch(&summary).await;
         if (ids.len() as i64) < LIFECYCLE_BATCH {
+            complete = true;
+            break;
+        }
+        if !go_on {
             break;
         }
     }
@@ -267,10 +290,11 @@ pub(crate) async fn by_filter(
         unchanged = summary.unchanged,
         refused = summary.refused,
         admitted = summary.admitted,
+        complete,
         %actor,
         "lifecycle command applied by filter"
     );
-    Ok(summary)
+    Ok((summary, complete))
 }
 
 /// What a command did to one instance of a filter, for the counts.

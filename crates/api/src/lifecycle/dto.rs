@@ -78,7 +78,7 @@ pub struct Cascaded {
 }
 
 /// What a command did to the instances of a filter.
-#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct LifecycleSummary {
     pub action: String,
     /// Instances the filter selected.
@@ -103,7 +103,7 @@ pub struct LifecycleSummary {
 }
 
 /// One instance a filter command did not apply to.
-#[derive(Clone, Debug, Serialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct RefusalEntry {
     #[schema(value_type = String, format = Uuid)]
     pub id: InstanceId,

@@ -33,9 +33,11 @@ pub enum OperatorCommand {
         /// Print the started instances' ids, one a line, instead of a summary.
         #[arg(long)]
         ids: bool,
-        /// Wait up to this long (e.g. `30s`, at most `5m`) for the instance to end and print
-        /// its final state and vars; exits non-zero unless it completed in time.
-        #[arg(long, conflicts_with = "count")]
+        /// Wait up to this long for the instances to end (finished, or in_error). One
+        /// instance (at most `5m`): prints its final state and vars. With --count N > 1:
+        /// follows all N with a live summary (a bar on a terminal, a line every 5 s
+        /// otherwise), then prints how they ended. Exits 1 unless every one completed in time.
+        #[arg(long, value_name = "DURATION")]
         wait: Option<String>,
     },
     /// List and inspect instances.

@@ -6,9 +6,11 @@
 //! - `args`: the command line (clap), parsed and checked before any request;
 //! - `run`: each command's request to the API;
 //! - `progress`: bulk commands in chunks, with a progress bar on a terminal;
+//! - `follow`: `start --count N --wait`, following the instances to their end;
 //! - `render`: the answers for people.
 
 mod args;
+mod follow;
 mod progress;
 mod render;
 mod run;

@@ -134,6 +134,9 @@ pub(super) async fn follow_operation(
     if let Some(fields) = summary.as_object_mut() {
         fields.insert("operation".to_owned(), json!(id));
         fields.insert("state".to_owned(), json!(state));
+        if let Some(error) = operation.get("error") {
+            fields.insert("error".to_owned(), error.clone());
+        }
     }
     Ok(summary)
 }

@@ -37,7 +37,7 @@ const WAIT_SLACK: Duration = Duration::from_secs(10);
 /// Runs an operator command against `api`; `json` prints the API's JSON.
 pub async fn run(command: OperatorCommand, api: &Api, json: bool) -> Result<()> {
     // A start that waits for its instance may take its wait, whatever the request timeout.
-    let wait = match &command {
+    let wait_for = match &command {
         OperatorCommand::Start {
             wait: Some(wait), ..
         } => Some(
@@ -46,7 +46,12 @@ pub async fn run(command: OperatorCommand, api: &Api, json: bool) -> Result<()> 
         ),
         _ => None,
     };
-    let timeout = wait.map_or(api.timeout, |wait| api.timeout.max(wait + WAIT_SLACK));
+    // Many instances are followed by short requests; one is waited for by the server.
+    let one_waits = matches!(&command, OperatorCommand::Start { count: 1, .. });
+    let timeout = match wait_for {
+        Some(wait) if one_waits => api.timeout.max(wait + WAIT_SLACK),
+        _ => api.timeout,
+    };
     let mut client = ApiClient::with_timeout(&api.url, timeout)?;
     if let Some(token) = api.token.clone().filter(|token| !token.expose().is_empty()) {
         client = client.with_token(token);
@@ -93,6 +98,9 @@ pub async fn run(command: OperatorCommand, api: &Api, json: bool) -> Result<()> 
                 vars,
                 count: Some(count),
             };
+            if let (Some(following), true) = (wait_for, count > 1) {
+                return start_and_follow(&client, request, following, json, ids).await;
+            }
             if wait.is_some() {
                 (
                     client.start(&request, wait.as_deref()).await?,
@@ -187,6 +195,13 @@ pub async fn run(command: OperatorCommand, api: &Api, json: bool) -> Result<()> 
             text_of(&answer["operation"])
         );
     }
+    if matches!(view, View::LifecycleSummary) && answer["state"] == "interrupted" {
+        bail!(
+            "operation {} was interrupted: {}",
+            text_of(&answer["operation"]),
+            text_of(&answer["error"])
+        );
+    }
     // A waited-for instance that did not complete in time fails the command.
     let result = &answer["result"];
     if matches!(view, View::Started) && result.is_object() {
@@ -200,6 +215,45 @@ pub async fn run(command: OperatorCommand, api: &Api, json: bool) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// `start --count N --wait`: starts them, prints the start's summary (or ids), follows them
+/// until each ended or `wait` passed, and prints how they ended; fails unless all completed.
+async fn start_and_follow(
+    client: &ApiClient,
+    request: StartRequest,
+    wait: Duration,
+    json: bool,
+    ids: bool,
+) -> Result<()> {
+    let started = super::progress::start_all(client, request).await?;
+    if !json {
+        emit(&render(
+            if ids { View::StartedIds } else { View::Started },
+            &started,
+        ))?;
+    }
+    let followed_ids: Vec<String> = started["ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_str().map(str::to_owned))
+        .collect();
+    let followed = super::follow::follow(client, followed_ids, wait).await?;
+    if json {
+        let mut answer = started;
+        answer["wait"] = followed.to_json();
+        let mut text = serde_json::to_string_pretty(&answer).context("encoding the answer")?;
+        text.push('\n');
+        emit(&text)?;
+    } else {
+        emit(&followed.summary())?;
+    }
+    match followed.failure() {
+        // With --json the summary above says it all: no second JSON document.
+        Some(failure) => Err(crate::Reported(failure).into()),
+        None => Ok(()),
+    }
 }
 
 fn text_of(value: &Value) -> String {

@@ -6,6 +6,7 @@ mod continuing;
 mod deletes;
 mod lifecycle;
 mod liveness;
+mod operations;
 mod outbox;
 mod queues;
 mod schedules;
