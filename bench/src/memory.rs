@@ -141,9 +141,10 @@ async fn registered(
     }
 }
 
+/// The held steps in flight on `node` (running instances of `hold` it owns).
 async fn in_flight(env: &BenchEnv, node: NodeId) -> anyhow::Result<i64> {
     let (n,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM instance WHERE state = 'running' AND owner_node = $1")
+        sqlx::query_as("SELECT count(*) FROM instance WHERE state = 'running' AND owner_node = $1 AND workflow = 'hold'")
             .bind(node.0)
             .fetch_one(env.store.pool())
             .await?;
@@ -192,6 +193,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     let list_errors = Arc::new(AtomicU64::new(0));
     let churned = Arc::new(AtomicU64::new(0));
     let churn_errors = Arc::new(AtomicU64::new(0));
+    let churn_skipped = Arc::new(AtomicU64::new(0));
     let mut samples: Vec<Sample> = Vec::new();
     let sample = |samples: &mut Vec<Sample>, in_flight: i64| -> anyhow::Result<()> {
         samples.push(Sample {
@@ -240,6 +242,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         loads.clone(),
         Arc::clone(&churned),
         Arc::clone(&churn_errors),
+        Arc::clone(&churn_skipped),
     ));
 
     let mut next_chunk = Instant::now();
@@ -306,6 +309,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     let list_failed = list_errors.load(Ordering::Relaxed);
     let started = churned.load(Ordering::Relaxed);
     let churn_failed = churn_errors.load(Ordering::Relaxed);
+    let churn_skipped = churn_skipped.load(Ordering::Relaxed);
     anyhow::ensure!(
         peak_in_flight >= i64::from(options.in_flight),
         "the worker held at most {peak_in_flight} steps in flight, not {}",
@@ -392,7 +396,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         mib(last.api) / mib(first.api).max(1e-9)
     );
     println!(
-        "fresh instances started and ended through the api: {started} ({churn_failed} failed); in flight reached {} after {:.1} s",
+        "fresh instances started and ended through the api: {started} ({churn_failed} failed, {churn_skipped} skipped: {MAX_CHURNING} waiting); in flight reached {} after {:.1} s",
         options.in_flight,
         reached.unwrap_or(f64::NAN)
     );
@@ -449,6 +453,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
             "churn_rate": options.churn_rate,
             "churned": started,
             "churn_errors": churn_failed,
+            "churn_skipped": churn_skipped,
             "idle": { "worker_bytes": idle.worker, "api_bytes": idle.api },
             "peak": { "worker_bytes": peak_worker, "api_bytes": peak_api },
             "worker_bytes_per_step_in_flight": per_step,
@@ -521,14 +526,20 @@ async fn lister(
     }
 }
 
+/// The most start requests [`churn`] has waiting at once: a box too busy to keep up gets
+/// fewer starts (counted as skipped), not an ever longer queue of requests.
+const MAX_CHURNING: usize = 100;
+
 /// Starts fresh 3-step no-op instances through the api at `rate` per second, each request
-/// waiting for its instance's end (`?wait=30s`), until `stop`.
+/// waiting for its instance's end (`?wait=30s`), until `stop`; a start due while
+/// [`MAX_CHURNING`] are waiting is skipped.
 async fn churn(
     client: ApiClient,
     rate: f64,
     stop: CancellationToken,
     churned: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
+    skipped: Arc<AtomicU64>,
 ) {
     if rate <= 0.0 {
         return;
@@ -547,9 +558,14 @@ async fn churn(
             () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
+        while waiting.try_join_next().is_some() {}
         let due = (began.elapsed().as_secs_f64() * rate) as u64;
         while sent < due {
             sent += 1;
+            if waiting.len() >= MAX_CHURNING {
+                skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let (client, request) = (client.clone(), request.clone());
             let (churned, errors) = (Arc::clone(&churned), Arc::clone(&errors));
             waiting.spawn(async move {
@@ -561,7 +577,6 @@ async fn churn(
                 counter.fetch_add(1, Ordering::Relaxed);
             });
         }
-        while waiting.try_join_next().is_some() {}
     }
     // Those still waiting are neither counted nor failed.
     waiting.shutdown().await;
