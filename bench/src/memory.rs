@@ -2,14 +2,15 @@
 //! 10,000 steps in flight and of an api node under listing load, beside the same processes'
 //! idle RSS after start-up; and whether either grows over a long run.
 //!
-//! One window of `--duration`, both loads at once: a worker-only node (its concurrency raised
-//! above the in-flight target) runs 10,000 instances that loop over a long `sleep` step (each
-//! step in flight on it for `--hold-ms`, then an assign, then the next sleep), plus a steady
-//! stream of fresh 3-step no-op instances started through the api node with `?wait=30s`; an
-//! api-only node serves them and `--listers` clients listing `GET /v1/instances` with filters
-//! and paging, without pause. RSS of both processes and the worker's in-flight steps are
-//! sampled every few seconds; growth is the RSS at the end against the RSS at the end of the
-//! first minute.
+//! Both loads at once: a worker-only node (its concurrency raised above the in-flight target)
+//! runs 10,000 instances that loop over a long `sleep` step (each step in flight on it for
+//! `--hold-ms`, then an assign, then the next sleep), plus a steady stream of fresh 3-step
+//! no-op instances started through the api node with `?wait=30s`; an api-only node serves
+//! them and `--listers` clients listing `GET /v1/instances` with filters and paging, without
+//! pause. The loads run for `--duration` from when all the held steps are in flight (the ramp
+//! before is sampled too). RSS of both processes and the worker's in-flight steps are sampled
+//! every few seconds; growth is the RSS at the end against the RSS at the end of the
+//! window's first minute.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +30,7 @@ use crate::{Figure, Report, Unit};
 
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct Options {
-    /// How long both loads run (`10m`, `90s`).
+    /// How long both loads run once all the held steps are in flight (`10m`, `90s`).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub(crate) duration: Duration,
     /// Steps held in flight on the worker node at once.
@@ -62,14 +63,16 @@ impl Default for Options {
     }
 }
 
-/// Loops over a long handler step for ever: each instance keeps one step in flight.
+/// Loops over a long handler step for ever: each instance keeps one step in flight. The
+/// step's timeout is well above its sleep (the default, 30 s, would cut it short).
 fn hold(ms: u64) -> String {
+    let timeout = ms.div_ceil(1000) * 2 + 60;
     format!(
         r#"
 name: hold
 vars: {{ i: 0 }}
 steps:
-  - {{ id: work, kind: handler, handler: sleep, input: {{ ms: "{ms}" }}, next: [{{ to: count }}] }}
+  - {{ id: work, kind: handler, handler: sleep, input: {{ ms: "{ms}" }}, timeout: {timeout}s, next: [{{ to: count }}] }}
   - {{ id: count, kind: assign, set: {{ i: "vars.i + 1" }}, next: [{{ to: work, when: "vars.i < 1000000" }}, {{ to: done }}] }}
   - {{ id: done, kind: end, status: completed }}
 "#
@@ -96,6 +99,9 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// The longest the held steps may take to be all in flight on the worker.
+const RAMP_LIMIT: Duration = Duration::from_secs(300);
 
 /// One sample: seconds since the nodes were spawned, both RSS, the worker's in-flight steps,
 /// listings and churned instances so far.
@@ -219,7 +225,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     let load_started = Instant::now();
     let load_t0 = spawned.elapsed().as_secs_f64();
     eprintln!(
-        "holding {} steps in flight ({} ms each), starting {}/s fresh instances and listing with {} clients for {:?}…",
+        "holding {} steps in flight ({} ms each), starting {}/s fresh instances and listing with {} clients, for {:?} once all are in flight…",
         options.in_flight, options.hold_ms, options.churn_rate, options.listers, options.duration
     );
     // The held instances, ramped over ~10 s so their loops do not all wake at once.
@@ -247,9 +253,22 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
 
     let mut next_chunk = Instant::now();
     let mut next_sample = Instant::now() + every;
+    // When all the held steps were first in flight (seconds since the load started): the
+    // window of `--duration` starts then.
     let mut reached: Option<f64> = None;
+    let duration = options.duration.as_secs_f64();
     let result = async {
-        while load_started.elapsed() < options.duration {
+        loop {
+            match reached {
+                Some(at) if load_started.elapsed().as_secs_f64() - at >= duration => break,
+                Some(_) => {}
+                None => anyhow::ensure!(
+                    load_started.elapsed() < RAMP_LIMIT,
+                    "only {} of {} held steps in flight on the worker after {RAMP_LIMIT:?}",
+                    samples.last().map_or(0, |s| s.in_flight),
+                    options.in_flight
+                ),
+            }
             if remaining > 0 && Instant::now() >= next_chunk {
                 let n = remaining.min(chunk);
                 env.start(&held, (campaign.0, &campaign.1), n, true).await?;
@@ -295,24 +314,24 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
 
     let load: Vec<Sample> = samples.iter().copied().filter(|s| s.t >= load_t0).collect();
     let last = *load.last().context("no sample under load")?;
-    // Growth is measured from the end of the first minute (of the first half of a shorter
-    // run), or from when all the held steps were in flight if that came later.
-    let settle = (options.duration.as_secs_f64() / 2.0)
-        .min(60.0)
-        .max(reached.unwrap_or(0.0));
+    // Growth: the window's end against the end of its first minute (of its first half, if
+    // shorter than two minutes).
+    let reached = reached.context("the held steps were never all in flight")?;
+    let settle = (duration / 2.0).min(60.0);
     let first = *load
         .iter()
-        .find(|s| s.t - load_t0 >= settle)
-        .unwrap_or(&last);
-    if settle > options.duration.as_secs_f64() / 2.0 {
-        eprintln!(
-            "note: the held steps were all in flight only after {settle:.0} s: growth is measured over the last {:.0} s only",
-            last.t - load_t0 - settle
-        );
-    }
+        .find(|s| s.t - load_t0 >= reached + settle)
+        .context("no sample after the window's first minute")?;
     let peak_worker = load.iter().map(|s| s.worker).max().unwrap_or(0);
     let peak_api = load.iter().map(|s| s.api).max().unwrap_or(0);
     let peak_in_flight = load.iter().map(|s| s.in_flight).max().unwrap_or(0);
+    // The fewest in flight once all were: held steps lost to timeouts or stalls show here.
+    let least_in_flight = load
+        .iter()
+        .filter(|s| s.t - load_t0 >= reached)
+        .map(|s| s.in_flight)
+        .min()
+        .unwrap_or(0);
     let seconds = load_started.elapsed().as_secs_f64();
     let listed = listings.load(Ordering::Relaxed);
     let list_failed = list_errors.load(Ordering::Relaxed);
@@ -367,7 +386,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     } else {
         format!("{settle:.0} s")
     };
-    let end = format!("{:.0} s", last.t - load_t0);
+    let end = format!("{:.0} s", last.t - load_t0 - reached);
     println!();
     println!(
         "{:<58} {:>10.1} MiB   (idle {:.1} MiB, {:.2}x; {:.1} KiB per step in flight)",
@@ -405,9 +424,8 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         mib(last.api) / mib(first.api).max(1e-9)
     );
     println!(
-        "fresh instances started through the api and ended within the wait: {started} ({churn_failed} not ended within 30 s or failed, {churn_skipped} skipped: {MAX_CHURNING} waiting); in flight reached {} after {:.1} s",
-        options.in_flight,
-        reached.unwrap_or(f64::NAN)
+        "fresh instances started through the api and ended within the wait: {started} ({churn_failed} not ended within 30 s or failed, {churn_skipped} skipped: {MAX_CHURNING} waiting); in flight reached {} after {:.1} s, fewest since {least_in_flight}",
+        options.in_flight, reached
     );
     println!("chart: {}", chart_path.display());
 
@@ -435,14 +453,14 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
                 mib(idle.api),
             ),
             Figure::new(
-                format!("worker node RSS after {end} of that load"),
+                format!("worker node RSS after {end} with them all in flight"),
                 mib(last.worker),
                 Unit::MiB,
                 format!("same after {minute}"),
                 mib(first.worker),
             ),
             Figure::new(
-                format!("api node RSS after {end} of that load"),
+                format!("api node RSS after {end} of listing load"),
                 mib(last.api),
                 Unit::MiB,
                 format!("same after {minute}"),
@@ -453,6 +471,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
             "duration_s": seconds,
             "in_flight_target": options.in_flight,
             "in_flight_peak": peak_in_flight,
+            "in_flight_least_in_window": least_in_flight,
             "in_flight_reached_after_s": reached,
             "hold_ms": options.hold_ms,
             "worker_concurrency": concurrency,
@@ -466,8 +485,8 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
             "idle": { "worker_bytes": idle.worker, "api_bytes": idle.api },
             "peak": { "worker_bytes": peak_worker, "api_bytes": peak_api },
             "worker_bytes_per_step_in_flight": per_step,
-            "after_first": { "seconds": settle, "worker_bytes": first.worker, "api_bytes": first.api },
-            "at_end": { "seconds": last.t - load_t0, "worker_bytes": last.worker, "api_bytes": last.api },
+            "after_first": { "seconds_into_window": settle, "worker_bytes": first.worker, "api_bytes": first.api },
+            "at_end": { "seconds_into_window": last.t - load_t0 - reached, "worker_bytes": last.worker, "api_bytes": last.api },
             "samples": samples.iter().map(|s| json!([
                 s.t - load_t0, s.worker, s.api, s.in_flight, s.listings, s.churned
             ])).collect::<Vec<Value>>(),
@@ -600,6 +619,13 @@ mod tests {
         let status = "Name:\tdrover\nVmPeak:\t  300000 kB\nVmRSS:\t   12345 kB\nThreads:\t4\n";
         assert_eq!(parse_vm_rss(status), Some(12345 * 1024));
         assert_eq!(parse_vm_rss("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn the_held_step_outlasts_its_sleep() {
+        let def = drover_core::Definition::parse(&hold(60_000)).expect("a valid workflow");
+        let work = def.step("work").expect("the held step");
+        assert!(work.timeout_ms() > 60_000, "{}", work.timeout_ms());
     }
 
     #[test]
