@@ -100,6 +100,10 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// The nodes' log filter: a node's default, so that its spans (one per step in flight, one
+/// per request) take the memory they take in a deployment.
+const NODE_LOG: &str = "info";
+
 /// The longest the held steps may take to be all in flight on the worker.
 const RAMP_LIMIT: Duration = Duration::from_secs(300);
 
@@ -174,12 +178,22 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         env.spawn_node_with(
             "worker",
             "127.0.0.1:0",
-            &[("DROVER_CONCURRENCY", concurrency.as_str())],
+            &[
+                ("DROVER_CONCURRENCY", concurrency.as_str()),
+                ("RUST_LOG", NODE_LOG),
+            ],
         )
     })
     .await?;
     let (api, _) = registered(env, || {
-        env.spawn_node_with("api", &listen, &[("DROVER_ADMIN_TOKEN", token.expose())])
+        env.spawn_node_with(
+            "api",
+            &listen,
+            &[
+                ("DROVER_ADMIN_TOKEN", token.expose()),
+                ("RUST_LOG", NODE_LOG),
+            ],
+        )
     })
     .await?;
     let worker_pid = worker.id().context("the worker node exited")?;
