@@ -336,6 +336,12 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         .iter()
         .find(|s| s.t - load_t0 >= reached + settle)
         .context("no sample after the window's first minute")?;
+    // And over its second half alone: an allocator warming up over the first few held
+    // cycles levels off; a leak keeps its slope.
+    let half = *load
+        .iter()
+        .find(|s| s.t - load_t0 >= reached + duration / 2.0)
+        .context("no sample after the window's first half")?;
     let peak_worker = load.iter().map(|s| s.worker).max().unwrap_or(0);
     let peak_api = load.iter().map(|s| s.api).max().unwrap_or(0);
     let peak_in_flight = load.iter().map(|s| s.in_flight).max().unwrap_or(0);
@@ -438,6 +444,12 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         mib(last.api) / mib(first.api).max(1e-9)
     );
     println!(
+        "{:<58} worker {:.2}x, api {:.2}x",
+        "  … over the window's second half",
+        mib(last.worker) / mib(half.worker).max(1e-9),
+        mib(last.api) / mib(half.api).max(1e-9)
+    );
+    println!(
         "fresh instances started through the api and ended within the wait: {started} ({churn_failed} not ended within 30 s or failed, {churn_skipped} skipped: {MAX_CHURNING} waiting); in flight reached {} after {:.1} s, fewest since {least_in_flight}",
         options.in_flight, reached
     );
@@ -499,6 +511,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
             "idle": { "worker_bytes": idle.worker, "api_bytes": idle.api },
             "peak": { "worker_bytes": peak_worker, "api_bytes": peak_api },
             "worker_bytes_per_step_in_flight": per_step,
+            "at_half": { "seconds_into_window": duration / 2.0, "worker_bytes": half.worker, "api_bytes": half.api },
             "after_first": { "seconds_into_window": settle, "worker_bytes": first.worker, "api_bytes": first.api },
             "at_end": { "seconds_into_window": last.t - load_t0 - reached, "worker_bytes": last.worker, "api_bytes": last.api },
             "samples": samples.iter().map(|s| json!([
