@@ -100,9 +100,10 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// The nodes' log filter: a node's default, so that its spans (one per step in flight, one
-/// per request) take the memory they take in a deployment.
-const NODE_LOG: &str = "info";
+/// The nodes' log filter: a node's default (`info`), so that its spans (one per step in
+/// flight, one per request) take the memory they take in a deployment; but not a line per
+/// started instance.
+const NODE_LOG: &str = "info,drover_api::start=warn";
 
 /// The longest the held steps may take to be all in flight on the worker.
 const RAMP_LIMIT: Duration = Duration::from_secs(300);
