@@ -127,6 +127,31 @@ impl BenchEnv {
             .context("spawning an api node")
     }
 
+    /// Starts a node process with `roles` serving on `listen`, with `envs` set besides the
+    /// run's database, NATS and prefix (`DROVER_CONCURRENCY`, `DROVER_ADMIN_TOKEN`, …).
+    pub(crate) fn spawn_node_with(
+        &self,
+        roles: &str,
+        listen: &str,
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Child> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args(["node", "--roles", roles, "--listen", listen])
+            .env("DATABASE_URL", &self.database_url)
+            .env("NATS_URL", &self.nats_url)
+            .env("DROVER_PREFIX", &self.prefix)
+            .env("RUST_LOG", "warn");
+        for (name, value) in envs {
+            command.env(name, value);
+        }
+        command
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning a {roles} node"))
+    }
+
     /// Starts `n` node processes with `roles` and waits until they have registered.
     pub(crate) async fn spawn_nodes(&self, roles: &str, n: usize) -> anyhow::Result<Vec<Child>> {
         let before = self.alive_nodes().await?;

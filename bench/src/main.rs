@@ -11,6 +11,7 @@ mod chart;
 mod cleanup;
 mod env;
 mod latency;
+mod memory;
 mod recovery;
 mod scale;
 mod semaphore;
@@ -54,7 +55,10 @@ enum Scenario {
     /// No-op steps/s while the `system-cleanup` technical workflow deletes many finished
     /// instances past retention, beside the same load without it.
     Cleanup(cleanup::Options),
-    /// Every scenario with its defaults (about 10 minutes on 2 cores).
+    /// RSS of a worker node holding 10,000 steps in flight and of an api node under listing
+    /// load, beside their idle RSS; and their growth over a `--duration` run (10 minutes).
+    Memory(memory::Options),
+    /// Every scenario with its defaults (about 20 minutes on 2 cores, 10 of them `memory`).
     All,
 }
 
@@ -68,6 +72,7 @@ pub(crate) struct Report {
 pub(crate) enum Unit {
     PerSecond,
     Millis,
+    MiB,
 }
 
 /// A headline figure beside the same-run baseline it is judged against.
@@ -105,7 +110,7 @@ impl Figure {
         json!({
             "figure": self.name,
             "value": self.value,
-            "unit": match self.unit { Unit::PerSecond => "per_s", Unit::Millis => "ms" },
+            "unit": match self.unit { Unit::PerSecond => "per_s", Unit::Millis => "ms", Unit::MiB => "MiB" },
             "baseline": self.baseline_name,
             "baseline_value": self.baseline,
             "ratio": self.ratio(),
@@ -118,6 +123,7 @@ pub(crate) fn format_value(value: f64, unit: Unit) -> String {
         Unit::PerSecond => format!("{value:.0}/s"),
         Unit::Millis if value >= 100.0 => format!("{value:.0} ms"),
         Unit::Millis => format!("{value:.1} ms"),
+        Unit::MiB => format!("{value:.1} MiB"),
     }
 }
 
@@ -177,6 +183,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Scale(o) => one("scale", scale::run(&o).await?),
             Scenario::Cleanup(o) => one("cleanup", cleanup::run(&o).await?),
             Scenario::Single(o) => one("single", single::run(&o).await?),
+            Scenario::Memory(o) => one("memory", memory::run(&o).await?),
             Scenario::All => all().await?,
         };
         print_figures(&figures);
@@ -228,6 +235,7 @@ async fn all() -> anyhow::Result<(Vec<Figure>, Value)> {
         "recovery",
         recovery::run(&recovery::Options::default()).await?,
     );
+    add("memory", memory::run(&memory::Options::default()).await?);
     Ok((figures, Value::Object(report)))
 }
 

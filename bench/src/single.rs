@@ -165,7 +165,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
 }
 
 /// A free loopback address for the node's API (bound, then released for the node to take).
-fn free_local_port() -> anyhow::Result<String> {
+pub(crate) fn free_local_port() -> anyhow::Result<String> {
     let socket = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(socket.local_addr()?.to_string())
 }
