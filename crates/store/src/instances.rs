@@ -244,13 +244,22 @@ impl Store {
         campaign_ids.sort_unstable();
         campaign_ids.dedup();
         // A limit is set at creation or never, so an unlimited campaign read here stays so.
-        let limited: Vec<(i64,)> = sqlx::query_as(
-            "SELECT id FROM campaign WHERE id = ANY($1) AND max_running IS NOT NULL",
-        )
-        .bind(&campaign_ids)
-        .fetch_all(&self.pool)
-        .await?;
-        if limited.is_empty() {
+        let unlimited = self.known_unlimited(&campaign_ids) || {
+            let found: Vec<(i64, bool)> = sqlx::query_as(
+                "SELECT id, max_running IS NOT NULL FROM campaign WHERE id = ANY($1)",
+            )
+            .bind(&campaign_ids)
+            .fetch_all(&self.pool)
+            .await?;
+            let free: Vec<i64> = found
+                .iter()
+                .filter(|(_, limited)| !limited)
+                .map(|(id, _)| *id)
+                .collect();
+            self.remember_unlimited(&free);
+            found.iter().all(|(_, limited)| !limited)
+        };
+        if unlimited {
             let admissions = vec![Admission::Free; instances.len()];
             let mut conn = self.pool.acquire().await?;
             let claimed =

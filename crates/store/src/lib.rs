@@ -35,6 +35,8 @@ mod semaphore;
 mod tokens;
 mod waiting;
 
+use std::collections::HashSet;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
@@ -96,7 +98,13 @@ impl Default for StoreConfig {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// Campaigns known to have no limit. A limit is set at creation or never (and ids are
+    /// never reused), so one found unlimited stays so: a start into it need not ask again.
+    unlimited: Arc<RwLock<HashSet<i64>>>,
 }
+
+/// Unlimited campaigns remembered at most; past this the memory starts over.
+const UNLIMITED_REMEMBERED: usize = 10_000;
 
 impl Store {
     /// Connects a pool (no migrations: run [`Store::migrate`] or `drover migrate`).
@@ -110,11 +118,35 @@ impl Store {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            unlimited: Arc::default(),
+        }
+    }
+
+    /// Are all of `campaigns` known to be unlimited (see [`Store::remember_unlimited`])?
+    pub(crate) fn known_unlimited(&self, campaigns: &[i64]) -> bool {
+        let known = self
+            .unlimited
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        campaigns.iter().all(|id| known.contains(id))
+    }
+
+    /// Remembers `campaigns`, read without a limit.
+    pub(crate) fn remember_unlimited(&self, campaigns: &[i64]) {
+        let mut known = self
+            .unlimited
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if known.len() + campaigns.len() > UNLIMITED_REMEMBERED {
+            known.clear();
+        }
+        known.extend(campaigns);
     }
 
     pub fn pool(&self) -> &PgPool {
