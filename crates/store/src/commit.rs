@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::claim::ClaimRow;
 use crate::facts::{NewFact, completion_facts, facts_json, insert_facts};
 use crate::model::*;
-use crate::semaphore::{Admitted, release_permits};
+use crate::semaphore::{Admitted, ClaimFor, Leaving, hand_off};
 use crate::{Error, Result, Store};
 
 impl Store {
@@ -62,9 +62,11 @@ impl Store {
     /// would be READY is claimed again by `node` in the same statement (RUNNING, fence + 1,
     /// exactly as [`Store::claim`] would, and only while `node` is alive): the worker runs
     /// that step at once, without a job round trip through NATS or a claim statement. Those
-    /// instances are in [`GroupCommit::continued`]; nobody else is sent their job. A node
-    /// that dies before committing such a step leaves it RUNNING under a dead owner, as any
-    /// claim does, for recovery.
+    /// instances are in [`GroupCommit::continued`]; nobody else is sent their job. Likewise
+    /// the queued instances admitted with the permits the commit releases (up to one per
+    /// released permit) are claimed by `node`: [`GroupCommit::handed`]. A node that dies before
+    /// committing such a step leaves it RUNNING under a dead owner, as any claim does, for
+    /// recovery.
     pub async fn commit_continuing(
         &self,
         node: NodeId,
@@ -84,6 +86,7 @@ impl Store {
                 results: Vec::new(),
                 ready: Vec::new(),
                 continued: Vec::new(),
+                handed: Vec::new(),
             });
         }
         let rows = completion_rows(completions);
@@ -110,6 +113,7 @@ impl Store {
             .map(|(idx, _)| idx)
             .collect();
         let mut admitted = Vec::new();
+        let mut handed = Vec::new();
         if !deferred.is_empty() {
             let (second, also) = self
                 .commit_with_permits(node, completions, &rows, &deferred, continuing)
@@ -123,7 +127,8 @@ impl Store {
                     })?;
                 *slot = row;
             }
-            admitted = also;
+            admitted = also.admitted;
+            handed = also.claimed;
         }
 
         let mut ready = Vec::new();
@@ -187,13 +192,16 @@ impl Store {
             results: commits,
             ready,
             continued,
+            handed,
         })
     }
 
     /// The second pass of [`Store::commit_waking`]: the completions at `deferred` (indexes into
     /// `completions` and their `rows`) committed in one transaction that may change permits:
     /// instance rows locked first (id order), the commit, its `stopped`/`paused` events, then
-    /// the permits released and passed on. Returns the commit rows and the admitted instances.
+    /// the permits released and passed on. Returns the commit rows and the admitted instances:
+    /// when `continuing`, as many of them as permits were released are claimed for `node`
+    /// (the worker slots of the steps that released them are free).
     async fn commit_with_permits(
         &self,
         node: NodeId,
@@ -201,7 +209,7 @@ impl Store {
         rows: &[Value],
         deferred: &[usize],
         continuing: bool,
-    ) -> Result<(Vec<CommitRow>, Vec<Admitted>)> {
+    ) -> Result<(Vec<CommitRow>, crate::semaphore::HandedOff)> {
         let mut ids: Vec<Uuid> = deferred
             .iter()
             .filter_map(|&idx| completions.get(idx))
@@ -248,7 +256,19 @@ impl Store {
                 continue;
             };
             if before.holds_permit && row.holds_permit == Some(false) {
-                released.push(completion.instance);
+                let (Some(campaign), Some(state)) = (row.campaign_id, row.state.clone()) else {
+                    return Err(Error::Corrupt(format!(
+                        "group commit answered no campaign or state for {}",
+                        completion.instance
+                    )));
+                };
+                // Only instances of limited campaigns hold permits.
+                released.push(Leaving {
+                    id: completion.instance,
+                    campaign,
+                    state,
+                    released: true,
+                });
             }
             let honoured = match (row.state.as_deref(), &completion.transition) {
                 (Some("stopped"), Transition::Stop { state })
@@ -274,10 +294,18 @@ impl Store {
                 ));
             }
         }
-        insert_facts(&mut tx, &facts).await?;
-        let admitted = release_permits(&mut tx, &released, &[], "commit").await?;
+        let claim = continuing.then_some(ClaimFor {
+            node,
+            max: released.len(),
+        });
+        let handed = if released.is_empty() {
+            insert_facts(&mut tx, &facts).await?;
+            Default::default()
+        } else {
+            hand_off(&mut tx, &released, facts, "commit", claim).await?
+        };
         tx.commit().await?;
-        Ok((results, admitted))
+        Ok((results, handed))
     }
 }
 
@@ -376,6 +404,7 @@ struct CommitRow {
     fence: Option<i64>,
     current_step: Option<String>,
     holds_permit: Option<bool>,
+    campaign_id: Option<i64>,
     stop_requested_by: Option<String>,
     paused_by: Option<String>,
     child_id: Option<Uuid>,
@@ -711,7 +740,7 @@ const COMMIT: &str = concat!(
      SELECT c.idx, upd.idx IS NOT NULL AS committed,
             coalesce(ex.existed, false) AS existed,
             upd.state, upd.step_seq, upd.fence, upd.current_step, upd.holds_permit,
-            upd.stop_requested_by, upd.paused_by,
+            upd.stop_requested_by, upd.paused_by, upd.campaign_id,
             child.id AS child_id,
             pw.id AS parent_id, pw.step_seq AS parent_seq, pw.fence AS parent_fence,
             upd.step_queue, upd.step_handler, pw.step_queue AS parent_queue,

@@ -373,6 +373,11 @@ pub struct GroupCommit {
     /// ([`Store::commit_continuing`](crate::Store::commit_continuing)), each with the index
     /// of its completion.
     pub continued: Vec<(usize, Claimed)>,
+    /// Queued instances this commit admitted with the permits it released, claimed for the
+    /// committing node ([`Store::commit_continuing`](crate::Store::commit_continuing)): at most
+    /// one per released permit, as the steps that released them leave their worker slots free.
+    /// The node runs them; nobody else is sent their job.
+    pub handed: Vec<Claimed>,
 }
 
 /// What became of one completion in a group commit.
