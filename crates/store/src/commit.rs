@@ -90,26 +90,50 @@ impl Store {
             });
         }
         let rows = completion_rows(completions);
-        let mut results: Vec<CommitRow> = sqlx::query_as(COMMIT)
-            .bind(Value::Array(rows.clone()))
-            .bind(node.0)
-            .bind(false)
-            .bind(continuing)
-            .fetch_all(&self.pool)
-            .await?;
-        if results.len() != completions.len() {
-            return Err(Error::Corrupt(format!(
-                "group commit answered {} results for {} completions",
-                results.len(),
-                completions.len()
-            )));
+        // Completions that end a permit holder go straight to the second pass: the fast path
+        // would leave them alone anyway (the hint is the worker's; the row decides).
+        let releasing: Vec<bool> = completions
+            .iter()
+            .map(|c| c.holds_permit && matches!(c.transition, Transition::Stop { .. }))
+            .collect();
+        let fast: Vec<Value> = rows
+            .iter()
+            .zip(&releasing)
+            .filter(|(_, releasing)| !**releasing)
+            .map(|(row, _)| row.clone())
+            .collect();
+        let mut results: Vec<Option<CommitRow>> = (0..completions.len()).map(|_| None).collect();
+        if !fast.is_empty() {
+            let expected = fast.len();
+            let answered: Vec<CommitRow> = sqlx::query_as(COMMIT)
+                .bind(Value::Array(fast))
+                .bind(node.0)
+                .bind(false)
+                .bind(continuing)
+                .fetch_all(&self.pool)
+                .await?;
+            if answered.len() != expected {
+                return Err(Error::Corrupt(format!(
+                    "group commit answered {} results for {expected} completions",
+                    answered.len(),
+                )));
+            }
+            for row in answered {
+                let slot = usize::try_from(row.idx)
+                    .ok()
+                    .and_then(|idx| results.get_mut(idx))
+                    .ok_or_else(|| {
+                        Error::Corrupt(format!("group commit answered index {}", row.idx))
+                    })?;
+                *slot = Some(row);
+            }
         }
         // Left out of the fast path: they change a permit or honour an operator's request (or
         // are fenced: the second pass finds that again).
         let deferred: Vec<usize> = results
             .iter()
             .enumerate()
-            .filter(|(_, r)| !r.committed && !r.existed)
+            .filter(|(_, r)| r.as_ref().is_none_or(|r| !r.committed && !r.existed))
             .map(|(idx, _)| idx)
             .collect();
         let mut admitted = Vec::new();
@@ -125,7 +149,7 @@ impl Store {
                     .ok_or_else(|| {
                         Error::Corrupt(format!("group commit answered index {}", row.idx))
                     })?;
-                *slot = row;
+                *slot = Some(row);
             }
             admitted = also.admitted;
             handed = also.claimed;
@@ -135,6 +159,9 @@ impl Store {
         let mut continued = Vec::new();
         let mut commits = Vec::with_capacity(results.len());
         for (idx, (row, completion)) in results.into_iter().zip(completions).enumerate() {
+            let row = row.ok_or_else(|| {
+                Error::Corrupt(format!("group commit answered nothing for index {idx}"))
+            })?;
             commits.push(match (row.committed, row.existed) {
                 (true, _) => Commit::Committed,
                 (false, true) => Commit::AlreadyCommitted,
@@ -638,7 +665,8 @@ const COMMIT: &str = concat!(
                       'claimed_at', i.claimed_at, 'wait_deadline', i.wait_deadline,
                       'wait_child', i.wait_child, 'parent_instance_id', i.parent_instance_id,
                       'call_depth', i.call_depth, 'step_queue', i.step_queue,
-                      'step_handler', i.step_handler) END AS continued
+                      'step_handler', i.step_handler, 'holds_permit', i.holds_permit)
+                  END AS continued
      ), j AS (
         INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                              attempt, node_id, actor, started_at, finished_at, output, error)

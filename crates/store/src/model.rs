@@ -249,6 +249,8 @@ pub struct Claimed {
     pub call_depth: i32,
     /// The current step's route: where a retry of it is published.
     pub route: Route,
+    /// Whether it held a campaign permit when claimed.
+    pub holds_permit: bool,
 }
 
 /// A child instance a `subworkflow` step starts, in the commit that parks its parent.
@@ -331,6 +333,10 @@ pub struct Completion {
     pub error: Option<String>,
     /// The signal a `wait_event` step consumed: marked consumed only if this commit lands.
     pub consumes: Option<SignalId>,
+    /// Whether the instance held a campaign permit when its step was claimed. A hint only: a
+    /// completion that ends such an instance goes straight to the transaction that releases
+    /// permits; the instance row decides either way.
+    pub holds_permit: bool,
 }
 
 impl Completion {
@@ -356,6 +362,7 @@ impl Completion {
             output: None,
             error: None,
             consumes: None,
+            holds_permit: claimed.holds_permit,
         }
     }
 }

@@ -722,7 +722,8 @@ const HAND_OFF: &str = "WITH d AS (
                       'claimed_at', i.claimed_at, 'wait_deadline', i.wait_deadline,
                       'wait_child', i.wait_child, 'parent_instance_id', i.parent_instance_id,
                       'call_depth', i.call_depth, 'step_queue', i.step_queue,
-                      'step_handler', i.step_handler) END AS claimed
+                      'step_handler', i.step_handler, 'holds_permit', i.holds_permit)
+                  END AS claimed
      ), j AS (
         INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                              attempt, actor, started_at, finished_at, output)
