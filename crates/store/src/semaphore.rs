@@ -45,7 +45,7 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::facts::{NewFact, insert_campaign_fact, insert_facts};
+use crate::facts::{NewFact, facts_json, insert_campaign_fact, insert_facts};
 use crate::lease::COORDINATOR_LEASE;
 use crate::lease::LeaderTerm;
 use crate::model::{Campaign, StepJob};
@@ -518,8 +518,9 @@ pub(crate) struct HandedOff {
 }
 
 /// [`release_permits`] for instances the caller has already checked (all of limited
-/// campaigns, each moved out of its permit or QUEUED under its row lock). `facts` are written
-/// first (before the campaign locks), then the `permit_released` ones.
+/// campaigns, each moved out of its permit or QUEUED under its row lock). `facts` (about
+/// instances `tx` has locked, none of them QUEUED) are written too, then the `permit_released`
+/// ones.
 ///
 /// The campaign locks are held as briefly as the rule allows: one statement locks the
 /// campaigns (id order), updates their counters, admits the heads of their queues and writes
@@ -549,8 +550,8 @@ pub(crate) async fn hand_off(
             entry.1 += 1;
         }
     }
-    insert_facts(tx, &facts).await?;
     if counts.is_empty() {
+        insert_facts(tx, &facts).await?;
         return Ok(HandedOff::default());
     }
     let ids: Vec<i64> = counts.keys().copied().collect();
@@ -583,6 +584,7 @@ pub(crate) async fn hand_off(
         .bind(actor)
         .bind(claim.map(|c| c.node.0))
         .bind(claim.map_or(0, |c| i64::try_from(c.max).unwrap_or(i64::MAX)))
+        .bind(facts_json(&facts))
         .fetch_all(&mut *tx)
         .await?;
     let mut out = HandedOff::default();
@@ -658,10 +660,27 @@ pub(crate) async fn hand_off(
 
 /// The one statement of [`hand_off`] under the campaign locks: `$1` the campaigns, `$2` the
 /// permits and `$3` the queue places leaving each, `$4` the journal actor, `$5` who freed the
-/// permits, `$6` the node that may claim the admitted instances (or NULL), `$7` how many.
+/// permits, `$6` the node that may claim the admitted instances (or NULL), `$7` how many, `$8`
+/// other facts to write first (as [`insert_facts`] does; their instances are not QUEUED, so
+/// none of them is admitted here).
 /// Answers one row per campaign and admitted instance (or one with NULLs if none was), the
 /// campaign's counters as they were before this statement's admissions.
-const HAND_OFF: &str = "WITH d AS (
+const HAND_OFF: &str = "WITH f AS (
+        SELECT * FROM jsonb_to_recordset($8::jsonb)
+            AS f(ord int, id uuid, instance_id uuid, kind text, data jsonb)
+     ), fu AS (
+        UPDATE instance i SET event_seq = i.event_seq + n.c
+        FROM (SELECT instance_id, count(*) AS c FROM f GROUP BY instance_id) n
+        WHERE i.id = n.instance_id
+        RETURNING i.id, i.event_seq - n.c AS base, i.workflow, i.version, i.campaign_id
+     ), fi AS (
+        INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
+        SELECT f.id, f.instance_id, c.name, fu.workflow, fu.version,
+               fu.base + row_number() OVER (PARTITION BY f.instance_id ORDER BY f.ord),
+               f.kind, f.data
+        FROM f JOIN fu ON fu.id = f.instance_id JOIN campaign c ON c.id = fu.campaign_id
+        ORDER BY f.ord
+     ), d AS (
         SELECT * FROM unnest($1::bigint[], $2::int[], $3::int[]) AS d(id, permits, places)
      ), cl AS MATERIALIZED (
         SELECT c.id, c.name, c.max_running,
