@@ -130,6 +130,7 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
         output: Some(json!({ "x": 1 })),
         error: None,
         consumes: None,
+        holds_permit: false,
     };
     let other = NodeId::new();
     store

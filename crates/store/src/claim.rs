@@ -49,7 +49,7 @@ impl Store {
                        i.step_seq, i.step_entered_seq, i.step_attempt, i.fence, i.step_claims,
                        i.steps_run, i.vars, i.outputs, i.created_at, i.claimed_at,
                        i.wait_deadline, i.wait_child, i.parent_instance_id, i.call_depth,
-                       i.step_queue, i.step_handler",
+                       i.step_queue, i.step_handler, i.holds_permit",
         )
         .bind(node.0)
         .bind(&ids)
@@ -85,6 +85,7 @@ pub(crate) struct ClaimRow {
     call_depth: i32,
     step_queue: String,
     step_handler: Option<String>,
+    holds_permit: bool,
 }
 
 impl ClaimRow {
@@ -110,6 +111,7 @@ impl ClaimRow {
             parent: self.parent_instance_id.map(InstanceId),
             call_depth: self.call_depth,
             route: parse_route(self.step_queue, self.step_handler)?,
+            holds_permit: self.holds_permit,
         })
     }
 }

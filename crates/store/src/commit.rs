@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::claim::ClaimRow;
 use crate::facts::{NewFact, completion_facts, facts_json, insert_facts};
 use crate::model::*;
-use crate::semaphore::{Admitted, release_permits};
+use crate::semaphore::{Admitted, ClaimFor, Leaving, hand_off};
 use crate::{Error, Result, Store};
 
 impl Store {
@@ -62,9 +62,11 @@ impl Store {
     /// would be READY is claimed again by `node` in the same statement (RUNNING, fence + 1,
     /// exactly as [`Store::claim`] would, and only while `node` is alive): the worker runs
     /// that step at once, without a job round trip through NATS or a claim statement. Those
-    /// instances are in [`GroupCommit::continued`]; nobody else is sent their job. A node
-    /// that dies before committing such a step leaves it RUNNING under a dead owner, as any
-    /// claim does, for recovery.
+    /// instances are in [`GroupCommit::continued`]; nobody else is sent their job. Likewise
+    /// the queued instances admitted with the permits the commit releases (up to one per
+    /// released permit) are claimed by `node`: [`GroupCommit::handed`]. A node that dies before
+    /// committing such a step leaves it RUNNING under a dead owner, as any claim does, for
+    /// recovery.
     pub async fn commit_continuing(
         &self,
         node: NodeId,
@@ -84,32 +86,58 @@ impl Store {
                 results: Vec::new(),
                 ready: Vec::new(),
                 continued: Vec::new(),
+                handed: Vec::new(),
             });
         }
         let rows = completion_rows(completions);
-        let mut results: Vec<CommitRow> = sqlx::query_as(COMMIT)
-            .bind(Value::Array(rows.clone()))
-            .bind(node.0)
-            .bind(false)
-            .bind(continuing)
-            .fetch_all(&self.pool)
-            .await?;
-        if results.len() != completions.len() {
-            return Err(Error::Corrupt(format!(
-                "group commit answered {} results for {} completions",
-                results.len(),
-                completions.len()
-            )));
+        // Completions that end a permit holder go straight to the second pass: the fast path
+        // would leave them alone anyway (the hint is the worker's; the row decides).
+        let releasing: Vec<bool> = completions
+            .iter()
+            .map(|c| c.holds_permit && matches!(c.transition, Transition::Stop { .. }))
+            .collect();
+        let fast: Vec<Value> = rows
+            .iter()
+            .zip(&releasing)
+            .filter(|(_, releasing)| !**releasing)
+            .map(|(row, _)| row.clone())
+            .collect();
+        let mut results: Vec<Option<CommitRow>> = (0..completions.len()).map(|_| None).collect();
+        if !fast.is_empty() {
+            let expected = fast.len();
+            let answered: Vec<CommitRow> = sqlx::query_as(COMMIT)
+                .bind(Value::Array(fast))
+                .bind(node.0)
+                .bind(false)
+                .bind(continuing)
+                .fetch_all(&self.pool)
+                .await?;
+            if answered.len() != expected {
+                return Err(Error::Corrupt(format!(
+                    "group commit answered {} results for {expected} completions",
+                    answered.len(),
+                )));
+            }
+            for row in answered {
+                let slot = usize::try_from(row.idx)
+                    .ok()
+                    .and_then(|idx| results.get_mut(idx))
+                    .ok_or_else(|| {
+                        Error::Corrupt(format!("group commit answered index {}", row.idx))
+                    })?;
+                *slot = Some(row);
+            }
         }
         // Left out of the fast path: they change a permit or honour an operator's request (or
         // are fenced: the second pass finds that again).
         let deferred: Vec<usize> = results
             .iter()
             .enumerate()
-            .filter(|(_, r)| !r.committed && !r.existed)
+            .filter(|(_, r)| r.as_ref().is_none_or(|r| !r.committed && !r.existed))
             .map(|(idx, _)| idx)
             .collect();
         let mut admitted = Vec::new();
+        let mut handed = Vec::new();
         if !deferred.is_empty() {
             let (second, also) = self
                 .commit_with_permits(node, completions, &rows, &deferred, continuing)
@@ -121,15 +149,19 @@ impl Store {
                     .ok_or_else(|| {
                         Error::Corrupt(format!("group commit answered index {}", row.idx))
                     })?;
-                *slot = row;
+                *slot = Some(row);
             }
-            admitted = also;
+            admitted = also.admitted;
+            handed = also.claimed;
         }
 
         let mut ready = Vec::new();
         let mut continued = Vec::new();
         let mut commits = Vec::with_capacity(results.len());
         for (idx, (row, completion)) in results.into_iter().zip(completions).enumerate() {
+            let row = row.ok_or_else(|| {
+                Error::Corrupt(format!("group commit answered nothing for index {idx}"))
+            })?;
             commits.push(match (row.committed, row.existed) {
                 (true, _) => Commit::Committed,
                 (false, true) => Commit::AlreadyCommitted,
@@ -187,13 +219,16 @@ impl Store {
             results: commits,
             ready,
             continued,
+            handed,
         })
     }
 
     /// The second pass of [`Store::commit_waking`]: the completions at `deferred` (indexes into
     /// `completions` and their `rows`) committed in one transaction that may change permits:
     /// instance rows locked first (id order), the commit, its `stopped`/`paused` events, then
-    /// the permits released and passed on. Returns the commit rows and the admitted instances.
+    /// the permits released and passed on. Returns the commit rows and the admitted instances:
+    /// when `continuing`, as many of them as permits were released are claimed for `node`
+    /// (the worker slots of the steps that released them are free).
     async fn commit_with_permits(
         &self,
         node: NodeId,
@@ -201,7 +236,7 @@ impl Store {
         rows: &[Value],
         deferred: &[usize],
         continuing: bool,
-    ) -> Result<(Vec<CommitRow>, Vec<Admitted>)> {
+    ) -> Result<(Vec<CommitRow>, crate::semaphore::HandedOff)> {
         let mut ids: Vec<Uuid> = deferred
             .iter()
             .filter_map(|&idx| completions.get(idx))
@@ -248,7 +283,19 @@ impl Store {
                 continue;
             };
             if before.holds_permit && row.holds_permit == Some(false) {
-                released.push(completion.instance);
+                let (Some(campaign), Some(state)) = (row.campaign_id, row.state.clone()) else {
+                    return Err(Error::Corrupt(format!(
+                        "group commit answered no campaign or state for {}",
+                        completion.instance
+                    )));
+                };
+                // Only instances of limited campaigns hold permits.
+                released.push(Leaving {
+                    id: completion.instance,
+                    campaign,
+                    state,
+                    released: true,
+                });
             }
             let honoured = match (row.state.as_deref(), &completion.transition) {
                 (Some("stopped"), Transition::Stop { state })
@@ -274,10 +321,18 @@ impl Store {
                 ));
             }
         }
-        insert_facts(&mut tx, &facts).await?;
-        let admitted = release_permits(&mut tx, &released, &[], "commit").await?;
+        let claim = continuing.then_some(ClaimFor {
+            node,
+            max: released.len(),
+        });
+        let handed = if released.is_empty() {
+            insert_facts(&mut tx, &facts).await?;
+            Default::default()
+        } else {
+            hand_off(&mut tx, &released, facts, "commit", claim).await?
+        };
         tx.commit().await?;
-        Ok((results, admitted))
+        Ok((results, handed))
     }
 }
 
@@ -376,6 +431,7 @@ struct CommitRow {
     fence: Option<i64>,
     current_step: Option<String>,
     holds_permit: Option<bool>,
+    campaign_id: Option<i64>,
     stop_requested_by: Option<String>,
     paused_by: Option<String>,
     child_id: Option<Uuid>,
@@ -609,7 +665,8 @@ const COMMIT: &str = concat!(
                       'claimed_at', i.claimed_at, 'wait_deadline', i.wait_deadline,
                       'wait_child', i.wait_child, 'parent_instance_id', i.parent_instance_id,
                       'call_depth', i.call_depth, 'step_queue', i.step_queue,
-                      'step_handler', i.step_handler) END AS continued
+                      'step_handler', i.step_handler, 'holds_permit', i.holds_permit)
+                  END AS continued
      ), j AS (
         INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                              attempt, node_id, actor, started_at, finished_at, output, error)
@@ -711,7 +768,7 @@ const COMMIT: &str = concat!(
      SELECT c.idx, upd.idx IS NOT NULL AS committed,
             coalesce(ex.existed, false) AS existed,
             upd.state, upd.step_seq, upd.fence, upd.current_step, upd.holds_permit,
-            upd.stop_requested_by, upd.paused_by,
+            upd.stop_requested_by, upd.paused_by, upd.campaign_id,
             child.id AS child_id,
             pw.id AS parent_id, pw.step_seq AS parent_seq, pw.fence AS parent_fence,
             upd.step_queue, upd.step_handler, pw.step_queue AS parent_queue,

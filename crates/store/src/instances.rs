@@ -668,7 +668,7 @@ pub(crate) async fn insert_instances(
                 ins.step_seq, ins.step_entered_seq, ins.step_attempt, ins.fence,
                 ins.step_claims, ins.steps_run, ins.vars, ins.outputs, ins.created_at,
                 ins.claimed_at, ins.wait_deadline, ins.wait_child, ins.parent_instance_id,
-                ins.call_depth, ins.step_queue, ins.step_handler
+                ins.call_depth, ins.step_queue, ins.step_handler, ins.holds_permit
          FROM ins JOIN campaign c ON c.id = ins.campaign_id
          WHERE ins.state = 'running'",
     )

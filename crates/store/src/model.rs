@@ -261,6 +261,8 @@ pub struct Claimed {
     pub call_depth: i32,
     /// The current step's route: where a retry of it is published.
     pub route: Route,
+    /// Whether it held a campaign permit when claimed.
+    pub holds_permit: bool,
 }
 
 /// A child instance a `subworkflow` step starts, in the commit that parks its parent.
@@ -343,6 +345,10 @@ pub struct Completion {
     pub error: Option<String>,
     /// The signal a `wait_event` step consumed: marked consumed only if this commit lands.
     pub consumes: Option<SignalId>,
+    /// Whether the instance held a campaign permit when its step was claimed. A hint only: a
+    /// completion that ends such an instance goes straight to the transaction that releases
+    /// permits; the instance row decides either way.
+    pub holds_permit: bool,
 }
 
 impl Completion {
@@ -368,6 +374,7 @@ impl Completion {
             output: None,
             error: None,
             consumes: None,
+            holds_permit: claimed.holds_permit,
         }
     }
 }
@@ -385,6 +392,11 @@ pub struct GroupCommit {
     /// ([`Store::commit_continuing`](crate::Store::commit_continuing)), each with the index
     /// of its completion.
     pub continued: Vec<(usize, Claimed)>,
+    /// Queued instances this commit admitted with the permits it released, claimed for the
+    /// committing node ([`Store::commit_continuing`](crate::Store::commit_continuing)): at most
+    /// one per released permit, as the steps that released them leave their worker slots free.
+    /// The node runs them; nobody else is sent their job.
+    pub handed: Vec<Claimed>,
 }
 
 /// What became of one completion in a group commit.

@@ -45,7 +45,7 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::facts::{NewFact, insert_campaign_fact, insert_facts};
+use crate::facts::{NewFact, facts_json, insert_campaign_fact, insert_facts};
 use crate::lease::COORDINATOR_LEASE;
 use crate::lease::LeaderTerm;
 use crate::model::{Campaign, StepJob};
@@ -447,7 +447,7 @@ pub(crate) async fn release_permits(
         return Ok(Vec::new());
     }
     #[derive(sqlx::FromRow)]
-    struct Leaving {
+    struct Row {
         id: Uuid,
         campaign_id: i64,
         limited: bool,
@@ -457,7 +457,7 @@ pub(crate) async fn release_permits(
     }
     let released_ids: Vec<Uuid> = released.iter().map(|i| i.0).collect();
     let dequeued_ids: Vec<Uuid> = dequeued.iter().map(|i| i.0).collect();
-    let rows: Vec<Leaving> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT i.id, i.campaign_id, c.max_running IS NOT NULL AS limited, i.state,
                 i.holds_permit,
                 i.id = ANY($1) AS released
@@ -468,9 +468,8 @@ pub(crate) async fn release_permits(
     .bind(&dequeued_ids)
     .fetch_all(&mut *tx)
     .await?;
-    let mut leaving: BTreeMap<i64, (i32, i32)> = BTreeMap::new();
-    let mut out = Vec::new();
-    for r in rows.iter().filter(|r| r.limited) {
+    let mut leaving = Vec::with_capacity(rows.len());
+    for r in rows.into_iter().filter(|r| r.limited) {
         if r.holds_permit || r.state == "queued" {
             return Err(Error::Corrupt(format!(
                 "release_permits: instance {} is still {}{}: the caller must move it first",
@@ -479,33 +478,299 @@ pub(crate) async fn release_permits(
                 if r.holds_permit { " with a permit" } else { "" }
             )));
         }
-        let entry = leaving.entry(r.campaign_id).or_default();
-        if r.released {
+        leaving.push(Leaving {
+            id: InstanceId(r.id),
+            campaign: r.campaign_id,
+            state: r.state,
+            released: r.released,
+        });
+    }
+    Ok(hand_off(tx, &leaving, Vec::new(), actor, None)
+        .await?
+        .admitted)
+}
+
+/// An instance of a limited campaign that left its permit (`released`) or its queue place,
+/// as [`release_permits`] requires, in state `state`.
+pub(crate) struct Leaving {
+    pub(crate) id: InstanceId,
+    pub(crate) campaign: i64,
+    pub(crate) state: String,
+    pub(crate) released: bool,
+}
+
+/// Instances admitted by [`hand_off`] may be claimed at once for `node` (RUNNING, fence + 1,
+/// exactly as [`Store::claim`](crate::Store::claim) would, and only while `node` is alive and
+/// serves their step's queue and handler): at most `max` of them, oldest first.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClaimFor {
+    pub(crate) node: NodeId,
+    pub(crate) max: usize,
+}
+
+/// What [`hand_off`] admitted.
+#[derive(Default)]
+pub(crate) struct HandedOff {
+    /// Admitted and READY: publish their [`Admitted::job`]s after the commit.
+    pub(crate) admitted: Vec<Admitted>,
+    /// Admitted and claimed for [`ClaimFor::node`]: it runs them; nobody is sent their job.
+    pub(crate) claimed: Vec<crate::model::Claimed>,
+}
+
+/// [`release_permits`] for instances the caller has already checked (all of limited
+/// campaigns, each moved out of its permit or QUEUED under its row lock). `facts` (about
+/// instances `tx` has locked, none of them QUEUED) are written too, then the `permit_released`
+/// ones.
+///
+/// The campaign locks are held as briefly as the rule allows: one statement locks the
+/// campaigns (id order), updates their counters, admits the heads of their queues and writes
+/// the `admitted` journal rows and events; the caller commits next. That statement reads the
+/// queue with the snapshot it started with, so an instance queued by a transaction that
+/// committed while it waited for a lock is not seen; such instances come after every visible
+/// one (queue places are taken under the lock), so FIFO holds, and if permits are still free
+/// afterwards they are admitted by a second statement, as [`admit`] does (I3).
+pub(crate) async fn hand_off(
+    tx: &mut sqlx::PgConnection,
+    leaving: &[Leaving],
+    mut facts: Vec<NewFact>,
+    actor: &str,
+    claim: Option<ClaimFor>,
+) -> Result<HandedOff> {
+    let mut counts: BTreeMap<i64, (i32, i32)> = BTreeMap::new();
+    for l in leaving {
+        let entry = counts.entry(l.campaign).or_default();
+        if l.released {
             entry.0 += 1;
-            out.push(NewFact::new(
-                InstanceId(r.id),
+            facts.push(NewFact::new(
+                l.id,
                 EventKind::PermitReleased,
-                json!({ "state": r.state, "actor": actor }),
+                json!({ "state": l.state, "actor": actor }),
             ));
         } else {
             entry.1 += 1;
         }
     }
-    if leaving.is_empty() {
-        return Ok(Vec::new());
+    if counts.is_empty() {
+        insert_facts(tx, &facts).await?;
+        return Ok(HandedOff::default());
     }
-    let ids: Vec<i64> = leaving.keys().copied().collect();
-    let mut campaigns = lock_limited_campaigns(tx, &ids).await?;
-    let mut admitted = Vec::new();
+    let ids: Vec<i64> = counts.keys().copied().collect();
+    let permits: Vec<i32> = counts.values().map(|c| c.0).collect();
+    let places: Vec<i32> = counts.values().map(|c| c.1).collect();
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        campaign_id: i64,
+        campaign: String,
+        max_running: Option<i32>,
+        running: i32,
+        queued: i32,
+        paused: bool,
+        id: Option<Uuid>,
+        workflow: Option<String>,
+        version: Option<i32>,
+        current_step: Option<String>,
+        step_seq: Option<i64>,
+        fence: Option<i64>,
+        queue_seq: Option<i64>,
+        step_queue: Option<String>,
+        step_handler: Option<String>,
+        claimed: Option<sqlx::types::Json<crate::claim::ClaimRow>>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(HAND_OFF)
+        .bind(&ids)
+        .bind(&permits)
+        .bind(&places)
+        .bind(SEMAPHORE_ACTOR)
+        .bind(actor)
+        .bind(claim.map(|c| c.node.0))
+        .bind(claim.map_or(0, |c| i64::try_from(c.max).unwrap_or(i64::MAX)))
+        .bind(facts_json(&facts))
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut out = HandedOff::default();
+    let mut campaigns: Vec<LockedCampaign> = Vec::new();
+    for r in rows {
+        if campaigns.last().is_none_or(|c| c.id != r.campaign_id) {
+            campaigns.push(LockedCampaign {
+                id: r.campaign_id,
+                name: r.campaign.clone(),
+                max_running: r.max_running,
+                running: r.running,
+                queued: r.queued,
+                paused: r.paused,
+            });
+        }
+        let (
+            Some(id),
+            Some(workflow),
+            Some(version),
+            Some(current_step),
+            Some(step_seq),
+            Some(fence),
+            Some(queue_seq),
+            Some(step_queue),
+        ) = (
+            r.id,
+            r.workflow,
+            r.version,
+            r.current_step,
+            r.step_seq,
+            r.fence,
+            r.queue_seq,
+            r.step_queue,
+        )
+        else {
+            continue;
+        };
+        if let Some(campaign) = campaigns.last_mut() {
+            campaign.running += 1;
+            campaign.queued = (campaign.queued - 1).max(0);
+        }
+        match r.claimed {
+            Some(claimed) => out.claimed.push(claimed.0.into_claimed()?),
+            None => out.admitted.push(Admitted {
+                id: InstanceId(id),
+                campaign: CampaignId(r.campaign_id),
+                workflow,
+                version,
+                current_step,
+                step_seq: StepSeq(step_seq),
+                fence: Fence(fence),
+                queue_seq,
+                route: crate::model::parse_route(step_queue, r.step_handler)?,
+            }),
+        }
+    }
+    // Permits still free while instances queue: some were queued after the statement's
+    // snapshot (see above). This statement sees them.
+    let mut late = Vec::new();
+    let mut stalled = Vec::new();
     for campaign in &mut campaigns {
-        let (permits, places) = leaving.get(&campaign.id).copied().unwrap_or_default();
-        campaign.running = (campaign.running - permits).max(0);
-        campaign.queued = (campaign.queued - places).max(0);
-        admitted.extend(admit(tx, campaign, SEMAPHORE_ACTOR, actor, &mut out).await?);
+        if campaign.free() > 0 {
+            out.admitted
+                .extend(admit(tx, campaign, SEMAPHORE_ACTOR, actor, &mut late).await?);
+            stalled.push(campaign.clone());
+        }
     }
-    write_counters(tx, &campaigns, &out).await?;
-    Ok(admitted)
+    if !stalled.is_empty() {
+        write_counters(tx, &stalled, &late).await?;
+    }
+    Ok(out)
 }
+
+/// The one statement of [`hand_off`] under the campaign locks: `$1` the campaigns, `$2` the
+/// permits and `$3` the queue places leaving each, `$4` the journal actor, `$5` who freed the
+/// permits, `$6` the node that may claim the admitted instances (or NULL), `$7` how many, `$8`
+/// other facts to write first (as [`insert_facts`] does; their instances are not QUEUED, so
+/// none of them is admitted here).
+/// Answers one row per campaign and admitted instance (or one with NULLs if none was), the
+/// campaign's counters as they were before this statement's admissions.
+const HAND_OFF: &str = "WITH f AS (
+        SELECT * FROM jsonb_to_recordset($8::jsonb)
+            AS f(ord int, id uuid, instance_id uuid, kind text, data jsonb)
+     ), fu AS (
+        UPDATE instance i SET event_seq = i.event_seq + n.c
+        FROM (SELECT instance_id, count(*) AS c FROM f GROUP BY instance_id) n
+        WHERE i.id = n.instance_id
+        RETURNING i.id, i.event_seq - n.c AS base, i.workflow, i.version, i.campaign_id
+     ), fi AS (
+        INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
+        SELECT f.id, f.instance_id, c.name, fu.workflow, fu.version,
+               fu.base + row_number() OVER (PARTITION BY f.instance_id ORDER BY f.ord),
+               f.kind, f.data
+        FROM f JOIN fu ON fu.id = f.instance_id JOIN campaign c ON c.id = fu.campaign_id
+        ORDER BY f.ord
+     ), d AS (
+        SELECT * FROM unnest($1::bigint[], $2::int[], $3::int[]) AS d(id, permits, places)
+     ), cl AS MATERIALIZED (
+        SELECT c.id, c.name, c.max_running,
+               greatest(c.running - d.permits, 0) AS running,
+               greatest(c.queued - d.places, 0) AS queued,
+               c.paused_at IS NOT NULL AS paused
+        FROM campaign c JOIN d ON d.id = c.id
+        WHERE c.max_running IS NOT NULL
+        ORDER BY c.id
+        FOR NO KEY UPDATE OF c
+     ), q AS MATERIALIZED (
+        SELECT h.id, h.queue_seq,
+               coalesce(n.alive, false) AND h.step_queue = ANY (n.queues)
+                   AND (h.step_handler IS NULL OR h.step_handler = ANY (n.handlers))
+                   AS claimable
+        FROM cl
+        CROSS JOIN LATERAL (
+            SELECT i.id, i.queue_seq, i.step_queue, i.step_handler FROM instance i
+            WHERE i.campaign_id = cl.id AND i.state = 'queued'
+            ORDER BY i.queue_seq
+            LIMIT CASE WHEN cl.queued > 0 AND NOT cl.paused
+                       THEN greatest(cl.max_running - cl.running, 0) ELSE 0 END
+            FOR NO KEY UPDATE SKIP LOCKED
+        ) h
+        LEFT JOIN (SELECT status = 'alive' AS alive, queues, handlers FROM node WHERE id = $6) n
+            ON true
+     ), k AS (
+        SELECT id, claimable
+                   AND row_number() OVER (PARTITION BY claimable ORDER BY queue_seq) <= $7
+                   AS claim
+        FROM q
+     ), upd AS (
+        UPDATE instance i SET
+            state = CASE WHEN k.claim THEN 'running' ELSE 'ready' END,
+            holds_permit = true, step_seq = i.step_seq + 1, event_seq = i.event_seq + 1,
+            ready_at = CASE WHEN k.claim THEN NULL ELSE clock_timestamp() END,
+            owner_node = CASE WHEN k.claim THEN $6 ELSE i.owner_node END,
+            claimed_at = CASE WHEN k.claim THEN clock_timestamp() ELSE i.claimed_at END,
+            fence = i.fence + CASE WHEN k.claim THEN 1 ELSE 0 END,
+            step_claims = i.step_claims + CASE WHEN k.claim THEN 1 ELSE 0 END,
+            signal_pending = i.signal_pending AND NOT k.claim,
+            run_deadline = CASE WHEN k.claim
+                                THEN clock_timestamp()
+                                     + (i.step_timeout_ms + 30000) * interval '1 millisecond'
+                                ELSE i.run_deadline END,
+            updated_at = clock_timestamp()
+        FROM k WHERE i.id = k.id AND i.state = 'queued'
+        RETURNING i.id, i.campaign_id, i.workflow, i.version, i.current_step, i.step_seq,
+                  i.fence - CASE WHEN k.claim THEN 1 ELSE 0 END AS fence, i.step_attempt,
+                  i.queue_seq, i.step_queue, i.step_handler, i.event_seq,
+                  CASE WHEN k.claim THEN jsonb_build_object(
+                      'id', i.id, 'workflow', i.workflow, 'version', i.version,
+                      'campaign', (SELECT name FROM campaign WHERE id = i.campaign_id),
+                      'current_step', i.current_step, 'step_seq', i.step_seq,
+                      'step_entered_seq', i.step_entered_seq, 'step_attempt', i.step_attempt,
+                      'fence', i.fence, 'step_claims', i.step_claims, 'steps_run', i.steps_run,
+                      'vars', i.vars, 'outputs', i.outputs, 'created_at', i.created_at,
+                      'claimed_at', i.claimed_at, 'wait_deadline', i.wait_deadline,
+                      'wait_child', i.wait_child, 'parent_instance_id', i.parent_instance_id,
+                      'call_depth', i.call_depth, 'step_queue', i.step_queue,
+                      'step_handler', i.step_handler, 'holds_permit', i.holds_permit)
+                  END AS claimed
+     ), j AS (
+        INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                             attempt, actor, started_at, finished_at, output)
+        SELECT id, step_seq, current_step, 'admitted', 'ready', fence, step_attempt, $4,
+               clock_timestamp(), clock_timestamp(),
+               jsonb_build_object('queue_seq', queue_seq, 'by', $5::text)
+        FROM upd
+     ), ev AS (
+        INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
+        SELECT gen_random_uuid(), upd.id, cl.name, upd.workflow, upd.version, upd.event_seq,
+               'admitted',
+               jsonb_build_object('state', 'ready', 'step', upd.current_step,
+                                  'step_seq', upd.step_seq, 'queue_seq', upd.queue_seq,
+                                  'actor', $5::text)
+        FROM upd JOIN cl ON cl.id = upd.campaign_id
+        ORDER BY upd.queue_seq
+     ), cnt AS (
+        UPDATE campaign c SET running = cl.running + coalesce(a.n, 0),
+                              queued = greatest(cl.queued - coalesce(a.n, 0), 0)
+        FROM cl LEFT JOIN (SELECT campaign_id, count(*)::int AS n FROM upd GROUP BY campaign_id) a
+             ON a.campaign_id = cl.id
+        WHERE c.id = cl.id
+     )
+     SELECT cl.id AS campaign_id, cl.name AS campaign, cl.max_running, cl.running, cl.queued,
+            cl.paused, upd.id, upd.workflow, upd.version, upd.current_step, upd.step_seq,
+            upd.fence, upd.queue_seq, upd.step_queue, upd.step_handler, upd.claimed
+     FROM cl LEFT JOIN upd ON upd.campaign_id = cl.id
+     ORDER BY cl.id, upd.queue_seq";
 
 /// How the creation of a batch of instances is admitted: per instance, in input order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

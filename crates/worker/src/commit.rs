@@ -239,8 +239,8 @@ impl Committer {
         .await;
         metrics::histogram!("drover_worker_commit_duration_seconds")
             .record(clock.elapsed().as_secs_f64());
-        let (results, also_ready, continued) = match commit {
-            Ok(done) => (done.results, done.ready, done.continued),
+        let (results, also_ready, continued, handed) = match commit {
+            Ok(done) => (done.results, done.ready, done.continued, done.handed),
             Err(err) if !err.is_transient() => {
                 // One bad completion (say, a value Postgres refuses) must not sink the
                 // batch: commit one by one, and turn what still fails into an in_error
@@ -253,7 +253,7 @@ impl Committer {
                     results.push(result);
                     ready.extend(also);
                 }
-                (results, ready, Vec::new())
+                (results, ready, Vec::new(), Vec::new())
             }
             Err(err) => {
                 tracing::warn!(%err, count = batch.len(), "group commit given up while stopping; its steps will be recovered");
@@ -323,6 +323,29 @@ impl Committer {
                 }
             }
             finished.push((done.delivery, permit));
+        }
+        // Queued instances admitted with the permits this batch released, claimed for this
+        // node: each runs in the worker slot of a step that released one (the store hands over
+        // no more than were released, and those steps did not continue).
+        let mut handed = handed.into_iter();
+        if let Some(tx) = &done_tx {
+            for (_, permit) in finished.iter_mut() {
+                if permit.is_none() {
+                    continue;
+                }
+                let Some(claimed) = handed.next() else { break };
+                if let Some(permit) = permit.take() {
+                    self.stats.handed.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("drover_worker_steps_handed_total").increment(1);
+                    self.runner.start(claimed, None, permit, tx.clone());
+                }
+            }
+        }
+        for claimed in handed {
+            tracing::error!(
+                instance.id = %claimed.id,
+                "invariant: an admitted instance claimed for this node without a free slot; left for recovery"
+            );
         }
         self.relay_wakeup.notify_one();
         // Publish, then ack, off the commit loop: the next group commit need not wait for

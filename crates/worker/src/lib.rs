@@ -3,8 +3,9 @@
 //!
 //! An instance moving on to its next step is claimed again by its node in that commit (unless
 //! the node is draining, or an operator asked it to stop or pause) and runs on here at once:
-//! no job round trip through NATS, no claim statement. Jobs go through NATS for new, woken,
-//! retried, admitted and recovered instances.
+//! no job round trip through NATS, no claim statement. So does a queued instance admitted with
+//! a campaign permit that commit released, in the slot of the step that released it. Jobs go
+//! through NATS for new, woken, retried, other admitted, and recovered instances.
 //!
 //! Checkpoint, then publish, then ack: a crash anywhere in between leaves the instance either
 //! at its old checkpoint (the job is redelivered or recovered) or at its new one (the next job
@@ -103,6 +104,9 @@ pub struct WorkerStats {
     pub claimed: AtomicU64,
     /// Instances claimed again by this node in the commit of their previous step.
     pub continued: AtomicU64,
+    /// Queued instances admitted with a permit a commit of this node released, and claimed
+    /// for this node in that commit.
+    pub handed: AtomicU64,
     pub committed: AtomicU64,
     /// Deliveries whose claim found the instance moved on (acked and dropped).
     pub stale: AtomicU64,
@@ -732,6 +736,10 @@ pub fn describe_metrics() {
         (
             "drover_worker_steps_continued_total",
             "Instances claimed again by this node in the commit of their previous step.",
+        ),
+        (
+            "drover_worker_steps_handed_total",
+            "Queued instances admitted with a permit this node's commit released, and claimed for this node in that commit.",
         ),
         (
             "drover_worker_stale_deliveries_total",

@@ -798,3 +798,185 @@ mod tokio_util_like {
         }
     }
 }
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn a_continuing_commit_claims_the_instances_its_released_permits_admit(pool: PgPool) {
+    let (store, node) = setup(pool).await;
+    let c = campaign(&store, "spring", Some(2), OnErrorPermit::Release).await;
+    let (ids, created) = start(&store, c, 6).await;
+    let a = claim(&store, node, created.ready[0].clone()).await;
+    let b = claim(&store, node, created.ready[1].clone()).await;
+    let done = store
+        .commit_continuing(
+            node,
+            &[
+                completion(&a, stop(InstanceState::Completed)),
+                completion(&b, stop(InstanceState::Completed)),
+            ],
+        )
+        .await
+        .expect("commits");
+    assert_eq!(done.results, [Commit::Committed, Commit::Committed]);
+    assert!(
+        done.ready.is_empty(),
+        "nothing to publish: {:?}",
+        done.ready
+    );
+    let handed: Vec<InstanceId> = done.handed.iter().map(|h| h.id).collect();
+    assert_eq!(handed, ids[2..4], "FIFO: the two oldest queued");
+    for h in &done.handed {
+        assert_eq!(
+            h.step_seq,
+            StepSeq(1),
+            "admission is a journaled transition"
+        );
+        assert_eq!(h.fence, Fence(1), "claimed as a claim would: fence + 1");
+        assert_eq!(h.step_claims, 1);
+        assert_eq!(h.campaign, "spring");
+        assert_eq!(h.current_step, "a");
+        assert_eq!(
+            state(&store, h.id).await,
+            (InstanceState::Running, true, None)
+        );
+        assert_eq!(
+            outcomes(&store, h.id).await[1],
+            ("admitted".to_owned(), Some("semaphore".to_owned()))
+        );
+        let (owner, deadline_set, ready_at): (Option<Uuid>, bool, Option<chrono::DateTime<Utc>>) =
+            sqlx::query_as(
+                "SELECT owner_node, run_deadline > claimed_at, ready_at FROM instance
+                 WHERE id = $1",
+            )
+            .bind(h.id.0)
+            .fetch_one(store.pool())
+            .await
+            .expect("reads");
+        assert_eq!(owner, Some(node.0));
+        assert!(
+            deadline_set,
+            "recovery finds it overdue like any claimed step"
+        );
+        assert_eq!(ready_at, None, "not READY: the sweeper leaves it alone");
+        // The job an admission would have published is stale: nobody else claims it.
+        let stale = store
+            .claim(
+                node,
+                &[StepJob {
+                    route: Default::default(),
+                    instance: h.id,
+                    step_seq: StepSeq(1),
+                    fence: Fence(0),
+                }],
+            )
+            .await
+            .expect("claims");
+        assert!(stale.is_empty(), "{stale:?}");
+    }
+    assert_eq!(counters(&store, c).await, ((2, 2), (2, 2)));
+    assert_eq!(events_of(&store, "permit_released").await.len(), 2);
+    assert_eq!(events_of(&store, "admitted").await.len(), 2);
+
+    // The handed instances run and commit like any claimed step, and hand on in turn.
+    let first = done.handed[0].clone();
+    let again = store
+        .commit_continuing(node, &[completion(&first, stop(InstanceState::Completed))])
+        .await
+        .expect("commits");
+    assert_eq!(again.results, [Commit::Committed]);
+    assert_eq!(
+        again.handed.iter().map(|h| h.id).collect::<Vec<_>>(),
+        ids[4..5]
+    );
+    assert_eq!(counters(&store, c).await, ((2, 1), (2, 1)));
+
+    // A plain commit claims nothing: the admitted instance's job is published.
+    let second = done.handed[1].clone();
+    let plain = store
+        .commit_waking(node, &[completion(&second, stop(InstanceState::Completed))])
+        .await
+        .expect("commits");
+    assert!(plain.handed.is_empty());
+    assert_eq!(
+        plain.ready.iter().map(|r| r.instance).collect::<Vec<_>>(),
+        ids[5..6]
+    );
+    assert_eq!(
+        state(&store, ids[5]).await,
+        (InstanceState::Ready, true, None)
+    );
+    assert_eq!(counters(&store, c).await, ((2, 0), (2, 0)));
+}
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn a_release_waiting_for_the_campaign_lock_admits_instances_queued_meanwhile(pool: PgPool) {
+    let (store, node) = setup(pool.clone()).await;
+    let c = campaign(&store, "spring", Some(1), OnErrorPermit::Release).await;
+    let (ids, created) = start(&store, c, 1).await;
+    let a = claim(&store, node, created.ready[0].clone()).await;
+
+    // Another transaction holds the campaign lock while the release starts, and queues an
+    // instance before it lets go: the release's statement began before that was committed.
+    let mut other = pool.begin().await.expect("begins");
+    sqlx::query("SELECT 1 FROM campaign WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(c.0)
+        .execute(&mut *other)
+        .await
+        .expect("locks the campaign");
+    let release = {
+        let store = store.clone();
+        let done = completion(&a, stop(InstanceState::Completed));
+        tokio::spawn(async move { store.commit_waking(node, &[done]).await })
+    };
+    // Until the release waits for the lock.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("reads");
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the release never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let late = InstanceId::new();
+    sqlx::query(
+        "INSERT INTO instance (id, campaign_id, workflow, version, state, current_step,
+                               step_retryable, step_timeout_ms, vars, initial_vars, queue_seq,
+                               queued_at, event_seq)
+         VALUES ($1, $2, 'job', 1, 'queued', 'a', true, 30000, '{}', '{}',
+                 nextval('instance_queue_seq'), clock_timestamp(), 0)",
+    )
+    .bind(late.0)
+    .bind(c.0)
+    .execute(&mut *other)
+    .await
+    .expect("queues one");
+    sqlx::query("UPDATE campaign SET queued = queued + 1 WHERE id = $1")
+        .bind(c.0)
+        .execute(&mut *other)
+        .await
+        .expect("counts it");
+    other.commit().await.expect("commits");
+
+    let done = release.await.expect("joins").expect("commits");
+    assert_eq!(done.results, [Commit::Committed]);
+    assert_eq!(
+        done.ready.iter().map(|r| r.instance).collect::<Vec<_>>(),
+        [late],
+        "the permit is not left free while an instance queues (I3)"
+    );
+    assert_eq!(state(&store, ids[0]).await.0, InstanceState::Completed);
+    assert_eq!(
+        state(&store, late).await,
+        (InstanceState::Ready, true, None)
+    );
+    assert_eq!(counters(&store, c).await, ((1, 0), (1, 0)));
+}
