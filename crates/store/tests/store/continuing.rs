@@ -70,16 +70,7 @@ async fn a_continuing_commit_claims_the_next_step_for_its_node_as_a_claim_would(
     );
 
     // The job a plain commit would have published is stale: nobody else claims the step.
-    let other = drover_core::NodeId::new();
-    store
-        .register_node(&drover_store::NewNode::new(
-            other,
-            &["worker".to_owned()],
-            "test",
-            "0",
-        ))
-        .await
-        .expect("register");
+    let other = another_worker(&store).await;
     for fence in [first.fence.0, second.fence.0] {
         let stolen = store
             .claim(other, &[job(id, 1, fence)])
@@ -239,16 +230,7 @@ async fn instances_created_claiming_are_claimed_by_their_node_up_to_its_room(poo
     );
     assert_eq!(event_kinds(&store, batch[0].id).await, vec!["started"]);
     // Its start job, were one published, would be stale: nobody else claims it.
-    let other = drover_core::NodeId::new();
-    store
-        .register_node(&drover_store::NewNode::new(
-            other,
-            &["worker".to_owned()],
-            "test",
-            "0",
-        ))
-        .await
-        .expect("registers");
+    let other = another_worker(&store).await;
     assert!(
         store
             .claim(other, &[job(batch[0].id, 0, 0)])
@@ -289,16 +271,7 @@ async fn no_instance_is_claimed_as_created_by_a_node_that_is_not_alive_or_over_a
     assert_eq!(state(&store, batch[0].id).await.0, InstanceState::Ready);
 
     // In a limited campaign only the admitted are claimed; the queued wait their turn.
-    let alive = drover_core::NodeId::new();
-    store
-        .register_node(&drover_store::NewNode::new(
-            alive,
-            &["worker".to_owned()],
-            "test",
-            "0",
-        ))
-        .await
-        .expect("registers");
+    let alive = another_worker(&store).await;
     let limited = store
         .create_campaign(&drover_store::NewCampaign {
             name: "small".to_owned(),
@@ -335,4 +308,19 @@ async fn no_instance_is_claimed_as_created_by_a_node_that_is_not_alive_or_over_a
         (1, 1),
         "the permit is held"
     );
+}
+
+/// A second live worker node.
+async fn another_worker(store: &drover_store::Store) -> drover_core::NodeId {
+    let node = drover_core::NodeId::new();
+    store
+        .register_node(&drover_store::NewNode::new(
+            node,
+            &["worker".to_owned()],
+            "test",
+            "0",
+        ))
+        .await
+        .expect("registers");
+    node
 }
