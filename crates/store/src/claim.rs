@@ -61,6 +61,27 @@ impl Store {
     }
 }
 
+/// A claimed instance row `i` of the `instance` table as a JSON [`ClaimRow`] (read as
+/// `sqlx::types::Json<ClaimRow>`): how the statements that claim an instance besides
+/// [`Store::claim`] return it — a commit that continues it, a hand-off that admits it, a
+/// start that creates it claimed. One list of its fields, for all of them.
+macro_rules! claim_row_json {
+    () => {
+        "jsonb_build_object(
+            'id', i.id, 'workflow', i.workflow, 'version', i.version,
+            'campaign', (SELECT name FROM campaign WHERE id = i.campaign_id),
+            'current_step', i.current_step, 'step_seq', i.step_seq,
+            'step_entered_seq', i.step_entered_seq, 'step_attempt', i.step_attempt,
+            'fence', i.fence, 'step_claims', i.step_claims, 'steps_run', i.steps_run,
+            'vars', i.vars, 'outputs', i.outputs, 'created_at', i.created_at,
+            'claimed_at', i.claimed_at, 'wait_deadline', i.wait_deadline,
+            'wait_child', i.wait_child, 'parent_instance_id', i.parent_instance_id,
+            'call_depth', i.call_depth, 'step_queue', i.step_queue,
+            'step_handler', i.step_handler, 'holds_permit', i.holds_permit)"
+    };
+}
+pub(crate) use claim_row_json;
+
 /// A claimed instance as a claim (or a commit that continues it) returns it.
 #[derive(sqlx::FromRow, serde::Deserialize)]
 pub(crate) struct ClaimRow {

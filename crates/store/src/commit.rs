@@ -5,6 +5,8 @@ use drover_core::{Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::claim::claim_row_json;
+
 use crate::claim::ClaimRow;
 use crate::facts::{NewFact, completion_facts, facts_json, insert_facts};
 use crate::model::*;
@@ -655,18 +657,9 @@ const COMMIT: &str = concat!(
                   i.parent_instance_id, i.wake_at, i.wait_child, i.current_step,
                   i.holds_permit, i.stop_requested_by, i.paused_by, i.event_seq,
                   i.workflow, i.version, i.step_queue, i.step_handler,
-                  CASE WHEN i.state = 'running' THEN jsonb_build_object(
-                      'id', i.id, 'workflow', i.workflow, 'version', i.version,
-                      'campaign', (SELECT name FROM campaign WHERE id = i.campaign_id),
-                      'current_step', i.current_step, 'step_seq', i.step_seq,
-                      'step_entered_seq', i.step_entered_seq, 'step_attempt', i.step_attempt,
-                      'fence', i.fence, 'step_claims', i.step_claims, 'steps_run', i.steps_run,
-                      'vars', i.vars, 'outputs', i.outputs, 'created_at', i.created_at,
-                      'claimed_at', i.claimed_at, 'wait_deadline', i.wait_deadline,
-                      'wait_child', i.wait_child, 'parent_instance_id', i.parent_instance_id,
-                      'call_depth', i.call_depth, 'step_queue', i.step_queue,
-                      'step_handler', i.step_handler, 'holds_permit', i.holds_permit)
-                  END AS continued
+                  CASE WHEN i.state = 'running' THEN ",
+    claim_row_json!(),
+    " END AS continued
      ), j AS (
         INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                              attempt, node_id, actor, started_at, finished_at, output, error)

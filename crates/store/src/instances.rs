@@ -5,7 +5,7 @@ use drover_core::{Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::claim::ClaimRow;
+use crate::claim::{ClaimRow, claim_row_json};
 use crate::model::*;
 use crate::semaphore::{Admission, LockedCampaign, admit_new, lock_limited_campaigns};
 use crate::{Error, Result, Store};
@@ -597,7 +597,7 @@ pub(crate) async fn insert_instances(
     let ids: Vec<i64> = campaigns.iter().map(|c| c.id).collect();
     let running: Vec<i32> = campaigns.iter().map(|c| c.running).collect();
     let queued: Vec<i32> = campaigns.iter().map(|c| c.queued).collect();
-    let rows: Vec<ClaimRow> = sqlx::query_as(
+    let rows: Vec<(sqlx::types::Json<ClaimRow>,)> = sqlx::query_as(concat!(
         "WITH n AS (
             SELECT * FROM jsonb_to_recordset($1::jsonb) AS n(
                 id uuid, campaign_id bigint, workflow text, version int,
@@ -664,14 +664,10 @@ pub(crate) async fn insert_instances(
             WHERE e.seq = 1 OR ins.state = 'queued'
             ORDER BY ins.id, e.seq
          )
-         SELECT ins.id, ins.workflow, ins.version, c.name AS campaign, ins.current_step,
-                ins.step_seq, ins.step_entered_seq, ins.step_attempt, ins.fence,
-                ins.step_claims, ins.steps_run, ins.vars, ins.outputs, ins.created_at,
-                ins.claimed_at, ins.wait_deadline, ins.wait_child, ins.parent_instance_id,
-                ins.call_depth, ins.step_queue, ins.step_handler, ins.holds_permit
-         FROM ins JOIN campaign c ON c.id = ins.campaign_id
-         WHERE ins.state = 'running'",
-    )
+         SELECT ",
+        claim_row_json!(),
+        " FROM ins AS i WHERE i.state = 'running'"
+    ))
     .bind(rows)
     .bind(actor)
     .bind(&ids)
@@ -680,7 +676,9 @@ pub(crate) async fn insert_instances(
     .bind(claim.map(|c| c.node.0))
     .fetch_all(&mut *conn)
     .await?;
-    rows.into_iter().map(ClaimRow::into_claimed).collect()
+    rows.into_iter()
+        .map(|(row,)| row.0.into_claimed())
+        .collect()
 }
 
 /// The channel an instance's end is announced on (migration 0010).

@@ -45,6 +45,7 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::claim::claim_row_json;
 use crate::facts::{NewFact, facts_json, insert_campaign_fact, insert_facts};
 use crate::lease::COORDINATOR_LEASE;
 use crate::lease::LeaderTerm;
@@ -665,7 +666,8 @@ pub(crate) async fn hand_off(
 /// none of them is admitted here).
 /// Answers one row per campaign and admitted instance (or one with NULLs if none was), the
 /// campaign's counters as they were before this statement's admissions.
-const HAND_OFF: &str = "WITH f AS (
+const HAND_OFF: &str = concat!(
+    "WITH f AS (
         SELECT * FROM jsonb_to_recordset($8::jsonb)
             AS f(ord int, id uuid, instance_id uuid, kind text, data jsonb)
      ), fu AS (
@@ -731,18 +733,9 @@ const HAND_OFF: &str = "WITH f AS (
         RETURNING i.id, i.campaign_id, i.workflow, i.version, i.current_step, i.step_seq,
                   i.fence - CASE WHEN k.claim THEN 1 ELSE 0 END AS fence, i.step_attempt,
                   i.queue_seq, i.step_queue, i.step_handler, i.event_seq,
-                  CASE WHEN k.claim THEN jsonb_build_object(
-                      'id', i.id, 'workflow', i.workflow, 'version', i.version,
-                      'campaign', (SELECT name FROM campaign WHERE id = i.campaign_id),
-                      'current_step', i.current_step, 'step_seq', i.step_seq,
-                      'step_entered_seq', i.step_entered_seq, 'step_attempt', i.step_attempt,
-                      'fence', i.fence, 'step_claims', i.step_claims, 'steps_run', i.steps_run,
-                      'vars', i.vars, 'outputs', i.outputs, 'created_at', i.created_at,
-                      'claimed_at', i.claimed_at, 'wait_deadline', i.wait_deadline,
-                      'wait_child', i.wait_child, 'parent_instance_id', i.parent_instance_id,
-                      'call_depth', i.call_depth, 'step_queue', i.step_queue,
-                      'step_handler', i.step_handler, 'holds_permit', i.holds_permit)
-                  END AS claimed
+                  CASE WHEN k.claim THEN ",
+    claim_row_json!(),
+    " END AS claimed
      ), j AS (
         INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
                              attempt, actor, started_at, finished_at, output)
@@ -770,7 +763,8 @@ const HAND_OFF: &str = "WITH f AS (
             cl.paused, upd.id, upd.workflow, upd.version, upd.current_step, upd.step_seq,
             upd.fence, upd.queue_seq, upd.step_queue, upd.step_handler, upd.claimed
      FROM cl LEFT JOIN upd ON upd.campaign_id = cl.id
-     ORDER BY cl.id, upd.queue_seq";
+     ORDER BY cl.id, upd.queue_seq"
+);
 
 /// How the creation of a batch of instances is admitted: per instance, in input order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
