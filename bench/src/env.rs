@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use drover_bus::{Bus, BusConfig};
-use drover_core::{CampaignId, Definition, InstanceId};
+use drover_core::{CampaignId, Definition, InstanceId, NodeId};
 use drover_store::{NewInstance, StepJob, Store, StoreConfig};
 use rand::Rng;
 use serde_json::Value;
@@ -125,6 +125,38 @@ impl BenchEnv {
             .kill_on_drop(true)
             .spawn()
             .context("spawning an api node")
+    }
+
+    /// Spawns a node with `spawn` and returns it with its id, once it has registered (within
+    /// 30 s).
+    pub(crate) async fn spawn_registered(
+        &self,
+        spawn: impl FnOnce() -> anyhow::Result<Child>,
+    ) -> anyhow::Result<(Child, NodeId)> {
+        let known: Vec<NodeId> = self
+            .store
+            .list_nodes()
+            .await?
+            .iter()
+            .map(|n| n.id)
+            .collect();
+        let child = spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let nodes = self.store.list_nodes().await?;
+            if let Some(id) = nodes
+                .iter()
+                .find(|n| !known.contains(&n.id) && n.status == "alive")
+                .map(|n| n.id)
+            {
+                return Ok((child, id));
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the node did not register within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Starts a node process with `roles` serving on `listen`, with `envs` set besides the

@@ -20,7 +20,6 @@ use anyhow::Context;
 use drover_api::{ApiClient, ListInclude, ListQuery, Secret, StartRequest};
 use drover_core::NodeId;
 use serde_json::{Value, json};
-use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
 use crate::chart::{self, Panel};
@@ -127,31 +126,6 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Report> {
     result
 }
 
-/// Spawns a node and returns it with its id, once registered.
-async fn registered(
-    env: &BenchEnv,
-    spawn: impl FnOnce() -> anyhow::Result<Child>,
-) -> anyhow::Result<(Child, NodeId)> {
-    let known: Vec<NodeId> = env.store.list_nodes().await?.iter().map(|n| n.id).collect();
-    let child = spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let nodes = env.store.list_nodes().await?;
-        if let Some(id) = nodes
-            .iter()
-            .find(|n| !known.contains(&n.id) && n.status == "alive")
-            .map(|n| n.id)
-        {
-            return Ok((child, id));
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the node did not register within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The held steps in flight on `node` (running instances of `hold` it owns).
 async fn in_flight(env: &BenchEnv, node: NodeId) -> anyhow::Result<i64> {
     let (n,): (i64,) =
@@ -175,28 +149,30 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
 
     eprintln!("starting a worker node (concurrency {concurrency}) and an api node…");
     let spawned = Instant::now();
-    let (worker, worker_id) = registered(env, || {
-        env.spawn_node_with(
-            "worker",
-            "127.0.0.1:0",
-            &[
-                ("DROVER_CONCURRENCY", concurrency.as_str()),
-                ("RUST_LOG", NODE_LOG),
-            ],
-        )
-    })
-    .await?;
-    let (api, _) = registered(env, || {
-        env.spawn_node_with(
-            "api",
-            &listen,
-            &[
-                ("DROVER_ADMIN_TOKEN", token.expose()),
-                ("RUST_LOG", NODE_LOG),
-            ],
-        )
-    })
-    .await?;
+    let (worker, worker_id) = env
+        .spawn_registered(|| {
+            env.spawn_node_with(
+                "worker",
+                "127.0.0.1:0",
+                &[
+                    ("DROVER_CONCURRENCY", concurrency.as_str()),
+                    ("RUST_LOG", NODE_LOG),
+                ],
+            )
+        })
+        .await?;
+    let (api, _) = env
+        .spawn_registered(|| {
+            env.spawn_node_with(
+                "api",
+                &listen,
+                &[
+                    ("DROVER_ADMIN_TOKEN", token.expose()),
+                    ("RUST_LOG", NODE_LOG),
+                ],
+            )
+        })
+        .await?;
     let worker_pid = worker.id().context("the worker node exited")?;
     let api_pid = api.id().context("the api node exited")?;
     let client = ApiClient::new(&format!("http://{listen}"))

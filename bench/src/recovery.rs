@@ -64,26 +64,9 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Report> {
     result
 }
 
-/// Spawns a node and returns it with its id, once registered.
+/// Spawns a node of `roles` and returns it with its id, once registered.
 async fn node(env: &BenchEnv, roles: &str) -> anyhow::Result<(Child, NodeId)> {
-    let known: Vec<NodeId> = env.store.list_nodes().await?.iter().map(|n| n.id).collect();
-    let child = env.spawn_node(roles)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let nodes = env.store.list_nodes().await?;
-        if let Some(id) = nodes
-            .iter()
-            .find(|n| !known.contains(&n.id) && n.status == "alive")
-            .map(|n| n.id)
-        {
-            return Ok((child, id));
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the node did not register within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.spawn_registered(|| env.spawn_node(roles)).await
 }
 
 async fn running(env: &BenchEnv, node: NodeId) -> anyhow::Result<Vec<(InstanceId, i64)>> {
