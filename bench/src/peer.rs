@@ -40,7 +40,7 @@ pub(crate) struct Options {
     #[arg(long, default_value_t = 5000)]
     pub(crate) invocations: u32,
     /// Restate client concurrencies tried each round (calls in flight at once).
-    #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048,4096")]
     pub(crate) concurrency: Vec<usize>,
     /// Node processes serving the Restate service (node:cluster on one port).
     #[arg(long, default_value_t = 2)]
@@ -60,7 +60,7 @@ impl Default for Options {
             instances: 10_000,
             workers: 2,
             invocations: 5000,
-            concurrency: vec![128, 512, 2048],
+            concurrency: vec![128, 512, 2048, 4096],
             service_processes: 2,
             runs: 300,
             warmup: 50,
