@@ -12,6 +12,7 @@ mod cleanup;
 mod env;
 mod latency;
 mod memory;
+mod peer;
 mod recovery;
 mod scale;
 mod semaphore;
@@ -58,7 +59,11 @@ enum Scenario {
     /// RSS of a worker node holding 10,000 steps in flight and of an api node under listing
     /// load, beside their idle RSS; and their growth over a `--duration` run (10 minutes).
     Memory(memory::Options),
-    /// Every scenario with its defaults (about 20 minutes on 2 cores, 10 of them `memory`).
+    /// Drover beside Restate 1.7.12 in the same run, alternating rounds: no-op steps/s of a
+    /// 3-step workflow and one workflow at a time. Needs `npm ci --prefix bench/peer`.
+    Peer(peer::Options),
+    /// Every scenario with its defaults (about 20 minutes on 2 cores, 10 of them `memory`),
+    /// and `peer` (a few minutes more) when `bench/peer` is installed.
     All,
 }
 
@@ -184,6 +189,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Cleanup(o) => one("cleanup", cleanup::run(&o).await?),
             Scenario::Single(o) => one("single", single::run(&o).await?),
             Scenario::Memory(o) => one("memory", memory::run(&o).await?),
+            Scenario::Peer(o) => one("peer", peer::run(&o).await?),
             Scenario::All => all().await?,
         };
         print_figures(&figures);
@@ -236,6 +242,11 @@ async fn all() -> anyhow::Result<(Vec<Figure>, Value)> {
         recovery::run(&recovery::Options::default()).await?,
     );
     add("memory", memory::run(&memory::Options::default()).await?);
+    if peer::installed() {
+        add("peer", peer::run(&peer::Options::default()).await?);
+    } else {
+        eprintln!("skipping `peer`: Restate is not installed (`npm ci --prefix bench/peer`)");
+    }
     Ok((figures, Value::Object(report)))
 }
 

@@ -47,46 +47,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     eprintln!("measuring the raw one-step latency…");
     let raw = baseline::step_latency(env, options.chain).await?;
 
-    let token = Secret::generate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let listen = free_local_port()?;
-    let _node = env.spawn_api_node(&listen, token.expose())?;
-    let client = ApiClient::new(&format!("http://{listen}"))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .with_token(token);
-    poll("the api to answer", Duration::from_secs(30), || async {
-        Ok(client.workflows().await.is_ok())
-    })
-    .await?;
-    client
-        .deploy(noop3("single"))
-        .await
-        .map_err(|e| anyhow::anyhow!("deploying: {e}"))?;
-    let request = StartRequest {
-        workflow: "single".into(),
-        ..StartRequest::default()
-    };
-
-    eprintln!(
-        "running {} + {} workflows one at a time…",
-        options.warmup, options.runs
-    );
-    let mut client_ms = Vec::with_capacity(options.runs as usize);
-    for i in 0..options.warmup + options.runs {
-        let started = Instant::now();
-        let answer = client
-            .start(&request, Some("30s"))
-            .await
-            .map_err(|e| anyhow::anyhow!("starting: {e}"))?;
-        let took = started.elapsed();
-        let state = answer["result"]["instance"]["state"].as_str();
-        anyhow::ensure!(
-            state == Some("completed"),
-            "run {i} answered without a completed instance: {answer}"
-        );
-        if i >= options.warmup {
-            client_ms.push(took.as_secs_f64() * 1000.0);
-        }
-    }
+    let client_ms = one_at_a_time(env, "single", options.warmup, options.runs).await?;
     let client = Quantiles::of(&client_ms);
 
     // The same runs from the database's clocks: created → first step, step → step, and the
@@ -162,6 +123,56 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
             "idle_step_to_step": idle.to_json(),
         }),
     })
+}
+
+/// Starts one node (api + worker), deploys the 3-step no-op workflow as `name` and runs it
+/// `warmup + runs` times one after the other through `POST /v1/instances?wait=30s`: answers
+/// the client's start → result times of the last `runs`, in milliseconds. The node is stopped
+/// before it answers.
+pub(crate) async fn one_at_a_time(
+    env: &BenchEnv,
+    name: &str,
+    warmup: u32,
+    runs: u32,
+) -> anyhow::Result<Vec<f64>> {
+    let token = Secret::generate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listen = free_local_port()?;
+    let _node = env.spawn_api_node(&listen, token.expose())?;
+    let client = ApiClient::new(&format!("http://{listen}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_token(token);
+    poll("the api to answer", Duration::from_secs(30), || async {
+        Ok(client.workflows().await.is_ok())
+    })
+    .await?;
+    client
+        .deploy(noop3(name))
+        .await
+        .map_err(|e| anyhow::anyhow!("deploying: {e}"))?;
+    let request = StartRequest {
+        workflow: name.into(),
+        ..StartRequest::default()
+    };
+
+    eprintln!("running {warmup} + {runs} workflows one at a time…");
+    let mut client_ms = Vec::with_capacity(runs as usize);
+    for i in 0..warmup + runs {
+        let started = Instant::now();
+        let answer = client
+            .start(&request, Some("30s"))
+            .await
+            .map_err(|e| anyhow::anyhow!("starting: {e}"))?;
+        let took = started.elapsed();
+        let state = answer["result"]["instance"]["state"].as_str();
+        anyhow::ensure!(
+            state == Some("completed"),
+            "run {i} answered without a completed instance: {answer}"
+        );
+        if i >= warmup {
+            client_ms.push(took.as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(client_ms)
 }
 
 /// A free loopback address for the node's API (bound, then released for the node to take).

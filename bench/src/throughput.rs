@@ -1,7 +1,7 @@
 //! N instances of a 3-step no-op workflow across W worker processes, beside the raw step-loop
 //! ceiling measured in the same run.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -39,15 +39,29 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Report> {
     result
 }
 
-async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
-    eprintln!("measuring the baseline…");
-    let baseline = baseline::measure(env, &options.baseline).await?;
+/// One run of [`burst`].
+pub(crate) struct Burst {
+    /// Start of the bulk start → all instances completed.
+    pub(crate) elapsed: Duration,
+    /// … of which creating the instances and publishing their first jobs.
+    pub(crate) created: Duration,
+    /// (seconds since the start, instances completed), sampled every 100 ms.
+    pub(crate) series: Vec<(f64, i64)>,
+}
 
-    eprintln!("starting {} worker processes…", options.workers);
-    let workers = env.spawn_nodes("worker", options.workers).await?;
-    let workflow = env.deploy(&noop3("noop3")).await?;
+/// Starts `workers` worker processes, deploys the 3-step no-op workflow as `name`, starts `n`
+/// instances of it at once as the API does, and waits until all have completed; the workers
+/// are stopped before it answers.
+pub(crate) async fn burst(
+    env: &BenchEnv,
+    name: &str,
+    n: u32,
+    workers: usize,
+) -> anyhow::Result<Burst> {
+    eprintln!("starting {workers} worker processes…");
+    let nodes = env.spawn_nodes("worker", workers).await?;
+    let workflow = env.deploy(&noop3(name)).await?;
     let campaign = env.default_campaign().await?;
-    let n = options.instances;
     eprintln!("running {n} instances…");
     let started = Instant::now();
     let ids = env
@@ -57,7 +71,24 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
     let created = started.elapsed();
     let series = env.wait_completed(&ids, started).await?;
     let elapsed = started.elapsed();
-    drop(workers);
+    drop(nodes);
+    Ok(Burst {
+        elapsed,
+        created,
+        series,
+    })
+}
+
+async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
+    eprintln!("measuring the baseline…");
+    let baseline = baseline::measure(env, &options.baseline).await?;
+
+    let n = options.instances;
+    let Burst {
+        elapsed,
+        created,
+        series,
+    } = burst(env, "noop3", n, options.workers).await?;
 
     let gaps = step_gaps(env, "noop3").await?;
     let (t0,): (f64,) = sqlx::query_as(
