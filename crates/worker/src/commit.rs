@@ -137,8 +137,11 @@ pub(crate) fn postgres_ok(postgres: &SharedOutage) {
     }
 }
 
-/// Group commits on their way to Postgres at once, per node.
-const COMMITS_IN_FLIGHT: usize = 2;
+/// Group commits on their way to Postgres at once, per node. Four, not two: under steady
+/// load a finished step then rarely waits for a slot behind two commits on their way
+/// (`drover-bench latency`, 10% of max: step-to-step p50 4.8 → 3.2 ms), and a burst still
+/// fills big batches (`throughput` did not drop).
+const COMMITS_IN_FLIGHT: usize = 4;
 
 pub(crate) struct Committer {
     pub(crate) node: NodeId,
