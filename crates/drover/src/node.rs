@@ -104,6 +104,9 @@ pub struct NodeArgs {
     /// Most jobs claimed and completions committed per statement.
     #[arg(long, env = "DROVER_BATCH_SIZE", default_value_t = 256)]
     pub batch_size: usize,
+    /// Group commits on their way to Postgres at once, per worker node.
+    #[arg(long, env = "DROVER_COMMITS_IN_FLIGHT", default_value_t = 2)]
+    pub commits_in_flight: usize,
     /// Database pool size.
     #[arg(long, env = "DROVER_DB_POOL", default_value_t = 10)]
     pub db_pool: u32,
@@ -598,6 +601,7 @@ impl Life<'_> {
                 .config(WorkerConfig {
                     concurrency: args.concurrency,
                     batch_size: args.batch_size,
+                    commits_in_flight: args.commits_in_flight,
                     egress: egress.clone(),
                     publish_allow: args.publish_allow.clone(),
                     ..Default::default()

@@ -137,17 +137,14 @@ pub(crate) fn postgres_ok(postgres: &SharedOutage) {
     }
 }
 
-/// Group commits on their way to Postgres at once, per node. Four, not two: under steady
-/// load a finished step then rarely waits for a slot behind two commits on their way
-/// (`drover-bench latency`, 10% of max: step-to-step p50 4.8 → 3.2 ms), and a burst still
-/// fills big batches (`throughput` did not drop).
-const COMMITS_IN_FLIGHT: usize = 4;
 
 pub(crate) struct Committer {
     pub(crate) node: NodeId,
     pub(crate) store: Store,
     pub(crate) bus: Bus,
     pub(crate) batch_size: usize,
+    /// Group commits on their way to Postgres at once.
+    pub(crate) commits_in_flight: usize,
     pub(crate) stats: Arc<WorkerStats>,
     pub(crate) relay_wakeup: Arc<tokio::sync::Notify>,
     /// Tracks publishes after commit, and delayed retry publishes (those are cancelled at
@@ -166,7 +163,7 @@ pub(crate) struct Committer {
 
 impl Committer {
     /// Commits until every sender is gone (the worker has drained). Up to
-    /// [`COMMITS_IN_FLIGHT`] group commits run at once: a step that finishes while one is on
+    /// `commits_in_flight` group commits run at once: a step that finishes while one is on
     /// its way to Postgres goes out in the next without waiting for it. (Each instance has
     /// one step, so one completion, in flight at a time: concurrent commits touch disjoint
     /// instance rows.)
@@ -176,7 +173,7 @@ impl Committer {
         shutdown: CancellationToken,
     ) -> crate::Result<()> {
         let this = Arc::new(self);
-        let slots = Arc::new(Semaphore::new(COMMITS_IN_FLIGHT));
+        let slots = Arc::new(Semaphore::new(this.commits_in_flight));
         let mut commits = JoinSet::new();
         while let Some(first) = rx.recv().await {
             let slot = Arc::clone(&slots)

@@ -76,6 +76,10 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Most jobs claimed, and most completions committed, in one statement.
     pub batch_size: usize,
+    /// Group commits on their way to Postgres at once. More lets a finished step go out
+    /// without waiting behind the commits in flight; fewer makes bigger batches (fewer
+    /// statements per step) under heavy load.
+    pub commits_in_flight: usize,
     /// How long a drain waits for in-flight steps on shutdown.
     pub drain_timeout: Duration,
     /// Where `http` steps may connect. The default refuses cloud metadata addresses; add the
@@ -91,6 +95,7 @@ impl Default for WorkerConfig {
         Self {
             concurrency: 512,
             batch_size: 256,
+            commits_in_flight: 2,
             drain_timeout: Duration::from_secs(20),
             egress: EgressPolicy::default(),
             publish_allow: None,
@@ -278,6 +283,7 @@ impl Worker {
             store: self.store.clone(),
             bus: self.ctx.bus.clone(),
             batch_size: self.config.batch_size,
+            commits_in_flight: self.config.commits_in_flight.max(1),
             stats: Arc::clone(&self.stats),
             relay_wakeup: Arc::clone(&self.relay_wakeup),
             delayed: tasks.clone(),
