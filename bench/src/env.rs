@@ -57,6 +57,21 @@ where
     Ok(())
 }
 
+/// A client of the api node listening on `listen`, with `token`, once the api answers.
+pub(crate) async fn api_client(
+    listen: &str,
+    token: drover_api::Secret,
+) -> anyhow::Result<drover_api::ApiClient> {
+    let client = drover_api::ApiClient::new(&format!("http://{listen}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_token(token);
+    poll("the api to answer", Duration::from_secs(30), || async {
+        Ok(client.workflows().await.is_ok())
+    })
+    .await?;
+    Ok(client)
+}
+
 impl BenchEnv {
     pub(crate) async fn new() -> anyhow::Result<Self> {
         let admin_url = std::env::var("DATABASE_URL")

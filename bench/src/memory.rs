@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::chart::{self, Panel};
-use crate::env::{BenchEnv, poll};
+use crate::env::{BenchEnv, api_client};
 use crate::latency::noop3;
 use crate::{Figure, Report, Unit};
 
@@ -175,13 +175,7 @@ async fn measure(env: &BenchEnv, options: &Options) -> anyhow::Result<Report> {
         .await?;
     let worker_pid = worker.id().context("the worker node exited")?;
     let api_pid = api.id().context("the api node exited")?;
-    let client = ApiClient::new(&format!("http://{listen}"))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .with_token(token);
-    poll("the api to answer", Duration::from_secs(30), || async {
-        Ok(client.workflows().await.is_ok())
-    })
-    .await?;
+    let client = api_client(&listen, token).await?;
     let held = env.deploy(&hold(options.hold_ms)).await?;
     env.deploy(&noop3("churn")).await?;
     let campaign = env.default_campaign().await?;

@@ -3,13 +3,13 @@
 //! the other. Beside it, in the same run, the raw one-step latency (JetStream → Postgres
 //! commit → ack → publish), three of which are the floor of a 3-step workflow.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
-use drover_api::{ApiClient, Secret, StartRequest};
+use drover_api::{Secret, StartRequest};
 use serde_json::json;
 
-use crate::env::{BenchEnv, poll};
+use crate::env::{BenchEnv, api_client};
 use crate::latency::noop3;
 use crate::{Figure, Quantiles, Report, Unit, baseline};
 
@@ -138,13 +138,7 @@ pub(crate) async fn one_at_a_time(
     let token = Secret::generate().map_err(|e| anyhow::anyhow!("{e}"))?;
     let listen = free_local_port()?;
     let _node = env.spawn_api_node(&listen, token.expose())?;
-    let client = ApiClient::new(&format!("http://{listen}"))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .with_token(token);
-    poll("the api to answer", Duration::from_secs(30), || async {
-        Ok(client.workflows().await.is_ok())
-    })
-    .await?;
+    let client = api_client(&listen, token).await?;
     client
         .deploy(noop3(name))
         .await

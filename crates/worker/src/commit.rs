@@ -137,7 +137,6 @@ pub(crate) fn postgres_ok(postgres: &SharedOutage) {
     }
 }
 
-
 pub(crate) struct Committer {
     pub(crate) node: NodeId,
     pub(crate) store: Store,
