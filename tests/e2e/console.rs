@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use drover_tests::{Recorder, TestEnv, admin_token, wait_until};
+use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
@@ -145,6 +146,16 @@ async fn wait_text(client: &Client, css: &str, wanted: &str) -> anyhow::Result<S
             let text = element.text().await.unwrap_or_default();
             Ok(text.contains(wanted).then_some(text))
         },
+    )
+    .await
+}
+
+/// The element `css`, once the page has it (a click may still be navigating).
+async fn wait_element(client: &Client, css: &str) -> anyhow::Result<Element> {
+    wait_until(
+        &format!("{css} on the page"),
+        Duration::from_secs(30),
+        || async { Ok(client.find(Locator::Css(css)).await.ok()) },
     )
     .await
 }
@@ -337,9 +348,9 @@ async fn scenario(client: &Client, api: &str, id: &str) -> anyhow::Result<()> {
         .await?
         .click()
         .await?;
-    client.find(Locator::Css("#token")).await?;
+    wait_element(client, "#token").await?;
     client.goto(&format!("{api}/ui/nodes")).await?;
-    client.find(Locator::Css("#token")).await?;
+    wait_element(client, "#token").await?;
     if client.current_url().await?.path() != "/ui/" {
         bail!("logged out, a page sends to the login form");
     }
