@@ -98,21 +98,16 @@ impl Store {
             .iter()
             .map(|c| c.holds_permit && matches!(c.transition, Transition::Stop { .. }))
             .collect();
-        let fast: Vec<Value> = rows
+        let (fast, ids): (Vec<Value>, Vec<Uuid>) = rows
             .iter()
+            .zip(completions)
             .zip(&releasing)
             .filter(|(_, releasing)| !**releasing)
-            .map(|(row, _)| row.clone())
-            .collect();
+            .map(|((row, c), _)| (row.clone(), c.instance.0))
+            .unzip();
         let mut results: Vec<Option<CommitRow>> = (0..completions.len()).map(|_| None).collect();
         if !fast.is_empty() {
             let expected = fast.len();
-            let ids: Vec<Uuid> = completions
-                .iter()
-                .zip(&releasing)
-                .filter(|(_, releasing)| !**releasing)
-                .map(|(c, _)| c.instance.0)
-                .collect();
             let answered: Vec<CommitRow> = sqlx::query_as(COMMIT)
                 .bind(Value::Array(fast))
                 .bind(node.0)
@@ -127,15 +122,7 @@ impl Store {
                     answered.len(),
                 )));
             }
-            for row in answered {
-                let slot = usize::try_from(row.idx)
-                    .ok()
-                    .and_then(|idx| results.get_mut(idx))
-                    .ok_or_else(|| {
-                        Error::Corrupt(format!("group commit answered index {}", row.idx))
-                    })?;
-                *slot = Some(row);
-            }
+            place(&mut results, answered)?;
         }
         // Left out of the fast path: they change a permit or honour an operator's request (or
         // are fenced: the second pass finds that again).
@@ -151,15 +138,7 @@ impl Store {
             let (second, also) = self
                 .commit_with_permits(node, completions, &rows, &deferred, continuing)
                 .await?;
-            for row in second {
-                let slot = usize::try_from(row.idx)
-                    .ok()
-                    .and_then(|idx| results.get_mut(idx))
-                    .ok_or_else(|| {
-                        Error::Corrupt(format!("group commit answered index {}", row.idx))
-                    })?;
-                *slot = Some(row);
-            }
+            place(&mut results, second)?;
             admitted = also.admitted;
             handed = also.claimed;
         }
@@ -347,6 +326,18 @@ impl Store {
 }
 
 /// One completion as a row of the commit statement's `$1` (`idx` = its index in the batch).
+/// Puts each answered commit row in its completion's slot (by the row's `idx`).
+fn place(results: &mut [Option<CommitRow>], rows: Vec<CommitRow>) -> Result<()> {
+    for row in rows {
+        let slot = usize::try_from(row.idx)
+            .ok()
+            .and_then(|idx| results.get_mut(idx))
+            .ok_or_else(|| Error::Corrupt(format!("group commit answered index {}", row.idx)))?;
+        *slot = Some(row);
+    }
+    Ok(())
+}
+
 fn completion_rows(completions: &[Completion]) -> Vec<Value> {
     completions
         .iter()
