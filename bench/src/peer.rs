@@ -212,59 +212,68 @@ impl Restate {
 
         // The admin API answers, the deployment registers, a call goes through.
         let deadline = Instant::now() + Duration::from_secs(120);
-        let mut last = String::new();
-        loop {
-            me.check_alive()?;
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "Restate's admin API did not answer within 120 s ({last}); server log:\n{}",
-                tail(&me.dir.join("server.err"), 20)
-            );
-            match http.get(format!("{admin}/version")).send().await {
-                Ok(r) if r.status().is_success() => {
-                    let v: Value = r.json().await?;
-                    me.version = v["version"].as_str().unwrap_or_default().to_owned();
-                    break;
+        me.version = me
+            .retry(deadline, "Restate's admin API to answer", || async {
+                let r = http
+                    .get(format!("{admin}/version"))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !r.status().is_success() {
+                    return Err(r.status().to_string());
                 }
-                Ok(r) => last = r.status().to_string(),
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        loop {
-            me.check_alive()?;
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the deployment did not register within 120 s: {last}"
-            );
+                let v: Value = r.json().await.map_err(|e| e.to_string())?;
+                Ok(v["version"].as_str().unwrap_or_default().to_owned())
+            })
+            .await?;
+        me.retry(deadline, "the deployment to register", || async {
             let r = http
                 .post(format!("{admin}/deployments"))
                 .json(&json!({ "uri": format!("http://127.0.0.1:{service_port}"), "force": true }))
                 .send()
-                .await;
-            match r {
-                Ok(r) if r.status().is_success() => break,
-                Ok(r) => {
-                    let status = r.status();
-                    last = format!("{status}: {}", r.text().await.unwrap_or_default());
-                }
-                Err(e) => last = e.to_string(),
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = r.status();
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!("{status}: {}", r.text().await.unwrap_or_default()))
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await?;
+        let ingress = me.ingress.clone();
+        me.retry(deadline, "a call to go through", || async {
+            ingress.call().await.map_err(|e| e.to_string())
+        })
+        .await?;
+        Ok(me)
+    }
+
+    /// Tries `attempt` every 100 ms until it succeeds, while both processes run, until
+    /// `deadline`; a timeout names `what`, the last failure and the server log's tail.
+    async fn retry<T, F, Fut>(
+        &mut self,
+        deadline: Instant,
+        what: &str,
+        mut attempt: F,
+    ) -> anyhow::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
         loop {
-            me.check_alive()?;
+            self.check_alive()?;
+            let last = match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(why) => why,
+            };
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "no call went through within 120 s: {last}"
+                "timed out waiting for {what} ({last}); server log:\n{}",
+                tail(&self.dir.join("server.err"), 20)
             );
-            match me.ingress.call().await {
-                Ok(()) => break,
-                Err(e) => last = e.to_string(),
-            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(me)
     }
 
     fn check_alive(&mut self) -> anyhow::Result<()> {
