@@ -162,6 +162,18 @@ impl TestEnv {
         content_type: Option<&str>,
         body: impl Into<Body>,
     ) -> (StatusCode, axum::body::Bytes) {
+        Self::call_raw_on(&self.router, token, method, uri, content_type, body).await
+    }
+
+    /// Sends a request to `router` (another API node over the same database, say).
+    async fn call_raw_on(
+        router: &Router,
+        token: Option<&str>,
+        method: Method,
+        uri: &str,
+        content_type: Option<&str>,
+        body: impl Into<Body>,
+    ) -> (StatusCode, axum::body::Bytes) {
         let mut request = Request::builder().method(method).uri(uri);
         if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
@@ -172,8 +184,7 @@ impl TestEnv {
         let request = request
             .body(body.into())
             .expect("test requests are well-formed");
-        let response = self
-            .router
+        let response = router
             .clone()
             .oneshot(request)
             .await

@@ -1081,23 +1081,6 @@ async fn commands_by_filter_apply_to_each_matching_instance_and_count_what_they_
     env.cleanup().await;
 }
 
-/// Reads an operation until it ends (or the deadline passes).
-async fn finished_operation(env: &TestEnv, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let (status, body) = env.get(&format!("/v1/operations/{id}")).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        if body["state"] != "running" {
-            return body;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the operation is still running: {body}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_bulk_command_runs_as_an_operation_whose_progress_and_result_can_be_read() {
     let env = TestEnv::new().await;
@@ -1117,7 +1100,7 @@ async fn a_bulk_command_runs_as_an_operation_whose_progress_and_result_can_be_re
     assert_eq!(started["command"], "pause");
     assert_eq!(started["actor"], "ada");
     let id = started["id"].as_str().expect("an operation id").to_owned();
-    let done = finished_operation(&env, &id).await;
+    let done = super::operations::ended(&env, &env.router, &id).await;
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(done["progress"]["matched"], 450, "{done}");
     assert_eq!(done["progress"]["changed"], 450, "{done}");
@@ -1137,7 +1120,7 @@ async fn a_bulk_command_runs_as_an_operation_whose_progress_and_result_can_be_re
         .post_json(&format!("/v1/operations/{id}/cancel"), &json!(null))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let done = finished_operation(&env, &id).await;
+    let done = super::operations::ended(&env, &env.router, &id).await;
     let unpaused = done["progress"]["changed"].as_u64().unwrap_or(u64::MAX);
     let (_, listed) = env.get("/v1/instances?state=paused&limit=1000").await;
     let still_paused = listed["instances"].as_array().map_or(0, Vec::len) as u64;

@@ -4,11 +4,10 @@
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{Method, Request, StatusCode, header};
+use axum::http::{Method, StatusCode};
 use drover_core::NodeId;
 use drover_store::{NewNode, NewOperation};
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 use super::lifecycle::{deploy_all, start};
 use super::{TestEnv, assert_error};
@@ -22,25 +21,15 @@ async fn call(
     uri: &str,
     body: Option<&Value>,
 ) -> (StatusCode, Value) {
-    let mut request = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header(header::AUTHORIZATION, format!("Bearer {}", env.token));
-    if body.is_some() {
-        request = request.header(header::CONTENT_TYPE, "application/json");
-    }
-    let request = request
-        .body(body.map_or_else(Body::empty, |body| Body::from(body.to_string())))
-        .expect("a well-formed request");
-    let response = router
-        .clone()
-        .oneshot(request)
-        .await
-        .expect("the router is infallible");
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .expect("a readable body");
+    let (status, bytes) = TestEnv::call_raw_on(
+        router,
+        Some(&env.token),
+        method,
+        uri,
+        body.map(|_| "application/json"),
+        body.map_or_else(Body::empty, |body| Body::from(body.to_string())),
+    )
+    .await;
     (
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
@@ -68,7 +57,7 @@ async fn hold_instances(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Postg
 }
 
 /// Reads operation `id` through `router` until it is not running (or a minute passed).
-async fn ended(env: &TestEnv, router: &Router, id: &str) -> Value {
+pub(super) async fn ended(env: &TestEnv, router: &Router, id: &str) -> Value {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let (status, body) = call(
