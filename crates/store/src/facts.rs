@@ -73,6 +73,16 @@ pub(crate) fn facts_json(facts: &[NewFact]) -> Value {
     )
 }
 
+/// The distinct instances `facts` are about: bound beside [`facts_json`] so the statement finds
+/// each instance row by primary key (`i.id = ANY(..)`). A recordset's rows are estimated at
+/// 100 whatever their number, and a plan cached while the table was small scans it whole.
+pub(crate) fn fact_instances(facts: &[NewFact]) -> Vec<Uuid> {
+    let mut ids: Vec<Uuid> = facts.iter().map(|f| f.instance.0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// Writes `facts` (about instances this transaction has locked or created), numbering them
 /// per instance after the instance's last event.
 pub(crate) async fn insert_facts(conn: &mut sqlx::PgConnection, facts: &[NewFact]) -> Result<()> {
@@ -87,7 +97,7 @@ pub(crate) async fn insert_facts(conn: &mut sqlx::PgConnection, facts: &[NewFact
             SELECT instance_id, count(*) AS c FROM f GROUP BY instance_id
          ), u AS (
             UPDATE instance i SET event_seq = i.event_seq + n.c
-            FROM n WHERE i.id = n.instance_id
+            FROM n WHERE i.id = n.instance_id AND i.id = ANY($2)
             RETURNING i.id, i.event_seq - n.c AS base, i.workflow, i.version, i.campaign_id
          )
          INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
@@ -98,6 +108,7 @@ pub(crate) async fn insert_facts(conn: &mut sqlx::PgConnection, facts: &[NewFact
          ORDER BY f.ord",
     )
     .bind(facts_json(facts))
+    .bind(fact_instances(facts))
     .execute(&mut *conn)
     .await?;
     Ok(())

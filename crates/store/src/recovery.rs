@@ -263,7 +263,7 @@ async fn requeue(
                 ready_at = CASE WHEN b.state = 'ready' THEN clock_timestamp() END,
                 error = coalesce(b.error, i.error), updated_at = clock_timestamp(),
                 event_seq = i.event_seq + 1
-            FROM b WHERE i.id = b.id AND i.state = 'running'
+            FROM b WHERE i.id = b.id AND i.id = ANY($3) AND i.state || '' = 'running'
             RETURNING i.id, i.step_seq, i.current_step, i.fence, i.step_attempt, b.owner,
                       b.outcome, b.state, b.error, i.event_seq, i.workflow, i.version,
                       i.campaign_id
@@ -293,6 +293,7 @@ async fn requeue(
     )
     .bind(Value::Array(batch))
     .bind(format!("recovery:{by}"))
+    .bind(orphans.iter().map(|o| o.id.0).collect::<Vec<Uuid>>())
     .fetch_one(&mut *tx)
     .await?;
     if updated != orphans.len() as i64 {

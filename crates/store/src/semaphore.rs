@@ -46,7 +46,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::claim::claim_row_json;
-use crate::facts::{NewFact, facts_json, insert_campaign_fact, insert_facts};
+use crate::facts::{NewFact, fact_instances, facts_json, insert_campaign_fact, insert_facts};
 use crate::lease::COORDINATOR_LEASE;
 use crate::lease::LeaderTerm;
 use crate::model::{Campaign, StepJob};
@@ -345,7 +345,7 @@ pub(crate) async fn admit(
             UPDATE instance i SET
                 state = 'ready', holds_permit = true, step_seq = i.step_seq + 1,
                 ready_at = clock_timestamp(), updated_at = clock_timestamp()
-            FROM q WHERE i.id = q.id AND i.state = 'queued'
+            FROM q WHERE i.id = q.id AND i.state || '' = 'queued'
             RETURNING i.id, i.workflow, i.version, i.current_step, i.step_seq, i.fence,
                       i.step_attempt, i.queue_seq, i.step_queue, i.step_handler
          ), j AS (
@@ -577,6 +577,11 @@ pub(crate) async fn hand_off(
         step_handler: Option<String>,
         claimed: Option<sqlx::types::Json<crate::claim::ClaimRow>>,
     }
+    // Planned once per connection: a custom plan of this statement costs more to make (over
+    // a millisecond) than to run, and the planner keeps choosing one, for each call.
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut *tx)
+        .await?;
     let rows: Vec<Row> = sqlx::query_as(HAND_OFF)
         .bind(&ids)
         .bind(&permits)
@@ -586,6 +591,7 @@ pub(crate) async fn hand_off(
         .bind(claim.map(|c| c.node.0))
         .bind(claim.map_or(0, |c| i64::try_from(c.max).unwrap_or(i64::MAX)))
         .bind(facts_json(&facts))
+        .bind(fact_instances(&facts))
         .fetch_all(&mut *tx)
         .await?;
     let mut out = HandedOff::default();
@@ -663,9 +669,12 @@ pub(crate) async fn hand_off(
 /// permits and `$3` the queue places leaving each, `$4` the journal actor, `$5` who freed the
 /// permits, `$6` the node that may claim the admitted instances (or NULL), `$7` how many, `$8`
 /// other facts to write first (as [`insert_facts`] does; their instances are not QUEUED, so
-/// none of them is admitted here).
+/// none of them is admitted here), `$9` those facts' instances.
 /// Answers one row per campaign and admitted instance (or one with NULLs if none was), the
 /// campaign's counters as they were before this statement's admissions.
+/// Rows are found by primary key: `$9` for the facts' instances, and `state || ''` in the
+/// admission's update so that the generic plan does not read every queued instance through
+/// the `instance_queued` partial index while it holds the campaign locks.
 const HAND_OFF: &str = concat!(
     "WITH f AS (
         SELECT * FROM jsonb_to_recordset($8::jsonb)
@@ -673,7 +682,7 @@ const HAND_OFF: &str = concat!(
      ), fu AS (
         UPDATE instance i SET event_seq = i.event_seq + n.c
         FROM (SELECT instance_id, count(*) AS c FROM f GROUP BY instance_id) n
-        WHERE i.id = n.instance_id
+        WHERE i.id = n.instance_id AND i.id = ANY($9)
         RETURNING i.id, i.event_seq - n.c AS base, i.workflow, i.version, i.campaign_id
      ), fi AS (
         INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
@@ -729,7 +738,7 @@ const HAND_OFF: &str = concat!(
                                      + (i.step_timeout_ms + 30000) * interval '1 millisecond'
                                 ELSE i.run_deadline END,
             updated_at = clock_timestamp()
-        FROM k WHERE i.id = k.id AND i.state = 'queued'
+        FROM k WHERE i.id = k.id AND i.state || '' = 'queued'
         RETURNING i.id, i.campaign_id, i.workflow, i.version, i.current_step, i.step_seq,
                   i.fence - CASE WHEN k.claim THEN 1 ELSE 0 END AS fence, i.step_attempt,
                   i.queue_seq, i.step_queue, i.step_handler, i.event_seq,
