@@ -161,37 +161,85 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    /// Commits until every sender is gone (the worker has drained). Up to
-    /// `commits_in_flight` group commits run at once: a step that finishes while one is on
-    /// its way to Postgres goes out in the next without waiting for it. (Each instance has
-    /// one step, so one completion, in flight at a time: concurrent commits touch disjoint
-    /// instance rows.)
+    /// Commits until every sender is gone (the worker has drained).
+    ///
+    /// Two lanes, each batching what arrives while its commits are on their way:
+    /// - steps that release a campaign permit (a permit holder's last step) commit in the
+    ///   permit lane, one transaction at a time: it waits for the campaign's lock, and the
+    ///   releases that pile up meanwhile go together in the next one, under one lock;
+    /// - every other step commits in the plain lane, up to `commits_in_flight` group commits
+    ///   at once, never queued behind a campaign lock.
+    ///
+    /// (Each instance has one step, so one completion, in flight at a time: concurrent commits
+    /// touch disjoint instance rows.)
     pub(crate) async fn run(
         self,
         mut rx: mpsc::Receiver<Done>,
         shutdown: CancellationToken,
     ) -> crate::Result<()> {
         let this = Arc::new(self);
-        let slots = Arc::new(Semaphore::new(this.commits_in_flight));
+        // Unbounded: every `Done` holds a worker permit, which bounds them.
+        let (plain_tx, plain_rx) = mpsc::unbounded_channel();
+        let (permit_tx, permit_rx) = mpsc::unbounded_channel();
+        let plain = tokio::spawn(
+            Arc::clone(&this)
+                .lane(plain_rx, this.commits_in_flight, shutdown.clone())
+                .in_current_span(),
+        );
+        let permits = tokio::spawn(
+            Arc::clone(&this)
+                .lane(permit_rx, 1, shutdown)
+                .in_current_span(),
+        );
+        while let Some(done) = rx.recv().await {
+            let c = &done.completion;
+            let lane = if c.holds_permit && matches!(c.transition, Transition::Stop { .. }) {
+                &permit_tx
+            } else {
+                &plain_tx
+            };
+            if lane.send(done).is_err() {
+                tracing::error!("invariant: a commit lane ended before the worker drained");
+            }
+        }
+        drop((plain_tx, permit_tx));
+        for lane in [plain, permits] {
+            if let Err(err) = lane.await {
+                tracing::error!(%err, "a commit lane failed");
+            }
+        }
+        this.delayed.close();
+        this.delayed.wait().await;
+        Ok(())
+    }
+
+    /// One lane of [`Committer::run`]: up to `slots` group commits at once, each of what
+    /// arrived by the time a slot was free (so a busy node still commits big batches).
+    async fn lane(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Done>,
+        slots: usize,
+        shutdown: CancellationToken,
+    ) {
+        let slots = Arc::new(Semaphore::new(slots.max(1)));
         let mut commits = JoinSet::new();
         while let Some(first) = rx.recv().await {
             let slot = Arc::clone(&slots)
                 .acquire_owned()
                 .await
                 .expect("invariant: the semaphore is never closed");
-            // Gathered once a slot is free, so a busy node still commits big batches.
-            let mut batch: Vec<Done> = Vec::with_capacity(this.batch_size);
+            let mut batch: Vec<Done> = Vec::with_capacity(self.batch_size);
             batch.push(first);
-            while batch.len() < this.batch_size {
+            while batch.len() < self.batch_size {
                 match rx.try_recv() {
                     Ok(done) => batch.push(done),
                     Err(_) => break,
                 }
             }
-            let committer = Arc::clone(&this);
+            let committer = Arc::clone(&self);
             let shutdown = shutdown.clone();
             let span =
-                tracing::info_span!("commit_batch", node.id = %this.node, size = batch.len());
+                tracing::info_span!("commit_batch", node.id = %self.node, size = batch.len());
             commits.spawn(
                 async move {
                     committer.commit_batch(batch, &shutdown).await;
@@ -202,9 +250,6 @@ impl Committer {
             while commits.try_join_next().is_some() {}
         }
         while commits.join_next().await.is_some() {}
-        this.delayed.close();
-        this.delayed.wait().await;
-        Ok(())
     }
 
     async fn commit_batch(&self, batch: Vec<Done>, shutdown: &CancellationToken) {
