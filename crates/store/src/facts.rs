@@ -300,19 +300,31 @@ impl Store {
         Ok(())
     }
 
-    /// Up to `limit` unrelayed events of partitions `parts`, in the order they were written
-    /// (so each instance's in its sequence order).
+    /// Unrelayed events of partitions `parts`, each partition's in the order they were written
+    /// (so each instance's in its sequence order): up to `limit` in all, a fair share of it
+    /// from each partition.
+    ///
+    /// Each partition is read by its own ordered scan of `event_fact_pending`, which stops at
+    /// its share: the cost follows `limit`, not the backlog. (One scan of all the partitions
+    /// had to sort every pending event per call, and its bitmap scan never cleared the index
+    /// entries of relayed rows: 2 ms a call with 3,000 pending.)
     pub async fn unrelayed_facts(&self, parts: &[i16], limit: i64) -> Result<Vec<Fact>> {
         if parts.is_empty() {
             return Ok(Vec::new());
         }
+        let n = i64::try_from(parts.len()).unwrap_or(i64::MAX);
+        let share = (limit.max(1) + n - 1) / n;
         let rows: Vec<FactRow> = sqlx::query_as(&format!(
-            "SELECT {FACT_COLUMNS} FROM event_fact
-                 WHERE part = ANY($1) AND relayed_at IS NULL
-                 ORDER BY pos LIMIT $2"
+            "SELECT f.* FROM unnest($1::smallint[]) AS p(part)
+             CROSS JOIN LATERAL (
+                SELECT {FACT_COLUMNS}, pos FROM event_fact
+                WHERE part = p.part AND relayed_at IS NULL
+                ORDER BY pos LIMIT $2
+             ) f
+             ORDER BY f.pos"
         ))
         .bind(parts)
-        .bind(limit)
+        .bind(share)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(Fact::try_from).collect()
