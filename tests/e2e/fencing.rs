@@ -131,6 +131,7 @@ async fn a_commit_with_a_stale_fence_affects_nothing() -> anyhow::Result<()> {
         error: None,
         consumes: None,
         holds_permit: false,
+        ends: None,
     };
     let other = NodeId::new();
     store

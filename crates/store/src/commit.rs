@@ -1,5 +1,7 @@
 //! The group commit of step completions (checkpoints), with their permits and events.
 
+use std::collections::HashMap;
+
 use drover_core::event::EventKind;
 use drover_core::{Fence, InstanceId, InstanceState, NodeId, StepSeq};
 use serde_json::{Value, json};
@@ -231,23 +233,41 @@ impl Store {
             .map(|c| c.instance.0)
             .collect();
         ids.sort_unstable();
-        let rows: Vec<Value> = deferred
-            .iter()
-            .filter_map(|&idx| rows.get(idx).cloned())
-            .collect();
         #[derive(sqlx::FromRow)]
         struct Locked {
             id: Uuid,
             holds_permit: bool,
+            requested: bool,
         }
         let mut tx = self.pool.begin().await?;
         let locked: Vec<Locked> = sqlx::query_as(
-            "SELECT id, holds_permit FROM instance
+            "SELECT id, holds_permit,
+                    stop_requested_by IS NOT NULL OR pause_requested_by IS NOT NULL AS requested
+             FROM instance
              WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
+        // An end run at once may not end an instance an operator asked to stop or pause: the
+        // step commits its move to the end alone, and the request is honoured there, as it
+        // would have been. (The row lock keeps new requests out until this commits.)
+        let unfolded: HashMap<usize, Completion> = deferred
+            .iter()
+            .filter_map(|&idx| {
+                let c = completions.get(idx)?;
+                let requested = locked.iter().any(|l| l.id == c.instance.0 && l.requested);
+                Some((idx, c.unfolded().filter(|_| requested)?))
+            })
+            .collect();
+        let completion = |idx: usize| unfolded.get(&idx).or_else(|| completions.get(idx));
+        let rows: Vec<Value> = deferred
+            .iter()
+            .filter_map(|&idx| match unfolded.get(&idx) {
+                Some(c) => Some(completion_row(idx, c)),
+                None => rows.get(idx).cloned(),
+            })
+            .collect();
         let results: Vec<CommitRow> = sqlx::query_as(COMMIT)
             .bind(Value::Array(rows))
             .bind(node.0)
@@ -259,10 +279,7 @@ impl Store {
         let mut released = Vec::new();
         let mut facts = Vec::new();
         for row in results.iter().filter(|r| r.committed) {
-            let Some(completion) = usize::try_from(row.idx)
-                .ok()
-                .and_then(|idx| completions.get(idx))
-            else {
+            let Some(completion) = usize::try_from(row.idx).ok().and_then(completion) else {
                 return Err(Error::Corrupt(format!(
                     "group commit answered index {}",
                     row.idx
@@ -325,7 +342,6 @@ impl Store {
     }
 }
 
-/// One completion as a row of the commit statement's `$1` (`idx` = its index in the batch).
 /// Puts each answered commit row in its completion's slot (by the row's `idx`).
 fn place(results: &mut [Option<CommitRow>], rows: Vec<CommitRow>) -> Result<()> {
     for row in rows {
@@ -338,87 +354,99 @@ fn place(results: &mut [Option<CommitRow>], rows: Vec<CommitRow>) -> Result<()> 
     Ok(())
 }
 
+/// The completions as the commit statement's `$1`.
 fn completion_rows(completions: &[Completion]) -> Vec<Value> {
     completions
         .iter()
         .enumerate()
-        .map(|(idx, c)| {
-            let (next_state, next_step, retry, delay_ms) = match &c.transition {
-                Transition::Next { step, .. } => ("ready", Some(step.as_str()), false, 0),
-                Transition::Retry { delay_ms } => ("ready", None, true, *delay_ms),
-                Transition::Stop { state } => (state.as_str(), None, false, 0),
-                Transition::Wait { .. } => ("waiting", None, false, 0),
-            };
-            let (allow_retry, timeout_ms, route) = match &c.transition {
-                Transition::Next {
-                    allow_retry,
-                    timeout_ms,
-                    route,
-                    ..
-                } => (Some(*allow_retry), Some(*timeout_ms), Some(route)),
-                _ => (None, None, None),
-            };
-            let (wait, wake_at_ms, wait_event, child) = match &c.transition {
-                Transition::Wait {
-                    wake_at_ms,
-                    event,
-                    child,
-                } => (true, *wake_at_ms, event.as_deref(), child.as_deref()),
-                _ => (false, None, None, None),
-            };
-            let transition = next_step.unwrap_or(next_state);
-            let mut row = json!({
-                "idx": idx,
-                "instance_id": c.instance,
-                "fence": c.fence,
-                "step_seq": c.step_seq,
-                "step_id": c.step_id,
-                "attempt": c.attempt,
-                "started_at": c.started_at,
-                "outcome": c.outcome,
-                "transition": transition,
-                "next_state": next_state,
-                "next_step": next_step,
-                "allow_retry": allow_retry,
-                "timeout_ms": timeout_ms,
-                "retry": retry,
-                "delay_ms": delay_ms,
-                "vars": c.vars,
-                "output": c.output,
-                "error": c.error,
-                "events": facts_json(&completion_facts(c)),
-                "wait": wait,
-            });
-            // The rest only when present (absent keys read as NULL): most completions are
-            // plain steps, and the statement parses every byte.
-            if let Some(row) = row.as_object_mut() {
-                let mut put = |key: &str, value: Value| {
-                    if !value.is_null() {
-                        row.insert(key.to_owned(), value);
-                    }
-                };
-                if let Some(route) = route {
-                    put("queue", json!(route.queue));
-                    put("handler", json!(route.handler));
-                }
-                put("wake_at_ms", json!(wake_at_ms));
-                put("wait_event", json!(wait_event));
-                put("signal_id", json!(c.consumes));
-                if let Some(k) = child {
-                    put("child_id", json!(k.id));
-                    put("child_workflow", json!(k.workflow));
-                    put("child_version", json!(k.version));
-                    put("child_entry", json!(k.entry_step));
-                    put("child_allow_retry", json!(k.allow_retry));
-                    put("child_timeout_ms", json!(k.timeout_ms));
-                    put("child_queue", json!(k.route.queue));
-                    put("child_handler", json!(k.route.handler));
-                    put("child_vars", k.vars.clone());
-                }
-            }
-            row
-        })
+        .map(|(idx, c)| completion_row(idx, c))
         .collect()
+}
+
+/// One completion as a row of the commit statement's `$1` (`idx` = its index in the batch).
+fn completion_row(idx: usize, c: &Completion) -> Value {
+    let (next_state, next_step, retry, delay_ms) = match &c.transition {
+        Transition::Next { step, .. } => ("ready", Some(step.as_str()), false, 0),
+        Transition::Retry { delay_ms } => ("ready", None, true, *delay_ms),
+        Transition::Stop { state } => (state.as_str(), None, false, 0),
+        Transition::Wait { .. } => ("waiting", None, false, 0),
+    };
+    let (allow_retry, timeout_ms, route) = match &c.transition {
+        Transition::Next {
+            allow_retry,
+            timeout_ms,
+            route,
+            ..
+        } => (Some(*allow_retry), Some(*timeout_ms), Some(route)),
+        _ => (None, None, None),
+    };
+    let (wait, wake_at_ms, wait_event, child) = match &c.transition {
+        Transition::Wait {
+            wake_at_ms,
+            event,
+            child,
+        } => (true, *wake_at_ms, event.as_deref(), child.as_deref()),
+        _ => (false, None, None, None),
+    };
+    // A step whose end ran at once moved to that end first.
+    let transition = next_step
+        .or(c.ends.as_ref().map(|e| e.step_id.as_str()))
+        .unwrap_or(next_state);
+    let mut row = json!({
+        "idx": idx,
+        "instance_id": c.instance,
+        "fence": c.fence,
+        "step_seq": c.step_seq,
+        "step_id": c.step_id,
+        "attempt": c.attempt,
+        "started_at": c.started_at,
+        "outcome": c.outcome,
+        "transition": transition,
+        "next_state": next_state,
+        "next_step": next_step,
+        "allow_retry": allow_retry,
+        "timeout_ms": timeout_ms,
+        "retry": retry,
+        "delay_ms": delay_ms,
+        "vars": c.vars,
+        "output": c.output,
+        "error": c.error,
+        "events": facts_json(&completion_facts(c)),
+        "wait": wait,
+    });
+    // The rest only when present (absent keys read as NULL): most completions are
+    // plain steps, and the statement parses every byte.
+    if let Some(row) = row.as_object_mut() {
+        let mut put = |key: &str, value: Value| {
+            if !value.is_null() {
+                row.insert(key.to_owned(), value);
+            }
+        };
+        if let Some(route) = route {
+            put("queue", json!(route.queue));
+            put("handler", json!(route.handler));
+        }
+        put("wake_at_ms", json!(wake_at_ms));
+        put("wait_event", json!(wait_event));
+        put("signal_id", json!(c.consumes));
+        if let Some(k) = child {
+            put("child_id", json!(k.id));
+            put("child_workflow", json!(k.workflow));
+            put("child_version", json!(k.version));
+            put("child_entry", json!(k.entry_step));
+            put("child_allow_retry", json!(k.allow_retry));
+            put("child_timeout_ms", json!(k.timeout_ms));
+            put("child_queue", json!(k.route.queue));
+            put("child_handler", json!(k.route.handler));
+            put("child_vars", k.vars.clone());
+        }
+        if let Some(end) = &c.ends {
+            put("end_step", json!(end.step_id));
+            put("end_output", json!(end.output));
+            put("end_error", json!(end.error));
+        }
+    }
+    row
 }
 
 /// What the commit statement answers per completion.
@@ -545,7 +573,8 @@ const COMMIT: &str = concat!(
             events jsonb, wait bool, wake_at_ms bigint, wait_event text, signal_id bigint,
             child_id uuid, child_workflow text, child_version int,
             child_entry text, child_allow_retry bool, child_timeout_ms bigint,
-            child_queue text, child_handler text, child_vars jsonb)
+            child_queue text, child_handler text, child_vars jsonb,
+            end_step text, end_output jsonb, end_error text)
      ), t AS (
         SELECT clock_timestamp() AS now,
                EXISTS (SELECT 1 FROM node WHERE id = $2 AND status = 'alive') AS alive,
@@ -570,13 +599,15 @@ const COMMIT: &str = concat!(
             signal_pending = i.signal_pending AND NOT ",
     continues!(),
     ",
-            step_seq = i.step_seq + 1,
+            -- An end run at once (`end_step`) is a second step: its own entry, seq + 2.
+            step_seq = i.step_seq + CASE WHEN c.end_step IS NOT NULL THEN 2 ELSE 1 END,
             event_seq = i.event_seq + jsonb_array_length(c.events),
-            current_step = coalesce(c.next_step, i.current_step),
+            current_step = coalesce(c.next_step, c.end_step, i.current_step),
             step_entered_seq = CASE WHEN c.next_step IS NOT NULL THEN i.step_seq + 1
+                                    WHEN c.end_step IS NOT NULL THEN i.step_seq + 2
                                     ELSE i.step_entered_seq END,
             step_attempt = CASE WHEN c.retry THEN i.step_attempt + 1
-                                WHEN c.next_step IS NOT NULL THEN 1
+                                WHEN c.next_step IS NOT NULL OR c.end_step IS NOT NULL THEN 1
                                 ELSE i.step_attempt END,
             step_claims = CASE WHEN ",
     continues!(),
@@ -589,11 +620,14 @@ const COMMIT: &str = concat!(
     continues!(),
     " THEN t.now + (coalesce(c.timeout_ms, i.step_timeout_ms) + 30000)
                                        * interval '1 millisecond' END,
-            steps_run = i.steps_run + CASE WHEN c.retry OR c.wait THEN 0 ELSE 1 END,
+            steps_run = i.steps_run + CASE WHEN c.retry OR c.wait THEN 0
+                                           WHEN c.end_step IS NOT NULL THEN 2 ELSE 1 END,
             vars = coalesce(c.vars, i.vars),
             outputs = CASE WHEN c.output IS NULL THEN i.outputs
-                           ELSE i.outputs || jsonb_build_object(c.step_id, c.output) END,
-            error = c.error,
+                           ELSE i.outputs || jsonb_build_object(c.step_id, c.output) END
+                      || CASE WHEN c.end_output IS NULL THEN '{}'::jsonb
+                              ELSE jsonb_build_object(c.end_step, c.end_output) END,
+            error = coalesce(c.end_error, c.error),
             ready_at = CASE WHEN ",
     final_state!(),
     " <> 'ready' OR ",
@@ -687,6 +721,14 @@ const COMMIT: &str = concat!(
                     ELSE c.output END,
                c.error
         FROM c JOIN upd ON upd.idx = c.idx
+     ), je AS (
+        -- The end step run at once: its entry as its own commit would have written it.
+        INSERT INTO journal (instance_id, step_seq, step_id, outcome, transition, fence,
+                             attempt, node_id, started_at, finished_at, output, error)
+        SELECT c.instance_id, c.step_seq + 2, c.end_step, 'completed', upd.state, c.fence, 1,
+               $2, clock_timestamp(), clock_timestamp(), c.end_output, c.end_error
+        FROM c JOIN upd ON upd.idx = c.idx
+        WHERE c.end_step IS NOT NULL
      ), ev AS (
         INSERT INTO event_fact (id, instance_id, campaign, workflow, version, seq, kind, data)
         SELECT e.id, upd.id, cp.name, upd.workflow, upd.version,

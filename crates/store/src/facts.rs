@@ -157,6 +157,21 @@ fn transition_kind(transition: &Transition) -> EventKind {
 /// that the commit honours adds its own): `step_completed`, `step_retry` or `waiting`; or, for
 /// an end, `step_completed` then `completed`, `failed`, `in_error` or `stopped`.
 pub(crate) fn completion_facts(c: &Completion) -> Vec<NewFact> {
+    // A step and the end it ran at once: the facts of each, as if committed one by one.
+    if let (Some(moved), Some(end)) = (c.unfolded(), &c.ends) {
+        let ended = Completion {
+            step_id: end.step_id.clone(),
+            step_seq: c.step_seq.next(),
+            attempt: 1,
+            outcome: "completed".to_owned(),
+            error: end.error.clone(),
+            ends: None,
+            ..c.clone()
+        };
+        let mut facts = completion_facts(&moved);
+        facts.extend(completion_facts(&ended));
+        return facts;
+    }
     let (next_step, state) = match &c.transition {
         Transition::Next { step, .. } => (Some(step.as_str()), InstanceState::Ready),
         Transition::Retry { .. } => (Some(c.step_id.as_str()), InstanceState::Ready),

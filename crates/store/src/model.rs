@@ -349,9 +349,37 @@ pub struct Completion {
     /// completion that ends such an instance goes straight to the transaction that releases
     /// permits; the instance row decides either way.
     pub holds_permit: bool,
+    /// The step moved on to an `end` step, which the worker ran at once (it runs no code:
+    /// its status and reason follow from the instance's variables and outputs): both steps
+    /// are committed together, each with its journal row and events. `transition` is then
+    /// the end's `Stop`. A commit that must honour an operator's stop or pause request
+    /// commits [`EndStep::next`] instead, as if the end had not run.
+    pub ends: Option<EndStep>,
+}
+
+/// The `end` step a [`Completion`] ran at once after its own step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndStep {
+    pub step_id: String,
+    /// The end's journal output (`{"reason": …}`), if any.
+    pub output: Option<Value>,
+    /// The end's error (a `failed` end's reason).
+    pub error: Option<String>,
+    /// The move to the end step, committed alone when the end may not run now.
+    pub next: Transition,
 }
 
 impl Completion {
+    /// Commits the move to the end step alone (see [`Completion::ends`]).
+    pub(crate) fn unfolded(&self) -> Option<Completion> {
+        let end = self.ends.as_ref()?;
+        Some(Completion {
+            transition: end.next.clone(),
+            ends: None,
+            ..self.clone()
+        })
+    }
+
     /// The completion of `claimed`'s current step, started at `started_at`, that ended with
     /// `outcome` and moves on by `transition`; nothing else recorded (no vars, output or
     /// error): set the fields that apply.
@@ -375,6 +403,7 @@ impl Completion {
             error: None,
             consumes: None,
             holds_permit: claimed.holds_permit,
+            ends: None,
         }
     }
 }

@@ -688,6 +688,23 @@ async fn run_one(
         .increment(1);
     metrics::histogram!("drover_worker_step_duration_seconds", "kind" => kind)
         .record(clock.elapsed().as_secs_f64());
+    if let Some(end) = &completion.ends {
+        // The end the step ran at once: counted and traced as a step of its own.
+        metrics::counter!("drover_worker_steps_total", "kind" => "end", "outcome" => "completed")
+            .increment(1);
+        let span = tracing::info_span!(
+            parent: None,
+            "step",
+            instance.id = %claimed.id,
+            workflow = %claimed.workflow,
+            campaign = %claimed.campaign,
+            step.id = %end.step_id,
+            step.seq = claimed.step_seq.0 + 1,
+            attempt = 1,
+            node.id = %runner.node,
+        );
+        drover_bus::trace::link_to_instance_root(&span, claimed.id);
+    }
     // The committer never goes away before the steps it serves.
     let _ = done_tx
         .send(Done {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use drover_core::definition::{EndStatus, StepKind};
 use drover_core::expr::Scope;
 use drover_core::{Definition, InstanceState, Step};
-use drover_store::{Claimed, Completion, Transition};
+use drover_store::{Claimed, Completion, EndStep, Transition};
 use serde_json::{Map, Value, json};
 
 use crate::body::{Body, Ran, StepContext, Wait, eval_entries};
@@ -157,24 +157,7 @@ fn advance(
     let new_vars = ran.vars.map(Value::Object);
     let consumes = ran.consumes;
     if let StepKind::End { status, reason } = &step.kind {
-        let reason = match reason {
-            Some(expr) => match expr.eval(scope) {
-                Ok(Value::String(s)) => Some(s),
-                Ok(other) => Some(other.to_string()),
-                Err(err) => Some(format!("reason: {err}")),
-            },
-            None => None,
-        };
-        let state = match status {
-            EndStatus::Completed => InstanceState::Completed,
-            EndStatus::Failed => InstanceState::Failed,
-        };
-        let error = if state == InstanceState::Failed {
-            reason.clone()
-        } else {
-            None
-        };
-        let output = reason.map(|r| json!({ "reason": r }));
+        let (state, output, error) = end(status, reason.as_ref(), scope);
         return completion(
             claimed,
             started_at,
@@ -190,16 +173,19 @@ fn advance(
         output: Some(&output),
     };
     match step.choose_next(&next_scope) {
-        Ok(Some(to)) => Completion {
-            consumes,
-            ..completion(
-                claimed,
-                started_at,
-                "completed",
-                Transition::next(definition, to),
-                (new_vars, Some(output), None),
-            )
-        },
+        Ok(Some(to)) => {
+            let moved = Completion {
+                consumes,
+                ..completion(
+                    claimed,
+                    started_at,
+                    "completed",
+                    Transition::next(definition, to),
+                    (new_vars, Some(output.clone()), None),
+                )
+            };
+            end_at_once(definition, claimed, moved, &next_scope)
+        }
         Ok(None) => stop_in_error(
             claimed,
             started_at,
@@ -212,6 +198,77 @@ fn advance(
             "failed",
             format!("step {:?}, field \"next\": {err}", step.id),
         ),
+    }
+}
+
+/// An `end` step's outcome: the instance's final state, the journal output
+/// (`{"reason": …}`) and error (a `failed` end's reason).
+fn end(
+    status: &EndStatus,
+    reason: Option<&drover_core::expr::Expr>,
+    scope: &Scope<'_>,
+) -> (InstanceState, Option<Value>, Option<String>) {
+    let reason = reason.map(|expr| match expr.eval(scope) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(err) => format!("reason: {err}"),
+    });
+    let state = match status {
+        EndStatus::Completed => InstanceState::Completed,
+        EndStatus::Failed => InstanceState::Failed,
+    };
+    let error = reason.clone().filter(|_| state == InstanceState::Failed);
+    (state, reason.map(|r| json!({ "reason": r })), error)
+}
+
+/// A step that moves on to an `end` step runs that end at once: it runs no code, and its
+/// status and reason follow from what the step left (`after`: its variables and output, the
+/// outputs before it). Both are committed together ([`Completion::ends`]), which saves the
+/// end its own claim and commit. Not when the end is routed to another queue, nor when it
+/// would exceed the step budget (its own claim refuses it then).
+fn end_at_once(
+    definition: &Definition,
+    claimed: &Claimed,
+    moved: Completion,
+    after: &Scope<'_>,
+) -> Completion {
+    let Transition::Next { step: to, .. } = &moved.transition else {
+        return moved;
+    };
+    let Some(end_step) = definition.step(to) else {
+        return moved;
+    };
+    let StepKind::End { status, reason } = &end_step.kind else {
+        return moved;
+    };
+    // An end routed to another queue is left to the workers of that queue.
+    if definition.route(end_step).queue != claimed.route.queue {
+        return moved;
+    }
+    if i64::from(claimed.steps_run) + 1 >= i64::from(definition.max_steps) {
+        return moved;
+    }
+    // The end sees the outputs with this step's: as the commit records them.
+    let mut steps = after.steps.clone();
+    if let Some(output) = after.output.filter(|o| !o.is_null()) {
+        steps.insert(moved.step_id.clone(), output.clone());
+    }
+    let scope = Scope {
+        vars: after.vars,
+        steps: &steps,
+        instance: after.instance,
+        output: None,
+    };
+    let (state, output, error) = end(status, reason.as_ref(), &scope);
+    Completion {
+        transition: Transition::Stop { state },
+        ends: Some(EndStep {
+            step_id: to.clone(),
+            output,
+            error,
+            next: moved.transition.clone(),
+        }),
+        ..moved
     }
 }
 
@@ -555,5 +612,114 @@ impl StepContext {
             cache.insert(subject.to_owned(), (stored, std::time::Instant::now()));
         }
         stored
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_core::{Fence, InstanceId, StepSeq};
+
+    use super::*;
+
+    fn claimed(steps_run: i32) -> Claimed {
+        Claimed {
+            id: InstanceId::new(),
+            workflow: "w".to_owned(),
+            version: 1,
+            campaign: "default".to_owned(),
+            current_step: "a".to_owned(),
+            step_seq: StepSeq(1),
+            step_entered_seq: StepSeq(1),
+            step_attempt: 1,
+            fence: Fence(1),
+            step_claims: 1,
+            steps_run,
+            vars: json!({ "n": 1 }),
+            outputs: json!({ "before": { "k": "v" } }),
+            created_at: Utc::now(),
+            claimed_at: Utc::now(),
+            wait_deadline: None,
+            wait_child: None,
+            parent: None,
+            call_depth: 0,
+            route: Default::default(),
+            holds_permit: false,
+        }
+    }
+
+    /// Runs step `a` of `yaml` (an `assign`) the way [`run_step`] finishes it.
+    fn finish_a(yaml: &str, claimed: &Claimed) -> Completion {
+        let definition = Definition::parse(yaml).expect("parses");
+        let step = definition.step("a").expect("step a").clone();
+        let vars = as_map(&claimed.vars);
+        let steps = as_map(&claimed.outputs);
+        let instance = instance_json(claimed);
+        let scope = Scope {
+            vars: &vars,
+            steps: &steps,
+            instance: &instance,
+            output: None,
+        };
+        let StepKind::Assign { set } = &step.kind else {
+            panic!("a is an assign")
+        };
+        let assigned = eval_entries(&step, "set", set, &scope).expect("evaluates");
+        let mut after = vars.clone();
+        after.extend(assigned.clone());
+        let ran = Ran {
+            output: Value::Object(assigned),
+            vars: Some(after),
+            consumes: None,
+        };
+        advance(&definition, &step, claimed, Utc::now(), &scope, ran)
+    }
+
+    const FAILS: &str = r#"
+name: w
+steps:
+  - { id: a, kind: assign, set: { n: "vars.n + 1" }, next: [{ to: done }] }
+  - id: done
+    kind: end
+    status: failed
+    reason: "steps.before.k + (vars.n == 2 ? ' two' : ' other') + (steps.a.n == 2 ? ' seen' : ' unseen')"
+"#;
+
+    #[test]
+    fn a_step_moving_to_an_end_runs_it_at_once_with_what_the_step_left() {
+        let done = finish_a(FAILS, &claimed(0));
+        assert_eq!(
+            done.transition,
+            Transition::Stop {
+                state: InstanceState::Failed
+            }
+        );
+        assert_eq!(done.outcome, "completed");
+        assert_eq!(done.output, Some(json!({ "n": 2 })));
+        let end = done.ends.expect("the end ran at once");
+        assert_eq!(end.step_id, "done");
+        assert_eq!(end.error.as_deref(), Some("v two seen"));
+        assert_eq!(end.output, Some(json!({ "reason": "v two seen" })));
+        assert!(
+            matches!(&end.next, Transition::Next { step, .. } if step == "done"),
+            "{:?}",
+            end.next
+        );
+    }
+
+    #[test]
+    fn an_end_past_the_step_budget_or_on_another_queue_is_left_to_its_own_claim() {
+        let budget = FAILS.replace("name: w", "name: w\nmax_steps: 2");
+        assert!(finish_a(&budget, &claimed(0)).ends.is_some());
+        let done = finish_a(&budget, &claimed(1));
+        assert!(done.ends.is_none(), "{done:?}");
+        assert!(
+            matches!(&done.transition, Transition::Next { step, .. } if step == "done"),
+            "{:?}",
+            done.transition
+        );
+
+        let elsewhere = FAILS.replace("kind: end", "kind: end\n    queue: other");
+        let done = finish_a(&elsewhere, &claimed(0));
+        assert!(done.ends.is_none(), "{done:?}");
     }
 }

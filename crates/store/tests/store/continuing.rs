@@ -3,7 +3,9 @@
 //! (`Store::create_instances_claiming`), on real Postgres.
 
 use drover_core::{Fence, InstanceId, InstanceState, StepSeq};
-use drover_store::{Commit, LifecycleAction, LocalClaim, NewInstance, Transition};
+use drover_store::{
+    Commit, Completion, EndStep, LifecycleAction, LocalClaim, NewInstance, Transition,
+};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -323,4 +325,130 @@ async fn another_worker(store: &drover_store::Store) -> drover_core::NodeId {
         .await
         .expect("registers");
     node
+}
+
+/// A completion that also ran the `end` its step moved to.
+fn ending(
+    claimed: &drover_store::Claimed,
+    state: InstanceState,
+    reason: Option<&str>,
+) -> Completion {
+    let mut done = completion(claimed, "completed", Transition::Stop { state });
+    done.output = Some(json!({ "n": 1 }));
+    done.ends = Some(EndStep {
+        step_id: "done".to_owned(),
+        output: reason.map(|r| json!({ "reason": r })),
+        error: reason
+            .filter(|_| state == InstanceState::Failed)
+            .map(str::to_owned),
+        next: next("done"),
+    });
+    done
+}
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn a_step_and_the_end_it_ran_at_once_commit_as_two_steps_together(pool: PgPool) {
+    let (store, node) = setup(pool).await;
+    let id = start(&store, "parent").await;
+    let first = claim(&store, node, job(id, 0, 0)).await;
+
+    let commit = store
+        .commit_continuing(
+            node,
+            &[ending(&first, InstanceState::Failed, Some("no more"))],
+        )
+        .await
+        .expect("commits");
+    assert_eq!(commit.results, vec![Commit::Committed]);
+    assert!(commit.continued.is_empty(), "{:?}", commit.continued);
+    assert_eq!(state(&store, id).await, (InstanceState::Failed, StepSeq(2)));
+    // Each step has its entry, as two commits would have written them.
+    assert_eq!(
+        journal_row(&store, id, 1).await,
+        ("completed".to_owned(), "done".to_owned(), None)
+    );
+    assert_eq!(
+        journal_row(&store, id, 2).await,
+        ("completed".to_owned(), "failed".to_owned(), None)
+    );
+    let journal = store.journal(id).await.expect("journal").expect("exists");
+    let end = journal
+        .iter()
+        .find(|e| e.step_seq == StepSeq(2))
+        .expect("the end's entry");
+    assert_eq!(end.step_id, "done");
+    assert_eq!(end.error.as_deref(), Some("no more"));
+    assert_eq!(end.output, Some(json!({ "reason": "no more" })));
+    let instance = store.get_instance(id).await.expect("get").expect("exists");
+    assert_eq!(instance.current_step, "done");
+    assert_eq!(instance.error.as_deref(), Some("no more"));
+    assert_eq!(
+        instance.outputs,
+        json!({ "a": { "n": 1 }, "done": { "reason": "no more" } })
+    );
+    assert_eq!(
+        event_kinds(&store, id).await,
+        ["started", "step_completed", "step_completed", "failed"]
+    );
+    // Committed once: the same completion again finds it done.
+    let again = store
+        .commit(
+            node,
+            &[ending(&first, InstanceState::Failed, Some("no more"))],
+        )
+        .await
+        .expect("commits");
+    assert_eq!(again, vec![Commit::AlreadyCommitted]);
+}
+
+#[sqlx::test(migrator = "drover_store::MIGRATOR")]
+async fn an_end_run_at_once_yields_to_an_operators_stop_or_pause_request(pool: PgPool) {
+    let (store, node) = setup(pool).await;
+    let paused = start(&store, "parent").await;
+    let stopped = start(&store, "parent").await;
+    let to_pause = claim(&store, node, job(paused, 0, 0)).await;
+    let to_stop = claim(&store, node, job(stopped, 0, 0)).await;
+    store
+        .apply_lifecycle(LifecycleAction::Pause, &[paused], "ada")
+        .await
+        .expect("asks");
+    store
+        .apply_lifecycle(LifecycleAction::Stop, &[stopped], "ada")
+        .await
+        .expect("asks");
+
+    let commit = store
+        .commit_continuing(
+            node,
+            &[
+                ending(&to_pause, InstanceState::Completed, None),
+                ending(&to_stop, InstanceState::Completed, None),
+            ],
+        )
+        .await
+        .expect("commits");
+    assert_eq!(commit.results, vec![Commit::Committed; 2]);
+    // As if the end had not run: the step moved to it, and the request was honoured there.
+    assert_eq!(
+        state(&store, paused).await,
+        (InstanceState::Paused, StepSeq(1))
+    );
+    assert_eq!(
+        state(&store, stopped).await,
+        (InstanceState::Stopped, StepSeq(1))
+    );
+    for (id, transition) in [(paused, "paused"), (stopped, "stopped")] {
+        let instance = store.get_instance(id).await.expect("get").expect("exists");
+        assert_eq!(instance.current_step, "done");
+        assert_eq!(journal_row(&store, id, 1).await.1, transition);
+        let journal = store.journal(id).await.expect("journal").expect("exists");
+        assert_eq!(journal.len(), 2, "no entry for the end: {journal:?}");
+        let kinds = event_kinds(&store, id).await;
+        assert_eq!(
+            kinds.last().map(String::as_str),
+            Some(transition),
+            "{kinds:?}"
+        );
+        assert!(!kinds.iter().any(|k| k == "completed"), "{kinds:?}");
+    }
 }
