@@ -821,55 +821,87 @@ impl Bus {
         Ok(ack.sequence)
     }
 
-    /// Publishes `facts` as CloudEvents (see [`event::render`]), pipelined and in the given
-    /// order, each with `Nats-Msg-Id` = its id. Stops at the first publish that fails, so a
-    /// later event of an instance never goes out before an earlier one. Returns the ids that
-    /// the server acknowledged (the rest are relayed again later) and the first failure, if
-    /// any (not logged here: the relay logs an outage once).
+    /// Publishes `facts` as CloudEvents (see [`event::render`]), each with `Nats-Msg-Id` = its
+    /// id, so that a later event of an instance (or campaign) never lands before an earlier
+    /// one: each one's events go in their order, one at a time, and its next is sent only once
+    /// the server has acknowledged the one before. Different instances' go pipelined, a wave
+    /// at a time (the first of each, then the second of each, …). Returns the ids the server
+    /// acknowledged (the rest are relayed again later) and the first failure, if any (not
+    /// logged here: the relay logs an outage once).
+    ///
+    /// (Sending an instance's events pipelined and stopping at the first failure was not
+    /// enough: when the events stream was deleted and provisioned again mid-batch, an event
+    /// sent before it was back failed while a later one, sent after, landed first.)
     pub async fn relay(&self, facts: &[drover_core::Fact]) -> Relayed {
-        let mut failure = None;
-        let mut pending = Vec::with_capacity(facts.len());
+        // Each instance's (or campaign's) events, in the order given.
+        let mut groups: Vec<std::collections::VecDeque<&drover_core::Fact>> = Vec::new();
+        let mut index: std::collections::HashMap<(Option<drover_core::InstanceId>, &str), usize> =
+            std::collections::HashMap::new();
         for fact in facts {
-            let rendered = event::render(&self.subjects, fact);
-            let mut headers = HeaderMap::new();
-            headers.insert("Content-Type", "application/cloudevents+json");
-            let payload = match serde_json::to_vec(&rendered.cloudevent) {
-                Ok(payload) => Bytes::from(payload),
-                Err(err) => {
-                    // Not sent, nor anything after it: it stays in the outbox to inspect.
-                    failure = Some(Error::Publish(format!("event {}: {err}", fact.id)));
-                    break;
-                }
+            let key = match &fact.subject {
+                drover_core::event::FactSubject::Instance { id, .. } => (Some(*id), ""),
+                drover_core::event::FactSubject::Campaign => (None, fact.campaign.as_str()),
             };
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(payload)
-                .headers(headers)
-                .message_id(fact.id.to_string());
-            match self.js.send_publish(rendered.subject, publish).await {
-                Ok(ack) => pending.push((fact.id, ack)),
-                Err(err) => {
-                    failure = Some(publish_error(err));
-                    break;
-                }
+            let at = *index.entry(key).or_insert_with(|| {
+                groups.push(std::collections::VecDeque::new());
+                groups.len() - 1
+            });
+            if let Some(group) = groups.get_mut(at) {
+                group.push_back(fact);
             }
         }
-        // Only the acknowledged events before the first failure count as sent: the rest go
-        // again, in order (a copy the server has already is dropped by its id).
-        let mut ids = Vec::with_capacity(pending.len());
-        let mut failed = false;
-        for (id, ack) in pending {
-            match ack.await {
-                Ok(_) if !failed => ids.push(id),
-                Ok(_) => {}
-                Err(err) => {
-                    failed = true;
-                    if failure.is_none() {
-                        failure = Some(publish_error(err));
+        let mut failure = None;
+        let mut ids = Vec::with_capacity(facts.len());
+        while !groups.is_empty() {
+            let mut pending = Vec::with_capacity(groups.len());
+            for (at, group) in groups.iter_mut().enumerate() {
+                let Some(fact) = group.pop_front() else {
+                    continue;
+                };
+                match self.send_fact(fact).await {
+                    Ok(ack) => pending.push((at, fact.id, ack)),
+                    Err(err) => {
+                        // Neither it nor the rest of its instance's go this time.
+                        group.clear();
+                        failure.get_or_insert(err);
                     }
                 }
             }
+            for (at, id, ack) in pending {
+                match ack.await {
+                    Ok(_) => ids.push(id),
+                    Err(err) => {
+                        if let Some(group) = groups.get_mut(at) {
+                            group.clear();
+                        }
+                        failure.get_or_insert(publish_error(err));
+                    }
+                }
+            }
+            groups.retain(|group| !group.is_empty());
         }
         Relayed { ids, failure }
+    }
+
+    /// Sends one fact as its CloudEvent; the future answers the server's ack.
+    async fn send_fact(
+        &self,
+        fact: &drover_core::Fact,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture> {
+        let rendered = event::render(&self.subjects, fact);
+        let mut headers = HeaderMap::new();
+        headers.insert("Content-Type", "application/cloudevents+json");
+        // Not sent if it cannot be rendered: it stays in the outbox to inspect.
+        let payload = serde_json::to_vec(&rendered.cloudevent)
+            .map_err(|err| Error::Publish(format!("event {}: {err}", fact.id)))?;
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(payload))
+            .headers(headers)
+            .message_id(fact.id.to_string());
+        self.js
+            .send_publish(rendered.subject, publish)
+            .await
+            .map_err(publish_error)
     }
 }
 
