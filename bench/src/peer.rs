@@ -131,8 +131,23 @@ struct Ingress {
 
 impl Ingress {
     /// One call: answered when the invocation has ended, with its result.
+    ///
+    /// A request the client could not get through (a connection that timed out while the
+    /// request was written, as one of thousands at once here sometimes does) is sent again,
+    /// up to 5 times; its time includes the retries. (No `idempotency-key`: that would make
+    /// Restate keep every invocation's result, which is not the load measured.)
     async fn call(&self) -> anyhow::Result<()> {
-        let answer = self.http.post(&self.url).send().await?;
+        let mut attempt = 0;
+        let answer = loop {
+            attempt += 1;
+            match self.http.post(&self.url).send().await {
+                Ok(answer) => break answer,
+                Err(err) if attempt < 5 && (err.is_connect() || err.is_request()) => {
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        };
         let status = answer.status();
         let body = answer.text().await?;
         anyhow::ensure!(
