@@ -365,7 +365,15 @@ async fn with_the_grpc_protocol_the_spans_reach_an_otlp_grpc_receiver() -> anyho
         .spawn_node_env("worker,api,coordinator", &["--queues", "default,b"], &otel)
         .await?;
     let api = node.api();
-    deploy(api, &traced_workflow(&recorder_url)).await?;
+    // Its end on the queue of the step before: that step runs the end at once, and the end
+    // still has a span of its own.
+    let workflow =
+        traced_workflow(&recorder_url).replace("kind: end\n    queue: b\n", "kind: end\n");
+    anyhow::ensure!(
+        workflow != traced_workflow(&recorder_url),
+        "the end moved queue"
+    );
+    deploy(api, &workflow).await?;
     let id = start(api, "traced", json!({}), 1)
         .await?
         .first()
@@ -397,5 +405,15 @@ async fn with_the_grpc_protocol_the_spans_reach_an_otlp_grpc_receiver() -> anyho
         assert!(span.links.contains(&root), "linked to the root: {span:?}");
         assert_eq!(span.service, "drover", "the default service name");
     }
+    let end = steps
+        .iter()
+        .find(|s| s.attributes.get("step.id").map(String::as_str) == Some("done"))
+        .ok_or_else(|| anyhow::anyhow!("no span for the end: {steps:#?}"))?;
+    // The step_seq it ran at, as its own claim would have had it (its journal row is 4).
+    assert_eq!(
+        end.attributes.get("step.seq").map(String::as_str),
+        Some("3"),
+        "{end:?}"
+    );
     Ok(())
 }

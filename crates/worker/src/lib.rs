@@ -51,7 +51,7 @@ use drover_store::{Claimed, Store};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 pub use egress::{DEFAULT_HTTP_DENY, EgressPolicy, EgressRule, EgressRules, Refusal};
 pub use error::{Error, Result};
@@ -612,26 +612,38 @@ impl Runner {
         done_tx: mpsc::Sender<Done>,
     ) {
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        // A root span: a step is its own unit of work, whichever batch claimed it.
-        let span = tracing::info_span!(
-            parent: None,
-            "step",
-            instance.id = %claimed.id,
-            workflow = %claimed.workflow,
-            campaign = %claimed.campaign,
-            step.id = %claimed.current_step,
-            step.seq = claimed.step_seq.0,
-            attempt = claimed.step_attempt,
-            node.id = %self.node,
+        let span = step_span(
+            self.node,
+            &claimed,
+            &claimed.current_step,
+            claimed.step_seq.0,
+            claimed.step_attempt,
         );
-        // Its own trace, linked to the instance's root (no trace grows with the instance).
-        drover_bus::trace::link_to_instance_root(&span, claimed.id);
         if let Some(delivery) = &delivery {
             drover_bus::trace::link_to_publisher(&span, delivery);
         }
         self.tasks
             .spawn(run_one(self.clone(), claimed, delivery, permit, done_tx).instrument(span));
     }
+}
+
+/// The span of one step of `claimed` on `node`: a root, since a step is its own unit of work
+/// whichever batch claimed it, in a trace of its own linked to the instance's root (no trace
+/// grows with the instance).
+fn step_span(node: NodeId, claimed: &Claimed, step_id: &str, seq: i64, attempt: i32) -> Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "step",
+        instance.id = %claimed.id,
+        workflow = %claimed.workflow,
+        campaign = %claimed.campaign,
+        step.id = %step_id,
+        step.seq = seq,
+        attempt = attempt,
+        node.id = %node,
+    );
+    drover_bus::trace::link_to_instance_root(&span, claimed.id);
+    span
 }
 
 /// Runs one claimed step, sending progress acks while it takes long, and hands the result to
@@ -692,18 +704,13 @@ async fn run_one(
         // The end the step ran at once: counted and traced as a step of its own.
         metrics::counter!("drover_worker_steps_total", "kind" => "end", "outcome" => "completed")
             .increment(1);
-        let span = tracing::info_span!(
-            parent: None,
-            "step",
-            instance.id = %claimed.id,
-            workflow = %claimed.workflow,
-            campaign = %claimed.campaign,
-            step.id = %end.step_id,
-            step.seq = claimed.step_seq.0 + 1,
-            attempt = 1,
-            node.id = %runner.node,
-        );
-        drover_bus::trace::link_to_instance_root(&span, claimed.id);
+        drop(step_span(
+            runner.node,
+            &claimed,
+            &end.step_id,
+            claimed.step_seq.0 + 1,
+            1,
+        ));
     }
     // The committer never goes away before the steps it serves.
     let _ = done_tx
