@@ -371,7 +371,9 @@ fn completion_row(idx: usize, c: &Completion) -> Value {
         Transition::Stop { state } => (state.as_str(), None, false, 0),
         Transition::Wait { .. } => ("waiting", None, false, 0),
     };
-    let (allow_retry, timeout_ms, route) = match &c.transition {
+    // An end run at once takes the end step's settings, as its move there would have.
+    let step_move = c.ends.as_ref().map_or(&c.transition, |end| &end.next);
+    let (allow_retry, timeout_ms, route) = match step_move {
         Transition::Next {
             allow_retry,
             timeout_ms,
@@ -615,7 +617,8 @@ const COMMIT: &str = concat!(
             step_retryable = coalesce(c.allow_retry, i.step_retryable),
             step_timeout_ms = coalesce(c.timeout_ms, i.step_timeout_ms),
             step_queue = coalesce(c.queue, i.step_queue),
-            step_handler = CASE WHEN c.next_step IS NOT NULL THEN c.handler ELSE i.step_handler END,
+            step_handler = CASE WHEN c.next_step IS NOT NULL OR c.end_step IS NOT NULL THEN c.handler
+                                ELSE i.step_handler END,
             run_deadline = CASE WHEN ",
     continues!(),
     " THEN t.now + (coalesce(c.timeout_ms, i.step_timeout_ms) + 30000)

@@ -348,7 +348,7 @@ fn ending(
 
 #[sqlx::test(migrator = "drover_store::MIGRATOR")]
 async fn a_step_and_the_end_it_ran_at_once_commit_as_two_steps_together(pool: PgPool) {
-    let (store, node) = setup(pool).await;
+    let (store, node) = setup(pool.clone()).await;
     let id = start(&store, "parent").await;
     let first = claim(&store, node, job(id, 0, 0)).await;
 
@@ -390,6 +390,14 @@ async fn a_step_and_the_end_it_ran_at_once_commit_as_two_steps_together(pool: Pg
         event_kinds(&store, id).await,
         ["started", "step_completed", "step_completed", "failed"]
     );
+    // The end step's settings, as its own claim would have left them (the step had 30 s).
+    let (retryable, timeout_ms): (bool, i64) =
+        sqlx::query_as("SELECT step_retryable, step_timeout_ms FROM instance WHERE id = $1")
+            .bind(id.0)
+            .fetch_one(&pool)
+            .await
+            .expect("reads");
+    assert_eq!((retryable, timeout_ms), (false, 1_000));
     // Committed once: the same completion again finds it done.
     let again = store
         .commit(
