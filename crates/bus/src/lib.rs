@@ -12,6 +12,7 @@ pub mod permissions;
 mod subjects;
 pub mod trace;
 
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -23,7 +24,8 @@ use async_nats::jetstream::context::{
 };
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
-use drover_core::{Queue, StepJob};
+use drover_core::event::{Fact, FactSubject};
+use drover_core::{InstanceId, Queue, StepJob};
 
 pub use auth::{NatsAuth, Secret, TlsConfig, redact_url, server_addrs};
 pub use delivery::{Deliveries, Delivery, Fate};
@@ -832,18 +834,18 @@ impl Bus {
     /// (Sending an instance's events pipelined and stopping at the first failure was not
     /// enough: when the events stream was deleted and provisioned again mid-batch, an event
     /// sent before it was back failed while a later one, sent after, landed first.)
-    pub async fn relay(&self, facts: &[drover_core::Fact]) -> Relayed {
-        // Each instance's (or campaign's) events, in the order given.
-        let mut groups: Vec<std::collections::VecDeque<&drover_core::Fact>> = Vec::new();
-        let mut index: std::collections::HashMap<(Option<drover_core::InstanceId>, &str), usize> =
-            std::collections::HashMap::new();
+    pub async fn relay(&self, facts: &[Fact]) -> Relayed {
+        // Each instance's (or, for campaign events, campaign's) events, in the order given.
+        let mut groups: Vec<VecDeque<&Fact>> = Vec::new();
+        let mut index: HashMap<(Option<InstanceId>, &str), usize> = HashMap::new();
         for fact in facts {
-            let key = match &fact.subject {
-                drover_core::event::FactSubject::Instance { id, .. } => (Some(*id), ""),
-                drover_core::event::FactSubject::Campaign => (None, fact.campaign.as_str()),
+            let instance = match &fact.subject {
+                FactSubject::Instance { id, .. } => Some(*id),
+                FactSubject::Campaign => None,
             };
+            let key = (instance, fact.campaign.as_str());
             let at = *index.entry(key).or_insert_with(|| {
-                groups.push(std::collections::VecDeque::new());
+                groups.push(VecDeque::new());
                 groups.len() - 1
             });
             if let Some(group) = groups.get_mut(at) {
@@ -886,7 +888,7 @@ impl Bus {
     /// Sends one fact as its CloudEvent; the future answers the server's ack.
     async fn send_fact(
         &self,
-        fact: &drover_core::Fact,
+        fact: &Fact,
     ) -> Result<async_nats::jetstream::context::PublishAckFuture> {
         let rendered = event::render(&self.subjects, fact);
         let mut headers = HeaderMap::new();

@@ -96,16 +96,11 @@ impl Store {
         let rows = completion_rows(completions);
         // Completions that end a permit holder go straight to the second pass: the fast path
         // would leave them alone anyway (the hint is the worker's; the row decides).
-        let releasing: Vec<bool> = completions
-            .iter()
-            .map(|c| c.holds_permit && matches!(c.transition, Transition::Stop { .. }))
-            .collect();
         let (fast, ids): (Vec<Value>, Vec<Uuid>) = rows
             .iter()
             .zip(completions)
-            .zip(&releasing)
-            .filter(|(_, releasing)| !**releasing)
-            .map(|((row, c), _)| (row.clone(), c.instance.0))
+            .filter(|(_, c)| !c.releases_permit())
+            .map(|(row, c)| (row.clone(), c.instance.0))
             .unzip();
         let mut results: Vec<Option<CommitRow>> = (0..completions.len()).map(|_| None).collect();
         if !fast.is_empty() {

@@ -370,6 +370,13 @@ pub struct EndStep {
 }
 
 impl Completion {
+    /// Does it end an instance that held a permit when its step was claimed (by the
+    /// [`Completion::holds_permit`] hint)? Such a commit releases the permit under the campaign
+    /// lock, in a transaction of its own.
+    pub fn releases_permit(&self) -> bool {
+        self.holds_permit && matches!(self.transition, Transition::Stop { .. })
+    }
+
     /// Commits the move to the end step alone (see [`Completion::ends`]).
     pub(crate) fn unfolded(&self) -> Option<Completion> {
         let end = self.ends.as_ref()?;

@@ -192,8 +192,7 @@ impl Committer {
                 .in_current_span(),
         );
         while let Some(done) = rx.recv().await {
-            let c = &done.completion;
-            let lane = if c.holds_permit && matches!(c.transition, Transition::Stop { .. }) {
+            let lane = if done.completion.releases_permit() {
                 &permit_tx
             } else {
                 &plain_tx

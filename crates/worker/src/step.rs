@@ -232,7 +232,10 @@ fn end_at_once(
     moved: Completion,
     after: &Scope<'_>,
 ) -> Completion {
-    let Transition::Next { step: to, .. } = &moved.transition else {
+    let Transition::Next {
+        step: to, route, ..
+    } = &moved.transition
+    else {
         return moved;
     };
     let Some(end_step) = definition.step(to) else {
@@ -242,7 +245,7 @@ fn end_at_once(
         return moved;
     };
     // An end routed to another queue is left to the workers of that queue.
-    if definition.route(end_step).queue != claimed.route.queue {
+    if route.queue != claimed.route.queue {
         return moved;
     }
     if i64::from(claimed.steps_run) + 1 >= i64::from(definition.max_steps) {
